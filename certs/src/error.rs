@@ -1,0 +1,53 @@
+//! The one error type of this crate.
+
+/// Everything that can go wrong while building a CA hierarchy or issuing from it.
+///
+/// Messages never contain key material; `reason` fields carry parser or library messages only.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The CA name cannot go into a certificate subject (empty or contains control characters).
+    #[error("invalid CA name {0:?}: must be non-empty and free of control characters")]
+    InvalidName(String),
+    /// A server certificate was requested for no hostnames at all.
+    #[error("at least one hostname is required")]
+    NoHostnames,
+    /// A hostname is neither an IP literal nor a valid DNS name.
+    #[error("invalid hostname {0:?}")]
+    InvalidHostname(String),
+    /// The requested validity is zero days.
+    #[error("validity must be at least one day")]
+    InvalidValidity,
+    /// The requested certificate would outlive the intermediate CA that signs it.
+    #[error("a certificate valid for {days} days would outlive the intermediate CA")]
+    ValidityBeyondIssuer {
+        /// The requested validity in days.
+        days: u32,
+    },
+    /// Key or certificate generation failed (RNG, signing); the text comes from rcgen or ring.
+    #[error("certificate generation failed: {0}")]
+    Generation(String),
+    /// A PEM input could not be parsed as what it should be.
+    #[error("invalid {what}: {reason}")]
+    InvalidPem {
+        /// Which input: "root certificate", "intermediate key", ...
+        what: &'static str,
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// A certificate that must be a CA lacks `basicConstraints CA:TRUE`.
+    #[error("the {what} is not a CA certificate")]
+    NotACa {
+        /// Which certificate.
+        what: &'static str,
+    },
+    /// A private key does not belong to the certificate it was stored with.
+    #[error("the {what} private key does not match its certificate")]
+    KeyMismatch {
+        /// "root" or "intermediate".
+        what: &'static str,
+    },
+    /// The intermediate certificate was not issued by (signed with the key of) the root.
+    #[error("the intermediate certificate is not signed by the root certificate")]
+    NotSignedByRoot,
+}

@@ -1,0 +1,353 @@
+//! The CA hierarchy (root → intermediate) and issuance from the intermediate.
+
+use std::fmt;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
+};
+use ring::rand::{SecureRandom as _, SystemRandom};
+use time::{Duration, OffsetDateTime};
+use x509_parser::certificate::X509Certificate;
+
+use crate::hostname::{self, Host};
+use crate::{Error, SecretPem, pem};
+
+/// Root validity: 20 years (with leap days).
+const ROOT_VALIDITY: Duration = Duration::days(20 * 365 + 5);
+/// Intermediate validity: 10 years (with leap days).
+const INTERMEDIATE_VALIDITY: Duration = Duration::days(10 * 365 + 3);
+/// `notBefore` is set this far in the past so that clients whose clock is slightly behind
+/// accept a certificate issued a moment ago.
+const BACKDATE: Duration = Duration::minutes(5);
+/// RFC 5280 upper bound for a CommonName.
+const MAX_COMMON_NAME: usize = 64;
+
+/// The CA hierarchy Zerotouch issues from: a root (whose key may be kept offline) and an
+/// intermediate that signs everything.
+///
+/// Build one with [`CaHierarchy::generate`] on first start and persist the PEM accessors;
+/// rebuild it with [`CaHierarchy::from_pem`] afterwards.
+pub struct CaHierarchy {
+    root_cert_pem: String,
+    root_key: Option<SecretPem>,
+    intermediate_cert_pem: String,
+    intermediate_der: Vec<u8>,
+    intermediate_key: SecretPem,
+    intermediate_not_after: OffsetDateTime,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+/// A certificate freshly issued together with its new private key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedCertificate {
+    /// The leaf certificate alone, PEM.
+    pub certificate_pem: String,
+    /// The leaf followed by the intermediate, PEM: what a TLS server presents.
+    pub chain_pem: String,
+    /// The leaf's new private key (PKCS#8 PEM).
+    pub private_key: SecretPem,
+}
+
+impl CaHierarchy {
+    /// Generates a new P-256 root and P-256 intermediate.
+    ///
+    /// Root: self-signed, CA with pathlen 1, key usage keyCertSign + cRLSign, valid 20 years.
+    /// Intermediate: signed by the root, CA with pathlen 0, key usage keyCertSign + cRLSign +
+    /// digitalSignature, valid 10 years. The subjects are `CN=Zerotouch Root CA ({name})` and
+    /// `CN=Zerotouch Intermediate CA ({name})`; serials are random 16-byte positive integers.
+    pub fn generate(name: &str) -> Result<CaHierarchy, Error> {
+        if name.is_empty() || name.chars().any(char::is_control) {
+            return Err(Error::InvalidName(name.to_owned()));
+        }
+        let now = OffsetDateTime::now_utc();
+
+        let root_key = new_key()?;
+        let mut root = CertificateParams::default();
+        root.distinguished_name = common_name(&format!("Zerotouch Root CA ({name})"));
+        root.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+        root.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        root.not_before = now - BACKDATE;
+        root.not_after = later(now, ROOT_VALIDITY)?;
+        root.serial_number = Some(random_serial()?);
+        let root_cert_pem = pem::encode(
+            "CERTIFICATE",
+            root.self_signed(&root_key).map_err(generation)?.der(),
+        );
+        let root_key_pem = SecretPem::new(root_key.serialize_pem());
+        let root_issuer = Issuer::new(root, root_key);
+
+        let intermediate_key = new_key()?;
+        let mut intermediate = CertificateParams::default();
+        intermediate.distinguished_name =
+            common_name(&format!("Zerotouch Intermediate CA ({name})"));
+        intermediate.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        intermediate.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        intermediate.not_before = now - BACKDATE;
+        intermediate.not_after = later(now, INTERMEDIATE_VALIDITY)?;
+        intermediate.serial_number = Some(random_serial()?);
+        intermediate.use_authority_key_identifier_extension = true;
+        let intermediate_cert = intermediate
+            .signed_by(&intermediate_key, &root_issuer)
+            .map_err(generation)?;
+        let intermediate_cert_pem = pem::encode("CERTIFICATE", intermediate_cert.der());
+        let intermediate_key_pem = SecretPem::new(intermediate_key.serialize_pem());
+
+        // Going through `from_pem` means a fresh hierarchy and a restored one are built (and
+        // checked) by the same code.
+        Self::from_pem(
+            &root_cert_pem,
+            Some(&root_key_pem),
+            &intermediate_cert_pem,
+            &intermediate_key_pem,
+        )
+    }
+
+    /// Rebuilds a hierarchy from stored PEM.
+    ///
+    /// The root key may be absent (an offline root): issuance only needs the intermediate.
+    /// Checks that both certificates are CAs, that each given key belongs to its certificate,
+    /// and that the intermediate is signed by the root. Each PEM certificate input must hold
+    /// exactly one certificate; keys are PKCS#8 (`PRIVATE KEY`), SEC1 or PKCS#1 PEM.
+    /// The stored certificate PEM is re-encoded canonically (64-column lines, LF).
+    pub fn from_pem(
+        root_cert: &str,
+        root_key: Option<&SecretPem>,
+        intermediate_cert: &str,
+        intermediate_key: &SecretPem,
+    ) -> Result<CaHierarchy, Error> {
+        let root_der = pem::single_certificate(root_cert, "root certificate")?;
+        let root = pem::parse_der(&root_der, "root certificate")?;
+        check_ca(&root, "root certificate")?;
+        if let Some(key) = root_key {
+            let key = parse_key(key, "root key")?;
+            check_key_matches(&key, &root, "root")?;
+        }
+
+        let intermediate_der =
+            pem::single_certificate(intermediate_cert, "intermediate certificate")?;
+        let intermediate = pem::parse_der(&intermediate_der, "intermediate certificate")?;
+        check_ca(&intermediate, "intermediate certificate")?;
+        let key = parse_key(intermediate_key, "intermediate key")?;
+        check_key_matches(&key, &intermediate, "intermediate")?;
+
+        if intermediate.issuer().as_raw() != root.subject().as_raw()
+            || intermediate
+                .verify_signature(Some(root.public_key()))
+                .is_err()
+        {
+            return Err(Error::NotSignedByRoot);
+        }
+
+        let intermediate_not_after = intermediate.validity().not_after.to_datetime();
+        let issuer = Issuer::from_ca_cert_der(&intermediate_der.as_slice().into(), key)
+            .map_err(generation)?;
+        Ok(CaHierarchy {
+            root_cert_pem: pem::encode("CERTIFICATE", &root_der),
+            root_key: root_key.cloned(),
+            intermediate_cert_pem: pem::encode("CERTIFICATE", &intermediate_der),
+            intermediate_der,
+            intermediate_key: intermediate_key.clone(),
+            intermediate_not_after,
+            issuer,
+        })
+    }
+
+    /// The root certificate, PEM.
+    pub fn root_cert_pem(&self) -> &str {
+        &self.root_cert_pem
+    }
+
+    /// The root private key, if this hierarchy holds it.
+    pub fn root_key_pem(&self) -> Option<&SecretPem> {
+        self.root_key.as_ref()
+    }
+
+    /// The intermediate certificate, PEM.
+    pub fn intermediate_cert_pem(&self) -> &str {
+        &self.intermediate_cert_pem
+    }
+
+    /// The intermediate private key.
+    pub fn intermediate_key_pem(&self) -> &SecretPem {
+        &self.intermediate_key
+    }
+
+    /// The trust bundle devices and clients install: root then intermediate, PEM.
+    pub fn trust_bundle_pem(&self) -> String {
+        format!("{}{}", self.root_cert_pem, self.intermediate_cert_pem)
+    }
+
+    /// Issues a TLS server certificate signed by the intermediate.
+    ///
+    /// IP literals (`127.0.0.1`, `::1`) become IP SANs, everything else must be a DNS name
+    /// (see [`Error::InvalidHostname`]); duplicates are dropped. CN = the first hostname (left
+    /// out if longer than 64 characters; the SANs are what clients check). EKU serverAuth, key
+    /// usage digitalSignature + keyEncipherment, basicConstraints CA:FALSE, a new P-256 key,
+    /// valid from now (minus five minutes of clock-skew allowance) for `days` days, which must
+    /// not reach past the intermediate's own expiry.
+    pub fn issue_server_certificate(
+        &self,
+        hostnames: &[String],
+        days: u32,
+    ) -> Result<IssuedCertificate, Error> {
+        let first = hostnames.first().ok_or(Error::NoHostnames)?;
+        let mut sans: Vec<SanType> = Vec::with_capacity(hostnames.len());
+        let mut seen: Vec<Host> = Vec::with_capacity(hostnames.len());
+        for name in hostnames {
+            let host = hostname::parse(name)?;
+            if seen.iter().any(|h| same_host(h, &host)) {
+                continue;
+            }
+            sans.push(match &host {
+                Host::Ip(ip) => SanType::IpAddress(*ip),
+                Host::Dns(dns) => SanType::DnsName(
+                    dns.as_str()
+                        .try_into()
+                        .map_err(|_| Error::InvalidHostname(dns.clone()))?,
+                ),
+            });
+            seen.push(host);
+        }
+        if days == 0 {
+            return Err(Error::InvalidValidity);
+        }
+        let now = OffsetDateTime::now_utc();
+        let not_after = now
+            .checked_add(Duration::days(i64::from(days)))
+            .filter(|end| *end <= self.intermediate_not_after)
+            .ok_or(Error::ValidityBeyondIssuer { days })?;
+
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        if first.len() <= MAX_COMMON_NAME {
+            params
+                .distinguished_name
+                .push(DnType::CommonName, first.as_str());
+        }
+        params.subject_alt_names = sans;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = now - BACKDATE;
+        params.not_after = not_after;
+        params.serial_number = Some(random_serial()?);
+
+        let key = new_key()?;
+        let cert = params.signed_by(&key, &self.issuer).map_err(generation)?;
+        let certificate_pem = pem::encode("CERTIFICATE", cert.der());
+        Ok(IssuedCertificate {
+            chain_pem: format!("{certificate_pem}{}", self.intermediate_cert_pem),
+            certificate_pem,
+            private_key: SecretPem::new(key.serialize_pem()),
+        })
+    }
+
+    /// Whether the first certificate in `cert_pem` was issued by this hierarchy's intermediate
+    /// (issuer name matches and the signature verifies). Lets the service notice that a stored
+    /// server certificate belongs to an older CA and must be re-issued.
+    pub fn is_issuer_of(&self, cert_pem: &str) -> Result<bool, Error> {
+        let der = pem::first_certificate(cert_pem, "certificate")?;
+        let cert = pem::parse_der(&der, "certificate")?;
+        let intermediate = pem::parse_der(&self.intermediate_der, "intermediate certificate")?;
+        Ok(cert.issuer().as_raw() == intermediate.subject().as_raw()
+            && cert
+                .verify_signature(Some(intermediate.public_key()))
+                .is_ok())
+    }
+}
+
+impl fmt::Debug for CaHierarchy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CaHierarchy")
+            .field("root_key", &self.root_key)
+            .field("intermediate_key", &self.intermediate_key)
+            .field("intermediate_not_after", &self.intermediate_not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+fn generation(e: rcgen::Error) -> Error {
+    Error::Generation(e.to_string())
+}
+
+/// `now + d`, as an error instead of a panic if the clock is absurd.
+fn later(now: OffsetDateTime, d: Duration) -> Result<OffsetDateTime, Error> {
+    now.checked_add(d)
+        .ok_or_else(|| Error::Generation("validity end is out of range".into()))
+}
+
+fn new_key() -> Result<KeyPair, Error> {
+    KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(generation)
+}
+
+fn common_name(cn: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    dn
+}
+
+/// 16 random bytes with the top bit clear (positive) and the next bit set (so the DER
+/// INTEGER is always exactly 16 bytes long).
+fn random_serial() -> Result<SerialNumber, Error> {
+    let mut bytes = [0u8; 16];
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| Error::Generation("the system random number generator failed".into()))?;
+    bytes[0] = (bytes[0] & 0x7f) | 0x40;
+    Ok(SerialNumber::from_slice(&bytes))
+}
+
+fn parse_key(key: &SecretPem, what: &'static str) -> Result<KeyPair, Error> {
+    KeyPair::from_pem(key.expose()).map_err(|e| Error::InvalidPem {
+        what,
+        reason: e.to_string(),
+    })
+}
+
+fn check_key_matches(
+    key: &KeyPair,
+    cert: &X509Certificate<'_>,
+    what: &'static str,
+) -> Result<(), Error> {
+    use rcgen::PublicKeyData as _;
+    if key.subject_public_key_info() == cert.public_key().raw {
+        Ok(())
+    } else {
+        Err(Error::KeyMismatch { what })
+    }
+}
+
+/// A CA certificate has `basicConstraints CA:TRUE` and, if it restricts key usage at all,
+/// allows keyCertSign.
+fn check_ca(cert: &X509Certificate<'_>, what: &'static str) -> Result<(), Error> {
+    let can_sign = match cert.key_usage() {
+        Ok(Some(ku)) => ku.value.key_cert_sign(),
+        Ok(None) => true,
+        Err(_) => false,
+    };
+    if cert.is_ca() && can_sign {
+        Ok(())
+    } else {
+        Err(Error::NotACa { what })
+    }
+}
+
+fn same_host(a: &Host, b: &Host) -> bool {
+    match (a, b) {
+        (Host::Ip(a), Host::Ip(b)) => a == b,
+        (Host::Dns(a), Host::Dns(b)) => a.eq_ignore_ascii_case(b),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests;
