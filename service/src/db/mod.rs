@@ -1,0 +1,224 @@
+//! Storage: JSON documents with etags, and instance settings, in SQLite or PostgreSQL.
+//!
+//! The domain sees only [`DocumentStore`]; diesel, the schema and the migrations stay in this
+//! module. [`open`] picks the backend from the URL scheme (`sqlite://PATH`, `postgres://…`),
+//! applies the embedded migrations of that backend (`migrations/{sqlite,postgres}`) and returns
+//! a pooled [`Database`].
+//!
+//! - Each [`Collection`] is its own table of the same shape (see `schema.rs`). Ids are
+//!   case-insensitive, as in Azure DPS: rows are keyed by the lower-cased id, and the id keeps
+//!   the case it was first written with.
+//! - Every write stores a fresh etag. Optimistic concurrency is enforced by the database: a
+//!   conditional write is `UPDATE … WHERE id_key = ? AND etag = ?`, never a read-then-write.
+//! - The API is synchronous; async callers wrap calls in `web::block` / `spawn_blocking`.
+//!
+//! **Invariant:** [`StoreError::Backend`] and [`StoreError::Unavailable`] carry database detail
+//! for the logs only; nothing in them may reach a device or an API caller.
+
+mod connection;
+mod continuation;
+mod etag;
+mod schema;
+mod store;
+
+#[cfg(test)]
+mod tests;
+
+use std::time::Duration;
+
+pub use connection::Backend;
+pub use store::Database;
+
+/// A kind of stored document. Each collection is a table of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Collection {
+    IndividualEnrollments,
+    EnrollmentGroups,
+    /// Device registration states; `parent` is the enrollment group id, if any.
+    Registrations,
+    CaCertificates,
+    AuthorizationPolicies,
+}
+
+impl Collection {
+    pub const ALL: [Collection; 5] = [
+        Collection::IndividualEnrollments,
+        Collection::EnrollmentGroups,
+        Collection::Registrations,
+        Collection::CaCertificates,
+        Collection::AuthorizationPolicies,
+    ];
+
+    /// The table that holds this collection (for logs).
+    pub fn table_name(self) -> &'static str {
+        match self {
+            Collection::IndividualEnrollments => "individual_enrollments",
+            Collection::EnrollmentGroups => "enrollment_groups",
+            Collection::Registrations => "registrations",
+            Collection::CaCertificates => "ca_certificates",
+            Collection::AuthorizationPolicies => "authorization_policies",
+        }
+    }
+}
+
+/// A stored document as read back from the database.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Document {
+    /// The id in the case it was first written with.
+    pub id: String,
+    /// The owning document's id (e.g. the enrollment group of a registration), in the case of
+    /// the latest write.
+    pub parent: Option<String>,
+    pub body: serde_json::Value,
+    /// Quoted, as in an HTTP `ETag` header: `"\"…\""`.
+    pub etag: String,
+    /// Microsecond precision.
+    pub created_at: time::OffsetDateTime,
+    /// Microsecond precision.
+    pub updated_at: time::OffsetDateTime,
+}
+
+/// How [`DocumentStore::put`] treats an existing document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Write {
+    /// Insert; [`StoreError::Conflict`] if the id exists (in any case).
+    Create,
+    /// Insert, or overwrite unconditionally. An overwrite keeps `id` and `created_at`.
+    Upsert,
+    /// Overwrite only if the stored etag equals this one (`abc`, `"abc"` and `W/"abc"` are the
+    /// same tag; `*` matches any). [`StoreError::NotFound`] if the id does not exist,
+    /// [`StoreError::PreconditionFailed`] if the etag differs.
+    IfMatch(String),
+}
+
+/// One page of [`DocumentStore::list`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page {
+    pub items: Vec<Document>,
+    /// Pass back to get the next page; `None` on the last page.
+    pub continuation: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    #[error("already exists")]
+    Conflict,
+    #[error("etag mismatch")]
+    PreconditionFailed,
+    #[error("invalid continuation token")]
+    BadContinuation,
+    /// The database URL cannot be used; the text never contains the URL itself (it may hold a
+    /// password).
+    #[error("invalid database url: {0}")]
+    InvalidUrl(String),
+    /// Full detail for the logs; the HTTP layer never shows it.
+    #[error("database error: {0}")]
+    Backend(String),
+    /// The database cannot be reached or is busy; worth retrying later.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Documents and settings. Synchronous: callers wrap calls in `web::block` / `spawn_blocking`.
+pub trait DocumentStore: Send + Sync + 'static {
+    /// The document with this id (case-insensitive), if any.
+    fn get(&self, collection: Collection, id: &str) -> Result<Option<Document>, StoreError>;
+
+    /// Writes `body` under `id` with a fresh etag and returns what was stored.
+    fn put(
+        &self,
+        collection: Collection,
+        id: &str,
+        parent: Option<&str>,
+        body: &serde_json::Value,
+        write: Write,
+    ) -> Result<Document, StoreError>;
+
+    /// Deletes the document and returns it. With `if_match`, only if the stored etag equals it
+    /// (`*` matches any): [`StoreError::PreconditionFailed`] otherwise.
+    fn delete(
+        &self,
+        collection: Collection,
+        id: &str,
+        if_match: Option<&str>,
+    ) -> Result<Document, StoreError>;
+
+    /// A page of documents in a stable order (by lower-cased id), optionally only those whose
+    /// parent is `parent` (case-insensitive). `page_size` is clamped to `1..=1000`.
+    /// A `continuation` not produced by this method gives [`StoreError::BadContinuation`].
+    fn list(
+        &self,
+        collection: Collection,
+        parent: Option<&str>,
+        page_size: usize,
+        continuation: Option<&str>,
+    ) -> Result<Page, StoreError>;
+
+    /// Instance settings (id scope, JWT secret…): stores `value` if `key` is absent and returns
+    /// what is stored. Atomic: two replicas starting at once get the same answer.
+    fn setting_init(&self, key: &str, value: &str) -> Result<String, StoreError>;
+
+    fn setting_get(&self, key: &str) -> Result<Option<String>, StoreError>;
+
+    /// Stores `value` under `key`, replacing any previous value.
+    fn setting_set(&self, key: &str, value: &str) -> Result<(), StoreError>;
+
+    /// Checks that the database answers (for readiness probes).
+    fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Pool settings for [`open_with`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    /// Pool size; `None` picks 4 for SQLite (one writer at a time anyway) and 8 for PostgreSQL.
+    pub max_connections: Option<u32>,
+    /// How long a call waits for a pooled connection, and the PostgreSQL connect timeout,
+    /// before failing with [`StoreError::Unavailable`].
+    pub connection_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            max_connections: None,
+            connection_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Opens `sqlite://PATH` (relative or absolute; the parent directory is created) or
+/// `postgres://…` / `postgresql://…`, and applies pending migrations.
+pub fn open(url: &str) -> Result<Database, StoreError> {
+    open_with(url, &Options::default())
+}
+
+/// [`open`] with explicit pool settings.
+pub fn open_with(url: &str, options: &Options) -> Result<Database, StoreError> {
+    Database::open(url, options)
+}
+
+impl From<diesel::result::Error> for StoreError {
+    fn from(error: diesel::result::Error) -> Self {
+        use diesel::result::{DatabaseErrorKind as Kind, Error};
+        match error {
+            Error::NotFound => StoreError::NotFound,
+            Error::DatabaseError(Kind::UniqueViolation, _) => StoreError::Conflict,
+            Error::DatabaseError(Kind::ClosedConnection | Kind::UnableToSendCommand, info) => {
+                StoreError::Unavailable(info.message().to_owned())
+            }
+            // SQLite reports an exhausted busy_timeout only through its message.
+            Error::DatabaseError(_, info) if is_sqlite_busy(info.message()) => {
+                StoreError::Unavailable(info.message().to_owned())
+            }
+            other => StoreError::Backend(other.to_string()),
+        }
+    }
+}
+
+/// SQLITE_BUSY / SQLITE_LOCKED messages (sqlite3_errstr).
+fn is_sqlite_busy(message: &str) -> bool {
+    message.starts_with("database is locked") || message.starts_with("database table is locked")
+}

@@ -1,0 +1,76 @@
+//! Diesel table definitions, kept by hand in step with `migrations/{sqlite,postgres}`.
+//!
+//! The five document tables have the same shape; `store.rs` dispatches on
+//! [`Collection`](super::Collection) to pick one. Timestamps are unix microseconds.
+
+diesel::table! {
+    individual_enrollments (id_key) {
+        id_key -> Text,
+        id -> Text,
+        parent_key -> Nullable<Text>,
+        parent -> Nullable<Text>,
+        body -> Text,
+        etag -> Text,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    enrollment_groups (id_key) {
+        id_key -> Text,
+        id -> Text,
+        parent_key -> Nullable<Text>,
+        parent -> Nullable<Text>,
+        body -> Text,
+        etag -> Text,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    registrations (id_key) {
+        id_key -> Text,
+        id -> Text,
+        parent_key -> Nullable<Text>,
+        parent -> Nullable<Text>,
+        body -> Text,
+        etag -> Text,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    ca_certificates (id_key) {
+        id_key -> Text,
+        id -> Text,
+        parent_key -> Nullable<Text>,
+        parent -> Nullable<Text>,
+        body -> Text,
+        etag -> Text,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    authorization_policies (id_key) {
+        id_key -> Text,
+        id -> Text,
+        parent_key -> Nullable<Text>,
+        parent -> Nullable<Text>,
+        body -> Text,
+        etag -> Text,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    settings (key) {
+        key -> Text,
+        value -> Text,
+    }
+}

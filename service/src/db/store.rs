@@ -1,0 +1,437 @@
+//! [`Database`]: the diesel implementation of [`DocumentStore`].
+//!
+//! Queries are written once and compiled for each (collection table, backend) pair by two
+//! macros, `with_table!` and `with_backend!`. We query the concrete `PgConnection` /
+//! `SqliteConnection` rather than the derived `AnyConnection` because diesel's `MultiBackend`
+//! has no `ON CONFLICT` clause, which upserts and `setting_init` need.
+
+use std::fmt;
+
+use diesel::prelude::*;
+use diesel::r2d2::{Pool, PooledConnection, R2D2Connection as _};
+
+use super::connection::{self, AnyConnection, Backend, Manager, Target};
+use super::schema::settings;
+use super::{
+    Collection, Document, DocumentStore, Options, Page, StoreError, Write, continuation, etag,
+};
+
+const SQLITE_POOL_SIZE: u32 = 4;
+const POSTGRES_POOL_SIZE: u32 = 8;
+const MAX_PAGE_SIZE: usize = 1000;
+
+/// Binds `$t` to the schema module of the table that holds collection `$c`.
+macro_rules! with_table {
+    ($c:expr, $t:ident => $body:expr) => {
+        match $c {
+            Collection::IndividualEnrollments => {
+                use $crate::db::schema::individual_enrollments as $t;
+                $body
+            }
+            Collection::EnrollmentGroups => {
+                use $crate::db::schema::enrollment_groups as $t;
+                $body
+            }
+            Collection::Registrations => {
+                use $crate::db::schema::registrations as $t;
+                $body
+            }
+            Collection::CaCertificates => {
+                use $crate::db::schema::ca_certificates as $t;
+                $body
+            }
+            Collection::AuthorizationPolicies => {
+                use $crate::db::schema::authorization_policies as $t;
+                $body
+            }
+        }
+    };
+}
+
+/// Binds `$conn` to the concrete connection inside an `AnyConnection`.
+macro_rules! with_backend {
+    ($any:expr, $conn:ident => $body:expr) => {
+        match $any {
+            AnyConnection::Postgresql($conn) => $body,
+            AnyConnection::Sqlite($conn) => $body,
+        }
+    };
+}
+
+/// The columns that make a [`Row`].
+macro_rules! row_columns {
+    ($t:ident) => {
+        (
+            $t::id,
+            $t::parent,
+            $t::body,
+            $t::etag,
+            $t::created_at,
+            $t::updated_at,
+        )
+    };
+}
+
+/// All columns of a new row, from a [`NewRow`].
+macro_rules! insert_values {
+    ($t:ident, $new:expr) => {
+        (
+            $t::id_key.eq(&$new.id_key),
+            $t::id.eq($new.id),
+            $t::parent_key.eq($new.parent_key.as_deref()),
+            $t::parent.eq($new.parent),
+            $t::body.eq(&$new.body),
+            $t::etag.eq(&$new.etag),
+            $t::created_at.eq($new.now),
+            $t::updated_at.eq($new.now),
+        )
+    };
+}
+
+/// The columns an overwrite changes: not the id (its first-written case stays) nor created_at.
+macro_rules! update_values {
+    ($t:ident, $new:expr) => {
+        (
+            $t::parent_key.eq($new.parent_key.as_deref()),
+            $t::parent.eq($new.parent),
+            $t::body.eq(&$new.body),
+            $t::etag.eq(&$new.etag),
+            $t::updated_at.eq($new.now),
+        )
+    };
+}
+
+/// Whether a row with this id key exists.
+macro_rules! exists {
+    ($t:ident, $conn:expr, $key:expr) => {
+        diesel::select(diesel::dsl::exists($t::table.find($key))).get_result::<bool>($conn)
+    };
+}
+
+/// A document as stored.
+#[derive(Queryable)]
+struct Row {
+    id: String,
+    parent: Option<String>,
+    body: String,
+    etag: String,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl Row {
+    fn into_document(self) -> Result<Document, StoreError> {
+        let body = serde_json::from_str(&self.body).map_err(|e| {
+            StoreError::Backend(format!("stored body of `{}` is not JSON: {e}", self.id))
+        })?;
+        Ok(Document {
+            body,
+            etag: self.etag,
+            created_at: from_micros(self.created_at)?,
+            updated_at: from_micros(self.updated_at)?,
+            id: self.id,
+            parent: self.parent,
+        })
+    }
+}
+
+/// The column values of a write.
+struct NewRow<'a> {
+    id_key: String,
+    id: &'a str,
+    parent_key: Option<String>,
+    parent: Option<&'a str>,
+    body: String,
+    etag: String,
+    now: i64,
+}
+
+/// The outcome of a conditional write that may have matched no row.
+enum Conditional {
+    Done(Row),
+    Missing,
+    Mismatch,
+}
+
+impl Conditional {
+    /// Tells apart the two reasons a conditional statement touched no row. Runs in the
+    /// statement's transaction.
+    fn settle(row: Option<Row>, exists: impl FnOnce() -> QueryResult<bool>) -> QueryResult<Self> {
+        Ok(match row {
+            Some(row) => Conditional::Done(row),
+            None if exists()? => Conditional::Mismatch,
+            None => Conditional::Missing,
+        })
+    }
+
+    fn into_document(self) -> Result<Document, StoreError> {
+        match self {
+            Conditional::Done(row) => row.into_document(),
+            Conditional::Missing => Err(StoreError::NotFound),
+            Conditional::Mismatch => Err(StoreError::PreconditionFailed),
+        }
+    }
+}
+
+/// A pool of connections to one SQLite file or PostgreSQL database.
+pub struct Database {
+    pool: Pool<Manager>,
+    backend: Backend,
+}
+
+impl fmt::Debug for Database {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Database")
+            .field("backend", &self.backend)
+            .field("pool", &self.pool.state())
+            .finish()
+    }
+}
+
+impl Database {
+    pub(super) fn open(url: &str, options: &Options) -> Result<Database, StoreError> {
+        let target = Target::parse(url, options.connection_timeout)?;
+        target.prepare()?;
+        // Migrate on a connection of its own, outside the pool, so that a connect failure is
+        // reported as it is and PostgreSQL's advisory lock ends with the connection.
+        let mut conn = target.connect().map_err(connection::unavailable)?;
+        connection::migrate(&mut conn)?;
+        drop(conn);
+
+        let backend = target.backend();
+        let max_size = options.max_connections.unwrap_or(match backend {
+            Backend::Sqlite => SQLITE_POOL_SIZE,
+            Backend::Postgres => POSTGRES_POOL_SIZE,
+        });
+        let pool = Pool::builder()
+            .max_size(max_size.max(1))
+            // One warm connection; the rest are opened on demand and closed when idle.
+            .min_idle(Some(1))
+            .connection_timeout(options.connection_timeout)
+            .build_unchecked(Manager { target });
+        Ok(Database { pool, backend })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    fn connection(&self) -> Result<PooledConnection<Manager>, StoreError> {
+        self.pool.get().map_err(connection::unavailable)
+    }
+}
+
+impl DocumentStore for Database {
+    fn get(&self, collection: Collection, id: &str) -> Result<Option<Document>, StoreError> {
+        let key = id_key(id);
+        let mut conn = self.connection()?;
+        let row = with_table!(collection, t => with_backend!(&mut *conn, conn => {
+            t::table
+                .find(&key)
+                .select(row_columns!(t))
+                .first::<Row>(conn)
+                .optional()
+        }))?;
+        row.map(Row::into_document).transpose()
+    }
+
+    fn put(
+        &self,
+        collection: Collection,
+        id: &str,
+        parent: Option<&str>,
+        body: &serde_json::Value,
+        write: Write,
+    ) -> Result<Document, StoreError> {
+        let new = NewRow {
+            id_key: id_key(id),
+            id,
+            parent_key: parent.map(id_key),
+            parent,
+            body: serde_json::to_string(body)
+                .map_err(|e| StoreError::Backend(format!("cannot serialise body: {e}")))?,
+            etag: etag::fresh(),
+            now: now_micros()?,
+        };
+        let mut conn = self.connection()?;
+        match write {
+            Write::Create => {
+                let row = with_table!(collection, t => with_backend!(&mut *conn, conn => {
+                    diesel::insert_into(t::table)
+                        .values(insert_values!(t, new))
+                        .returning(row_columns!(t))
+                        .get_result::<Row>(conn)
+                }))?;
+                row.into_document()
+            }
+            Write::Upsert => {
+                let row = with_table!(collection, t => with_backend!(&mut *conn, conn => {
+                    diesel::insert_into(t::table)
+                        .values(insert_values!(t, new))
+                        .on_conflict(t::id_key)
+                        .do_update()
+                        .set(update_values!(t, new))
+                        .returning(row_columns!(t))
+                        .get_result::<Row>(conn)
+                }))?;
+                row.into_document()
+            }
+            Write::IfMatch(tag) => {
+                let expected = (!etag::is_any(&tag)).then(|| etag::stored_form(&tag));
+                let outcome = with_table!(collection, t => with_backend!(&mut *conn, conn => {
+                    conn.transaction(|conn| {
+                        let mut update = diesel::update(t::table.find(&new.id_key))
+                            .set(update_values!(t, new))
+                            .into_boxed();
+                        if let Some(expected) = &expected {
+                            update = update.filter(t::etag.eq(expected));
+                        }
+                        let row = update
+                            .returning(row_columns!(t))
+                            .get_result::<Row>(conn)
+                            .optional()?;
+                        Conditional::settle(row, || exists!(t, conn, &new.id_key))
+                    })
+                }))?;
+                outcome.into_document()
+            }
+        }
+    }
+
+    fn delete(
+        &self,
+        collection: Collection,
+        id: &str,
+        if_match: Option<&str>,
+    ) -> Result<Document, StoreError> {
+        let key = id_key(id);
+        let expected = if_match
+            .filter(|tag| !etag::is_any(tag))
+            .map(etag::stored_form);
+        let mut conn = self.connection()?;
+        let outcome = with_table!(collection, t => with_backend!(&mut *conn, conn => {
+            conn.transaction(|conn| {
+                let mut delete = diesel::delete(t::table.find(&key)).into_boxed();
+                if let Some(expected) = &expected {
+                    delete = delete.filter(t::etag.eq(expected));
+                }
+                let row = delete
+                    .returning(row_columns!(t))
+                    .get_result::<Row>(conn)
+                    .optional()?;
+                Conditional::settle(row, || exists!(t, conn, &key))
+            })
+        }))?;
+        outcome.into_document()
+    }
+
+    fn list(
+        &self,
+        collection: Collection,
+        parent: Option<&str>,
+        page_size: usize,
+        continuation: Option<&str>,
+    ) -> Result<Page, StoreError> {
+        let after = continuation.map(continuation::decode).transpose()?;
+        let parent_key = parent.map(id_key);
+        let page_size = page_size.clamp(1, MAX_PAGE_SIZE);
+        // One extra row tells whether there is a next page.
+        let limit = i64::try_from(page_size + 1).unwrap_or(i64::MAX);
+        let mut conn = self.connection()?;
+        let mut rows = with_table!(collection, t => with_backend!(&mut *conn, conn => {
+            let mut query = t::table
+                .select((t::id_key, row_columns!(t)))
+                .order(t::id_key.asc())
+                .limit(limit)
+                .into_boxed();
+            if let Some(parent_key) = &parent_key {
+                query = query.filter(t::parent_key.eq(parent_key));
+            }
+            if let Some(after) = &after {
+                query = query.filter(t::id_key.gt(after));
+            }
+            query.load::<(String, Row)>(conn)
+        }))?;
+
+        let continuation = if rows.len() > page_size {
+            rows.truncate(page_size);
+            rows.last().map(|(key, _)| continuation::encode(key))
+        } else {
+            None
+        };
+        let items = rows
+            .into_iter()
+            .map(|(_, row)| row.into_document())
+            .collect::<Result<_, _>>()?;
+        Ok(Page {
+            items,
+            continuation,
+        })
+    }
+
+    fn setting_init(&self, key: &str, value: &str) -> Result<String, StoreError> {
+        let mut conn = self.connection()?;
+        let stored = with_backend!(&mut *conn, conn => {
+            // Insert-if-absent then read: a concurrent initialiser either wins the insert or
+            // waits for it (PostgreSQL) / is serialised (SQLite), so both read the same value.
+            diesel::insert_into(settings::table)
+                .values((settings::key.eq(key), settings::value.eq(value)))
+                .on_conflict(settings::key)
+                .do_nothing()
+                .execute(conn)
+                .and_then(|_| {
+                    settings::table
+                        .find(key)
+                        .select(settings::value)
+                        .first::<String>(conn)
+                })
+        })?;
+        Ok(stored)
+    }
+
+    fn setting_get(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let mut conn = self.connection()?;
+        let stored = with_backend!(&mut *conn, conn => {
+            settings::table
+                .find(key)
+                .select(settings::value)
+                .first::<String>(conn)
+                .optional()
+        })?;
+        Ok(stored)
+    }
+
+    fn setting_set(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        let mut conn = self.connection()?;
+        with_backend!(&mut *conn, conn => {
+            diesel::insert_into(settings::table)
+                .values((settings::key.eq(key), settings::value.eq(value)))
+                .on_conflict(settings::key)
+                .do_update()
+                .set(settings::value.eq(value))
+                .execute(conn)
+        })?;
+        Ok(())
+    }
+
+    fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.connection()?;
+        conn.ping()?;
+        Ok(())
+    }
+}
+
+/// The primary key of an id: ids are case-insensitive.
+fn id_key(id: &str) -> String {
+    id.to_lowercase()
+}
+
+fn now_micros() -> Result<i64, StoreError> {
+    let micros = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000;
+    i64::try_from(micros).map_err(|_| StoreError::Backend("clock out of range".to_owned()))
+}
+
+fn from_micros(micros: i64) -> Result<time::OffsetDateTime, StoreError> {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1000)
+        .map_err(|e| StoreError::Backend(format!("stored timestamp {micros} out of range: {e}")))
+}
