@@ -1,0 +1,319 @@
+//! First start and every start after it.
+//!
+//! On first start this creates the data dir, the database, the ID scope, the CA hierarchy, a TLS
+//! server certificate for the configured hostnames, the owner authorization policy and the
+//! bearer-token secret. Later starts reuse all of it; the server certificate alone is re-issued
+//! when the configured hostnames change or it nears expiry.
+//!
+//! Instance-wide values (ID scope, policies, token secret) live in the database, so replicas
+//! sharing one PostgreSQL database agree on them. CA and TLS keys live in the data dir, written
+//! with mode 0600; replicas share the data dir's `ca/` folder.
+
+use std::fmt;
+use std::fs;
+use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+use zerotouch_attestation::symmetric_key;
+use zerotouch_certs::{CaHierarchy, SecretPem};
+
+use crate::auth::{self, AuthorizationPolicy, OWNER_POLICY, Rights};
+use crate::config::Settings;
+use crate::db::{Collection, DocumentStore, StoreError, Write};
+
+const ID_SCOPE_KEY: &str = "id_scope";
+const TOKEN_SECRET_KEY: &str = "token_secret";
+const SERVER_CERT_DAYS: u32 = 397;
+
+/// Files under the data dir.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    pub data_dir: PathBuf,
+    pub root_cert: PathBuf,
+    pub root_key: PathBuf,
+    pub intermediate_cert: PathBuf,
+    pub intermediate_key: PathBuf,
+    /// Root + intermediate: what clients install to trust the service.
+    pub ca_bundle: PathBuf,
+    /// Server leaf + intermediate, presented on every TLS listener.
+    pub server_chain: PathBuf,
+    pub server_key: PathBuf,
+}
+
+impl Paths {
+    pub fn new(data_dir: &Path) -> Paths {
+        let ca = data_dir.join("ca");
+        let tls = data_dir.join("tls");
+        Paths {
+            data_dir: data_dir.to_path_buf(),
+            root_cert: ca.join("root.pem"),
+            root_key: ca.join("root.key"),
+            intermediate_cert: ca.join("intermediate.pem"),
+            intermediate_key: ca.join("intermediate.key"),
+            ca_bundle: ca.join("bundle.pem"),
+            server_chain: tls.join("server.pem"),
+            server_key: tls.join("server.key"),
+        }
+    }
+}
+
+/// Everything a running instance knows about itself.
+pub struct Instance {
+    pub id_scope: String,
+    pub token_secret: String,
+    pub ca: CaHierarchy,
+    pub paths: Paths,
+}
+
+impl fmt::Debug for Instance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Instance")
+            .field("id_scope", &self.id_scope)
+            .field("paths", &self.paths)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Creates what is missing and loads the rest. Safe to run concurrently on replicas that share
+/// the database: every instance-wide value is written insert-if-absent.
+pub fn bootstrap(settings: &Settings, store: &dyn DocumentStore) -> anyhow::Result<Instance> {
+    let paths = Paths::new(&settings.service.data_dir);
+    create_private_dir(&paths.data_dir)?;
+    create_private_dir(paths.root_cert.parent().unwrap_or(&paths.data_dir))?;
+    create_private_dir(paths.server_chain.parent().unwrap_or(&paths.data_dir))?;
+
+    let id_scope = store
+        .setting_init(ID_SCOPE_KEY, &new_id_scope())
+        .context("storing the ID scope")?;
+    let token_secret = store
+        .setting_init(TOKEN_SECRET_KEY, &auth::generate_token_secret())
+        .context("storing the token secret")?;
+    ensure_owner_policy(store)?;
+
+    let ca = load_or_create_ca(&paths, &id_scope)?;
+    write_public(&paths.ca_bundle, &ca.trust_bundle_pem())?;
+    ensure_server_certificate(&paths, &ca, &settings.service.hostnames)?;
+
+    Ok(Instance {
+        id_scope,
+        token_secret,
+        ca,
+        paths,
+    })
+}
+
+/// `0ne` + 8 hex digits, as Azure DPS formats ID scopes.
+fn new_id_scope() -> String {
+    let bytes: [u8; 4] = rand::random();
+    format!("0ne{}", hex::encode_upper(bytes))
+}
+
+fn ensure_owner_policy(store: &dyn DocumentStore) -> anyhow::Result<()> {
+    if store
+        .get(Collection::AuthorizationPolicies, OWNER_POLICY)?
+        .is_some()
+    {
+        return Ok(());
+    }
+    let policy = AuthorizationPolicy {
+        key_name: OWNER_POLICY.into(),
+        primary_key: symmetric_key::generate_key()?,
+        secondary_key: symmetric_key::generate_key()?,
+        rights: Rights::ALL.to_string(),
+    };
+    let body = serde_json::to_value(&policy)?;
+    match store.put(
+        Collection::AuthorizationPolicies,
+        OWNER_POLICY,
+        None,
+        &body,
+        Write::Create,
+    ) {
+        Ok(_) | Err(StoreError::Conflict) => Ok(()),
+        Err(e) => Err(e).context("creating the owner policy"),
+    }
+}
+
+/// The owner policy, for `zerotouch credentials`.
+pub fn owner_policy(store: &dyn DocumentStore) -> anyhow::Result<AuthorizationPolicy> {
+    let doc = store
+        .get(Collection::AuthorizationPolicies, OWNER_POLICY)?
+        .context("the owner policy is missing")?;
+    Ok(serde_json::from_value::<AuthorizationPolicy>(doc.body)?)
+}
+
+fn load_or_create_ca(paths: &Paths, id_scope: &str) -> anyhow::Result<CaHierarchy> {
+    if paths.intermediate_cert.exists() {
+        let root_cert = read(&paths.root_cert)?;
+        let root_key = if paths.root_key.exists() {
+            Some(SecretPem::new(read(&paths.root_key)?))
+        } else {
+            None
+        };
+        let intermediate_cert = read(&paths.intermediate_cert)?;
+        let intermediate_key = SecretPem::new(read(&paths.intermediate_key)?);
+        return CaHierarchy::from_pem(
+            &root_cert,
+            root_key.as_ref(),
+            &intermediate_cert,
+            &intermediate_key,
+        )
+        .with_context(|| format!("loading the CA from {}", paths.root_cert.display()));
+    }
+    if paths.root_cert.exists() {
+        bail!(
+            "{} exists but {} does not: restore the CA files or move the data dir away",
+            paths.root_cert.display(),
+            paths.intermediate_cert.display()
+        );
+    }
+    let ca = CaHierarchy::generate(id_scope).context("generating the CA hierarchy")?;
+    if let Some(root_key) = ca.root_key_pem() {
+        write_secret(&paths.root_key, root_key)?;
+    }
+    write_secret(&paths.intermediate_key, ca.intermediate_key_pem())?;
+    write_public(&paths.root_cert, ca.root_cert_pem())?;
+    // The intermediate certificate is written last: its presence marks a complete CA.
+    write_public(&paths.intermediate_cert, ca.intermediate_cert_pem())?;
+    tracing::info!(path = %paths.root_cert.display(), "created a new CA hierarchy");
+    Ok(ca)
+}
+
+fn ensure_server_certificate(
+    paths: &Paths,
+    ca: &CaHierarchy,
+    hostnames: &[String],
+) -> anyhow::Result<()> {
+    if paths.server_chain.exists() && paths.server_key.exists() {
+        let chain = read(&paths.server_chain)?;
+        let current = zerotouch_certs::server_certificate_covers(&chain, hostnames)
+            .unwrap_or(false)
+            && chain.contains(ca.intermediate_cert_pem().trim());
+        if current {
+            return Ok(());
+        }
+        tracing::info!("re-issuing the server certificate for {hostnames:?}");
+    }
+    let issued = ca
+        .issue_server_certificate(hostnames, SERVER_CERT_DAYS)
+        .context("issuing the server certificate")?;
+    write_secret(&paths.server_key, &issued.private_key)?;
+    write_public(&paths.server_chain, &issued.chain_pem)?;
+    Ok(())
+}
+
+fn read(path: &Path) -> anyhow::Result<String> {
+    fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+fn create_private_dir(path: &Path) -> anyhow::Result<()> {
+    if !path.exists() {
+        fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("restricting {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Writes a private key: mode 0600 from the first byte, then an atomic rename into place.
+fn write_secret(path: &Path, secret: &SecretPem) -> anyhow::Result<()> {
+    write_atomic(path, secret.expose().as_bytes(), 0o600)
+}
+
+fn write_public(path: &Path, text: &str) -> anyhow::Result<()> {
+    write_atomic(path, text.as_bytes(), 0o644)
+}
+
+fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// The connection string for a policy, in Azure form.
+pub fn connection_string(host: &str, policy: &AuthorizationPolicy) -> String {
+    format!(
+        "HostName={host};SharedAccessKeyName={};SharedAccessKey={}",
+        policy.key_name, policy.primary_key
+    )
+}
+
+/// Parses `HostName=…;SharedAccessKeyName=…;SharedAccessKey=…` (keys case-insensitive).
+pub fn parse_connection_string(text: &str) -> Result<(String, String, String), String> {
+    let mut host = None;
+    let mut name = None;
+    let mut key = None;
+    for part in text.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| format!("connection string part {part:?} is not key=value"))?;
+        match k.to_ascii_lowercase().as_str() {
+            "hostname" => host = Some(v.to_string()),
+            "sharedaccesskeyname" => name = Some(v.to_string()),
+            "sharedaccesskey" => key = Some(v.to_string()),
+            _ => {}
+        }
+    }
+    match (host, name, key) {
+        (Some(h), Some(n), Some(k)) => Ok((h, n, k)),
+        _ => Err(
+            "a connection string needs HostName, SharedAccessKeyName and SharedAccessKey".into(),
+        ),
+    }
+}
+
+/// Stored JSON of a policy; tolerant of fields added later.
+pub fn policy_from_doc(body: Value) -> Result<AuthorizationPolicy, serde_json::Error> {
+    serde_json::from_value(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_scope_format() {
+        let scope = new_id_scope();
+        assert_eq!(scope.len(), 11);
+        assert!(scope.starts_with("0ne"));
+        assert!(scope[3..].chars().all(|c| c.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn connection_strings_round_trip() {
+        let policy = AuthorizationPolicy {
+            key_name: "p".into(),
+            primary_key: "a2V5".into(),
+            secondary_key: "b".into(),
+            rights: "EnrollmentRead".into(),
+        };
+        let cs = connection_string("localhost:8443", &policy);
+        assert_eq!(
+            parse_connection_string(&cs).unwrap(),
+            ("localhost:8443".into(), "p".into(), "a2V5".into())
+        );
+        assert!(parse_connection_string("HostName=x").is_err());
+    }
+
+    #[test]
+    fn secrets_are_written_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.key");
+        write_secret(&path, &SecretPem::new("secret".into())).unwrap();
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(fs::read_to_string(&path).unwrap(), "secret");
+    }
+}

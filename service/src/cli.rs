@@ -1,0 +1,908 @@
+//! The `zerotouch` command line.
+//!
+//! `serve`, `credentials` and `token` act on the local data dir and database. The other verbs
+//! (`enrollment`, `group`, `registration`, `ca`, `policy`) are clients of the management API,
+//! in the spirit of `az iot dps …`: they sign each request with a SAS token from
+//! `--connection-string` (or, without one, the owner policy of the local data dir) and print the
+//! JSON the API answers.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::{Value, json};
+use zerotouch_attestation::symmetric_key;
+
+use crate::auth::{self, Rights};
+use crate::bootstrap;
+use crate::config::Settings;
+use crate::db;
+
+/// API version the CLI sends.
+const API_VERSION: &str = "2021-10-01";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "zerotouch",
+    version,
+    about = "Zero-touch device provisioning and PKI"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct Local {
+    /// TOML configuration file.
+    #[arg(long, global = true, env = "ZEROTOUCH_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data dir (database, CA, TLS material). Default: ./zerotouch-data
+    #[arg(long, global = true)]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Local {
+    pub fn settings(&self) -> anyhow::Result<Settings> {
+        let mut settings = Settings::load(self.config.as_deref())?;
+        if let Some(dir) = &self.data_dir {
+            settings.service.data_dir = dir.clone();
+        }
+        Ok(settings)
+    }
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct Remote {
+    #[command(flatten)]
+    pub local: Local,
+    /// `HostName=…;SharedAccessKeyName=…;SharedAccessKey=…`. Default: the local owner policy.
+    #[arg(long, env = "ZEROTOUCH_CONNECTION_STRING", global = true)]
+    pub connection_string: Option<String>,
+    /// PEM bundle to trust for the server. Default: the data dir's CA bundle.
+    #[arg(long, global = true)]
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service (HTTPS and MQTT listeners).
+    Serve(Local),
+    /// Print the ID scope, connection strings and CA bundle path.
+    Credentials {
+        #[command(flatten)]
+        local: Local,
+        /// Print JSON (the only format today; kept for scripts that pass it).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bearer tokens for the management API.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Check a configuration file and print the settings in force.
+    Config(Local),
+    /// Individual enrollments.
+    Enrollment {
+        #[command(subcommand)]
+        command: EnrollmentCommand,
+    },
+    /// Enrollment groups.
+    Group {
+        #[command(subcommand)]
+        command: EnrollmentCommand,
+    },
+    /// Device registration states.
+    Registration {
+        #[command(subcommand)]
+        command: RegistrationCommand,
+    },
+    /// CA certificates and proof of possession.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// Authorization policies (SAS keys and rights).
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Mint a JWT carrying rights, e.g. `--rights EnrollmentRead,RegistrationStatusRead --ttl 1h`.
+    Create {
+        #[command(flatten)]
+        local: Local,
+        #[arg(long)]
+        rights: String,
+        /// Lifetime: seconds, or with a unit (30m, 1h, 7d).
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// Who the token is for (goes into `sub` and the logs).
+        #[arg(long, default_value = "cli")]
+        subject: String,
+    },
+    /// Replace the token signing secret: every token minted so far stops working.
+    RotateSecret(Local),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum AttestationKind {
+    SymmetricKey,
+    X509,
+    Tpm,
+}
+
+#[derive(Debug, Args, Clone, Default)]
+pub struct EnrollmentFields {
+    /// Attestation mechanism (create only).
+    #[arg(long, value_enum)]
+    pub attestation: Option<AttestationKind>,
+    /// Symmetric keys (base64); generated when omitted.
+    #[arg(long)]
+    pub primary_key: Option<String>,
+    #[arg(long)]
+    pub secondary_key: Option<String>,
+    /// X.509: the device certificate (individual) or signing CA certificate (group), PEM file.
+    #[arg(long)]
+    pub certificate: Option<PathBuf>,
+    #[arg(long)]
+    pub secondary_certificate: Option<PathBuf>,
+    /// X.509 group: name of an uploaded, verified CA certificate.
+    #[arg(long)]
+    pub ca_reference: Option<String>,
+    /// TPM: endorsement key, base64 TPM2B_PUBLIC.
+    #[arg(long)]
+    pub endorsement_key: Option<String>,
+    #[arg(long)]
+    pub storage_root_key: Option<String>,
+    /// Device id on the hub (individual only).
+    #[arg(long)]
+    pub device_id: Option<String>,
+    #[arg(long, value_parser = ["enabled", "disabled"])]
+    pub status: Option<String>,
+    /// Hubs this enrollment may be assigned to, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub iot_hubs: Option<Vec<String>>,
+    #[arg(long, value_parser = ["hashed", "geoLatency", "static", "custom"])]
+    pub allocation_policy: Option<String>,
+    /// Initial twin tags, JSON object.
+    #[arg(long)]
+    pub tags: Option<String>,
+    /// Initial twin desired properties, JSON object.
+    #[arg(long)]
+    pub desired: Option<String>,
+    /// Mark devices as IoT Edge devices.
+    #[arg(long)]
+    pub edge: Option<bool>,
+    /// Start from a full JSON body (file, or - for stdin); flags then override its fields.
+    #[arg(long)]
+    pub from_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EnrollmentCommand {
+    /// Create (fails if it exists).
+    Create {
+        #[command(flatten)]
+        remote: Remote,
+        /// Registration id (individual) or enrollment group id (group).
+        id: String,
+        #[command(flatten)]
+        fields: EnrollmentFields,
+    },
+    /// Show one, without secrets.
+    Show {
+        #[command(flatten)]
+        remote: Remote,
+        id: String,
+        /// Include keys and certificates.
+        #[arg(long)]
+        show_keys: bool,
+    },
+    /// List all (pages through the query API).
+    List {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Change fields; read-modify-write guarded by the etag.
+    Update {
+        #[command(flatten)]
+        remote: Remote,
+        id: String,
+        /// Only update if the stored etag is this one.
+        #[arg(long)]
+        etag: Option<String>,
+        #[command(flatten)]
+        fields: EnrollmentFields,
+    },
+    Delete {
+        #[command(flatten)]
+        remote: Remote,
+        id: String,
+        #[arg(long)]
+        etag: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RegistrationCommand {
+    Show {
+        #[command(flatten)]
+        remote: Remote,
+        id: String,
+    },
+    /// Registrations of an enrollment group.
+    List {
+        #[command(flatten)]
+        remote: Remote,
+        #[arg(long)]
+        group: String,
+    },
+    Delete {
+        #[command(flatten)]
+        remote: Remote,
+        id: String,
+        #[arg(long)]
+        etag: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Upload a CA certificate (PEM file).
+    Upload {
+        #[command(flatten)]
+        remote: Remote,
+        name: String,
+        #[arg(long)]
+        certificate: PathBuf,
+        /// Trust it without proof of possession.
+        #[arg(long)]
+        verified: bool,
+    },
+    List {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    Show {
+        #[command(flatten)]
+        remote: Remote,
+        name: String,
+    },
+    /// Get a code to put in the CN of a certificate signed by the CA's key.
+    VerificationCode {
+        #[command(flatten)]
+        remote: Remote,
+        name: String,
+    },
+    /// Prove possession with that certificate (PEM file).
+    Verify {
+        #[command(flatten)]
+        remote: Remote,
+        name: String,
+        #[arg(long)]
+        certificate: PathBuf,
+    },
+    Delete {
+        #[command(flatten)]
+        remote: Remote,
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    List {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Add a policy, or change its rights (keys are kept).
+    Add {
+        #[command(flatten)]
+        remote: Remote,
+        name: String,
+        /// e.g. EnrollmentRead,RegistrationStatusRead
+        #[arg(long)]
+        rights: String,
+    },
+    /// Replace the primary or secondary key.
+    Rotate {
+        #[command(flatten)]
+        remote: Remote,
+        name: String,
+        #[arg(long, value_parser = ["primary", "secondary"], default_value = "secondary")]
+        key: String,
+    },
+    Remove {
+        #[command(flatten)]
+        remote: Remote,
+        name: String,
+    },
+}
+
+/// Parses `90`, `90s`, `30m`, `1h`, `7d`.
+pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => (&text[..i], &text[i..]),
+        None => (text, "s"),
+    };
+    let n: u64 = number
+        .parse()
+        .with_context(|| format!("{text:?} is not a duration like 30m, 1h or 7d"))?;
+    let seconds = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => bail!("{text:?}: the unit must be s, m, h or d"),
+    };
+    if seconds == 0 {
+        bail!("a duration must be positive");
+    }
+    Ok(Duration::from_secs(seconds))
+}
+
+/// Runs a parsed command; `serve` blocks until the service stops.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(local) => {
+            let settings = local.settings()?;
+            crate::logging::init(&settings.log);
+            crate::server::serve(settings)
+        }
+        Command::Credentials { local, json: _ } => {
+            let settings = local.settings()?;
+            print_json(&credentials(&settings)?)
+        }
+        Command::Config(local) => {
+            let settings = local.settings()?;
+            print_json(&serde_json::to_value(&settings)?)
+        }
+        Command::Token { command } => token(command),
+        Command::Enrollment { command } => enrollment(crate::enrollment::Kind::Individual, command),
+        Command::Group { command } => enrollment(crate::enrollment::Kind::Group, command),
+        Command::Registration { command } => registration(command),
+        Command::Ca { command } => ca(command),
+        Command::Policy { command } => policy(command),
+    }
+}
+
+fn print_json(value: &Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn open_local(settings: &Settings) -> anyhow::Result<(db::Database, bootstrap::Instance)> {
+    let store = db::open(&settings.database_url()).context("opening the database")?;
+    let instance = bootstrap::bootstrap(settings, &store)?;
+    Ok((store, instance))
+}
+
+/// The operator contract of `zerotouch credentials --json`.
+pub fn credentials(settings: &Settings) -> anyhow::Result<Value> {
+    let (store, instance) = open_local(settings)?;
+    let owner = bootstrap::owner_policy(&store)?;
+    let ca_bundle = std::fs::canonicalize(&instance.paths.ca_bundle)
+        .unwrap_or_else(|_| instance.paths.ca_bundle.clone());
+    Ok(json!({
+        "idScope": instance.id_scope,
+        "dpsConnectionString": bootstrap::connection_string(&settings.public_host(), &owner),
+        "caBundlePath": ca_bundle,
+        "httpsEndpoint": format!("https://{}", settings.public_host()),
+        "mqttPort": settings.listen.mqtt.port(),
+    }))
+}
+
+fn token(command: TokenCommand) -> anyhow::Result<()> {
+    match command {
+        TokenCommand::Create {
+            local,
+            rights,
+            ttl,
+            subject,
+        } => {
+            let settings = local.settings()?;
+            let rights = Rights::parse(&rights).map_err(anyhow::Error::msg)?;
+            let ttl = parse_duration(&ttl)?;
+            let (_, instance) = open_local(&settings)?;
+            let token = auth::mint_token(
+                &instance.token_secret,
+                &instance.id_scope,
+                &subject,
+                rights,
+                crate::time::now_unix(),
+                ttl.as_secs(),
+            )
+            .map_err(anyhow::Error::msg)?;
+            println!("{token}");
+            Ok(())
+        }
+        TokenCommand::RotateSecret(local) => {
+            let settings = local.settings()?;
+            let (store, _) = open_local(&settings)?;
+            db::DocumentStore::setting_set(&store, "token_secret", &auth::generate_token_secret())?;
+            eprintln!("token secret replaced; restart running replicas to drop the old one");
+            Ok(())
+        }
+    }
+}
+
+/// A signed client for the management API.
+pub struct ApiClient {
+    base: String,
+    host: String,
+    key_name: String,
+    key: String,
+    http: reqwest::blocking::Client,
+}
+
+impl ApiClient {
+    pub fn new(remote: &Remote) -> anyhow::Result<ApiClient> {
+        let settings = remote.local.settings()?;
+        let (host, key_name, key, ca_file) = match &remote.connection_string {
+            Some(cs) => {
+                let (host, name, key) =
+                    bootstrap::parse_connection_string(cs).map_err(anyhow::Error::msg)?;
+                let ca = remote.ca_file.clone().or_else(|| {
+                    let bundle = bootstrap::Paths::new(&settings.service.data_dir).ca_bundle;
+                    bundle.exists().then_some(bundle)
+                });
+                (host, name, key, ca)
+            }
+            None => {
+                let (store, instance) = open_local(&settings)?;
+                let owner = bootstrap::owner_policy(&store)?;
+                (
+                    settings.public_host(),
+                    owner.key_name,
+                    owner.primary_key,
+                    Some(remote.ca_file.clone().unwrap_or(instance.paths.ca_bundle)),
+                )
+            }
+        };
+        let mut builder = reqwest::blocking::Client::builder().timeout(Duration::from_secs(30));
+        if let Some(ca) = ca_file {
+            builder = builder.add_root_certificate(load_ca(&ca)?);
+        }
+        Ok(ApiClient {
+            base: format!("https://{host}"),
+            host,
+            key_name,
+            key,
+            http: builder.build()?,
+        })
+    }
+
+    fn sas(&self) -> anyhow::Result<String> {
+        symmetric_key::sign(
+            &self.host,
+            &self.key,
+            crate::time::now_unix() + 3600,
+            Some(&self.key_name),
+        )
+        .map_err(|e| anyhow::anyhow!("signing: {e}"))
+    }
+
+    /// Sends one request; returns the JSON body (Null for 204) and the response headers.
+    pub fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<(Value, reqwest::header::HeaderMap)> {
+        let url = format!("{}{}?api-version={API_VERSION}", self.base, path);
+        let mut request = self
+            .http
+            .request(method, &url)
+            .header("Authorization", self.sas()?);
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().with_context(|| format!("calling {url}"))?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let text = response.text()?;
+        let value = if text.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        if !status.is_success() {
+            bail!("{status}: {}", serde_json::to_string_pretty(&value)?);
+        }
+        Ok((value, headers))
+    }
+
+    fn get(&self, path: &str) -> anyhow::Result<Value> {
+        Ok(self.call(reqwest::Method::GET, path, None, &[])?.0)
+    }
+
+    /// Collects every page of a query.
+    fn query_all(&self, path: &str, body: Option<&Value>) -> anyhow::Result<Value> {
+        let mut items = Vec::new();
+        let mut continuation: Option<String> = None;
+        loop {
+            let mut headers = vec![("x-ms-max-item-count", "100")];
+            if let Some(token) = &continuation {
+                headers.push(("x-ms-continuation", token.as_str()));
+            }
+            let (page, response_headers) =
+                self.call(reqwest::Method::POST, path, body, &headers)?;
+            if let Value::Array(page) = page {
+                items.extend(page);
+            }
+            continuation = response_headers
+                .get("x-ms-continuation")
+                .and_then(|v| v.to_str().ok())
+                .map(String::from);
+            if continuation.is_none() {
+                return Ok(Value::Array(items));
+            }
+        }
+    }
+}
+
+fn load_ca(path: &Path) -> anyhow::Result<reqwest::Certificate> {
+    let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    reqwest::Certificate::from_pem_bundle(&pem)?
+        .into_iter()
+        .next()
+        .with_context(|| format!("{} holds no certificate", path.display()))
+}
+
+fn read_text(path: &Path) -> anyhow::Result<String> {
+    if path == Path::new("-") {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)?;
+        return Ok(text);
+    }
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// Applies the flags to a body (a new one for create, the current one for update).
+fn apply_fields(
+    kind: crate::enrollment::Kind,
+    body: &mut Value,
+    fields: &EnrollmentFields,
+) -> anyhow::Result<()> {
+    use crate::enrollment::Kind;
+    if let Some(file) = &fields.from_file {
+        let loaded: Value = serde_json::from_str(&read_text(file)?)
+            .with_context(|| format!("{} is not JSON", file.display()))?;
+        if let (Some(target), Value::Object(source)) = (body.as_object_mut(), loaded) {
+            target.extend(source);
+        }
+    }
+    if let Some(kind_flag) = fields.attestation {
+        body["attestation"] = match kind_flag {
+            AttestationKind::SymmetricKey => json!({"type": "symmetricKey", "symmetricKey": {}}),
+            AttestationKind::Tpm => json!({"type": "tpm", "tpm": {}}),
+            AttestationKind::X509 => json!({"type": "x509", "x509": {}}),
+        };
+    }
+    if fields.primary_key.is_some() || fields.secondary_key.is_some() {
+        let keys = json!({"primaryKey": fields.primary_key, "secondaryKey": fields.secondary_key});
+        body["attestation"]["type"] = json!("symmetricKey");
+        body["attestation"]["symmetricKey"] = keys;
+    }
+    if fields.certificate.is_some() || fields.secondary_certificate.is_some() {
+        let slot = |p: &Option<PathBuf>| -> anyhow::Result<Value> {
+            Ok(match p {
+                Some(path) => json!({"certificate": read_text(path)?}),
+                None => Value::Null,
+            })
+        };
+        let pair = json!({"primary": slot(&fields.certificate)?, "secondary": slot(&fields.secondary_certificate)?});
+        let section = match kind {
+            Kind::Individual => "clientCertificates",
+            Kind::Group => "signingCertificates",
+        };
+        body["attestation"]["type"] = json!("x509");
+        body["attestation"]["x509"] = json!({ section: pair });
+    }
+    if let Some(name) = &fields.ca_reference {
+        body["attestation"]["type"] = json!("x509");
+        body["attestation"]["x509"] = json!({"caReferences": {"primary": name}});
+    }
+    if let Some(ek) = &fields.endorsement_key {
+        body["attestation"]["type"] = json!("tpm");
+        body["attestation"]["tpm"] =
+            json!({"endorsementKey": ek, "storageRootKey": fields.storage_root_key});
+    }
+    if let Some(device_id) = &fields.device_id {
+        body["deviceId"] = json!(device_id);
+    }
+    if let Some(status) = &fields.status {
+        body["provisioningStatus"] = json!(status);
+    }
+    if let Some(hubs) = &fields.iot_hubs {
+        body["iotHubs"] = json!(hubs);
+    }
+    if let Some(policy) = &fields.allocation_policy {
+        body["allocationPolicy"] = json!(policy);
+    }
+    if let Some(tags) = &fields.tags {
+        body["initialTwin"]["tags"] = serde_json::from_str(tags).context("--tags is not JSON")?;
+    }
+    if let Some(desired) = &fields.desired {
+        body["initialTwin"]["properties"]["desired"] =
+            serde_json::from_str(desired).context("--desired is not JSON")?;
+    }
+    if let Some(edge) = fields.edge {
+        body["capabilities"] = json!({"iotEdge": edge});
+    }
+    Ok(())
+}
+
+fn enrollment(kind: crate::enrollment::Kind, command: EnrollmentCommand) -> anyhow::Result<()> {
+    use crate::enrollment::Kind;
+    let base = match kind {
+        Kind::Individual => "/enrollments",
+        Kind::Group => "/enrollmentGroups",
+    };
+    let encode = |id: &str| {
+        percent_encoding::utf8_percent_encode(id, percent_encoding::NON_ALPHANUMERIC).to_string()
+    };
+    match command {
+        EnrollmentCommand::Create { remote, id, fields } => {
+            let client = ApiClient::new(&remote)?;
+            let mut body = json!({ kind.id_field(): id });
+            if fields.attestation.is_none() && fields.from_file.is_none() {
+                body["attestation"] = json!({"type": "symmetricKey"});
+            }
+            apply_fields(kind, &mut body, &fields)?;
+            let path = format!("{base}/{}", encode(&id));
+            print_json(
+                &client
+                    .call(reqwest::Method::PUT, &path, Some(&body), &[])?
+                    .0,
+            )
+        }
+        EnrollmentCommand::Show {
+            remote,
+            id,
+            show_keys,
+        } => {
+            let client = ApiClient::new(&remote)?;
+            let path = format!("{base}/{}", encode(&id));
+            let mut value = client.get(&path)?;
+            if show_keys {
+                value["attestation"] = client
+                    .call(
+                        reqwest::Method::POST,
+                        &format!("{path}/attestationmechanism"),
+                        None,
+                        &[],
+                    )?
+                    .0;
+            }
+            print_json(&value)
+        }
+        EnrollmentCommand::List { remote } => {
+            let client = ApiClient::new(&remote)?;
+            print_json(&client.query_all(&format!("{base}/query"), Some(&json!({"query": "*"})))?)
+        }
+        EnrollmentCommand::Update {
+            remote,
+            id,
+            etag,
+            fields,
+        } => {
+            let client = ApiClient::new(&remote)?;
+            let path = format!("{base}/{}", encode(&id));
+            let mut body = client.get(&path)?;
+            let current = body["etag"].as_str().unwrap_or("*").to_string();
+            let etag = etag.unwrap_or(current);
+            if let Some(map) = body.as_object_mut() {
+                for read_only in [
+                    "etag",
+                    "createdDateTimeUtc",
+                    "lastUpdatedDateTimeUtc",
+                    "registrationState",
+                ] {
+                    map.remove(read_only);
+                }
+            }
+            apply_fields(kind, &mut body, &fields)?;
+            print_json(
+                &client
+                    .call(
+                        reqwest::Method::PUT,
+                        &path,
+                        Some(&body),
+                        &[("If-Match", &etag)],
+                    )?
+                    .0,
+            )
+        }
+        EnrollmentCommand::Delete { remote, id, etag } => {
+            let client = ApiClient::new(&remote)?;
+            let path = format!("{base}/{}", encode(&id));
+            let headers: Vec<(&str, &str)> =
+                etag.iter().map(|e| ("If-Match", e.as_str())).collect();
+            client.call(reqwest::Method::DELETE, &path, None, &headers)?;
+            Ok(())
+        }
+    }
+}
+
+fn registration(command: RegistrationCommand) -> anyhow::Result<()> {
+    let encode = |id: &str| {
+        percent_encoding::utf8_percent_encode(id, percent_encoding::NON_ALPHANUMERIC).to_string()
+    };
+    match command {
+        RegistrationCommand::Show { remote, id } => {
+            print_json(&ApiClient::new(&remote)?.get(&format!("/registrations/{}", encode(&id)))?)
+        }
+        RegistrationCommand::List { remote, group } => print_json(
+            &ApiClient::new(&remote)?
+                .query_all(&format!("/registrations/{}/query", encode(&group)), None)?,
+        ),
+        RegistrationCommand::Delete { remote, id, etag } => {
+            let headers: Vec<(&str, &str)> =
+                etag.iter().map(|e| ("If-Match", e.as_str())).collect();
+            ApiClient::new(&remote)?.call(
+                reqwest::Method::DELETE,
+                &format!("/registrations/{}", encode(&id)),
+                None,
+                &headers,
+            )?;
+            Ok(())
+        }
+    }
+}
+
+fn ca(command: CaCommand) -> anyhow::Result<()> {
+    match command {
+        CaCommand::Upload {
+            remote,
+            name,
+            certificate,
+            verified,
+        } => {
+            let body = json!({"certificate": read_text(&certificate)?, "isVerified": verified});
+            print_json(
+                &ApiClient::new(&remote)?
+                    .call(
+                        reqwest::Method::PUT,
+                        &format!("/certificates/{name}"),
+                        Some(&body),
+                        &[],
+                    )?
+                    .0,
+            )
+        }
+        CaCommand::List { remote } => print_json(&ApiClient::new(&remote)?.get("/certificates")?),
+        CaCommand::Show { remote, name } => {
+            print_json(&ApiClient::new(&remote)?.get(&format!("/certificates/{name}"))?)
+        }
+        CaCommand::VerificationCode { remote, name } => {
+            let client = ApiClient::new(&remote)?;
+            let current = client.get(&format!("/certificates/{name}"))?;
+            let etag = current["etag"].as_str().unwrap_or("*").to_string();
+            print_json(
+                &client
+                    .call(
+                        reqwest::Method::POST,
+                        &format!("/certificates/{name}/generateVerificationCode"),
+                        None,
+                        &[("If-Match", &etag)],
+                    )?
+                    .0,
+            )
+        }
+        CaCommand::Verify {
+            remote,
+            name,
+            certificate,
+        } => {
+            let client = ApiClient::new(&remote)?;
+            let current = client.get(&format!("/certificates/{name}"))?;
+            let etag = current["etag"].as_str().unwrap_or("*").to_string();
+            let body = json!({"certificate": read_text(&certificate)?});
+            print_json(
+                &client
+                    .call(
+                        reqwest::Method::POST,
+                        &format!("/certificates/{name}/verify"),
+                        Some(&body),
+                        &[("If-Match", &etag)],
+                    )?
+                    .0,
+            )
+        }
+        CaCommand::Delete { remote, name } => {
+            ApiClient::new(&remote)?.call(
+                reqwest::Method::DELETE,
+                &format!("/certificates/{name}"),
+                None,
+                &[],
+            )?;
+            Ok(())
+        }
+    }
+}
+
+fn policy(command: PolicyCommand) -> anyhow::Result<()> {
+    match command {
+        PolicyCommand::List { remote } => {
+            print_json(&ApiClient::new(&remote)?.get("/authorizationPolicies")?)
+        }
+        PolicyCommand::Add {
+            remote,
+            name,
+            rights,
+        } => {
+            let client = ApiClient::new(&remote)?;
+            let path = format!("/authorizationPolicies/{name}");
+            let existing = client.get(&path).ok();
+            let etag = existing
+                .as_ref()
+                .and_then(|e| e["etag"].as_str())
+                .map(String::from);
+            let headers: Vec<(&str, &str)> =
+                etag.iter().map(|e| ("If-Match", e.as_str())).collect();
+            print_json(
+                &client
+                    .call(
+                        reqwest::Method::PUT,
+                        &path,
+                        Some(&json!({"rights": rights})),
+                        &headers,
+                    )?
+                    .0,
+            )
+        }
+        PolicyCommand::Rotate { remote, name, key } => print_json(
+            &ApiClient::new(&remote)?
+                .call(
+                    reqwest::Method::POST,
+                    &format!("/authorizationPolicies/{name}/regenerateKey"),
+                    Some(&json!({"keyType": key})),
+                    &[],
+                )?
+                .0,
+        ),
+        PolicyCommand::Remove { remote, name } => {
+            ApiClient::new(&remote)?.call(
+                reqwest::Method::DELETE,
+                &format!("/authorizationPolicies/{name}"),
+                None,
+                &[],
+            )?;
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("30m").unwrap(), Duration::from_secs(1800));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(604_800));
+        assert!(parse_duration("1w").is_err());
+        assert!(parse_duration("0").is_err());
+        assert!(parse_duration("h").is_err());
+    }
+}

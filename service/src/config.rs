@@ -1,0 +1,326 @@
+//! The typed settings tree.
+//!
+//! Loaded in this order, later sources overriding earlier ones: built-in defaults, the TOML
+//! file given with `--config`, then environment variables `ZEROTOUCH__SECTION__KEY`
+//! (for example `ZEROTOUCH__DATABASE__URL`). Unknown keys are an error that names the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// Default HTTPS port. 443 needs privileges (or `CAP_NET_BIND_SERVICE`); Azure service SDKs
+/// reach another port through a connection string `HostName=host:8443`.
+pub const DEFAULT_HTTPS_PORT: u16 = 8443;
+/// Default MQTT-over-TLS port: the Azure device SDKs hard-code 8883.
+pub const DEFAULT_MQTT_PORT: u16 = 8883;
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub listen: Listen,
+    pub database: Database,
+    pub service: Service,
+    pub log: Log,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listen {
+    /// Device and management HTTPS API.
+    pub https: SocketAddr,
+    /// Device MQTT over TLS.
+    pub mqtt: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Database {
+    /// `sqlite://PATH` or `postgres://…`. Unset: `sqlite://{data_dir}/zerotouch.db`.
+    pub url: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Service {
+    /// Names clients use to reach this service. All become SANs of the server certificate;
+    /// the first is the `HostName` of the connection strings.
+    pub hostnames: Vec<String>,
+    /// Where the database (SQLite), CA and TLS material live. `--data-dir` overrides it.
+    pub data_dir: PathBuf,
+    /// Port written into connection strings when clients reach the HTTPS listener through a
+    /// different port than it binds (a proxy or port forward). Unset: the listener's port.
+    pub public_https_port: Option<u16>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    /// `text` for people, `json` for log pipelines.
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `zerotouch_service=debug,info`. `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Listen {
+            https: SocketAddr::from(([0, 0, 0, 0], DEFAULT_HTTPS_PORT)),
+            mqtt: SocketAddr::from(([0, 0, 0, 0], DEFAULT_MQTT_PORT)),
+        }
+    }
+}
+
+impl Default for Service {
+    fn default() -> Self {
+        Service {
+            hostnames: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            data_dir: PathBuf::from("zerotouch-data"),
+            public_https_port: None,
+        }
+    }
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+impl Settings {
+    /// Defaults, then `file` (if any), then `ZEROTOUCH__…` variables from the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        Self::load_from(file, Env::prefixed("ZEROTOUCH__").split("__"))
+    }
+
+    fn load_from(file: Option<&Path>, env: Env) -> Result<Settings, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError::Invalid(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        // Env keys are lower-cased by figment; our keys are snake_case, so this round-trips.
+        let settings: Settings = figment
+            .merge(env)
+            .extract()
+            .map_err(|e| ConfigError::Invalid(flatten_figment_error(e)))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Parses TOML text alone (no environment), for tests and `zerotouch config check`.
+    pub fn from_toml(text: &str) -> Result<Settings, ConfigError> {
+        let settings: Settings = Figment::from(Serialized::defaults(Settings::default()))
+            .merge(Toml::string(text))
+            .extract()
+            .map_err(|e| ConfigError::Invalid(flatten_figment_error(e)))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.service.hostnames.is_empty() {
+            return Err(ConfigError::Invalid(
+                "service.hostnames must name at least one host".into(),
+            ));
+        }
+        for host in &self.service.hostnames {
+            let ok = !host.is_empty()
+                && host.len() <= 253
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | ':' | '_'));
+            if !ok {
+                return Err(ConfigError::Invalid(format!(
+                    "service.hostnames: {host:?} is not a hostname or IP address"
+                )));
+            }
+        }
+        if let Some(url) = &self.database.url
+            && !(url.starts_with("sqlite://")
+                || url.starts_with("postgres://")
+                || url.starts_with("postgresql://"))
+        {
+            return Err(ConfigError::Invalid(
+                "database.url must start with sqlite://, postgres:// or postgresql://".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The database URL in force: the configured one, or SQLite in the data dir.
+    pub fn database_url(&self) -> String {
+        match &self.database.url {
+            Some(url) => url.clone(),
+            None => format!(
+                "sqlite://{}",
+                self.service.data_dir.join("zerotouch.db").display()
+            ),
+        }
+    }
+
+    /// `host[:port]` as written in connection strings (`HostName=`).
+    pub fn public_host(&self) -> String {
+        let host = self
+            .service
+            .hostnames
+            .first()
+            .map(String::as_str)
+            .unwrap_or("localhost");
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.to_string()
+        };
+        let port = self
+            .service
+            .public_https_port
+            .unwrap_or(self.listen.https.port());
+        if port == 443 {
+            host
+        } else {
+            format!("{host}:{port}")
+        }
+    }
+}
+
+/// figment's error lists every failure; keep them, and keep the key path that names the field.
+fn flatten_figment_error(error: figment::Error) -> String {
+    error
+        .into_iter()
+        .map(|e| {
+            let path = e.path.join(".");
+            if path.is_empty() {
+                e.kind.to_string()
+            } else {
+                format!("{path}: {}", e.kind)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closure type is figment's, not ours
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/config")
+            .join(name);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    #[test]
+    fn shipped_example_parses() {
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/zerotouch.toml"),
+        )
+        .unwrap();
+        let settings = Settings::from_toml(&text).unwrap();
+        assert_eq!(settings.listen.mqtt.port(), 8883);
+        assert!(!settings.service.hostnames.is_empty());
+    }
+
+    #[test]
+    fn defaults_are_usable() {
+        let settings = Settings::from_toml("").unwrap();
+        assert_eq!(settings.listen.https.port(), DEFAULT_HTTPS_PORT);
+        assert_eq!(settings.listen.mqtt.port(), DEFAULT_MQTT_PORT);
+        assert_eq!(
+            settings.service.hostnames,
+            vec!["localhost", "127.0.0.1", "::1"]
+        );
+        assert_eq!(
+            settings.database_url(),
+            "sqlite://zerotouch-data/zerotouch.db"
+        );
+        assert_eq!(settings.public_host(), "localhost:8443");
+    }
+
+    #[test]
+    fn good_full_config() {
+        let settings = Settings::from_toml(&fixture("good_full.toml")).unwrap();
+        assert_eq!(settings.listen.https.to_string(), "127.0.0.1:9443");
+        assert_eq!(
+            settings.database.url.as_deref(),
+            Some("postgres://postgres@127.0.0.1:5432/zerotouch")
+        );
+        assert_eq!(settings.log.format, LogFormat::Json);
+        assert_eq!(settings.public_host(), "dps.example.com");
+    }
+
+    #[test]
+    fn bad_unknown_key_is_named() {
+        let err = Settings::from_toml(&fixture("bad_unknown_key.toml")).unwrap_err();
+        assert!(err.to_string().contains("htps"), "{err}");
+    }
+
+    #[test]
+    fn bad_address_is_rejected() {
+        let err = Settings::from_toml(&fixture("bad_address.toml")).unwrap_err();
+        assert!(err.to_string().contains("listen.https"), "{err}");
+    }
+
+    #[test]
+    fn bad_database_scheme_is_rejected() {
+        let err = Settings::from_toml(&fixture("bad_database_url.toml")).unwrap_err();
+        assert!(err.to_string().contains("database.url"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("z.toml", "[database]\nurl = \"sqlite://a.db\"\n")?;
+            jail.set_env(
+                "ZEROTOUCH__DATABASE__URL",
+                "postgres://postgres@127.0.0.1/x",
+            );
+            jail.set_env("ZEROTOUCH__LISTEN__MQTT", "127.0.0.1:18883");
+            let settings = Settings::load_from(
+                Some(Path::new("z.toml")),
+                Env::prefixed("ZEROTOUCH__").split("__"),
+            )
+            .map_err(|e| e.to_string())?;
+            assert_eq!(settings.database_url(), "postgres://postgres@127.0.0.1/x");
+            assert_eq!(settings.listen.mqtt.port(), 18883);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_environment_key_is_an_error() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("ZEROTOUCH__DATABASE__URLL", "x");
+            let err = Settings::load_from(None, Env::prefixed("ZEROTOUCH__").split("__"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("urll"), "{err}");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,297 @@
+//! CA certificates with proof of possession (spec §4.7, §5.6), at `/certificates`.
+//!
+//! In Azure these live in the ARM API; here they are part of the service API with the same JSON
+//! shape (`{"name","etag","properties":{…}}`). Upload, then `generateVerificationCode`, then
+//! `verify` with a certificate whose CN is the code, signed by the CA's key. Only verified CAs may
+//! authenticate group devices (`caReferences`). Every call needs the `ServiceConfig` right.
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use zerotouch_attestation::x509;
+
+use crate::auth::Rights;
+use crate::db::{Collection, Document, Write};
+use crate::enrollment::parse_typed;
+use crate::http::enrollments::json_body;
+use crate::http::error::{ApiError, ErrorCode};
+use crate::http::{AppState, authorize, blocking, blocking_for, if_match};
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(web::resource("/certificates").route(web::get().to(list)))
+        .service(
+            web::resource("/certificates/{name}/generateVerificationCode")
+                .route(web::post().to(generate_verification_code)),
+        )
+        .service(web::resource("/certificates/{name}/verify").route(web::post().to(verify)))
+        .service(
+            web::resource("/certificates/{name}")
+                .route(web::get().to(get))
+                .route(web::put().to(put))
+                .route(web::delete().to(delete)),
+        );
+}
+
+fn check_name(name: &str) -> Result<(), ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 256
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::field(
+            ErrorCode::InvalidField,
+            "name",
+            "must be 1 to 256 of A-Z a-z 0-9 - . _",
+        ))
+    }
+}
+
+/// The API view. `certificate` is public; the verification code is shown while pending.
+fn view(doc: &Document) -> Value {
+    let b = &doc.body;
+    let mut properties = json!({
+        "subject": b.get("subject"),
+        "expiry": b.get("expiry"),
+        "thumbprint": b.get("thumbprint"),
+        "sha256Thumbprint": b.get("sha256Thumbprint"),
+        "isVerified": b.get("isVerified").and_then(Value::as_bool).unwrap_or(false),
+        "created": crate::time::rfc3339(doc.created_at),
+        "updated": crate::time::rfc3339(doc.updated_at),
+        "certificate": b.get("certificate"),
+    });
+    if let Some(code) = b.get("verificationCode").filter(|c| !c.is_null()) {
+        properties["verificationCode"] = code.clone();
+    }
+    json!({
+        "name": doc.id,
+        "etag": doc.etag,
+        "type": "Microsoft.Devices/ProvisioningServices/Certificates",
+        "properties": properties,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct UploadProperties {
+    certificate: Option<String>,
+    is_verified: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct Upload {
+    certificate: Option<String>,
+    #[serde(rename = "isVerified")]
+    is_verified: Option<bool>,
+    properties: Option<UploadProperties>,
+}
+
+async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state, Rights::SERVICE_CONFIG).await?;
+    let mut items = Vec::new();
+    let mut continuation: Option<String> = None;
+    loop {
+        let token = continuation.clone();
+        let page = blocking(&state, move |store| {
+            store.list(Collection::CaCertificates, None, 1000, token.as_deref())
+        })
+        .await?;
+        items.extend(page.items.iter().map(view));
+        match page.continuation {
+            Some(next) => continuation = Some(next),
+            None => break,
+        }
+    }
+    Ok(HttpResponse::Ok().json(json!({"value": items})))
+}
+
+async fn get(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    name: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state, Rights::SERVICE_CONFIG).await?;
+    let doc = load(&state, name.into_inner()).await?;
+    Ok(HttpResponse::Ok().json(view(&doc)))
+}
+
+async fn load(state: &web::Data<AppState>, name: String) -> Result<Document, ApiError> {
+    blocking(state, move |store| {
+        store.get(Collection::CaCertificates, &name)
+    })
+    .await?
+    .ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::CertificateNotFound,
+            "no CA certificate with this name",
+        )
+    })
+}
+
+async fn put(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    name: web::Path<String>,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state, Rights::SERVICE_CONFIG).await?;
+    let name = name.into_inner();
+    check_name(&name)?;
+    let body = json_body(&body)?
+        .ok_or_else(|| ApiError::new(ErrorCode::InvalidJson, "the body is empty"))?;
+    let upload: Upload = parse_typed(body)?;
+    let (certificate, is_verified) = match upload.properties {
+        Some(p) => (p.certificate, p.is_verified),
+        None => (upload.certificate, upload.is_verified),
+    };
+    let certificate = certificate
+        .filter(|c| !c.trim().is_empty())
+        .ok_or_else(|| {
+            ApiError::field(ErrorCode::InvalidCertificate, "certificate", "is required")
+        })?;
+    let parsed = x509::parse_certificate(&certificate)
+        .map_err(|e| ApiError::field(ErrorCode::InvalidCertificate, "certificate", e))?;
+    if !parsed.is_ca() {
+        return Err(ApiError::field(
+            ErrorCode::InvalidCertificate,
+            "certificate",
+            "must be a CA certificate (basicConstraints CA:TRUE)",
+        ));
+    }
+    let info = parsed.info();
+    let stored = json!({
+        "certificate": certificate.trim(),
+        "subject": info.subject_name,
+        "expiry": info.not_after_utc,
+        "thumbprint": info.sha1_thumbprint,
+        "sha256Thumbprint": info.sha256_thumbprint,
+        "isVerified": is_verified.unwrap_or(false),
+        "verificationCode": Value::Null,
+    });
+    let write = match if_match(req.headers())? {
+        None => Write::Create,
+        Some(etag) => Write::IfMatch(etag),
+    };
+    let doc = blocking_for(&state, ErrorCode::CertificateNotFound, move |store| {
+        store.put(Collection::CaCertificates, &name, None, &stored, write)
+    })
+    .await?;
+    Ok(HttpResponse::Ok().json(view(&doc)))
+}
+
+async fn delete(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    name: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state, Rights::SERVICE_CONFIG).await?;
+    let name = name.into_inner();
+    let etag = if_match(req.headers())?;
+    blocking_for(&state, ErrorCode::CertificateNotFound, move |store| {
+        store.delete(Collection::CaCertificates, &name, etag.as_deref())
+    })
+    .await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+fn require_if_match(req: &HttpRequest) -> Result<String, ApiError> {
+    if_match(req.headers())?.ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::IfMatchRequired,
+            "this operation needs If-Match with the certificate's etag",
+        )
+    })
+}
+
+async fn generate_verification_code(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    name: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state, Rights::SERVICE_CONFIG).await?;
+    let etag = require_if_match(&req)?;
+    let name = name.into_inner();
+    let doc = load(&state, name.clone()).await?;
+    let mut body = doc.body;
+    let code: [u8; 16] = rand::random();
+    body["verificationCode"] = Value::String(hex::encode_upper(code));
+    let doc = blocking_for(&state, ErrorCode::CertificateNotFound, move |store| {
+        store.put(
+            Collection::CaCertificates,
+            &name,
+            None,
+            &body,
+            Write::IfMatch(etag),
+        )
+    })
+    .await?;
+    Ok(HttpResponse::Ok().json(view(&doc)))
+}
+
+#[derive(Deserialize)]
+struct VerifyRequest {
+    certificate: Option<String>,
+}
+
+async fn verify(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    name: web::Path<String>,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state, Rights::SERVICE_CONFIG).await?;
+    let etag = require_if_match(&req)?;
+    let name = name.into_inner();
+    let request: VerifyRequest = parse_typed(
+        json_body(&body)?
+            .ok_or_else(|| ApiError::new(ErrorCode::InvalidJson, "the body is empty"))?,
+    )?;
+    let proof = request.certificate.ok_or_else(|| {
+        ApiError::field(
+            ErrorCode::InvalidVerificationCertificate,
+            "certificate",
+            "is required",
+        )
+    })?;
+    let doc = load(&state, name.clone()).await?;
+    let code = doc
+        .body
+        .get("verificationCode")
+        .and_then(Value::as_str)
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::InvalidVerificationCertificate,
+                "no verification code is pending: call generateVerificationCode first",
+            )
+        })?
+        .to_string();
+    let stored = doc
+        .body
+        .get("certificate")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let ca = x509::parse_certificate(stored).map_err(ApiError::internal)?;
+    x509::verify_proof_of_possession(
+        &ca,
+        &proof,
+        &code,
+        time::OffsetDateTime::now_utc().unix_timestamp(),
+    )
+    .map_err(|e| ApiError::field(ErrorCode::InvalidVerificationCertificate, "certificate", e))?;
+    let mut body = doc.body;
+    body["isVerified"] = Value::Bool(true);
+    body["verificationCode"] = Value::Null;
+    let doc = blocking_for(&state, ErrorCode::CertificateNotFound, move |store| {
+        store.put(
+            Collection::CaCertificates,
+            &name,
+            None,
+            &body,
+            Write::IfMatch(etag),
+        )
+    })
+    .await?;
+    Ok(HttpResponse::Ok().json(view(&doc)))
+}

@@ -1,0 +1,416 @@
+//! Individual enrollments (`/enrollments`) and enrollment groups (`/enrollmentGroups`): the
+//! DPS service API 2021-10-01 (spec §4.2). Both resources share these handlers, parameterised by
+//! [`Kind`].
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::auth::Rights;
+use crate::db::{Collection, Document, Write};
+use crate::enrollment::{self, Kind};
+use crate::http::error::{ApiError, ErrorCode};
+use crate::http::{AppState, authorize, blocking, blocking_for, if_match, page_response, paging};
+
+/// Most items in one bulk request, as in Azure DPS.
+pub const MAX_BULK_ITEMS: usize = 10;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    for kind in [Kind::Individual, Kind::Group] {
+        let base = base_path(kind);
+        let k = web::Data::new(kind);
+        cfg.service(
+            web::resource(format!("{base}/query"))
+                .app_data(k.clone())
+                .route(web::post().to(query)),
+        )
+        .service(
+            web::resource(base)
+                .app_data(k.clone())
+                .route(web::post().to(bulk)),
+        )
+        .service(
+            web::resource(format!("{base}/{{id}}/attestationmechanism"))
+                .app_data(k.clone())
+                .route(web::post().to(attestation_mechanism)),
+        )
+        .service(
+            web::resource(format!("{base}/{{id}}"))
+                .app_data(k)
+                .route(web::get().to(get))
+                .route(web::put().to(put))
+                .route(web::delete().to(delete)),
+        );
+    }
+}
+
+fn base_path(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Individual => "/enrollments",
+        Kind::Group => "/enrollmentGroups",
+    }
+}
+
+fn collection(kind: Kind) -> Collection {
+    match kind {
+        Kind::Individual => Collection::IndividualEnrollments,
+        Kind::Group => Collection::EnrollmentGroups,
+    }
+}
+
+fn not_found(kind: Kind) -> ErrorCode {
+    match kind {
+        Kind::Individual => ErrorCode::EnrollmentNotFound,
+        Kind::Group => ErrorCode::EnrollmentGroupNotFound,
+    }
+}
+
+fn item_type(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Individual => "Enrollment",
+        Kind::Group => "EnrollmentGroup",
+    }
+}
+
+/// The stored document as the API shows it: body plus etag and timestamps.
+pub fn view(doc: &Document, with_secrets: bool) -> Value {
+    let mut body = doc.body.clone();
+    if !with_secrets {
+        enrollment::strip_secrets(&mut body);
+    }
+    if let Some(map) = body.as_object_mut() {
+        map.insert("etag".into(), Value::String(doc.etag.clone()));
+        map.insert(
+            "createdDateTimeUtc".into(),
+            Value::String(crate::time::rfc3339(doc.created_at)),
+        );
+        map.insert(
+            "lastUpdatedDateTimeUtc".into(),
+            Value::String(crate::time::rfc3339(doc.updated_at)),
+        );
+    }
+    body
+}
+
+async fn get(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    kind: web::Data<Kind>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state, Rights::ENROLLMENT_READ).await?;
+    let kind = **kind;
+    let id = id.into_inner();
+    let (doc, registration) = blocking(&state, move |store| {
+        let doc = store.get(collection(kind), &id)?;
+        let registration = match (&doc, kind) {
+            (Some(_), Kind::Individual) => store.get(Collection::Registrations, &id)?,
+            _ => None,
+        };
+        Ok((doc, registration))
+    })
+    .await?;
+    let doc = doc.ok_or_else(|| ApiError::new(not_found(kind), "no enrollment with this id"))?;
+    let mut body = view(&doc, false);
+    if let Some(registration) = registration {
+        body["registrationState"] = super::registrations::view(&registration);
+    }
+    Ok(HttpResponse::Ok().json(body))
+}
+
+async fn attestation_mechanism(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    kind: web::Data<Kind>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state, Rights::ENROLLMENT_READ).await?;
+    let kind = **kind;
+    let id = id.into_inner();
+    let doc = blocking(&state, move |store| store.get(collection(kind), &id))
+        .await?
+        .ok_or_else(|| ApiError::new(not_found(kind), "no enrollment with this id"))?;
+    Ok(HttpResponse::Ok().json(doc.body.get("attestation").cloned().unwrap_or(Value::Null)))
+}
+
+/// Parses a request body as JSON; an empty body is `None`.
+pub fn json_body(bytes: &[u8]) -> Result<Option<Value>, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice(bytes)
+        .map(Some)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidJson, format!("the body is not JSON: {e}")))
+}
+
+fn write_mode(if_match: Option<String>) -> Write {
+    match if_match {
+        None => Write::Create,
+        Some(etag) => Write::IfMatch(etag),
+    }
+}
+
+async fn put(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    kind: web::Data<Kind>,
+    id: web::Path<String>,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state, Rights::ENROLLMENT_WRITE).await?;
+    let body = json_body(&body)?
+        .ok_or_else(|| ApiError::new(ErrorCode::InvalidJson, "the body is empty"))?;
+    let doc = upsert(
+        &state,
+        **kind,
+        id.into_inner(),
+        body,
+        write_mode(if_match(req.headers())?),
+    )
+    .await?;
+    Ok(HttpResponse::Ok().json(view(&doc, true)))
+}
+
+/// Validates and stores one enrollment. Shared by PUT and bulk.
+async fn upsert(
+    state: &web::Data<AppState>,
+    kind: Kind,
+    id: String,
+    body: Value,
+    write: Write,
+) -> Result<Document, ApiError> {
+    let previous = match &write {
+        Write::Create => None,
+        _ => {
+            let id = id.clone();
+            blocking(state, move |store| store.get(collection(kind), &id))
+                .await?
+                .map(|d| d.body)
+        }
+    };
+    let doc = enrollment::normalize(
+        kind,
+        &id,
+        body,
+        previous.as_ref(),
+        time::OffsetDateTime::now_utc().unix_timestamp(),
+    )?;
+    let references = enrollment::ca_references(&doc);
+    if !references.is_empty() {
+        let names = references.clone();
+        let found = blocking(state, move |store| {
+            names
+                .iter()
+                .map(|n| {
+                    store
+                        .get(Collection::CaCertificates, n)
+                        .map(|d| d.is_some())
+                })
+                .collect::<Result<Vec<bool>, _>>()
+        })
+        .await?;
+        for ((name, exists), slot) in references.iter().zip(found).zip(["primary", "secondary"]) {
+            if !exists {
+                return Err(ApiError::field(
+                    ErrorCode::InvalidCertificate,
+                    format!("attestation.x509.caReferences.{slot}"),
+                    format!("no CA certificate named {name:?} has been uploaded"),
+                ));
+            }
+        }
+    }
+    blocking_for(state, not_found(kind), move |store| {
+        store.put(collection(kind), &id, None, &doc, write)
+    })
+    .await
+}
+
+async fn delete(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    kind: web::Data<Kind>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state, Rights::ENROLLMENT_WRITE).await?;
+    let kind = **kind;
+    let id = id.into_inner();
+    let etag = if_match(req.headers())?;
+    blocking_for(&state, not_found(kind), move |store| {
+        store.delete(collection(kind), &id, etag.as_deref())
+    })
+    .await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+#[derive(Deserialize)]
+struct QuerySpecification {
+    query: Option<String>,
+}
+
+/// The query texts we answer: `*` or `SELECT * FROM enrollments` (resp. `enrollmentGroups`).
+pub fn check_query(text: &str, table: &str) -> Result<(), ApiError> {
+    let normalized = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if normalized.is_empty()
+        || normalized == "*"
+        || normalized.eq_ignore_ascii_case(&format!("SELECT * FROM {table}"))
+    {
+        Ok(())
+    } else {
+        Err(ApiError::field(
+            ErrorCode::InvalidQuery,
+            "query",
+            format!("only \"*\" and \"SELECT * FROM {table}\" are supported"),
+        ))
+    }
+}
+
+async fn query(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    kind: web::Data<Kind>,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state, Rights::ENROLLMENT_READ).await?;
+    let kind = **kind;
+    if let Some(spec) = json_body(&body)? {
+        let spec: QuerySpecification = enrollment::parse_typed(spec)?;
+        let table = base_path(kind).trim_start_matches('/');
+        check_query(spec.query.as_deref().unwrap_or("*"), table)?;
+    }
+    let (size, continuation) = paging(req.headers())?;
+    let page = blocking(&state, move |store| {
+        store.list(collection(kind), None, size, continuation.as_deref())
+    })
+    .await?;
+    let items = page.items.iter().map(|d| view(d, false)).collect();
+    Ok(page_response(
+        items,
+        page.continuation,
+        size,
+        item_type(kind),
+    ))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+enum BulkMode {
+    Create,
+    Update,
+    UpdateIfMatchETag,
+    Delete,
+}
+
+async fn bulk(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    kind: web::Data<Kind>,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state, Rights::ENROLLMENT_WRITE).await?;
+    let kind = **kind;
+    let body = json_body(&body)?
+        .ok_or_else(|| ApiError::new(ErrorCode::InvalidJson, "the body is empty"))?;
+    let list_field = match kind {
+        Kind::Individual => "enrollments",
+        Kind::Group => "enrollmentGroups",
+    };
+    let mode: BulkMode =
+        enrollment::parse_typed(body.get("mode").cloned().ok_or_else(|| {
+            ApiError::field(ErrorCode::InvalidBulkOperation, "mode", "is required")
+        })?)
+        .map_err(|e| ApiError::field(ErrorCode::InvalidBulkOperation, "mode", e.message))?;
+    let items = body
+        .get(list_field)
+        .and_then(Value::as_array)
+        .cloned()
+        .ok_or_else(|| {
+            ApiError::field(
+                ErrorCode::InvalidBulkOperation,
+                list_field,
+                "must be an array",
+            )
+        })?;
+    if items.is_empty() || items.len() > MAX_BULK_ITEMS {
+        return Err(ApiError::field(
+            ErrorCode::InvalidBulkOperation,
+            list_field,
+            format!("must hold 1 to {MAX_BULK_ITEMS} items"),
+        ));
+    }
+    let id_field = kind.id_field();
+    let mut errors = Vec::new();
+    for item in items {
+        let id = item.get(id_field).and_then(Value::as_str).map(String::from);
+        let result = match id.clone() {
+            None => Err(ApiError::field(
+                ErrorCode::InvalidField,
+                id_field,
+                "is required",
+            )),
+            Some(id) => bulk_item(&state, kind, mode, id, item).await,
+        };
+        if let Err(e) = result {
+            let (_, number, _) = e.code.wire();
+            errors.push(json!({
+                id_field: id.unwrap_or_default(),
+                "errorCode": number,
+                "errorStatus": e.message,
+            }));
+        }
+    }
+    Ok(HttpResponse::Ok().json(json!({"isSuccessful": errors.is_empty(), "errors": errors})))
+}
+
+async fn bulk_item(
+    state: &web::Data<AppState>,
+    kind: Kind,
+    mode: BulkMode,
+    id: String,
+    item: Value,
+) -> Result<(), ApiError> {
+    let etag = item.get("etag").and_then(Value::as_str).map(String::from);
+    match mode {
+        BulkMode::Create => upsert(state, kind, id, item, Write::Create).await.map(drop),
+        BulkMode::Update => upsert(state, kind, id, item, Write::Upsert).await.map(drop),
+        BulkMode::UpdateIfMatchETag => {
+            let etag = etag.ok_or_else(|| {
+                ApiError::field(
+                    ErrorCode::IfMatchRequired,
+                    "etag",
+                    "updateIfMatchETag needs each item's etag",
+                )
+            })?;
+            upsert(state, kind, id, item, Write::IfMatch(etag))
+                .await
+                .map(drop)
+        }
+        BulkMode::Delete => blocking_for(state, not_found(kind), move |store| {
+            store.delete(collection(kind), &id, etag.as_deref())
+        })
+        .await
+        .map(drop),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries_we_answer() {
+        assert!(check_query("*", "enrollments").is_ok());
+        assert!(check_query("select *  from ENROLLMENTS", "enrollments").is_ok());
+        assert_eq!(
+            check_query("SELECT * FROM devices", "enrollments")
+                .unwrap_err()
+                .code,
+            ErrorCode::InvalidQuery
+        );
+    }
+
+    #[test]
+    fn bodies() {
+        assert!(json_body(b"  ").unwrap().is_none());
+        assert_eq!(json_body(b"{").unwrap_err().code, ErrorCode::InvalidJson);
+    }
+}

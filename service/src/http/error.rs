@@ -1,0 +1,396 @@
+//! The one place that maps errors to the wire.
+//!
+//! Every failure a client can see has an [`ErrorCode`]: an HTTP status, a stable six-digit
+//! Azure-style code (status followed by a three-digit sub-code, spec §1.7) and a name. The body is
+//! the Azure error JSON; `trackingId` is the request id that also appears on every log line of the
+//! request, so an operator can find the full story of an "internal error" from what a client saw.
+
+use std::fmt;
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::{CONTENT_TYPE, HeaderValue};
+use actix_web::{HttpResponse, ResponseError};
+use serde_json::{Map, Value, json};
+
+use crate::db::StoreError;
+
+/// Stable error codes. Never renumber one; add new ones at the end of their status group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The body is not JSON.
+    InvalidJson,
+    /// A registration id breaks the id rules.
+    InvalidRegistrationId,
+    /// An enrollment group id breaks the id rules.
+    InvalidEnrollmentGroupId,
+    /// The attestation mechanism is missing, of an unknown type or incomplete.
+    InvalidAttestation,
+    /// An X.509 certificate does not parse or does not fit its place.
+    InvalidCertificate,
+    /// A symmetric key is not base64 of 16 to 64 bytes.
+    InvalidSymmetricKey,
+    /// A TPM endorsement or storage root key is not a supported TPM2B_PUBLIC.
+    InvalidEndorsementKey,
+    /// A field has a value of the wrong type or outside its range.
+    InvalidField,
+    /// `x-ms-continuation` was not issued by us.
+    InvalidContinuationToken,
+    /// The query text is not one we answer.
+    InvalidQuery,
+    /// A bulk request with no items or more than the limit.
+    InvalidBulkOperation,
+    /// The id in the body differs from the id in the path.
+    IdMismatch,
+    /// The proof-of-possession certificate does not prove possession.
+    InvalidVerificationCertificate,
+    /// The `api-version` query parameter is missing.
+    ApiVersionMissing,
+    /// A header or query parameter has a bad value.
+    InvalidHeader,
+    /// The request needs `If-Match` and has none.
+    IfMatchRequired,
+    /// No credentials, or credentials we cannot read.
+    Unauthorized,
+    /// The token has expired.
+    TokenExpired,
+    /// The signature does not verify, or the key name is unknown.
+    InvalidSignature,
+    /// The token is for another audience (resource).
+    InvalidAudience,
+    /// The credentials are good but lack the right.
+    InsufficientRights,
+    /// No such route.
+    NotFound,
+    EnrollmentNotFound,
+    RegistrationNotFound,
+    EnrollmentGroupNotFound,
+    CertificateNotFound,
+    PolicyNotFound,
+    /// A create collided with an existing entry (PUT without `If-Match`).
+    AlreadyExists,
+    /// The operation would leave the service without a policy that can manage it.
+    WouldLockOut,
+    /// `If-Match` did not match the stored etag.
+    PreconditionFailed,
+    /// The body is larger than we accept.
+    PayloadTooLarge,
+    /// Something broke on our side. Details are in the log under the tracking id.
+    Internal,
+    /// The database cannot be reached right now; the client may retry.
+    Unavailable,
+}
+
+impl ErrorCode {
+    /// Every code, for the table test and the docs.
+    pub const ALL: &'static [ErrorCode] = &[
+        ErrorCode::InvalidJson,
+        ErrorCode::InvalidRegistrationId,
+        ErrorCode::InvalidEnrollmentGroupId,
+        ErrorCode::InvalidAttestation,
+        ErrorCode::InvalidCertificate,
+        ErrorCode::InvalidSymmetricKey,
+        ErrorCode::InvalidEndorsementKey,
+        ErrorCode::InvalidField,
+        ErrorCode::InvalidContinuationToken,
+        ErrorCode::InvalidQuery,
+        ErrorCode::InvalidBulkOperation,
+        ErrorCode::IdMismatch,
+        ErrorCode::InvalidVerificationCertificate,
+        ErrorCode::ApiVersionMissing,
+        ErrorCode::InvalidHeader,
+        ErrorCode::IfMatchRequired,
+        ErrorCode::Unauthorized,
+        ErrorCode::TokenExpired,
+        ErrorCode::InvalidSignature,
+        ErrorCode::InvalidAudience,
+        ErrorCode::InsufficientRights,
+        ErrorCode::NotFound,
+        ErrorCode::EnrollmentNotFound,
+        ErrorCode::RegistrationNotFound,
+        ErrorCode::EnrollmentGroupNotFound,
+        ErrorCode::CertificateNotFound,
+        ErrorCode::PolicyNotFound,
+        ErrorCode::AlreadyExists,
+        ErrorCode::WouldLockOut,
+        ErrorCode::PreconditionFailed,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::Internal,
+        ErrorCode::Unavailable,
+    ];
+
+    /// (HTTP status, six-digit code, name).
+    pub fn wire(self) -> (StatusCode, u32, &'static str) {
+        use ErrorCode::*;
+        match self {
+            InvalidJson => (StatusCode::BAD_REQUEST, 400_000, "InvalidJson"),
+            InvalidRegistrationId => (StatusCode::BAD_REQUEST, 400_001, "InvalidRegistrationId"),
+            InvalidEnrollmentGroupId => {
+                (StatusCode::BAD_REQUEST, 400_002, "InvalidEnrollmentGroupId")
+            }
+            InvalidAttestation => (StatusCode::BAD_REQUEST, 400_003, "InvalidAttestation"),
+            InvalidCertificate => (StatusCode::BAD_REQUEST, 400_004, "InvalidCertificate"),
+            InvalidSymmetricKey => (StatusCode::BAD_REQUEST, 400_005, "InvalidSymmetricKey"),
+            InvalidEndorsementKey => (StatusCode::BAD_REQUEST, 400_006, "InvalidEndorsementKey"),
+            InvalidField => (StatusCode::BAD_REQUEST, 400_007, "InvalidField"),
+            InvalidContinuationToken => {
+                (StatusCode::BAD_REQUEST, 400_008, "InvalidContinuationToken")
+            }
+            InvalidQuery => (StatusCode::BAD_REQUEST, 400_009, "InvalidQuery"),
+            InvalidBulkOperation => (StatusCode::BAD_REQUEST, 400_010, "InvalidBulkOperation"),
+            IdMismatch => (StatusCode::BAD_REQUEST, 400_011, "IdMismatch"),
+            InvalidVerificationCertificate => (
+                StatusCode::BAD_REQUEST,
+                400_012,
+                "InvalidVerificationCertificate",
+            ),
+            ApiVersionMissing => (StatusCode::BAD_REQUEST, 400_013, "ApiVersionMissing"),
+            InvalidHeader => (StatusCode::BAD_REQUEST, 400_014, "InvalidHeader"),
+            IfMatchRequired => (StatusCode::BAD_REQUEST, 400_015, "IfMatchRequired"),
+            Unauthorized => (StatusCode::UNAUTHORIZED, 401_000, "Unauthorized"),
+            TokenExpired => (StatusCode::UNAUTHORIZED, 401_001, "TokenExpired"),
+            InvalidSignature => (StatusCode::UNAUTHORIZED, 401_002, "InvalidSignature"),
+            InvalidAudience => (StatusCode::UNAUTHORIZED, 401_003, "InvalidAudience"),
+            InsufficientRights => (StatusCode::FORBIDDEN, 403_001, "InsufficientRights"),
+            NotFound => (StatusCode::NOT_FOUND, 404_000, "NotFound"),
+            EnrollmentNotFound => (StatusCode::NOT_FOUND, 404_201, "EnrollmentNotFound"),
+            RegistrationNotFound => (StatusCode::NOT_FOUND, 404_202, "RegistrationNotFound"),
+            EnrollmentGroupNotFound => (StatusCode::NOT_FOUND, 404_203, "EnrollmentGroupNotFound"),
+            CertificateNotFound => (StatusCode::NOT_FOUND, 404_204, "CertificateNotFound"),
+            PolicyNotFound => (StatusCode::NOT_FOUND, 404_205, "PolicyNotFound"),
+            AlreadyExists => (StatusCode::CONFLICT, 409_201, "AlreadyExists"),
+            WouldLockOut => (StatusCode::CONFLICT, 409_202, "WouldLockOut"),
+            PreconditionFailed => (
+                StatusCode::PRECONDITION_FAILED,
+                412_001,
+                "PreconditionFailed",
+            ),
+            PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, 413_001, "PayloadTooLarge"),
+            Internal => (StatusCode::INTERNAL_SERVER_ERROR, 500_000, "InternalError"),
+            Unavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                503_001,
+                "ServiceUnavailable",
+            ),
+        }
+    }
+}
+
+/// An error on its way to a client. `message` is safe to show; `internal` is for the log only.
+#[derive(Debug)]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+    pub info: Map<String, Value>,
+    internal: Option<String>,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ApiError {
+            code,
+            message: message.into(),
+            info: Map::new(),
+            internal: None,
+        }
+    }
+
+    /// Names the offending field in `info.field`, as every 400 for a bad field should.
+    pub fn field(code: ErrorCode, field: impl Into<String>, message: impl fmt::Display) -> Self {
+        let field = field.into();
+        let mut error = ApiError::new(code, format!("{field}: {message}"));
+        error.info.insert("field".into(), Value::String(field));
+        error
+    }
+
+    /// An internal failure. The detail goes to the log, never to the client.
+    pub fn internal(detail: impl fmt::Display) -> Self {
+        ApiError {
+            code: ErrorCode::Internal,
+            message: "internal error".into(),
+            info: Map::new(),
+            internal: Some(detail.to_string()),
+        }
+    }
+
+    pub fn internal_detail(&self) -> Option<&str> {
+        self.internal.as_deref()
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.code.wire().0
+    }
+
+    /// The response a client sees, tagged with the request's tracking id.
+    pub fn render(&self, tracking_id: &str) -> HttpResponse {
+        let (status, number, name) = self.code.wire();
+        let mut body = json!({
+            "errorCode": number,
+            "trackingId": tracking_id,
+            "message": self.message,
+            "timestampUtc": crate::time::now_rfc3339(),
+        });
+        if !self.info.is_empty() {
+            body["info"] = Value::Object(self.info.clone());
+        }
+        let mut response = HttpResponse::build(status);
+        response.insert_header(("x-ms-error-code", number.to_string()));
+        response.insert_header(("x-ms-error-name", name));
+        response.insert_header((
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/json; charset=utf-8"),
+        ));
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.insert_header(("retry-after", "1"));
+        }
+        response.body(body.to_string())
+    }
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}: {}", self.code, self.message)?;
+        if let Some(internal) = &self.internal {
+            write!(f, " ({internal})")?;
+        }
+        Ok(())
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status()
+    }
+
+    /// Without the request-id middleware (it re-renders with the real id) the id is unknown.
+    fn error_response(&self) -> HttpResponse {
+        self.render("unknown")
+    }
+}
+
+/// Storage errors seen from a resource of the given kind.
+pub fn store_error(error: StoreError, not_found: ErrorCode) -> ApiError {
+    match error {
+        StoreError::NotFound => ApiError::new(not_found, "not found"),
+        StoreError::Conflict => ApiError::new(
+            ErrorCode::AlreadyExists,
+            "an entry with this id already exists; send If-Match with its etag (or *) to replace it",
+        ),
+        StoreError::PreconditionFailed => ApiError::new(
+            ErrorCode::PreconditionFailed,
+            "the etag in If-Match does not match the stored entry",
+        ),
+        StoreError::BadContinuation => ApiError::new(
+            ErrorCode::InvalidContinuationToken,
+            "x-ms-continuation is not a token this service issued",
+        ),
+        StoreError::Unavailable(detail) => {
+            let mut error = ApiError::new(
+                ErrorCode::Unavailable,
+                "the database is unavailable; retry later",
+            );
+            error.internal = Some(detail);
+            error
+        }
+        other => ApiError::internal(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    /// Pins every mapping: a change here is a change of the public contract.
+    #[test]
+    fn every_code_maps_to_a_unique_stable_number() {
+        let expected: &[(ErrorCode, u16, u32)] = &[
+            (ErrorCode::InvalidJson, 400, 400_000),
+            (ErrorCode::InvalidRegistrationId, 400, 400_001),
+            (ErrorCode::InvalidEnrollmentGroupId, 400, 400_002),
+            (ErrorCode::InvalidAttestation, 400, 400_003),
+            (ErrorCode::InvalidCertificate, 400, 400_004),
+            (ErrorCode::InvalidSymmetricKey, 400, 400_005),
+            (ErrorCode::InvalidEndorsementKey, 400, 400_006),
+            (ErrorCode::InvalidField, 400, 400_007),
+            (ErrorCode::InvalidContinuationToken, 400, 400_008),
+            (ErrorCode::InvalidQuery, 400, 400_009),
+            (ErrorCode::InvalidBulkOperation, 400, 400_010),
+            (ErrorCode::IdMismatch, 400, 400_011),
+            (ErrorCode::InvalidVerificationCertificate, 400, 400_012),
+            (ErrorCode::ApiVersionMissing, 400, 400_013),
+            (ErrorCode::InvalidHeader, 400, 400_014),
+            (ErrorCode::IfMatchRequired, 400, 400_015),
+            (ErrorCode::Unauthorized, 401, 401_000),
+            (ErrorCode::TokenExpired, 401, 401_001),
+            (ErrorCode::InvalidSignature, 401, 401_002),
+            (ErrorCode::InvalidAudience, 401, 401_003),
+            (ErrorCode::InsufficientRights, 403, 403_001),
+            (ErrorCode::NotFound, 404, 404_000),
+            (ErrorCode::EnrollmentNotFound, 404, 404_201),
+            (ErrorCode::RegistrationNotFound, 404, 404_202),
+            (ErrorCode::EnrollmentGroupNotFound, 404, 404_203),
+            (ErrorCode::CertificateNotFound, 404, 404_204),
+            (ErrorCode::PolicyNotFound, 404, 404_205),
+            (ErrorCode::AlreadyExists, 409, 409_201),
+            (ErrorCode::WouldLockOut, 409, 409_202),
+            (ErrorCode::PreconditionFailed, 412, 412_001),
+            (ErrorCode::PayloadTooLarge, 413, 413_001),
+            (ErrorCode::Internal, 500, 500_000),
+            (ErrorCode::Unavailable, 503, 503_001),
+        ];
+        assert_eq!(expected.len(), ErrorCode::ALL.len());
+        let mut numbers = HashSet::new();
+        for (code, status, number) in expected {
+            let (s, n, _) = code.wire();
+            assert_eq!((s.as_u16(), n), (*status, *number), "{code:?}");
+            assert_eq!(n / 1000, u32::from(s.as_u16()), "{code:?} prefix");
+            assert!(numbers.insert(n), "{code:?} duplicates {n}");
+        }
+    }
+
+    #[test]
+    fn internal_detail_never_reaches_the_body() {
+        let error = ApiError::internal("password authentication failed for user postgres");
+        let response = error.render("req-1");
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = actix_web::body::to_bytes(response.into_body());
+        let body = futures_lite_block_on(body).unwrap();
+        let text = String::from_utf8_lossy(&body);
+        assert!(!text.contains("password"), "{text}");
+        assert!(text.contains("req-1"), "{text}");
+    }
+
+    fn futures_lite_block_on<F: std::future::Future>(f: F) -> F::Output {
+        actix_web::rt::System::new().block_on(f)
+    }
+
+    #[test]
+    fn store_errors_map_to_client_errors() {
+        assert_eq!(
+            store_error(
+                StoreError::PreconditionFailed,
+                ErrorCode::EnrollmentNotFound
+            )
+            .status(),
+            StatusCode::PRECONDITION_FAILED
+        );
+        assert_eq!(
+            store_error(StoreError::NotFound, ErrorCode::EnrollmentNotFound).code,
+            ErrorCode::EnrollmentNotFound
+        );
+        assert_eq!(
+            store_error(StoreError::Conflict, ErrorCode::EnrollmentNotFound).status(),
+            StatusCode::CONFLICT
+        );
+        let unavailable = store_error(
+            StoreError::Unavailable("connection refused".into()),
+            ErrorCode::EnrollmentNotFound,
+        );
+        assert_eq!(unavailable.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(!unavailable.message.contains("refused"));
+        assert_eq!(
+            store_error(StoreError::Backend("syntax".into()), ErrorCode::NotFound).status(),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+    }
+}

@@ -1,0 +1,323 @@
+//! The HTTPS API: one file per resource, each with `configure`.
+//!
+//! Handlers are thin: authorize, extract, call storage or the domain, map the error. The
+//! `observe` middleware gives every request an id (the `x-ms-request-id` response header, the
+//! `trackingId` of error bodies and a field on every log line), records Prometheus metrics and
+//! renders [`ApiError`]s.
+
+pub mod certificates;
+pub mod enrollments;
+pub mod error;
+pub mod health;
+pub mod metrics;
+pub mod policies;
+pub mod registrations;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix_web::body::{BoxBody, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::header::HeaderMap;
+use actix_web::middleware::Next;
+use actix_web::{HttpMessage, HttpRequest, HttpResponse, web};
+use tracing::Instrument;
+
+use crate::auth::{self, Caller, Credential, Rights};
+use crate::bootstrap::Instance;
+use crate::config::Settings;
+use crate::db::{Collection, DocumentStore, StoreError};
+use crate::http::error::{ApiError, ErrorCode};
+use crate::tls::PeerCertificates;
+
+/// Largest request body we read (enrollments with two certificates fit comfortably).
+pub const MAX_BODY_BYTES: usize = 256 * 1024;
+/// Default and largest page of a query.
+pub const DEFAULT_PAGE: usize = 100;
+pub const MAX_PAGE: usize = 1000;
+
+/// Shared by every handler.
+pub struct AppState {
+    pub store: Arc<dyn DocumentStore>,
+    pub settings: Settings,
+    pub instance: Arc<Instance>,
+    pub metrics: metrics::Metrics,
+}
+
+/// The id of one request.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+/// All routes. Also used by in-process tests.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.app_data(
+        web::JsonConfig::default()
+            .limit(MAX_BODY_BYTES)
+            .error_handler(|e, _| json_error(e).into()),
+    )
+    .app_data(web::PayloadConfig::default().limit(MAX_BODY_BYTES))
+    .app_data(
+        web::PathConfig::default().error_handler(|e, _| {
+            ApiError::new(ErrorCode::InvalidField, format!("path: {e}")).into()
+        }),
+    )
+    .app_data(
+        web::QueryConfig::default().error_handler(|e, _| {
+            ApiError::new(ErrorCode::InvalidField, format!("query: {e}")).into()
+        }),
+    )
+    .configure(health::configure)
+    .configure(metrics::configure)
+    .configure(enrollments::configure)
+    .configure(registrations::configure)
+    .configure(certificates::configure)
+    .configure(policies::configure)
+    .default_service(web::to(|| async {
+        Err::<HttpResponse, _>(ApiError::new(ErrorCode::NotFound, "no such resource"))
+    }));
+}
+
+fn json_error(e: actix_web::error::JsonPayloadError) -> ApiError {
+    use actix_web::error::JsonPayloadError as E;
+    match e {
+        E::OverflowKnownLength { .. } | E::Overflow { .. } => ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("the body is larger than {MAX_BODY_BYTES} bytes"),
+        ),
+        E::ContentType => ApiError::new(
+            ErrorCode::InvalidJson,
+            "Content-Type must be application/json",
+        ),
+        other => ApiError::new(
+            ErrorCode::InvalidJson,
+            format!("the body is not JSON: {other}"),
+        ),
+    }
+}
+
+/// Request id, span, metrics, and the final rendering of API errors.
+pub async fn observe(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    let started = Instant::now();
+    let request_id = uuid::Uuid::new_v4().to_string();
+    req.extensions_mut().insert(RequestId(request_id.clone()));
+    let method = req.method().to_string();
+    let path = req.path().to_string();
+    let state = req.app_data::<web::Data<AppState>>().cloned();
+    let span = tracing::info_span!("request", request_id = %request_id, %method, %path);
+
+    async move {
+        let response = next.call(req).await?;
+        let route = response
+            .request()
+            .match_pattern()
+            .unwrap_or_else(|| "unmatched".to_string());
+        // Framework errors (payload limits, unknown methods…) get the same Azure error JSON.
+        let framework_error = match response.response().error() {
+            Some(e) if e.as_error::<ApiError>().is_none() => Some(framework_error(e)),
+            _ => None,
+        };
+        let api_error = framework_error.as_ref().or_else(|| {
+            response.response().error().and_then(|e| e.as_error::<ApiError>())
+        });
+        let mut response = match api_error {
+            Some(error) => {
+                match error.internal_detail() {
+                    Some(detail) if error.status().is_server_error() => {
+                        tracing::error!(code = ?error.code, detail, "request failed")
+                    }
+                    Some(detail) => tracing::warn!(code = ?error.code, detail, "request refused"),
+                    None => tracing::info!(code = ?error.code, message = %error.message, "request refused"),
+                }
+                let rendered = error.render(&request_id);
+                response.into_response(rendered)
+            }
+            None => response.map_into_boxed_body(),
+        };
+        if let Ok(value) = actix_web::http::header::HeaderValue::from_str(&request_id) {
+            response.headers_mut().insert(
+                actix_web::http::header::HeaderName::from_static("x-ms-request-id"),
+                value,
+            );
+        }
+        let status = response.status().as_u16();
+        let elapsed = started.elapsed();
+        if let Some(state) = state {
+            state.metrics.observe(&method, &route, status, elapsed);
+        }
+        tracing::info!(status, route = %route, latency_ms = elapsed.as_secs_f64() * 1000.0, "request done");
+        Ok(response)
+    }
+    .instrument(span)
+    .await
+}
+
+fn framework_error(error: &actix_web::Error) -> ApiError {
+    let status = error.as_response_error().status_code();
+    let code = match status.as_u16() {
+        413 => ErrorCode::PayloadTooLarge,
+        404 | 405 => ErrorCode::NotFound,
+        400..=499 => ErrorCode::InvalidField,
+        _ => return ApiError::internal(error),
+    };
+    let message = match code {
+        ErrorCode::PayloadTooLarge => format!("the body is larger than {MAX_BODY_BYTES} bytes"),
+        ErrorCode::NotFound => "no such resource or method".to_string(),
+        _ => error.to_string(),
+    };
+    ApiError::new(code, message)
+}
+
+/// The `api-version` query parameter must be present (any value is accepted, spec §1.2).
+pub fn require_api_version(req: &HttpRequest) -> Result<(), ApiError> {
+    let present = url::form_urlencoded::parse(req.query_string().as_bytes())
+        .any(|(k, v)| k.eq_ignore_ascii_case("api-version") && !v.is_empty());
+    if present {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            ErrorCode::ApiVersionMissing,
+            "the api-version query parameter is required, e.g. ?api-version=2021-10-01",
+        ))
+    }
+}
+
+/// Authenticates the caller and checks `needed`. Also requires `api-version`.
+pub async fn authorize(
+    req: &HttpRequest,
+    state: &web::Data<AppState>,
+    needed: Rights,
+) -> Result<Caller, ApiError> {
+    require_api_version(req)?;
+    let header = req
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let caller = match auth::parse_authorization(header)? {
+        Credential::Bearer(token) => auth::verify_token(
+            &token,
+            &state.instance.token_secret,
+            &state.instance.id_scope,
+            crate::time::now_unix(),
+        )?,
+        Credential::Sas(token) => {
+            let name = token.skn.clone().unwrap_or_default();
+            let doc = blocking(state, move |store| {
+                store.get(Collection::AuthorizationPolicies, &name)
+            })
+            .await?;
+            let policy = doc
+                .map(|d| crate::bootstrap::policy_from_doc(d.body))
+                .transpose()
+                .map_err(ApiError::internal)?;
+            auth::verify_sas(
+                &token,
+                policy.as_ref(),
+                &state.settings.service.hostnames,
+                req.path(),
+                crate::time::now_unix(),
+            )?
+        }
+    };
+    caller.require(needed)?;
+    tracing::debug!(principal = %caller.principal, "authorized");
+    Ok(caller)
+}
+
+/// Runs a storage call on the blocking pool. Storage errors are left for the caller to map.
+pub async fn blocking<T, F>(state: &web::Data<AppState>, f: F) -> Result<T, ApiError>
+where
+    F: FnOnce(&dyn DocumentStore) -> Result<T, StoreError> + Send + 'static,
+    T: Send + 'static,
+{
+    let store = state.store.clone();
+    web::block(move || f(store.as_ref()))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(|e| error::store_error(e, ErrorCode::NotFound))
+}
+
+/// Like [`blocking`], mapping "not found" to the resource's own code.
+pub async fn blocking_for<T, F>(
+    state: &web::Data<AppState>,
+    not_found: ErrorCode,
+    f: F,
+) -> Result<T, ApiError>
+where
+    F: FnOnce(&dyn DocumentStore) -> Result<T, StoreError> + Send + 'static,
+    T: Send + 'static,
+{
+    let store = state.store.clone();
+    web::block(move || f(store.as_ref()))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(|e| error::store_error(e, not_found))
+}
+
+/// `If-Match`, if sent.
+pub fn if_match(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    match headers.get(actix_web::http::header::IF_MATCH) {
+        None => Ok(None),
+        Some(value) => value
+            .to_str()
+            .map(|v| Some(v.trim().to_string()))
+            .map_err(|_| ApiError::new(ErrorCode::InvalidHeader, "If-Match is not ASCII")),
+    }
+}
+
+/// Page size and continuation from `x-ms-max-item-count` / `x-ms-continuation`.
+pub fn paging(headers: &HeaderMap) -> Result<(usize, Option<String>), ApiError> {
+    let size = match headers.get("x-ms-max-item-count") {
+        None => DEFAULT_PAGE,
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|n| (1..=MAX_PAGE).contains(n))
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::InvalidHeader,
+                    format!("x-ms-max-item-count must be a number from 1 to {MAX_PAGE}"),
+                )
+            })?,
+    };
+    let continuation = match headers.get("x-ms-continuation") {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .map_err(|_| {
+                    ApiError::new(
+                        ErrorCode::InvalidContinuationToken,
+                        "x-ms-continuation is not ASCII",
+                    )
+                })?
+                .to_string(),
+        )
+        .filter(|c| !c.is_empty()),
+    };
+    Ok((size, continuation))
+}
+
+/// A 200 JSON response for a page of items, with the paging headers.
+pub fn page_response(
+    items: Vec<serde_json::Value>,
+    continuation: Option<String>,
+    page_size: usize,
+    item_type: &str,
+) -> HttpResponse {
+    let mut response = HttpResponse::Ok();
+    response.insert_header(("x-ms-max-item-count", page_size.to_string()));
+    response.insert_header(("x-ms-item-type", item_type));
+    if let Some(token) = continuation {
+        response.insert_header(("x-ms-continuation", token));
+    }
+    response.json(items)
+}
+
+/// The client certificates presented on this connection (none when the client sent none).
+pub fn peer_certificates(req: &HttpRequest) -> Option<PeerCertificates> {
+    req.conn_data::<PeerCertificates>().cloned()
+}

@@ -1,0 +1,281 @@
+//! Authorization policies (spec §4.7), at `/authorizationPolicies`: list, add or change rights,
+//! rotate a key, remove. In Azure this is ARM; here it is part of the service API. Every call needs
+//! `ServiceConfig`, and no call may leave the service without a policy that holds it.
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use zerotouch_attestation::symmetric_key;
+
+use crate::auth::{AuthorizationPolicy, Rights};
+use crate::bootstrap::policy_from_doc;
+use crate::db::{Collection, Document, DocumentStore, StoreError, Write};
+use crate::enrollment::parse_typed;
+use crate::http::enrollments::json_body;
+use crate::http::error::{ApiError, ErrorCode};
+use crate::http::{AppState, authorize, blocking, blocking_for, if_match};
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(web::resource("/authorizationPolicies").route(web::get().to(list)))
+        .service(
+            web::resource("/authorizationPolicies/{name}/regenerateKey")
+                .route(web::post().to(regenerate_key)),
+        )
+        .service(
+            web::resource("/authorizationPolicies/{name}")
+                .route(web::get().to(get))
+                .route(web::put().to(put))
+                .route(web::delete().to(delete)),
+        );
+}
+
+fn view(doc: &Document) -> Result<Value, ApiError> {
+    let policy = policy_from_doc(doc.body.clone()).map_err(ApiError::internal)?;
+    Ok(json!({
+        "keyName": policy.key_name,
+        "rights": policy.rights,
+        "primaryKey": policy.primary_key,
+        "secondaryKey": policy.secondary_key,
+        "etag": doc.etag,
+    }))
+}
+
+fn all_policies(store: &dyn DocumentStore) -> Result<Vec<Document>, StoreError> {
+    let mut out = Vec::new();
+    let mut continuation: Option<String> = None;
+    loop {
+        let page = store.list(
+            Collection::AuthorizationPolicies,
+            None,
+            1000,
+            continuation.as_deref(),
+        )?;
+        out.extend(page.items);
+        match page.continuation {
+            Some(next) => continuation = Some(next),
+            None => return Ok(out),
+        }
+    }
+}
+
+/// Whether some policy other than `except` holds ServiceConfig.
+fn another_admin_exists(docs: &[Document], except: &str) -> bool {
+    docs.iter().any(|d| {
+        !d.id.eq_ignore_ascii_case(except)
+            && policy_from_doc(d.body.clone())
+                .ok()
+                .and_then(|p| Rights::parse(&p.rights).ok())
+                .is_some_and(|r| r.contains(Rights::SERVICE_CONFIG))
+    })
+}
+
+async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state, Rights::SERVICE_CONFIG).await?;
+    let docs = blocking(&state, all_policies).await?;
+    let items = docs.iter().map(view).collect::<Result<Vec<_>, _>>()?;
+    Ok(HttpResponse::Ok().json(json!({"value": items})))
+}
+
+async fn get(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    name: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state, Rights::SERVICE_CONFIG).await?;
+    let name = name.into_inner();
+    let doc = blocking(&state, move |store| {
+        store.get(Collection::AuthorizationPolicies, &name)
+    })
+    .await?
+    .ok_or_else(|| ApiError::new(ErrorCode::PolicyNotFound, "no policy with this name"))?;
+    Ok(HttpResponse::Ok().json(view(&doc)?))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PolicyInput {
+    rights: String,
+    primary_key: Option<String>,
+    secondary_key: Option<String>,
+}
+
+fn check_name(name: &str) -> Result<(), ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::field(
+            ErrorCode::InvalidField,
+            "keyName",
+            "must be 1 to 64 of A-Z a-z 0-9 - . _",
+        ))
+    }
+}
+
+async fn put(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    name: web::Path<String>,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state, Rights::SERVICE_CONFIG).await?;
+    let name = name.into_inner();
+    check_name(&name)?;
+    let input: PolicyInput = parse_typed(
+        json_body(&body)?
+            .ok_or_else(|| ApiError::new(ErrorCode::InvalidJson, "the body is empty"))?,
+    )?;
+    let rights = Rights::parse(&input.rights)
+        .map_err(|e| ApiError::field(ErrorCode::InvalidField, "rights", e))?;
+    if rights == Rights::default() {
+        return Err(ApiError::field(
+            ErrorCode::InvalidField,
+            "rights",
+            "name at least one right",
+        ));
+    }
+    let write = match if_match(req.headers())? {
+        None => Write::Create,
+        Some(etag) => Write::IfMatch(etag),
+    };
+    let mut keys = Vec::new();
+    for (field, key) in [
+        ("primaryKey", input.primary_key),
+        ("secondaryKey", input.secondary_key),
+    ] {
+        match key.filter(|k| !k.is_empty()) {
+            Some(k) => {
+                symmetric_key::validate_key(&k)
+                    .map_err(|e| ApiError::field(ErrorCode::InvalidSymmetricKey, field, e))?;
+                keys.push(Some(k));
+            }
+            None => keys.push(None),
+        }
+    }
+    let doc = blocking_for(&state, ErrorCode::PolicyNotFound, move |store| {
+        let existing = store.get(Collection::AuthorizationPolicies, &name)?;
+        let old = existing
+            .as_ref()
+            .and_then(|d| policy_from_doc(d.body.clone()).ok());
+        if !rights.contains(Rights::SERVICE_CONFIG)
+            && old.is_some()
+            && !another_admin_exists(&all_policies(store)?, &name)
+        {
+            return Ok(Err(()));
+        }
+        let pick = |given: &Option<String>, old: Option<&String>| match given
+            .clone()
+            .or_else(|| old.cloned())
+        {
+            Some(key) => Ok(key),
+            None => symmetric_key::generate_key().map_err(|e| StoreError::Backend(e.to_string())),
+        };
+        let policy = AuthorizationPolicy {
+            key_name: name.clone(),
+            primary_key: pick(&keys[0], old.as_ref().map(|p| &p.primary_key))?,
+            secondary_key: pick(&keys[1], old.as_ref().map(|p| &p.secondary_key))?,
+            rights: rights.to_string(),
+        };
+        let body = serde_json::to_value(&policy).map_err(|e| StoreError::Backend(e.to_string()))?;
+        store
+            .put(Collection::AuthorizationPolicies, &name, None, &body, write)
+            .map(Ok)
+    })
+    .await?
+    .map_err(|()| lock_out())?;
+    Ok(HttpResponse::Ok().json(view(&doc)?))
+}
+
+fn lock_out() -> ApiError {
+    ApiError::new(
+        ErrorCode::WouldLockOut,
+        "this would leave no policy with the ServiceConfig right",
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RegenerateRequest {
+    key_type: String,
+}
+
+async fn regenerate_key(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    name: web::Path<String>,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state, Rights::SERVICE_CONFIG).await?;
+    let name = name.into_inner();
+    let request: RegenerateRequest = parse_typed(
+        json_body(&body)?
+            .ok_or_else(|| ApiError::new(ErrorCode::InvalidJson, "the body is empty"))?,
+    )?;
+    let primary = match request.key_type.to_ascii_lowercase().as_str() {
+        "primary" => true,
+        "secondary" => false,
+        _ => {
+            return Err(ApiError::field(
+                ErrorCode::InvalidField,
+                "keyType",
+                "must be primary or secondary",
+            ));
+        }
+    };
+    let doc = blocking_for(&state, ErrorCode::PolicyNotFound, move |store| {
+        let doc = store
+            .get(Collection::AuthorizationPolicies, &name)?
+            .ok_or(StoreError::NotFound)?;
+        let mut policy =
+            policy_from_doc(doc.body.clone()).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let fresh =
+            symmetric_key::generate_key().map_err(|e| StoreError::Backend(e.to_string()))?;
+        if primary {
+            policy.primary_key = fresh;
+        } else {
+            policy.secondary_key = fresh;
+        }
+        let body = serde_json::to_value(&policy).map_err(|e| StoreError::Backend(e.to_string()))?;
+        store.put(
+            Collection::AuthorizationPolicies,
+            &name,
+            None,
+            &body,
+            Write::IfMatch(doc.etag),
+        )
+    })
+    .await?;
+    Ok(HttpResponse::Ok().json(view(&doc)?))
+}
+
+async fn delete(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    name: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state, Rights::SERVICE_CONFIG).await?;
+    let name = name.into_inner();
+    let etag = if_match(req.headers())?;
+    blocking_for(&state, ErrorCode::PolicyNotFound, move |store| {
+        if !another_admin_exists(&all_policies(store)?, &name) {
+            let this = store.get(Collection::AuthorizationPolicies, &name)?;
+            let is_admin = this
+                .and_then(|d| policy_from_doc(d.body).ok())
+                .and_then(|p| Rights::parse(&p.rights).ok())
+                .is_some_and(|r| r.contains(Rights::SERVICE_CONFIG));
+            if is_admin {
+                return Ok(Err(()));
+            }
+        }
+        store
+            .delete(Collection::AuthorizationPolicies, &name, etag.as_deref())
+            .map(|_| Ok(()))
+    })
+    .await?
+    .map_err(|()| lock_out())?;
+    Ok(HttpResponse::NoContent().finish())
+}

@@ -1,0 +1,96 @@
+//! Device registration states (spec §4.2, §4.5): read, delete, and query per enrollment group.
+//! The store is filled by device registration (a later issue); until then it is empty.
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use serde_json::Value;
+
+use crate::auth::Rights;
+use crate::db::{Collection, Document};
+use crate::http::error::{ApiError, ErrorCode};
+use crate::http::{AppState, authorize, blocking, blocking_for, if_match, page_response, paging};
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(web::resource("/registrations/{id}/query").route(web::post().to(query)))
+        .service(
+            web::resource("/registrations/{id}")
+                .route(web::get().to(get))
+                .route(web::delete().to(delete)),
+        );
+}
+
+/// A registration as the service API shows it.
+pub fn view(doc: &Document) -> Value {
+    let mut body = doc.body.clone();
+    if let Some(map) = body.as_object_mut() {
+        map.insert("etag".into(), Value::String(doc.etag.clone()));
+        map.entry("createdDateTimeUtc")
+            .or_insert_with(|| Value::String(crate::time::rfc3339(doc.created_at)));
+        map.insert(
+            "lastUpdatedDateTimeUtc".into(),
+            Value::String(crate::time::rfc3339(doc.updated_at)),
+        );
+    }
+    body
+}
+
+async fn get(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state, Rights::REGISTRATION_STATUS_READ).await?;
+    let id = id.into_inner();
+    let doc = blocking(&state, move |store| {
+        store.get(Collection::Registrations, &id)
+    })
+    .await?
+    .ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::RegistrationNotFound,
+            "no registration with this id",
+        )
+    })?;
+    Ok(HttpResponse::Ok().json(view(&doc)))
+}
+
+async fn delete(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state, Rights::REGISTRATION_STATUS_WRITE).await?;
+    let id = id.into_inner();
+    let etag = if_match(req.headers())?;
+    blocking_for(&state, ErrorCode::RegistrationNotFound, move |store| {
+        store.delete(Collection::Registrations, &id, etag.as_deref())
+    })
+    .await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// `POST /registrations/{enrollmentGroupId}/query`: the devices registered through a group.
+async fn query(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    group: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state, Rights::REGISTRATION_STATUS_READ).await?;
+    let group = group.into_inner();
+    let (size, continuation) = paging(req.headers())?;
+    let page = blocking(&state, move |store| {
+        store.list(
+            Collection::Registrations,
+            Some(&group),
+            size,
+            continuation.as_deref(),
+        )
+    })
+    .await?;
+    let items = page.items.iter().map(view).collect();
+    Ok(page_response(
+        items,
+        page.continuation,
+        size,
+        "DeviceRegistration",
+    ))
+}

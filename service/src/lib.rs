@@ -1,0 +1,19 @@
+//! The `zerotouch` service: HTTP, MQTT, storage and the command line.
+//!
+//! This crate wires the pure libraries (`attestation`, `policies`, `certs`) to the network and
+//! the database. It is the only crate that knows HTTP, MQTT or SQL. It must never log or return
+//! key material, and never answer a client's bad input with a panic or a 500.
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod bootstrap;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod enrollment;
+pub mod http;
+pub mod logging;
+pub mod mqtt;
+pub mod server;
+pub mod time;
+pub mod tls;

@@ -1,0 +1,151 @@
+//! Starting and stopping the service: storage, bootstrap, the HTTPS and MQTT listeners.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use actix_web::dev::ServerHandle;
+use actix_web::{App, HttpServer, middleware, web};
+use anyhow::Context;
+
+use crate::bootstrap::{self, Instance};
+use crate::config::Settings;
+use crate::db;
+use crate::http::{self, AppState};
+use crate::{mqtt, tls};
+
+/// Addresses a started service listens on (ports resolved when 0 was configured).
+#[derive(Debug, Clone)]
+pub struct Bound {
+    pub https: SocketAddr,
+    pub mqtt: SocketAddr,
+    pub instance: Arc<Instance>,
+}
+
+/// Opens storage, bootstraps, binds both listeners. Returns the bound addresses and the future
+/// that runs the HTTPS server until it is stopped. Must run inside an actix system.
+pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev::Server)> {
+    let url = settings.database_url();
+    let store = web::block(move || db::open(&url))
+        .await
+        .context("opening the database")?
+        .context("opening the database")?;
+    let store: Arc<dyn db::DocumentStore> = Arc::new(store);
+    let instance = {
+        let settings = settings.clone();
+        let store = store.clone();
+        web::block(move || bootstrap::bootstrap(&settings, store.as_ref()))
+            .await
+            .context("bootstrapping")??
+    };
+    let instance = Arc::new(instance);
+    let paths = &instance.paths;
+
+    let mut https_tls = tls::acceptor(&paths.server_chain, &paths.server_key, &paths.ca_bundle)?;
+    https_tls.set_alpn_select_callback(|_, client| {
+        openssl::ssl::select_next_proto(b"\x02h2\x08http/1.1", client)
+            .ok_or(openssl::ssl::AlpnError::NOACK)
+    });
+    let mqtt_tls = tls::acceptor(&paths.server_chain, &paths.server_key, &paths.ca_bundle)?.build();
+
+    let state = web::Data::new(AppState {
+        store,
+        settings: settings.clone(),
+        instance: instance.clone(),
+        metrics: http::metrics::Metrics::new().context("creating metrics")?,
+    });
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .wrap(middleware::from_fn(http::observe))
+            .configure(http::configure)
+    })
+    .on_connect(tls::on_connect)
+    .bind_openssl(settings.listen.https, https_tls)
+    .with_context(|| format!("binding HTTPS to {}", settings.listen.https))?;
+    let https = server
+        .addrs()
+        .first()
+        .copied()
+        .context("the HTTPS listener has no address")?;
+    let server = server.shutdown_timeout(5).run();
+
+    let mqtt = mqtt::start(settings.listen.mqtt, mqtt_tls)
+        .await
+        .with_context(|| format!("binding MQTT to {}", settings.listen.mqtt))?;
+    tracing::info!(%https, %mqtt, id_scope = %instance.id_scope, "zerotouch is ready");
+    Ok((
+        Bound {
+            https,
+            mqtt,
+            instance,
+        },
+        server,
+    ))
+}
+
+/// `zerotouch serve`: runs until SIGINT/SIGTERM.
+pub fn serve(settings: Settings) -> anyhow::Result<()> {
+    actix_web::rt::System::new().block_on(async move {
+        let (_bound, server) = start(settings).await?;
+        server.await.context("the HTTPS server failed")
+    })
+}
+
+/// A service running on its own thread, for tests and embedding.
+pub struct Running {
+    pub bound: Bound,
+    handle: ServerHandle,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Starts on a background thread and returns once both listeners are bound.
+    pub fn spawn(settings: Settings) -> anyhow::Result<Running> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let system = actix_web::rt::System::new();
+            system.block_on(async move {
+                match start(settings).await {
+                    Ok((bound, server)) => {
+                        let _ = tx.send(Ok((bound, server.handle())));
+                        if let Err(e) = server.await {
+                            tracing::error!("server stopped: {e}");
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                    }
+                }
+            });
+        });
+        let (bound, handle) = rx
+            .recv()
+            .context("the server thread died while starting")??;
+        Ok(Running {
+            bound,
+            handle,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops gracefully and waits for the thread; listeners are closed on return.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            let handle = self.handle.clone();
+            // The stop future completes once the server has shut down; drive it on a tiny runtime.
+            actix_web::rt::System::new().block_on(async move { handle.stop(true).await });
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

@@ -1,0 +1,280 @@
+//! Integration test harness: a real Zerotouch server on ephemeral ports, on SQLite or on a
+//! PostgreSQL database created for the run and dropped after it, plus an HTTPS client that
+//! trusts the server's CA and signs requests the way the Azure SDKs do.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use diesel::{Connection, PgConnection, RunQueryDsl};
+use reqwest::Method;
+use reqwest::blocking::{Client, RequestBuilder};
+use serde_json::Value;
+use tempfile::TempDir;
+use zerotouch_attestation::symmetric_key;
+use zerotouch_service::config::Settings;
+use zerotouch_service::server::Running;
+
+pub const API_VERSION: &str = "2021-10-01";
+const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// SQLite always; PostgreSQL unless `ZEROTOUCH_TEST_SKIP_PG=1` (then it is skipped loudly).
+pub fn backends() -> Vec<Backend> {
+    if std::env::var("ZEROTOUCH_TEST_SKIP_PG").is_ok_and(|v| v == "1") {
+        eprintln!("PostgreSQL backend skipped: ZEROTOUCH_TEST_SKIP_PG=1");
+        vec![Backend::Sqlite]
+    } else {
+        vec![Backend::Sqlite, Backend::Postgres]
+    }
+}
+
+/// A PostgreSQL database that exists for one test server and is dropped with it.
+pub struct TempPostgres {
+    admin_url: String,
+    name: String,
+    pub url: String,
+}
+
+impl TempPostgres {
+    pub fn create() -> anyhow::Result<TempPostgres> {
+        let admin_url =
+            std::env::var("ZEROTOUCH_TEST_PG_URL").unwrap_or_else(|_| DEFAULT_PG_URL.to_string());
+        let mut conn = PgConnection::establish(&admin_url)
+            .with_context(|| format!("PostgreSQL at {admin_url} is unreachable"))?;
+        let name = format!("zt_it_{}", hex::encode(rand::random::<[u8; 6]>()));
+        diesel::sql_query(format!("CREATE DATABASE {name}")).execute(&mut conn)?;
+        let base = admin_url
+            .rsplit_once('/')
+            .map(|(b, _)| b.to_string())
+            .unwrap_or(admin_url.clone());
+        Ok(TempPostgres {
+            url: format!("{base}/{name}"),
+            admin_url,
+            name,
+        })
+    }
+}
+
+impl Drop for TempPostgres {
+    fn drop(&mut self) {
+        if let Ok(mut conn) = PgConnection::establish(&self.admin_url) {
+            let _ = diesel::sql_query(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .execute(&mut conn);
+        }
+    }
+}
+
+/// A running server with its data dir (and database) owned by the test.
+pub struct TestServer {
+    pub backend: Backend,
+    pub settings: Settings,
+    running: Option<Running>,
+    pub client: Client,
+    owner_key: String,
+    pub id_scope: String,
+    // Dropped last: the server must stop before its data dir and database go.
+    _pg: Option<TempPostgres>,
+    _dir: TempDir,
+}
+
+impl TestServer {
+    pub fn start(backend: Backend) -> TestServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pg = match backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => Some(TempPostgres::create().expect(
+                "PostgreSQL is needed for these tests (set ZEROTOUCH_TEST_SKIP_PG=1 to skip)",
+            )),
+        };
+        let mut settings = Settings::default();
+        settings.service.data_dir = dir.path().join("data");
+        settings.listen.https = "127.0.0.1:0".parse().expect("addr");
+        settings.listen.mqtt = "127.0.0.1:0".parse().expect("addr");
+        settings.database.url = pg.as_ref().map(|p| p.url.clone());
+        let mut server = TestServer {
+            backend,
+            settings,
+            running: None,
+            client: Client::new(),
+            owner_key: String::new(),
+            id_scope: String::new(),
+            _pg: pg,
+            _dir: dir,
+        };
+        server.boot();
+        server
+    }
+
+    fn boot(&mut self) {
+        let running = Running::spawn(self.settings.clone()).expect("server starts");
+        self.id_scope = running.bound.instance.id_scope.clone();
+        self.client = client_trusting(&running.bound.instance.paths.ca_bundle, None);
+        self.running = Some(running);
+        let credentials = zerotouch_service::cli::credentials(&self.settings).expect("credentials");
+        let cs = credentials["dpsConnectionString"].as_str().expect("cs");
+        self.owner_key = zerotouch_service::bootstrap::parse_connection_string(cs)
+            .expect("parse")
+            .2;
+    }
+
+    /// Stops the server and starts it again on the same data dir and database.
+    pub fn restart(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.stop();
+        }
+        self.boot();
+    }
+
+    pub fn running(&self) -> &Running {
+        self.running.as_ref().expect("server is running")
+    }
+
+    pub fn https_port(&self) -> u16 {
+        self.running().bound.https.port()
+    }
+
+    pub fn mqtt_port(&self) -> u16 {
+        self.running().bound.mqtt.port()
+    }
+
+    pub fn ca_bundle(&self) -> PathBuf {
+        self.running().bound.instance.paths.ca_bundle.clone()
+    }
+
+    /// The host as written in connection strings and SAS audiences.
+    pub fn host(&self) -> String {
+        format!("localhost:{}", self.https_port())
+    }
+
+    pub fn owner_connection_string(&self) -> String {
+        format!(
+            "HostName={};SharedAccessKeyName=provisioningserviceowner;SharedAccessKey={}",
+            self.host(),
+            self.owner_key
+        )
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        format!(
+            "https://localhost:{}{path}{sep}api-version={API_VERSION}",
+            self.https_port()
+        )
+    }
+
+    /// A SAS token for a policy, valid for `ttl` seconds (negative: already expired).
+    pub fn sas(&self, policy: &str, key: &str, ttl: i64) -> String {
+        let now = zerotouch_service::time::now_unix() as i64;
+        symmetric_key::sign(&self.host(), key, (now + ttl).max(1) as u64, Some(policy))
+            .expect("sign")
+    }
+
+    pub fn owner_sas(&self) -> String {
+        self.sas("provisioningserviceowner", &self.owner_key, 3600)
+    }
+
+    /// A request signed with the owner policy.
+    pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        self.client
+            .request(method, self.url(path))
+            .header("Authorization", self.owner_sas())
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.stop();
+        }
+    }
+}
+
+/// An HTTPS client that trusts `ca_bundle`, optionally presenting a client identity (PEM cert
+/// chain, PKCS#8 PEM key).
+pub fn client_trusting(ca_bundle: &std::path::Path, identity: Option<(&str, &str)>) -> Client {
+    let pem = std::fs::read(ca_bundle).expect("CA bundle");
+    let mut builder = Client::builder().timeout(std::time::Duration::from_secs(30));
+    for certificate in reqwest::Certificate::from_pem_bundle(&pem).expect("bundle parses") {
+        builder = builder.add_root_certificate(certificate);
+    }
+    if let Some((chain, key)) = identity {
+        builder = builder.identity(
+            reqwest::Identity::from_pkcs8_pem(chain.as_bytes(), key.as_bytes()).expect("identity"),
+        );
+    }
+    builder.build().expect("client")
+}
+
+/// Sends and returns (status, JSON body or Null, headers).
+pub fn send(request: RequestBuilder) -> (u16, Value, reqwest::header::HeaderMap) {
+    let response = request.send().expect("request sent");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let text = response.text().expect("body");
+    let body = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or(Value::String(text))
+    };
+    (status, body, headers)
+}
+
+/// Test PKI, generated per test with rcgen; nothing is ever written to the repository.
+pub mod pki {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+
+    pub struct TestCa {
+        pub cert_pem: String,
+        pub key: KeyPair,
+        params: CertificateParams,
+    }
+
+    impl TestCa {
+        pub fn new(name: &str) -> TestCa {
+            let key = KeyPair::generate().expect("key");
+            let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            let cert = params.self_signed(&key).expect("self-signed");
+            TestCa {
+                cert_pem: cert.pem(),
+                key,
+                params,
+            }
+        }
+
+        /// A certificate with subject CN `cn` signed by this CA: a device leaf or a
+        /// proof-of-possession certificate.
+        pub fn issue(&self, cn: &str) -> (String, String) {
+            let key = KeyPair::generate().expect("key");
+            let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+            params.distinguished_name.push(DnType::CommonName, cn);
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            let issuer = Issuer::from_params(&self.params, &self.key);
+            let cert = params.signed_by(&key, &issuer).expect("signed");
+            (cert.pem(), key.serialize_pem())
+        }
+    }
+
+    /// A self-signed leaf, as devices with individual X.509 enrollments often use.
+    pub fn self_signed(cn: &str) -> (String, String) {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.self_signed(&key).expect("self-signed");
+        (cert.pem(), key.serialize_pem())
+    }
+}
