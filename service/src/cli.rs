@@ -19,6 +19,17 @@ use crate::bootstrap;
 use crate::config::Settings;
 use crate::db;
 
+/// Characters a path segment keeps as they are (RFC 3986 unreserved); the rest are escaped.
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+fn encode(segment: &str) -> String {
+    percent_encoding::utf8_percent_encode(segment, SEGMENT).to_string()
+}
+
 /// API version the CLI sends.
 const API_VERSION: &str = "2021-10-01";
 
@@ -775,7 +786,7 @@ fn ca(command: CaCommand) -> anyhow::Result<()> {
                 &ApiClient::new(&remote)?
                     .call(
                         reqwest::Method::PUT,
-                        &format!("/certificates/{name}"),
+                        &format!("/certificates/{}", encode(&name)),
                         Some(&body),
                         &[],
                     )?
@@ -784,17 +795,17 @@ fn ca(command: CaCommand) -> anyhow::Result<()> {
         }
         CaCommand::List { remote } => print_json(&ApiClient::new(&remote)?.get("/certificates")?),
         CaCommand::Show { remote, name } => {
-            print_json(&ApiClient::new(&remote)?.get(&format!("/certificates/{name}"))?)
+            print_json(&ApiClient::new(&remote)?.get(&format!("/certificates/{}", encode(&name)))?)
         }
         CaCommand::VerificationCode { remote, name } => {
             let client = ApiClient::new(&remote)?;
-            let current = client.get(&format!("/certificates/{name}"))?;
+            let current = client.get(&format!("/certificates/{}", encode(&name)))?;
             let etag = current["etag"].as_str().unwrap_or("*").to_string();
             print_json(
                 &client
                     .call(
                         reqwest::Method::POST,
-                        &format!("/certificates/{name}/generateVerificationCode"),
+                        &format!("/certificates/{}/generateVerificationCode", encode(&name)),
                         None,
                         &[("If-Match", &etag)],
                     )?
@@ -807,14 +818,14 @@ fn ca(command: CaCommand) -> anyhow::Result<()> {
             certificate,
         } => {
             let client = ApiClient::new(&remote)?;
-            let current = client.get(&format!("/certificates/{name}"))?;
+            let current = client.get(&format!("/certificates/{}", encode(&name)))?;
             let etag = current["etag"].as_str().unwrap_or("*").to_string();
             let body = json!({"certificate": read_text(&certificate)?});
             print_json(
                 &client
                     .call(
                         reqwest::Method::POST,
-                        &format!("/certificates/{name}/verify"),
+                        &format!("/certificates/{}/verify", encode(&name)),
                         Some(&body),
                         &[("If-Match", &etag)],
                     )?
@@ -824,7 +835,7 @@ fn ca(command: CaCommand) -> anyhow::Result<()> {
         CaCommand::Delete { remote, name } => {
             ApiClient::new(&remote)?.call(
                 reqwest::Method::DELETE,
-                &format!("/certificates/{name}"),
+                &format!("/certificates/{}", encode(&name)),
                 None,
                 &[],
             )?;
@@ -844,7 +855,7 @@ fn policy(command: PolicyCommand) -> anyhow::Result<()> {
             rights,
         } => {
             let client = ApiClient::new(&remote)?;
-            let path = format!("/authorizationPolicies/{name}");
+            let path = format!("/authorizationPolicies/{}", encode(&name));
             let existing = client.get(&path).ok();
             let etag = existing
                 .as_ref()
@@ -867,7 +878,7 @@ fn policy(command: PolicyCommand) -> anyhow::Result<()> {
             &ApiClient::new(&remote)?
                 .call(
                     reqwest::Method::POST,
-                    &format!("/authorizationPolicies/{name}/regenerateKey"),
+                    &format!("/authorizationPolicies/{}/regenerateKey", encode(&name)),
                     Some(&json!({"keyType": key})),
                     &[],
                 )?
@@ -876,7 +887,7 @@ fn policy(command: PolicyCommand) -> anyhow::Result<()> {
         PolicyCommand::Remove { remote, name } => {
             ApiClient::new(&remote)?.call(
                 reqwest::Method::DELETE,
-                &format!("/authorizationPolicies/{name}"),
+                &format!("/authorizationPolicies/{}", encode(&name)),
                 None,
                 &[],
             )?;

@@ -1,4 +1,5 @@
-"""Spawns the real `zerotouch` binary on free ports with a fresh data dir for each test module."""
+"""Spawns the real `zerotouch` binary on free ports with a fresh data dir for each test module,
+once on SQLite (the default) and once on PostgreSQL chosen only through ZEROTOUCH__DATABASE__URL."""
 
 import json
 import os
@@ -6,6 +7,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,8 @@ import requests
 
 ROOT = Path(__file__).resolve().parents[2]
 BINARY = Path(os.environ.get("ZEROTOUCH_BIN", ROOT / "target" / "debug" / "zerotouch"))
+PG_ADMIN_URL = os.environ.get("ZEROTOUCH_TEST_PG_URL", "postgres://postgres@127.0.0.1:5432/test")
+BACKENDS = ["sqlite"] if os.environ.get("ZEROTOUCH_TEST_SKIP_PG") == "1" else ["sqlite", "postgres"]
 
 
 def free_port():
@@ -22,8 +26,9 @@ def free_port():
 
 
 class Server:
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, env: dict):
         self.data_dir = data_dir
+        self.env = env
         self.https_port = free_port()
         self.mqtt_port = free_port()
         self.config = data_dir.parent / "zerotouch.toml"
@@ -39,6 +44,7 @@ class Server:
             [str(BINARY), "serve", "--config", str(self.config), "--data-dir", str(data_dir)],
             stdout=self.log,
             stderr=subprocess.STDOUT,
+            env=self.env,
         )
         self.credentials = None
 
@@ -62,6 +68,7 @@ class Server:
             [str(BINARY), "credentials", "--config", str(self.config), "--data-dir", str(self.data_dir), "--json"],
             check=True,
             capture_output=True,
+            env=self.env,
         )
         self.credentials = json.loads(out.stdout)
 
@@ -74,14 +81,29 @@ class Server:
         self.log.close()
 
 
-@pytest.fixture(scope="module")
-def server():
+def psql(sql: str):
+    subprocess.run(["psql", PG_ADMIN_URL, "-q", "-v", "ON_ERROR_STOP=1", "-c", sql], check=True)
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def server(request):
     if not BINARY.exists():
         pytest.fail(f"{BINARY} is missing: build it with cargo build --bin zerotouch")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZEROTOUCH__")}
+    database = None
+    if request.param == "postgres":
+        database = f"zt_py_{uuid.uuid4().hex[:12]}"
+        psql(f"CREATE DATABASE {database}")
+        env["ZEROTOUCH__DATABASE__URL"] = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + database
     with tempfile.TemporaryDirectory() as tmp:
-        srv = Server(Path(tmp) / "data")
+        srv = Server(Path(tmp) / "data", env)
         try:
             srv.wait_ready()
+            # The backend in force is the one asked for: SQLite writes its file into the data dir.
+            sqlite_file = (Path(tmp) / "data" / "zerotouch.db").exists()
+            assert sqlite_file == (request.param == "sqlite"), request.param
             yield srv
         finally:
             srv.stop()
+            if database:
+                psql(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")

@@ -12,10 +12,10 @@ use zerotouch_attestation::x509;
 
 use crate::auth::Rights;
 use crate::db::{Collection, Document, Write};
-use crate::enrollment::parse_typed;
-use crate::http::enrollments::json_body;
 use crate::http::error::{ApiError, ErrorCode};
-use crate::http::{AppState, authorize, blocking, blocking_for, if_match};
+use crate::http::{
+    AppState, authorize, blocking, blocking_for, if_match, required_body, write_mode,
+};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/certificates").route(web::get().to(list)))
@@ -139,9 +139,7 @@ async fn put(
     authorize(&req, &state, Rights::SERVICE_CONFIG).await?;
     let name = name.into_inner();
     check_name(&name)?;
-    let body = json_body(&body)?
-        .ok_or_else(|| ApiError::new(ErrorCode::InvalidJson, "the body is empty"))?;
-    let upload: Upload = parse_typed(body)?;
+    let upload: Upload = required_body(&body)?;
     let (certificate, is_verified) = match upload.properties {
         Some(p) => (p.certificate, p.is_verified),
         None => (upload.certificate, upload.is_verified),
@@ -170,10 +168,7 @@ async fn put(
         "isVerified": is_verified.unwrap_or(false),
         "verificationCode": Value::Null,
     });
-    let write = match if_match(req.headers())? {
-        None => Write::Create,
-        Some(etag) => Write::IfMatch(etag),
-    };
+    let write = write_mode(req.headers())?;
     let doc = blocking_for(&state, ErrorCode::CertificateNotFound, move |store| {
         store.put(Collection::CaCertificates, &name, None, &stored, write)
     })
@@ -244,10 +239,7 @@ async fn verify(
     authorize(&req, &state, Rights::SERVICE_CONFIG).await?;
     let etag = require_if_match(&req)?;
     let name = name.into_inner();
-    let request: VerifyRequest = parse_typed(
-        json_body(&body)?
-            .ok_or_else(|| ApiError::new(ErrorCode::InvalidJson, "the body is empty"))?,
-    )?;
+    let request: VerifyRequest = required_body(&body)?;
     let proof = request.certificate.ok_or_else(|| {
         ApiError::field(
             ErrorCode::InvalidVerificationCertificate,

@@ -10,7 +10,10 @@ use crate::auth::Rights;
 use crate::db::{Collection, Document, Write};
 use crate::enrollment::{self, Kind};
 use crate::http::error::{ApiError, ErrorCode};
-use crate::http::{AppState, authorize, blocking, blocking_for, if_match, page_response, paging};
+use crate::http::{
+    AppState, authorize, blocking, blocking_for, if_match, json_body, page_response, paging,
+    with_metadata, write_mode,
+};
 
 /// Most items in one bulk request, as in Azure DPS.
 pub const MAX_BULK_ITEMS: usize = 10;
@@ -78,18 +81,7 @@ pub fn view(doc: &Document, with_secrets: bool) -> Value {
     if !with_secrets {
         enrollment::strip_secrets(&mut body);
     }
-    if let Some(map) = body.as_object_mut() {
-        map.insert("etag".into(), Value::String(doc.etag.clone()));
-        map.insert(
-            "createdDateTimeUtc".into(),
-            Value::String(crate::time::rfc3339(doc.created_at)),
-        );
-        map.insert(
-            "lastUpdatedDateTimeUtc".into(),
-            Value::String(crate::time::rfc3339(doc.updated_at)),
-        );
-    }
-    body
+    with_metadata(doc, body)
 }
 
 async fn get(
@@ -133,23 +125,6 @@ async fn attestation_mechanism(
     Ok(HttpResponse::Ok().json(doc.body.get("attestation").cloned().unwrap_or(Value::Null)))
 }
 
-/// Parses a request body as JSON; an empty body is `None`.
-pub fn json_body(bytes: &[u8]) -> Result<Option<Value>, ApiError> {
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Ok(None);
-    }
-    serde_json::from_slice(bytes)
-        .map(Some)
-        .map_err(|e| ApiError::new(ErrorCode::InvalidJson, format!("the body is not JSON: {e}")))
-}
-
-fn write_mode(if_match: Option<String>) -> Write {
-    match if_match {
-        None => Write::Create,
-        Some(etag) => Write::IfMatch(etag),
-    }
-}
-
 async fn put(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -165,7 +140,7 @@ async fn put(
         **kind,
         id.into_inner(),
         body,
-        write_mode(if_match(req.headers())?),
+        write_mode(req.headers())?,
     )
     .await?;
     Ok(HttpResponse::Ok().json(view(&doc, true)))

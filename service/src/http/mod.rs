@@ -26,7 +26,7 @@ use tracing::Instrument;
 use crate::auth::{self, Caller, Credential, Rights};
 use crate::bootstrap::Instance;
 use crate::config::Settings;
-use crate::db::{Collection, DocumentStore, StoreError};
+use crate::db::{Collection, Document, DocumentStore, StoreError, Write};
 use crate::http::error::{ApiError, ErrorCode};
 use crate::tls::PeerCertificates;
 
@@ -226,17 +226,14 @@ pub async fn authorize(
     Ok(caller)
 }
 
-/// Runs a storage call on the blocking pool. Storage errors are left for the caller to map.
+/// Runs a storage call on the blocking pool. "Not found" maps to the generic code; use
+/// [`blocking_for`] where the resource has its own.
 pub async fn blocking<T, F>(state: &web::Data<AppState>, f: F) -> Result<T, ApiError>
 where
     F: FnOnce(&dyn DocumentStore) -> Result<T, StoreError> + Send + 'static,
     T: Send + 'static,
 {
-    let store = state.store.clone();
-    web::block(move || f(store.as_ref()))
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(|e| error::store_error(e, ErrorCode::NotFound))
+    blocking_for(state, ErrorCode::NotFound, f).await
 }
 
 /// Like [`blocking`], mapping "not found" to the resource's own code.
@@ -254,6 +251,46 @@ where
         .await
         .map_err(ApiError::internal)?
         .map_err(|e| error::store_error(e, not_found))
+}
+
+/// Parses a request body as JSON; an empty body is `None`.
+pub fn json_body(bytes: &[u8]) -> Result<Option<serde_json::Value>, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice(bytes)
+        .map(Some)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidJson, format!("the body is not JSON: {e}")))
+}
+
+/// A required JSON body parsed into `T`; a bad field is named in the error.
+pub fn required_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let value = json_body(bytes)?
+        .ok_or_else(|| ApiError::new(ErrorCode::InvalidJson, "the body is empty"))?;
+    crate::enrollment::parse_typed(value)
+}
+
+/// PUT semantics shared by every resource: without `If-Match` a PUT creates (and collides with
+/// an existing entry); with it, it replaces the entry whose etag matches (`*`: any).
+pub fn write_mode(headers: &HeaderMap) -> Result<Write, ApiError> {
+    Ok(match if_match(headers)? {
+        None => Write::Create,
+        Some(etag) => Write::IfMatch(etag),
+    })
+}
+
+/// The stored document's etag and timestamps, added to its JSON for the API.
+pub fn with_metadata(doc: &Document, mut body: serde_json::Value) -> serde_json::Value {
+    if let Some(map) = body.as_object_mut() {
+        map.insert("etag".into(), serde_json::Value::String(doc.etag.clone()));
+        map.entry("createdDateTimeUtc")
+            .or_insert_with(|| serde_json::Value::String(crate::time::rfc3339(doc.created_at)));
+        map.insert(
+            "lastUpdatedDateTimeUtc".into(),
+            serde_json::Value::String(crate::time::rfc3339(doc.updated_at)),
+        );
+    }
+    body
 }
 
 /// `If-Match`, if sent.

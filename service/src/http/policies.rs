@@ -10,10 +10,10 @@ use zerotouch_attestation::symmetric_key;
 use crate::auth::{AuthorizationPolicy, Rights};
 use crate::bootstrap::policy_from_doc;
 use crate::db::{Collection, Document, DocumentStore, StoreError, Write};
-use crate::enrollment::parse_typed;
-use crate::http::enrollments::json_body;
 use crate::http::error::{ApiError, ErrorCode};
-use crate::http::{AppState, authorize, blocking, blocking_for, if_match};
+use crate::http::{
+    AppState, authorize, blocking, blocking_for, if_match, required_body, write_mode,
+};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/authorizationPolicies").route(web::get().to(list)))
@@ -125,10 +125,7 @@ async fn put(
     authorize(&req, &state, Rights::SERVICE_CONFIG).await?;
     let name = name.into_inner();
     check_name(&name)?;
-    let input: PolicyInput = parse_typed(
-        json_body(&body)?
-            .ok_or_else(|| ApiError::new(ErrorCode::InvalidJson, "the body is empty"))?,
-    )?;
+    let input: PolicyInput = required_body(&body)?;
     let rights = Rights::parse(&input.rights)
         .map_err(|e| ApiError::field(ErrorCode::InvalidField, "rights", e))?;
     if rights == Rights::default() {
@@ -138,10 +135,7 @@ async fn put(
             "name at least one right",
         ));
     }
-    let write = match if_match(req.headers())? {
-        None => Write::Create,
-        Some(etag) => Write::IfMatch(etag),
-    };
+    let write = write_mode(req.headers())?;
     let mut keys = Vec::new();
     for (field, key) in [
         ("primaryKey", input.primary_key),
@@ -211,10 +205,7 @@ async fn regenerate_key(
 ) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state, Rights::SERVICE_CONFIG).await?;
     let name = name.into_inner();
-    let request: RegenerateRequest = parse_typed(
-        json_body(&body)?
-            .ok_or_else(|| ApiError::new(ErrorCode::InvalidJson, "the body is empty"))?,
-    )?;
+    let request: RegenerateRequest = required_body(&body)?;
     let primary = match request.key_type.to_ascii_lowercase().as_str() {
         "primary" => true,
         "secondary" => false,

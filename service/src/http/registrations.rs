@@ -7,7 +7,9 @@ use serde_json::Value;
 use crate::auth::Rights;
 use crate::db::{Collection, Document};
 use crate::http::error::{ApiError, ErrorCode};
-use crate::http::{AppState, authorize, blocking, blocking_for, if_match, page_response, paging};
+use crate::http::{
+    AppState, authorize, blocking, blocking_for, if_match, page_response, paging, with_metadata,
+};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/registrations/{id}/query").route(web::post().to(query)))
@@ -20,17 +22,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 
 /// A registration as the service API shows it.
 pub fn view(doc: &Document) -> Value {
-    let mut body = doc.body.clone();
-    if let Some(map) = body.as_object_mut() {
-        map.insert("etag".into(), Value::String(doc.etag.clone()));
-        map.entry("createdDateTimeUtc")
-            .or_insert_with(|| Value::String(crate::time::rfc3339(doc.created_at)));
-        map.insert(
-            "lastUpdatedDateTimeUtc".into(),
-            Value::String(crate::time::rfc3339(doc.updated_at)),
-        );
-    }
-    body
+    with_metadata(doc, doc.body.clone())
 }
 
 async fn get(
