@@ -38,15 +38,30 @@ pub enum Collection {
     Registrations,
     CaCertificates,
     AuthorizationPolicies,
+    /// Hub device identities; ids are case-sensitive, as in IoT Hub.
+    Devices,
+    /// Device twins, keyed like their devices.
+    Twins,
+    /// Persistent MQTT sessions (CleanSession=0): subscriptions by client key.
+    MqttSessions,
+    /// Pending cloud-to-device messages; `parent` is the device id, ids sort in enqueue order.
+    C2dMessages,
+    /// Hub shared access policies (iothubowner, service, device, …).
+    HubPolicies,
 }
 
 impl Collection {
-    pub const ALL: [Collection; 5] = [
+    pub const ALL: [Collection; 10] = [
         Collection::IndividualEnrollments,
         Collection::EnrollmentGroups,
         Collection::Registrations,
         Collection::CaCertificates,
         Collection::AuthorizationPolicies,
+        Collection::Devices,
+        Collection::Twins,
+        Collection::MqttSessions,
+        Collection::C2dMessages,
+        Collection::HubPolicies,
     ];
 
     /// The table that holds this collection (for logs).
@@ -57,7 +72,24 @@ impl Collection {
             Collection::Registrations => "registrations",
             Collection::CaCertificates => "ca_certificates",
             Collection::AuthorizationPolicies => "authorization_policies",
+            Collection::Devices => "devices",
+            Collection::Twins => "twins",
+            Collection::MqttSessions => "mqtt_sessions",
+            Collection::C2dMessages => "c2d_messages",
+            Collection::HubPolicies => "hub_policies",
         }
+    }
+
+    /// Whether ids compare case-sensitively. DPS ids are case-insensitive; IoT Hub device ids
+    /// (and everything keyed by them) are case-sensitive.
+    pub fn case_sensitive(self) -> bool {
+        matches!(
+            self,
+            Collection::Devices
+                | Collection::Twins
+                | Collection::MqttSessions
+                | Collection::C2dMessages
+        )
     }
 }
 

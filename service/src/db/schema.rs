@@ -74,3 +74,68 @@ diesel::table! {
         value -> Text,
     }
 }
+
+diesel::table! {
+    devices (id_key) {
+        id_key -> Text,
+        id -> Text,
+        parent_key -> Nullable<Text>,
+        parent -> Nullable<Text>,
+        body -> Text,
+        etag -> Text,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    twins (id_key) {
+        id_key -> Text,
+        id -> Text,
+        parent_key -> Nullable<Text>,
+        parent -> Nullable<Text>,
+        body -> Text,
+        etag -> Text,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    mqtt_sessions (id_key) {
+        id_key -> Text,
+        id -> Text,
+        parent_key -> Nullable<Text>,
+        parent -> Nullable<Text>,
+        body -> Text,
+        etag -> Text,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    c2d_messages (id_key) {
+        id_key -> Text,
+        id -> Text,
+        parent_key -> Nullable<Text>,
+        parent -> Nullable<Text>,
+        body -> Text,
+        etag -> Text,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    hub_policies (id_key) {
+        id_key -> Text,
+        id -> Text,
+        parent_key -> Nullable<Text>,
+        parent -> Nullable<Text>,
+        body -> Text,
+        etag -> Text,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+    }
+}

@@ -44,6 +44,26 @@ macro_rules! with_table {
                 use $crate::db::schema::authorization_policies as $t;
                 $body
             }
+            Collection::Devices => {
+                use $crate::db::schema::devices as $t;
+                $body
+            }
+            Collection::Twins => {
+                use $crate::db::schema::twins as $t;
+                $body
+            }
+            Collection::MqttSessions => {
+                use $crate::db::schema::mqtt_sessions as $t;
+                $body
+            }
+            Collection::C2dMessages => {
+                use $crate::db::schema::c2d_messages as $t;
+                $body
+            }
+            Collection::HubPolicies => {
+                use $crate::db::schema::hub_policies as $t;
+                $body
+            }
         }
     };
 }
@@ -223,7 +243,7 @@ impl Database {
 
 impl DocumentStore for Database {
     fn get(&self, collection: Collection, id: &str) -> Result<Option<Document>, StoreError> {
-        let key = id_key(id);
+        let key = id_key(collection, id);
         let mut conn = self.connection()?;
         let row = with_table!(collection, t => with_backend!(&mut *conn, conn => {
             t::table
@@ -244,9 +264,9 @@ impl DocumentStore for Database {
         write: Write,
     ) -> Result<Document, StoreError> {
         let new = NewRow {
-            id_key: id_key(id),
+            id_key: id_key(collection, id),
             id,
-            parent_key: parent.map(id_key),
+            parent_key: parent.map(|p| id_key(collection, p)),
             parent,
             body: serde_json::to_string(body)
                 .map_err(|e| StoreError::Backend(format!("cannot serialise body: {e}")))?,
@@ -304,7 +324,7 @@ impl DocumentStore for Database {
         id: &str,
         if_match: Option<&str>,
     ) -> Result<Document, StoreError> {
-        let key = id_key(id);
+        let key = id_key(collection, id);
         let expected = if_match
             .filter(|tag| !etag::is_any(tag))
             .map(etag::stored_form);
@@ -333,7 +353,7 @@ impl DocumentStore for Database {
         continuation: Option<&str>,
     ) -> Result<Page, StoreError> {
         let after = continuation.map(continuation::decode).transpose()?;
-        let parent_key = parent.map(id_key);
+        let parent_key = parent.map(|p| id_key(collection, p));
         let page_size = page_size.clamp(1, MAX_PAGE_SIZE);
         // One extra row tells whether there is a next page.
         let limit = i64::try_from(page_size + 1).unwrap_or(i64::MAX);
@@ -421,9 +441,13 @@ impl DocumentStore for Database {
     }
 }
 
-/// The primary key of an id: ids are case-insensitive.
-fn id_key(id: &str) -> String {
-    id.to_lowercase()
+/// The primary key of an id in a collection: lower-cased where ids are case-insensitive.
+fn id_key(collection: Collection, id: &str) -> String {
+    if collection.case_sensitive() {
+        id.to_owned()
+    } else {
+        id.to_lowercase()
+    }
 }
 
 fn now_micros() -> Result<i64, StoreError> {
