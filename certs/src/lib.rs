@@ -25,3 +25,8 @@ pub use error::Error;
 pub use hierarchy::{CaHierarchy, IssuedCertificate};
 pub use secret::SecretPem;
 pub use server::{RENEW_BEFORE_DAYS, server_certificate_covers, server_certificate_covers_at};
+
+/// Checks that `hostname` can be a SAN of a server certificate (a DNS name or an IP literal).
+pub fn check_hostname(hostname: &str) -> Result<(), Error> {
+    hostname::parse(hostname).map(|_| ())
+}

@@ -25,7 +25,9 @@ use crate::config::Settings;
 use crate::db::{Collection, DocumentStore, StoreError, Write};
 
 const ID_SCOPE_KEY: &str = "id_scope";
-const TOKEN_SECRET_KEY: &str = "token_secret";
+/// Setting that holds the bearer-token signing secret (read on every request, so a rotation
+/// takes effect on every replica at once).
+pub const TOKEN_SECRET_KEY: &str = "token_secret";
 const SERVER_CERT_DAYS: u32 = 397;
 
 /// Files under the data dir.
@@ -63,6 +65,7 @@ impl Paths {
 /// Everything a running instance knows about itself.
 pub struct Instance {
     pub id_scope: String,
+    /// The token secret as of start; requests read the current one from the database.
     pub token_secret: String,
     pub ca: CaHierarchy,
     pub paths: Paths,
@@ -81,8 +84,8 @@ impl fmt::Debug for Instance {
 /// the database: every instance-wide value is written insert-if-absent.
 pub fn bootstrap(settings: &Settings, store: &dyn DocumentStore) -> anyhow::Result<Instance> {
     let paths = Paths::new(&settings.service.data_dir);
-    create_private_dir(&paths.data_dir)?;
-    create_private_dir(paths.root_cert.parent().unwrap_or(&paths.data_dir))?;
+    prepare_data_dir(settings)?;
+    restrict_sqlite_files(settings)?;
     create_private_dir(paths.server_chain.parent().unwrap_or(&paths.data_dir))?;
 
     let id_scope = store
@@ -103,6 +106,32 @@ pub fn bootstrap(settings: &Settings, store: &dyn DocumentStore) -> anyhow::Resu
         ca,
         paths,
     })
+}
+
+/// Creates the data dir readable by its owner only, before anything (the database) writes
+/// into it. An existing data dir is tightened to 0700: it holds the database with every key.
+pub fn prepare_data_dir(settings: &Settings) -> anyhow::Result<()> {
+    let dir = &settings.service.data_dir;
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("restricting {}", dir.display()))
+}
+
+/// The SQLite database holds policy and device keys: owner-only, like the key files. SQLite
+/// gives its -wal and -shm files the database file's mode.
+fn restrict_sqlite_files(settings: &Settings) -> anyhow::Result<()> {
+    let url = settings.database_url()?;
+    let Some(path) = url.strip_prefix("sqlite://") else {
+        return Ok(());
+    };
+    for suffix in ["", "-wal", "-shm"] {
+        let file = PathBuf::from(format!("{path}{suffix}"));
+        if file.exists() {
+            fs::set_permissions(&file, fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("restricting {}", file.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// `0ne` + 8 hex digits, as Azure DPS formats ID scopes.
@@ -163,6 +192,11 @@ fn load_or_create_ca(paths: &Paths, id_scope: &str) -> anyhow::Result<CaHierarch
         )
         .with_context(|| format!("loading the CA from {}", paths.root_cert.display()));
     }
+    let ca_dir = paths
+        .root_cert
+        .parent()
+        .unwrap_or(&paths.data_dir)
+        .to_path_buf();
     if paths.root_cert.exists() {
         bail!(
             "{} exists but {} does not: restore the CA files or move the data dir away",
@@ -170,14 +204,40 @@ fn load_or_create_ca(paths: &Paths, id_scope: &str) -> anyhow::Result<CaHierarch
             paths.intermediate_cert.display()
         );
     }
+    // Build the CA in a private temporary folder and move it into place with one rename, so
+    // replicas that share the folder and start together end up with one complete CA: the
+    // loser's rename fails (the folder exists and is not empty) and it loads the winner's.
     let ca = CaHierarchy::generate(id_scope).context("generating the CA hierarchy")?;
+    let staging = paths.data_dir.join(format!(
+        ".ca-{}-{}",
+        std::process::id(),
+        hex::encode(rand::random::<[u8; 4]>())
+    ));
+    create_private_dir(&staging)?;
+    let in_staging = |p: &Path| staging.join(p.file_name().unwrap_or_default());
     if let Some(root_key) = ca.root_key_pem() {
-        write_secret(&paths.root_key, root_key)?;
+        write_secret(&in_staging(&paths.root_key), root_key)?;
     }
-    write_secret(&paths.intermediate_key, ca.intermediate_key_pem())?;
-    write_public(&paths.root_cert, ca.root_cert_pem())?;
-    // The intermediate certificate is written last: its presence marks a complete CA.
-    write_public(&paths.intermediate_cert, ca.intermediate_cert_pem())?;
+    write_secret(
+        &in_staging(&paths.intermediate_key),
+        ca.intermediate_key_pem(),
+    )?;
+    write_public(&in_staging(&paths.root_cert), ca.root_cert_pem())?;
+    write_public(
+        &in_staging(&paths.intermediate_cert),
+        ca.intermediate_cert_pem(),
+    )?;
+    if ca_dir.is_dir() && fs::read_dir(&ca_dir)?.next().is_none() {
+        let _ = fs::remove_dir(&ca_dir);
+    }
+    if let Err(e) = fs::rename(&staging, &ca_dir) {
+        let _ = fs::remove_dir_all(&staging);
+        if paths.intermediate_cert.exists() {
+            tracing::info!("another instance created the CA first; using it");
+            return load_or_create_ca(paths, id_scope);
+        }
+        return Err(e).with_context(|| format!("moving the new CA into {}", ca_dir.display()));
+    }
     tracing::info!(path = %paths.root_cert.display(), "created a new CA hierarchy");
     Ok(ca)
 }
@@ -305,6 +365,34 @@ mod tests {
             ("localhost:8443".into(), "p".into(), "a2V5".into())
         );
         assert!(parse_connection_string("HostName=x").is_err());
+    }
+
+    #[test]
+    fn replicas_starting_together_agree_on_one_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::new(dir.path());
+        let roots: Vec<String> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| scope.spawn(|| load_or_create_ca(&paths, "0ne00000001").unwrap()))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap().root_cert_pem().to_string())
+                .collect()
+        });
+        assert!(roots.windows(2).all(|w| w[0] == w[1]), "one CA for all");
+        assert_eq!(
+            load_or_create_ca(&paths, "0ne00000001")
+                .unwrap()
+                .root_cert_pem(),
+            roots[0]
+        );
+        let leftovers: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".ca-"))
+            .collect();
+        assert!(leftovers.is_empty(), "staging folders are cleaned up");
     }
 
     #[test]

@@ -137,7 +137,8 @@ pub enum TokenCommand {
         #[arg(long, default_value = "cli")]
         subject: String,
     },
-    /// Replace the token signing secret: every token minted so far stops working.
+    /// Replace the token signing secret: every token minted so far stops working (running
+    /// servers read the secret on each request).
     RotateSecret(Local),
 }
 
@@ -150,7 +151,7 @@ pub enum AttestationKind {
 
 #[derive(Debug, Args, Clone, Default)]
 pub struct EnrollmentFields {
-    /// Attestation mechanism (create only).
+    /// Attestation mechanism. On update, switching the type replaces the credentials.
     #[arg(long, value_enum)]
     pub attestation: Option<AttestationKind>,
     /// Symmetric keys (base64); generated when omitted.
@@ -163,7 +164,7 @@ pub struct EnrollmentFields {
     pub certificate: Option<PathBuf>,
     #[arg(long)]
     pub secondary_certificate: Option<PathBuf>,
-    /// X.509 group: name of an uploaded, verified CA certificate.
+    /// X.509 group: name of an uploaded CA certificate (devices are admitted once it is verified).
     #[arg(long)]
     pub ca_reference: Option<String>,
     /// TPM: endorsement key, base64 TPM2B_PUBLIC.
@@ -373,7 +374,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Config(local) => {
             let settings = local.settings()?;
-            print_json(&serde_json::to_value(&settings)?)
+            print_json(&serde_json::to_value(settings.redacted())?)
         }
         Command::Token { command } => token(command),
         Command::Enrollment { command } => enrollment(crate::enrollment::Kind::Individual, command),
@@ -390,7 +391,8 @@ fn print_json(value: &Value) -> anyhow::Result<()> {
 }
 
 fn open_local(settings: &Settings) -> anyhow::Result<(db::Database, bootstrap::Instance)> {
-    let store = db::open(&settings.database_url()).context("opening the database")?;
+    bootstrap::prepare_data_dir(settings)?;
+    let store = db::open(&settings.database_url()?).context("opening the database")?;
     let instance = bootstrap::bootstrap(settings, &store)?;
     Ok((store, instance))
 }
@@ -437,8 +439,12 @@ fn token(command: TokenCommand) -> anyhow::Result<()> {
         TokenCommand::RotateSecret(local) => {
             let settings = local.settings()?;
             let (store, _) = open_local(&settings)?;
-            db::DocumentStore::setting_set(&store, "token_secret", &auth::generate_token_secret())?;
-            eprintln!("token secret replaced; restart running replicas to drop the old one");
+            db::DocumentStore::setting_set(
+                &store,
+                bootstrap::TOKEN_SECRET_KEY,
+                &auth::generate_token_secret(),
+            )?;
+            eprintln!("token secret replaced: tokens minted before now are refused");
             Ok(())
         }
     }
@@ -479,7 +485,9 @@ impl ApiClient {
         };
         let mut builder = reqwest::blocking::Client::builder().timeout(Duration::from_secs(30));
         if let Some(ca) = ca_file {
-            builder = builder.add_root_certificate(load_ca(&ca)?);
+            for certificate in load_ca(&ca)? {
+                builder = builder.add_root_certificate(certificate);
+            }
         }
         Ok(ApiClient {
             base: format!("https://{host}"),
@@ -563,12 +571,14 @@ impl ApiClient {
     }
 }
 
-fn load_ca(path: &Path) -> anyhow::Result<reqwest::Certificate> {
+/// Every certificate in a PEM bundle (root and intermediate, typically).
+fn load_ca(path: &Path) -> anyhow::Result<Vec<reqwest::Certificate>> {
     let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    reqwest::Certificate::from_pem_bundle(&pem)?
-        .into_iter()
-        .next()
-        .with_context(|| format!("{} holds no certificate", path.display()))
+    let certificates = reqwest::Certificate::from_pem_bundle(&pem)?;
+    if certificates.is_empty() {
+        anyhow::bail!("{} holds no certificate", path.display());
+    }
+    Ok(certificates)
 }
 
 fn read_text(path: &Path) -> anyhow::Result<String> {

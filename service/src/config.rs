@@ -35,11 +35,33 @@ pub struct Listen {
     pub mqtt: SocketAddr,
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Database {
     /// `sqlite://PATH` or `postgres://…`. Unset: `sqlite://{data_dir}/zerotouch.db`.
     pub url: Option<String>,
+    /// A file holding the URL (for URLs with passwords, e.g. a mounted secret).
+    pub url_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Database")
+            .field("url", &self.url.as_deref().map(redact_url))
+            .field("url_file", &self.url_file)
+            .finish()
+    }
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:redacted@host/db`.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("redacted"));
+            parsed.to_string()
+        }
+        _ => url.to_string(),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -131,7 +153,7 @@ impl Settings {
         Ok(settings)
     }
 
-    /// Parses TOML text alone (no environment), for tests and `zerotouch config check`.
+    /// Parses TOML text alone (no environment), for tests.
     pub fn from_toml(text: &str) -> Result<Settings, ConfigError> {
         let settings: Settings = Figment::from(Serialized::defaults(Settings::default()))
             .merge(Toml::string(text))
@@ -148,16 +170,14 @@ impl Settings {
             ));
         }
         for host in &self.service.hostnames {
-            let ok = !host.is_empty()
-                && host.len() <= 253
-                && host
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | ':' | '_'));
-            if !ok {
-                return Err(ConfigError::Invalid(format!(
-                    "service.hostnames: {host:?} is not a hostname or IP address"
-                )));
-            }
+            // The same rule the certificate issuer applies, so `config` and `serve` agree.
+            zerotouch_certs::check_hostname(host)
+                .map_err(|e| ConfigError::Invalid(format!("service.hostnames: {host:?}: {e}")))?;
+        }
+        if self.database.url.is_some() && self.database.url_file.is_some() {
+            return Err(ConfigError::Invalid(
+                "database.url and database.url_file are mutually exclusive".into(),
+            ));
         }
         if let Some(url) = &self.database.url
             && !(url.starts_with("sqlite://")
@@ -171,15 +191,29 @@ impl Settings {
         Ok(())
     }
 
-    /// The database URL in force: the configured one, or SQLite in the data dir.
-    pub fn database_url(&self) -> String {
-        match &self.database.url {
-            Some(url) => url.clone(),
-            None => format!(
-                "sqlite://{}",
-                self.service.data_dir.join("zerotouch.db").display()
-            ),
+    /// The database URL in force: the configured one (or the file's), or SQLite in the data dir.
+    pub fn database_url(&self) -> Result<String, ConfigError> {
+        if let Some(url) = &self.database.url {
+            return Ok(url.clone());
         }
+        if let Some(file) = &self.database.url_file {
+            return std::fs::read_to_string(file)
+                .map(|text| text.trim().to_string())
+                .map_err(|e| {
+                    ConfigError::Invalid(format!("database.url_file {}: {e}", file.display()))
+                });
+        }
+        Ok(format!(
+            "sqlite://{}",
+            self.service.data_dir.join("zerotouch.db").display()
+        ))
+    }
+
+    /// The settings with secrets masked, for `zerotouch config` and logs.
+    pub fn redacted(&self) -> Settings {
+        let mut copy = self.clone();
+        copy.database.url = copy.database.url.as_deref().map(redact_url);
+        copy
     }
 
     /// `host[:port]` as written in connection strings (`HostName=`).
@@ -256,7 +290,7 @@ mod tests {
             vec!["localhost", "127.0.0.1", "::1"]
         );
         assert_eq!(
-            settings.database_url(),
+            settings.database_url().unwrap(),
             "sqlite://zerotouch-data/zerotouch.db"
         );
         assert_eq!(settings.public_host(), "localhost:8443");
@@ -287,6 +321,31 @@ mod tests {
     }
 
     #[test]
+    fn passwords_are_redacted() {
+        let settings =
+            Settings::from_toml("[database]\nurl = \"postgres://u:hunter2@db/zt\"\n").unwrap();
+        let shown = format!("{:?} {:?}", settings.redacted(), settings);
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("u:redacted@"), "{shown}");
+    }
+
+    #[test]
+    fn url_file_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("url");
+        std::fs::write(&file, "postgres://u:p@db/zt\n").unwrap();
+        let toml = format!("[database]\nurl_file = {:?}\n", file.display().to_string());
+        let settings = Settings::from_toml(&toml).unwrap();
+        assert_eq!(settings.database_url().unwrap(), "postgres://u:p@db/zt");
+    }
+
+    #[test]
+    fn bad_hostname_is_rejected() {
+        let err = Settings::from_toml("[service]\nhostnames = [\"bad_host\"]\n").unwrap_err();
+        assert!(err.to_string().contains("service.hostnames"), "{err}");
+    }
+
+    #[test]
     fn bad_database_scheme_is_rejected() {
         let err = Settings::from_toml(&fixture("bad_database_url.toml")).unwrap_err();
         assert!(err.to_string().contains("database.url"), "{err}");
@@ -306,7 +365,10 @@ mod tests {
                 Env::prefixed("ZEROTOUCH__").split("__"),
             )
             .map_err(|e| e.to_string())?;
-            assert_eq!(settings.database_url(), "postgres://postgres@127.0.0.1/x");
+            assert_eq!(
+                settings.database_url().map_err(|e| e.to_string())?,
+                "postgres://postgres@127.0.0.1/x"
+            );
             assert_eq!(settings.listen.mqtt.port(), 18883);
             Ok(())
         });

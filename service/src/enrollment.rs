@@ -354,13 +354,7 @@ pub fn normalize(
                     "must be an https:// (or http://) URL",
                 ));
             }
-            if custom.api_version.as_str() < "2018-09-01-preview" {
-                return Err(ApiError::field(
-                    ErrorCode::InvalidField,
-                    "customAllocationDefinition.apiVersion",
-                    "must be 2018-09-01-preview or later",
-                ));
-            }
+            check_webhook_api_version(&custom.api_version)?;
             out.insert(
                 "customAllocationDefinition".into(),
                 serde_json::to_value(custom).map_err(ApiError::internal)?,
@@ -386,6 +380,34 @@ pub fn normalize(
         .map_err(ApiError::internal)?,
     );
     Ok(Value::Object(out))
+}
+
+/// `YYYY-MM-DD` with an optional `-suffix` (e.g. `-preview`), no earlier than 2018-09-01.
+fn check_webhook_api_version(version: &str) -> Result<(), ApiError> {
+    let field = "customAllocationDefinition.apiVersion";
+    let date = version.get(..10).unwrap_or("");
+    let shape_ok = date.len() == 10
+        && date.char_indices().all(|(i, c)| match i {
+            4 | 7 => c == '-',
+            _ => c.is_ascii_digit(),
+        })
+        && (version.len() == 10 || version.as_bytes().get(10) == Some(&b'-'));
+    if !shape_ok {
+        return Err(ApiError::field(
+            ErrorCode::InvalidField,
+            field,
+            "must look like 2021-10-01 (optionally with a -preview suffix)",
+        ));
+    }
+    // Fixed-width dates compare correctly as strings.
+    if date < "2018-09-01" {
+        return Err(ApiError::field(
+            ErrorCode::InvalidField,
+            field,
+            "must be 2018-09-01-preview or later",
+        ));
+    }
+    Ok(())
 }
 
 fn check_hub_name(field: &str, host: &str) -> Result<(), ApiError> {
@@ -517,7 +539,7 @@ fn normalize_attestation(
             })?;
             let mut tpm_out = json!({"endorsementKey": ek});
             if let Some(srk) = input.storage_root_key.filter(|s| !s.is_empty()) {
-                tpm::parse_public_b64(&srk).map_err(|e| {
+                tpm::parse_storage_root_key(&srk).map_err(|e| {
                     ApiError::field(
                         ErrorCode::InvalidEndorsementKey,
                         "attestation.tpm.storageRootKey",
@@ -678,7 +700,13 @@ fn certificate_pair(
                 "a signing certificate must be a CA certificate (basicConstraints CA:TRUE)",
             ));
         }
-        let _ = now_unix;
+        if parsed.not_after_unix() < now_unix {
+            return Err(ApiError::field(
+                ErrorCode::InvalidCertificate,
+                format!("{slot_field}.certificate"),
+                format!("expired on {}", parsed.info().not_after_utc),
+            ));
+        }
         out.insert(
             slot_name.into(),
             json!({
@@ -816,6 +844,23 @@ mod tests {
             let err = individual(body.clone()).unwrap_err();
             assert_eq!(err.code, code, "{body}: {err}");
             assert_eq!(err.info.get("field"), Some(&json!(field)), "{body}: {err}");
+        }
+    }
+
+    #[test]
+    fn webhook_api_versions() {
+        for good in ["2018-09-01-preview", "2021-10-01", "2025-07-01-preview"] {
+            assert!(check_webhook_api_version(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "9",
+            "2018-08-31",
+            "2021-1-01",
+            "2021-10-01x",
+            "",
+            "2021/10/01",
+        ] {
+            assert!(check_webhook_api_version(bad).is_err(), "{bad}");
         }
     }
 

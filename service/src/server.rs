@@ -25,7 +25,8 @@ pub struct Bound {
 /// Opens storage, bootstraps, binds both listeners. Returns the bound addresses and the future
 /// that runs the HTTPS server until it is stopped. Must run inside an actix system.
 pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev::Server)> {
-    let url = settings.database_url();
+    bootstrap::prepare_data_dir(&settings)?;
+    let url = settings.database_url()?;
     let store = web::block(move || db::open(&url))
         .await
         .context("opening the database")?
@@ -70,7 +71,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev:
         .context("the HTTPS listener has no address")?;
     let server = server.shutdown_timeout(5).run();
 
-    let mqtt = mqtt::start(settings.listen.mqtt, mqtt_tls)
+    let mqtt = mqtt::listener::start(settings.listen.mqtt, mqtt_tls)
         .await
         .with_context(|| format!("binding MQTT to {}", settings.listen.mqtt))?;
     tracing::info!(%https, %mqtt, id_scope = %instance.id_scope, "zerotouch is ready");

@@ -268,6 +268,17 @@ pub mod pki {
         }
     }
 
+    /// A self-signed leaf that expired yesterday.
+    pub fn expired_self_signed(cn: &str) -> String {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.distinguished_name.push(DnType::CommonName, cn);
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::days(30);
+        params.not_after = now - time::Duration::days(1);
+        params.self_signed(&key).expect("self-signed").pem()
+    }
+
     /// A self-signed leaf, as devices with individual X.509 enrollments often use.
     pub fn self_signed(cn: &str) -> (String, String) {
         let key = KeyPair::generate().expect("key");

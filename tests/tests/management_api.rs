@@ -279,6 +279,10 @@ fn ca_proof_of_possession_and_groups() {
             "attestation.x509.caReferences.primary"
         );
 
+        // The CA cannot be deleted while a group references it.
+        let (status, err, _) = send(s.request(Method::DELETE, "/certificates/fleet-root"));
+        assert_eq!((status, error_code(&err)), (409, 409_203), "{err}");
+
         // Symmetric-key group and the group query.
         let (status, _, _) = send(
             s.request(Method::PUT, "/enrollmentGroups/sk")
@@ -299,6 +303,19 @@ fn ca_proof_of_possession_and_groups() {
         let (status, err, _) = send(s.request(Method::GET, "/registrations/nobody"));
         assert_eq!((status, error_code(&err)), (404, 404_202));
     });
+}
+
+#[test]
+fn expired_enrollment_certificates_are_refused() {
+    let s = TestServer::start(Backend::Sqlite);
+    let expired = pki::expired_self_signed("old-dev");
+    let body = json!({"attestation": {"type": "x509", "x509": {"clientCertificates": {"primary": {"certificate": expired}}}}});
+    let (status, err, _) = send(s.request(Method::PUT, "/enrollments/old-dev").json(&body));
+    assert_eq!((status, error_code(&err)), (400, 400_004), "{err}");
+    assert!(
+        err["message"].as_str().unwrap().contains("expired"),
+        "{err}"
+    );
 }
 
 #[test]

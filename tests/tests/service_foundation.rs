@@ -212,6 +212,14 @@ fn tls_offers_1_2_and_passes_client_certificates_to_handlers() {
 }
 
 #[test]
+fn wrong_method_is_a_405_with_error_json() {
+    let s = TestServer::start(Backend::Sqlite);
+    let (status, err, headers) = send(s.request(Method::PATCH, "/enrollments/x"));
+    assert_eq!((status, error_code(&err)), (405, 405_001));
+    assert_eq!(headers["x-ms-error-code"], "405001");
+}
+
+#[test]
 fn health_and_metrics() {
     let s = TestServer::start(Backend::Sqlite);
     let base = format!("https://localhost:{}", s.https_port());

@@ -184,11 +184,48 @@ async fn delete(
     authorize(&req, &state, Rights::SERVICE_CONFIG).await?;
     let name = name.into_inner();
     let etag = if_match(req.headers())?;
-    blocking_for(&state, ErrorCode::CertificateNotFound, move |store| {
-        store.delete(Collection::CaCertificates, &name, etag.as_deref())
+    let in_use = blocking_for(&state, ErrorCode::CertificateNotFound, move |store| {
+        if let Some(group) = group_referencing(store, &name)? {
+            return Ok(Some(group));
+        }
+        store
+            .delete(Collection::CaCertificates, &name, etag.as_deref())
+            .map(|_| None)
     })
     .await?;
+    if let Some(group) = in_use {
+        return Err(ApiError::new(
+            ErrorCode::CertificateInUse,
+            format!("enrollment group {group:?} references this CA certificate"),
+        ));
+    }
     Ok(HttpResponse::NoContent().finish())
+}
+
+/// The first enrollment group whose `caReferences` names `name`, if any.
+fn group_referencing(
+    store: &dyn crate::db::DocumentStore,
+    name: &str,
+) -> Result<Option<String>, crate::db::StoreError> {
+    let mut continuation: Option<String> = None;
+    loop {
+        let page = store.list(
+            Collection::EnrollmentGroups,
+            None,
+            1000,
+            continuation.as_deref(),
+        )?;
+        for doc in &page.items {
+            let references = crate::enrollment::ca_references(&doc.body);
+            if references.iter().any(|r| r.eq_ignore_ascii_case(name)) {
+                return Ok(Some(doc.id.clone()));
+            }
+        }
+        match page.continuation {
+            Some(next) => continuation = Some(next),
+            None => return Ok(None),
+        }
+    }
 }
 
 fn require_if_match(req: &HttpRequest) -> Result<String, ApiError> {

@@ -66,10 +66,14 @@ pub enum ErrorCode {
     EnrollmentGroupNotFound,
     CertificateNotFound,
     PolicyNotFound,
+    /// The resource exists but not with this HTTP method.
+    MethodNotAllowed,
     /// A create collided with an existing entry (PUT without `If-Match`).
     AlreadyExists,
     /// The operation would leave the service without a policy that can manage it.
     WouldLockOut,
+    /// A CA certificate still referenced by an enrollment group cannot be deleted.
+    CertificateInUse,
     /// `If-Match` did not match the stored etag.
     PreconditionFailed,
     /// The body is larger than we accept.
@@ -110,8 +114,10 @@ impl ErrorCode {
         ErrorCode::EnrollmentGroupNotFound,
         ErrorCode::CertificateNotFound,
         ErrorCode::PolicyNotFound,
+        ErrorCode::MethodNotAllowed,
         ErrorCode::AlreadyExists,
         ErrorCode::WouldLockOut,
+        ErrorCode::CertificateInUse,
         ErrorCode::PreconditionFailed,
         ErrorCode::PayloadTooLarge,
         ErrorCode::Internal,
@@ -157,8 +163,10 @@ impl ErrorCode {
             EnrollmentGroupNotFound => (StatusCode::NOT_FOUND, 404_203, "EnrollmentGroupNotFound"),
             CertificateNotFound => (StatusCode::NOT_FOUND, 404_204, "CertificateNotFound"),
             PolicyNotFound => (StatusCode::NOT_FOUND, 404_205, "PolicyNotFound"),
+            MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, 405_001, "MethodNotAllowed"),
             AlreadyExists => (StatusCode::CONFLICT, 409_201, "AlreadyExists"),
             WouldLockOut => (StatusCode::CONFLICT, 409_202, "WouldLockOut"),
+            CertificateInUse => (StatusCode::CONFLICT, 409_203, "CertificateInUse"),
             PreconditionFailed => (
                 StatusCode::PRECONDITION_FAILED,
                 412_001,
@@ -331,8 +339,10 @@ mod tests {
             (ErrorCode::EnrollmentGroupNotFound, 404, 404_203),
             (ErrorCode::CertificateNotFound, 404, 404_204),
             (ErrorCode::PolicyNotFound, 404, 404_205),
+            (ErrorCode::MethodNotAllowed, 405, 405_001),
             (ErrorCode::AlreadyExists, 409, 409_201),
             (ErrorCode::WouldLockOut, 409, 409_202),
+            (ErrorCode::CertificateInUse, 409, 409_203),
             (ErrorCode::PreconditionFailed, 412, 412_001),
             (ErrorCode::PayloadTooLarge, 413, 413_001),
             (ErrorCode::Internal, 500, 500_000),

@@ -119,6 +119,14 @@ pub async fn observe(
             Some(e) if e.as_error::<ApiError>().is_none() => Some(framework_error(e)),
             _ => None,
         };
+        let framework_error = framework_error.or_else(|| {
+            (response.status() == actix_web::http::StatusCode::METHOD_NOT_ALLOWED).then(|| {
+                ApiError::new(
+                    ErrorCode::MethodNotAllowed,
+                    format!("{method} is not allowed on this resource"),
+                )
+            })
+        });
         let api_error = framework_error.as_ref().or_else(|| {
             response.response().error().and_then(|e| e.as_error::<ApiError>())
         });
@@ -158,13 +166,15 @@ fn framework_error(error: &actix_web::Error) -> ApiError {
     let status = error.as_response_error().status_code();
     let code = match status.as_u16() {
         413 => ErrorCode::PayloadTooLarge,
-        404 | 405 => ErrorCode::NotFound,
+        404 => ErrorCode::NotFound,
+        405 => ErrorCode::MethodNotAllowed,
         400..=499 => ErrorCode::InvalidField,
         _ => return ApiError::internal(error),
     };
     let message = match code {
         ErrorCode::PayloadTooLarge => format!("the body is larger than {MAX_BODY_BYTES} bytes"),
-        ErrorCode::NotFound => "no such resource or method".to_string(),
+        ErrorCode::NotFound => "no such resource".to_string(),
+        ErrorCode::MethodNotAllowed => "this method is not allowed on this resource".to_string(),
         _ => error.to_string(),
     };
     ApiError::new(code, message)
@@ -196,12 +206,19 @@ pub async fn authorize(
         .get(actix_web::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     let caller = match auth::parse_authorization(header)? {
-        Credential::Bearer(token) => auth::verify_token(
-            &token,
-            &state.instance.token_secret,
-            &state.instance.id_scope,
-            crate::time::now_unix(),
-        )?,
+        Credential::Bearer(token) => {
+            let secret = blocking(state, |store| {
+                store.setting_get(crate::bootstrap::TOKEN_SECRET_KEY)
+            })
+            .await?
+            .ok_or_else(|| ApiError::internal("the token secret is missing"))?;
+            auth::verify_token(
+                &token,
+                &secret,
+                &state.instance.id_scope,
+                crate::time::now_unix(),
+            )?
+        }
         Credential::Sas(token) => {
             let name = token.skn.clone().unwrap_or_default();
             let doc = blocking(state, move |store| {

@@ -53,3 +53,7 @@ pub async fn start(addr: SocketAddr, acceptor: SslAcceptor) -> std::io::Result<S
     });
     Ok(bound)
 }
+
+/// Placeholder until the MQTT engine lands: a handle to a connection that never exists.
+#[derive(Clone)]
+pub struct Outbound;

@@ -1,0 +1,1 @@
+//! The IoT Hub query language subset (being written).
