@@ -15,9 +15,10 @@ use zerotouch_attestation::symmetric_key::{self, SasError, SasToken};
 
 use crate::http::error::{ApiError, ErrorCode};
 
-/// Rights of spec §4.1, as a small bit set.
+/// Rights, as a small bit set: the DPS rights of dps-protocol §4.1 and the IoT Hub rights of
+/// hub-protocol §1.4. A DPS policy holds only DPS rights, a hub policy only hub rights.
 #[derive(Clone, Copy, PartialEq, Eq, Default)]
-pub struct Rights(u8);
+pub struct Rights(u16);
 
 impl Rights {
     pub const SERVICE_CONFIG: Rights = Rights(1);
@@ -26,22 +27,36 @@ impl Rights {
     pub const REGISTRATION_STATUS_READ: Rights = Rights(1 << 3);
     pub const REGISTRATION_STATUS_WRITE: Rights = Rights(1 << 4);
     pub const DEVICE_CONNECT: Rights = Rights(1 << 5);
+    pub const REGISTRY_READ: Rights = Rights(1 << 6);
+    pub const REGISTRY_WRITE: Rights = Rights(1 << 7);
+    pub const SERVICE_CONNECT: Rights = Rights(1 << 8);
+    /// Every DPS right (what `provisioningserviceowner` holds).
     pub const ALL: Rights = Rights(0b11_1111);
+    /// Every IoT Hub right (what `iothubowner` holds).
+    pub const HUB_ALL: Rights = Rights((1 << 5) | (1 << 6) | (1 << 7) | (1 << 8));
 
-    const NAMES: [(Rights, &'static str); 6] = [
+    const NAMES: [(Rights, &'static str); 9] = [
         (Rights::SERVICE_CONFIG, "ServiceConfig"),
         (Rights::ENROLLMENT_READ, "EnrollmentRead"),
         (Rights::ENROLLMENT_WRITE, "EnrollmentWrite"),
         (Rights::REGISTRATION_STATUS_READ, "RegistrationStatusRead"),
         (Rights::REGISTRATION_STATUS_WRITE, "RegistrationStatusWrite"),
         (Rights::DEVICE_CONNECT, "DeviceConnect"),
+        (Rights::REGISTRY_READ, "RegistryRead"),
+        (Rights::REGISTRY_WRITE, "RegistryWrite"),
+        (Rights::SERVICE_CONNECT, "ServiceConnect"),
     ];
+
+    /// Rights in `self` that are not in `allowed`.
+    pub fn outside(self, allowed: Rights) -> Rights {
+        Rights(self.0 & !allowed.0)
+    }
 
     pub fn contains(self, other: Rights) -> bool {
         self.0 & other.0 == other.0
     }
 
-    pub fn union(self, other: Rights) -> Rights {
+    pub const fn union(self, other: Rights) -> Rights {
         Rights(self.0 | other.0)
     }
 

@@ -95,6 +95,7 @@ pub fn bootstrap(settings: &Settings, store: &dyn DocumentStore) -> anyhow::Resu
         .setting_init(TOKEN_SECRET_KEY, &auth::generate_token_secret())
         .context("storing the token secret")?;
     ensure_owner_policy(store)?;
+    crate::hub::auth::ensure_policies(store).context("creating the hub policies")?;
 
     let ca = load_or_create_ca(&paths, &id_scope)?;
     write_public(&paths.ca_bundle, &ca.trust_bundle_pem())?;
@@ -164,6 +165,12 @@ fn ensure_owner_policy(store: &dyn DocumentStore) -> anyhow::Result<()> {
         Ok(_) | Err(StoreError::Conflict) => Ok(()),
         Err(e) => Err(e).context("creating the owner policy"),
     }
+}
+
+/// The hub's `iothubowner` policy, for `zerotouch credentials`.
+pub fn hub_owner_policy(store: &dyn DocumentStore) -> anyhow::Result<AuthorizationPolicy> {
+    crate::hub::auth::policy(store, crate::hub::auth::OWNER)?
+        .context("the iothubowner policy is missing")
 }
 
 /// The owner policy, for `zerotouch credentials`.

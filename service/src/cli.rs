@@ -76,10 +76,19 @@ pub struct Remote {
     pub ca_file: Option<PathBuf>,
 }
 
+#[derive(Debug, Args, Clone)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub local: Local,
+    /// What to run: all (provisioning and hub), hub or dps. Overrides service.role.
+    #[arg(long, value_enum)]
+    pub role: Option<crate::config::Role>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the service (HTTPS and MQTT listeners).
-    Serve(Local),
+    Serve(ServeArgs),
     /// Print the ID scope, connection strings and CA bundle path.
     Credentials {
         #[command(flatten)]
@@ -363,8 +372,11 @@ pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
 /// Runs a parsed command; `serve` blocks until the service stops.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(local) => {
-            let settings = local.settings()?;
+        Command::Serve(args) => {
+            let mut settings = args.local.settings()?;
+            if let Some(role) = args.role {
+                settings.service.role = role;
+            }
             crate::logging::init(&settings.log);
             crate::server::serve(settings)
         }
@@ -401,15 +413,24 @@ fn open_local(settings: &Settings) -> anyhow::Result<(db::Database, bootstrap::I
 pub fn credentials(settings: &Settings) -> anyhow::Result<Value> {
     let (store, instance) = open_local(settings)?;
     let owner = bootstrap::owner_policy(&store)?;
+    let hub_owner = bootstrap::hub_owner_policy(&store)?;
     let ca_bundle = std::fs::canonicalize(&instance.paths.ca_bundle)
         .unwrap_or_else(|_| instance.paths.ca_bundle.clone());
-    Ok(json!({
+    let mut out = json!({
         "idScope": instance.id_scope,
         "dpsConnectionString": bootstrap::connection_string(&settings.public_host(), &owner),
         "caBundlePath": ca_bundle,
         "httpsEndpoint": format!("https://{}", settings.public_host()),
         "mqttPort": settings.listen.mqtt.port(),
-    }))
+    });
+    if settings.service.role.runs_hub() {
+        out["hubConnectionString"] = json!(bootstrap::connection_string(
+            &settings.hub_public_host(),
+            &hub_owner
+        ));
+        out["hubHostName"] = json!(settings.hub_hostname());
+    }
+    Ok(out)
 }
 
 fn token(command: TokenCommand) -> anyhow::Result<()> {

@@ -23,7 +23,58 @@ pub struct Settings {
     pub listen: Listen,
     pub database: Database,
     pub service: Service,
+    pub hub: Hub,
+    pub telemetry: TelemetrySettings,
     pub log: Log,
+}
+
+/// Which parts of the service run in this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Provisioning and the hub (the default).
+    #[default]
+    All,
+    /// The hub alone.
+    Hub,
+    /// Provisioning alone.
+    Dps,
+}
+
+impl Role {
+    pub fn runs_hub(self) -> bool {
+        matches!(self, Role::All | Role::Hub)
+    }
+
+    pub fn runs_dps(self) -> bool {
+        matches!(self, Role::All | Role::Dps)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Hub {
+    /// The hub's `HostName` (in connection strings and device usernames). Unset: the first of
+    /// `service.hostnames`. It must be one of `service.hostnames` so the TLS certificate covers it.
+    pub hostname: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetrySettings {
+    /// Telemetry older than this is deleted.
+    pub retention_hours: u64,
+    /// Beyond this many stored bytes, the oldest telemetry is deleted.
+    pub max_bytes: u64,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        TelemetrySettings {
+            retention_hours: 24 * 7,
+            max_bytes: 1 << 30,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -75,6 +126,8 @@ pub struct Service {
     /// Port written into connection strings when clients reach the HTTPS listener through a
     /// different port than it binds (a proxy or port forward). Unset: the listener's port.
     pub public_https_port: Option<u16>,
+    /// `all` (provisioning and hub), `hub` or `dps`. `zerotouch serve --role` overrides it.
+    pub role: Role,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,6 +161,7 @@ impl Default for Service {
             hostnames: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
             data_dir: PathBuf::from("zerotouch-data"),
             public_https_port: None,
+            role: Role::All,
         }
     }
 }
@@ -174,6 +228,17 @@ impl Settings {
             zerotouch_certs::check_hostname(host)
                 .map_err(|e| ConfigError::Invalid(format!("service.hostnames: {host:?}: {e}")))?;
         }
+        if let Some(hub) = &self.hub.hostname
+            && !self
+                .service
+                .hostnames
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case(hub))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "hub.hostname {hub:?} must be one of service.hostnames, so the certificate covers it"
+            )));
+        }
         if self.database.url.is_some() && self.database.url_file.is_some() {
             return Err(ConfigError::Invalid(
                 "database.url and database.url_file are mutually exclusive".into(),
@@ -207,6 +272,35 @@ impl Settings {
             "sqlite://{}",
             self.service.data_dir.join("zerotouch.db").display()
         ))
+    }
+
+    /// The hub's `HostName`.
+    pub fn hub_hostname(&self) -> String {
+        self.hub
+            .hostname
+            .clone()
+            .or_else(|| self.service.hostnames.first().cloned())
+            .unwrap_or_else(|| "localhost".to_string())
+    }
+
+    /// `HostName` for hub connection strings: the hub's name, with the HTTPS port unless 443
+    /// (service SDKs build `https://{HostName}`; device SDKs dial 8883 whatever it says).
+    pub fn hub_public_host(&self) -> String {
+        let host = self.hub_hostname();
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host
+        };
+        let port = self
+            .service
+            .public_https_port
+            .unwrap_or(self.listen.https.port());
+        if port == 443 {
+            host
+        } else {
+            format!("{host}:{port}")
+        }
     }
 
     /// The settings with secrets masked, for `zerotouch config` and logs.
@@ -306,6 +400,9 @@ mod tests {
         );
         assert_eq!(settings.log.format, LogFormat::Json);
         assert_eq!(settings.public_host(), "dps.example.com");
+        assert_eq!(settings.service.role, Role::Hub);
+        assert_eq!(settings.hub_public_host(), "10.0.0.5");
+        assert_eq!(settings.telemetry.retention_hours, 24);
     }
 
     #[test]

@@ -20,6 +20,10 @@ pub struct Bound {
     pub https: SocketAddr,
     pub mqtt: SocketAddr,
     pub instance: Arc<Instance>,
+    /// The MQTT listener (connection count for metrics, shutdown).
+    pub mqtt_listener: mqtt::listener::MqttListener,
+    /// The hub, when this process runs one.
+    pub hub: Option<Arc<crate::hub::Hub>>,
 }
 
 /// Opens storage, bootstraps, binds both listeners. Returns the bound addresses and the future
@@ -49,8 +53,39 @@ pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev:
     });
     let mqtt_tls = tls::acceptor(&paths.server_chain, &paths.server_key, &paths.ca_bundle)?.build();
 
+    let hub = if settings.service.role.runs_hub() {
+        let url = settings.database_url()?;
+        let retention = crate::telemetry::Retention {
+            max_age: std::time::Duration::from_secs(
+                settings.telemetry.retention_hours.saturating_mul(3600),
+            ),
+            max_bytes: settings.telemetry.max_bytes,
+            ..crate::telemetry::Retention::default()
+        };
+        let telemetry = web::block(move || crate::telemetry::Telemetry::start(&url, retention))
+            .await
+            .context("opening the telemetry store")?
+            .context("opening the telemetry store")?;
+        Some(Arc::new(crate::hub::Hub::new(
+            store.clone(),
+            settings.service.hostnames.clone(),
+            settings.hub_hostname(),
+            telemetry,
+        )))
+    } else {
+        None
+    };
+    let mqtt_app: Arc<dyn mqtt::Application> = match &hub {
+        Some(hub) => Arc::new(crate::hub::mqtt::HubApplication::new(
+            hub.clone(),
+            instance.ca.trust_bundle_pem(),
+        )),
+        None => Arc::new(mqtt::RefuseAll),
+    };
+
     let state = web::Data::new(AppState {
-        store,
+        hub: hub.clone(),
+        store: store.clone(),
         settings: settings.clone(),
         instance: instance.clone(),
         metrics: http::metrics::Metrics::new().context("creating metrics")?,
@@ -71,15 +106,24 @@ pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev:
         .context("the HTTPS listener has no address")?;
     let server = server.shutdown_timeout(5).run();
 
-    let mqtt = mqtt::listener::start(settings.listen.mqtt, mqtt_tls)
-        .await
-        .with_context(|| format!("binding MQTT to {}", settings.listen.mqtt))?;
+    let mqtt_listener = mqtt::listener::start(
+        settings.listen.mqtt,
+        mqtt_tls,
+        mqtt_app,
+        store,
+        mqtt::listener::MqttLimits::default(),
+    )
+    .await
+    .with_context(|| format!("binding MQTT to {}", settings.listen.mqtt))?;
+    let mqtt = mqtt_listener.local_addr();
     tracing::info!(%https, %mqtt, id_scope = %instance.id_scope, "zerotouch is ready");
     Ok((
         Bound {
             https,
             mqtt,
             instance,
+            mqtt_listener,
+            hub,
         },
         server,
     ))
@@ -141,6 +185,11 @@ impl Running {
             // The stop future completes once the server has shut down; drive it on a tiny runtime.
             actix_web::rt::System::new().block_on(async move { handle.stop(true).await });
             let _ = thread.join();
+            self.bound.mqtt_listener.shutdown();
+            if let Some(hub) = &self.bound.hub {
+                // Flush and stop the telemetry writer, so a restart in this process reopens cleanly.
+                hub.telemetry.shutdown();
+            }
         }
     }
 }

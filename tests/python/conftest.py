@@ -2,6 +2,7 @@
 once on SQLite (the default) and once on PostgreSQL chosen only through ZEROTOUCH__DATABASE__URL."""
 
 import json
+import random
 import os
 import socket
 import subprocess
@@ -19,34 +20,64 @@ PG_ADMIN_URL = os.environ.get("ZEROTOUCH_TEST_PG_URL", "postgres://postgres@127.
 BACKENDS = ["sqlite"] if os.environ.get("ZEROTOUCH_TEST_SKIP_PG") == "1" else ["sqlite", "postgres"]
 
 
-def free_port():
+def free_port(ip="127.0.0.1"):
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((ip, 0))
         return s.getsockname()[1]
+
+
+def free_loopback_ip():
+    """A 127.0.0.x whose port 8883 is free: the Azure device SDK always dials 8883, so each
+    server gets an address of its own and tests can run side by side."""
+    for _ in range(200):
+        ip = f"127.0.{random.randint(1, 254)}.{random.randint(2, 254)}"
+        with socket.socket() as s:
+            try:
+                s.bind((ip, 8883))
+                return ip
+            except OSError:
+                continue
+    raise RuntimeError("no free loopback address with port 8883")
 
 
 class Server:
     def __init__(self, data_dir: Path, env: dict):
         self.data_dir = data_dir
         self.env = env
-        self.https_port = free_port()
-        self.mqtt_port = free_port()
+        self.ip = free_loopback_ip()
+        self.https_port = free_port(self.ip)
+        self.mqtt_port = 8883
         self.config = data_dir.parent / "zerotouch.toml"
         self.config.write_text(
             "[listen]\n"
-            f'https = "127.0.0.1:{self.https_port}"\n'
-            f'mqtt = "127.0.0.1:{self.mqtt_port}"\n'
+            f'https = "{self.ip}:{self.https_port}"\n'
+            f'mqtt = "{self.ip}:{self.mqtt_port}"\n'
             "[service]\n"
-            'hostnames = ["localhost", "127.0.0.1"]\n'
+            f'hostnames = ["{self.ip}", "localhost"]\n'
         )
-        self.log = open(data_dir.parent / "server.log", "wb")
+        self.log_path = data_dir.parent / "server.log"
+        self.process = None
+        self.credentials = None
+        self.start()
+
+    def start(self):
+        self.log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [str(BINARY), "serve", "--config", str(self.config), "--data-dir", str(data_dir)],
+            [str(BINARY), "serve", "--config", str(self.config), "--data-dir", str(self.data_dir)],
             stdout=self.log,
             stderr=subprocess.STDOUT,
             env=self.env,
         )
-        self.credentials = None
+
+    def restart(self, kill=False):
+        if kill:
+            self.process.kill()
+            self.process.wait(timeout=10)
+            self.log.close()
+        else:
+            self.stop()
+        self.start()
+        self.wait_ready()
 
     def wait_ready(self, timeout=60):
         deadline = time.time() + timeout
@@ -56,7 +87,7 @@ class Server:
                 raise RuntimeError(f"zerotouch exited with {self.process.returncode}")
             if bundle.exists():
                 try:
-                    r = requests.get(f"https://localhost:{self.https_port}/healthz", verify=str(bundle), timeout=2)
+                    r = requests.get(f"https://{self.ip}:{self.https_port}/healthz", verify=str(bundle), timeout=2)
                     if r.status_code == 200:
                         break
                 except requests.RequestException:
@@ -73,6 +104,9 @@ class Server:
         self.credentials = json.loads(out.stdout)
 
     def stop(self):
+        if self.process.poll() is not None:
+            self.log.close()
+            return
         self.process.terminate()
         try:
             self.process.wait(timeout=10)
@@ -105,5 +139,7 @@ def server(request):
             yield srv
         finally:
             srv.stop()
+            if request.node.session.testsfailed:
+                print(srv.log_path.read_text(errors="replace")[-4000:])
             if database:
                 psql(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")

@@ -12,7 +12,7 @@ from azure.iot.deviceprovisioning import DeviceProvisioningClient
 def client(server):
     creds = server.credentials
     assert creds["idScope"].startswith("0ne") and len(creds["idScope"]) == 11
-    assert f"HostName=localhost:{server.https_port};" in creds["dpsConnectionString"]
+    assert f"HostName={server.ip}:{server.https_port};" in creds["dpsConnectionString"]
     return DeviceProvisioningClient.from_connection_string(
         creds["dpsConnectionString"], connection_verify=creds["caBundlePath"]
     )

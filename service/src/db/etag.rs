@@ -27,8 +27,9 @@ pub(crate) fn stored_form(tag: &str) -> String {
 }
 
 /// True for `*` (after trimming): match any existing version.
+/// `*`, also quoted: the Azure service SDKs send `If-Match: "*"` when the caller gives no etag.
 pub(crate) fn is_any(tag: &str) -> bool {
-    tag.trim() == ANY
+    bare(tag) == ANY
 }
 
 #[cfg(test)]
@@ -49,6 +50,14 @@ mod tests {
     }
 
     #[test]
+    fn star_matches_quoted_or_not() {
+        for any in ["*", " * ", "\"*\"", "W/\"*\""] {
+            assert!(is_any(any), "{any:?}");
+        }
+        assert!(!is_any("\"abc\""));
+    }
+
+    #[test]
     fn fresh_tags_are_quoted_and_distinct() {
         let a = fresh();
         let b = fresh();
@@ -63,6 +72,6 @@ mod tests {
     fn star_means_any() {
         assert!(is_any("*"));
         assert!(is_any(" * "));
-        assert!(!is_any("\"*\""));
+        assert!(!is_any("*x"));
     }
 }

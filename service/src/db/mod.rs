@@ -20,6 +20,7 @@ mod continuation;
 mod etag;
 mod schema;
 mod store;
+pub mod telemetry;
 
 #[cfg(test)]
 mod tests;

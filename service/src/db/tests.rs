@@ -23,10 +23,11 @@ const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 const C: Collection = Collection::IndividualEnrollments;
 const THREADS: usize = 8;
 
-/// A database nobody has opened yet.
-struct Empty {
-    url: String,
-    cleanup: Cleanup,
+/// A database nobody has opened yet. Also used by the telemetry tests (re-exported as
+/// `db::telemetry::TestDatabase`).
+pub(crate) struct Empty {
+    pub(crate) url: String,
+    pub(crate) cleanup: Cleanup,
 }
 
 /// An opened database.
@@ -38,7 +39,7 @@ struct Fixture {
 }
 
 /// Held for its `Drop`: a [`tempfile::TempDir`] or a [`PgDatabase`].
-type Cleanup = Box<dyn std::any::Any>;
+pub(crate) type Cleanup = Box<dyn std::any::Any>;
 
 /// Drops the PostgreSQL database, even when the test panicked.
 struct PgDatabase {
@@ -65,7 +66,7 @@ impl Drop for PgDatabase {
 }
 
 impl Empty {
-    fn sqlite() -> Option<Empty> {
+    pub(crate) fn sqlite() -> Option<Empty> {
         let dir = tempfile::tempdir().unwrap();
         // A nested path: open() must create the directories.
         let url = format!("sqlite://{}/state/db/zerotouch.db", dir.path().display());
@@ -75,7 +76,7 @@ impl Empty {
         })
     }
 
-    fn postgres() -> Option<Empty> {
+    pub(crate) fn postgres() -> Option<Empty> {
         if std::env::var("ZEROTOUCH_TEST_SKIP_PG").is_ok_and(|v| v == "1") {
             eprintln!("PostgreSQL test skipped: ZEROTOUCH_TEST_SKIP_PG=1");
             return None;

@@ -9,6 +9,7 @@ pub mod certificates;
 pub mod enrollments;
 pub mod error;
 pub mod health;
+pub mod hub;
 pub mod metrics;
 pub mod policies;
 pub mod registrations;
@@ -39,6 +40,8 @@ pub const MAX_PAGE: usize = 1000;
 /// Shared by every handler.
 pub struct AppState {
     pub store: Arc<dyn DocumentStore>,
+    /// The hub, when this process runs one.
+    pub hub: Option<Arc<crate::hub::Hub>>,
     pub settings: Settings,
     pub instance: Arc<Instance>,
     pub metrics: metrics::Metrics,
@@ -72,6 +75,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .configure(registrations::configure)
     .configure(certificates::configure)
     .configure(policies::configure)
+    .configure(hub::configure)
     .default_service(web::to(|| async {
         Err::<HttpResponse, _>(ApiError::new(ErrorCode::NotFound, "no such resource"))
     }));
@@ -116,7 +120,12 @@ pub async fn observe(
             .unwrap_or_else(|| "unmatched".to_string());
         // Framework errors (payload limits, unknown methods…) get the same Azure error JSON.
         let framework_error = match response.response().error() {
-            Some(e) if e.as_error::<ApiError>().is_none() => Some(framework_error(e)),
+            Some(e)
+                if e.as_error::<ApiError>().is_none()
+                    && e.as_error::<crate::hub::error::HubError>().is_none() =>
+            {
+                Some(framework_error(e))
+            }
             _ => None,
         };
         let framework_error = framework_error.or_else(|| {
@@ -130,7 +139,28 @@ pub async fn observe(
         let api_error = framework_error.as_ref().or_else(|| {
             response.response().error().and_then(|e| e.as_error::<ApiError>())
         });
-        let mut response = match api_error {
+        // Hub routes answer in IoT Hub's error shape.
+        let on_hub = hub::is_hub_path(&path);
+        let hub_error = match (api_error, on_hub) {
+            (Some(error), true) => Some(crate::hub::error::HubError::from_api(error)),
+            _ => None,
+        };
+        let hub_error = hub_error.as_ref().or_else(|| {
+            response
+                .response()
+                .error()
+                .and_then(|e| e.as_error::<crate::hub::error::HubError>())
+        });
+        let mut response = if let Some(error) = hub_error {
+            match error.internal_detail() {
+                Some(detail) if error.status().is_server_error() => {
+                    tracing::error!(code = ?error.code, detail, "request failed")
+                }
+                _ => tracing::info!(code = ?error.code, message = %error.message, "request refused"),
+            }
+            let rendered = error.render(&request_id);
+            response.into_response(rendered)
+        } else { match api_error {
             Some(error) => {
                 match error.internal_detail() {
                     Some(detail) if error.status().is_server_error() => {
@@ -143,7 +173,7 @@ pub async fn observe(
                 response.into_response(rendered)
             }
             None => response.map_into_boxed_body(),
-        };
+        } };
         if let Ok(value) = actix_web::http::header::HeaderValue::from_str(&request_id) {
             response.headers_mut().insert(
                 actix_web::http::header::HeaderName::from_static("x-ms-request-id"),
@@ -200,6 +230,12 @@ pub async fn authorize(
     state: &web::Data<AppState>,
     needed: Rights,
 ) -> Result<Caller, ApiError> {
+    if !state.settings.service.role.runs_dps() {
+        return Err(ApiError::new(
+            ErrorCode::NotFound,
+            "this instance runs only the hub (--role hub)",
+        ));
+    }
     require_api_version(req)?;
     let header = req
         .headers()

@@ -135,6 +135,17 @@ async fn put(
             "name at least one right",
         ));
     }
+    let foreign = rights.outside(Rights::ALL);
+    if foreign != Rights::default() {
+        return Err(ApiError::field(
+            ErrorCode::InvalidField,
+            "rights",
+            format!(
+                "{foreign} are hub rights; a provisioning policy holds only {}",
+                Rights::ALL
+            ),
+        ));
+    }
     let write = write_mode(req.headers())?;
     let mut keys = Vec::new();
     for (field, key) in [

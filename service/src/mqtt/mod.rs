@@ -18,13 +18,21 @@ use bytes::Bytes;
 
 use crate::tls::PeerCertificates;
 
+mod codec;
+mod connection;
 pub mod listener;
+mod outbound;
+mod sessions;
+mod topic;
+
+#[cfg(test)]
+mod tests;
 
 /// A boxed future, so applications can be trait objects.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// A CONNECT, with what the TLS layer saw.
-#[derive(Debug, Clone)]
+/// A CONNECT, with what the TLS layer saw. `Debug` never prints the password.
+#[derive(Clone)]
 pub struct ConnectRequest {
     pub client_id: String,
     pub username: Option<String>,
@@ -34,6 +42,19 @@ pub struct ConnectRequest {
     pub keep_alive_secs: u16,
     pub peer_certificates: Option<PeerCertificates>,
     pub remote: SocketAddr,
+}
+
+impl std::fmt::Debug for ConnectRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectRequest")
+            .field("client_id", &self.client_id)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "[redacted]"))
+            .field("clean_session", &self.clean_session)
+            .field("keep_alive_secs", &self.keep_alive_secs)
+            .field("remote", &self.remote)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a CONNECT is refused: the CONNACK return code.
@@ -132,3 +153,17 @@ pub trait Session: Send + Sync + 'static {
 pub struct Closed;
 
 pub use listener::Outbound;
+
+/// Refuses every CONNECT with CONNACK 0x05: the application until the hub is wired in.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RefuseAll;
+
+impl Application for RefuseAll {
+    fn connect(
+        &self,
+        _request: ConnectRequest,
+        _outbound: Outbound,
+    ) -> BoxFuture<'_, Result<Accepted, Refusal>> {
+        Box::pin(async { Err(Refusal::NotAuthorized) })
+    }
+}

@@ -1,0 +1,116 @@
+//! `/devices/{id}`: the identity registry, and `/statistics`.
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{authorize, if_match, json_body};
+use crate::auth::Rights;
+use crate::db::Collection;
+use crate::http::AppState;
+use crate::hub::blocking;
+use crate::hub::device::DeviceStatus;
+use crate::hub::error::HubError;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(web::resource("/devices").route(web::get().to(list)))
+        .service(
+            web::resource("/devices/{id}")
+                .route(web::get().to(get))
+                .route(web::put().to(put))
+                .route(web::delete().to(delete)),
+        )
+        .service(web::resource("/statistics/devices").route(web::get().to(registry_statistics)))
+        .service(web::resource("/statistics/service").route(web::get().to(service_statistics)));
+}
+
+async fn get(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, HubError> {
+    let (hub, _) = authorize(&req, &state, &[Rights::REGISTRY_READ]).await?;
+    Ok(HttpResponse::Ok().json(hub.device_view(&id).await?))
+}
+
+async fn put(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    body: web::Bytes,
+) -> Result<HttpResponse, HubError> {
+    let (hub, _) = authorize(&req, &state, &[Rights::REGISTRY_WRITE]).await?;
+    let body = json_body(&body)?;
+    let device = hub.put_device(&id, body, if_match(&req)?).await?;
+    Ok(HttpResponse::Ok().json(device))
+}
+
+async fn delete(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, HubError> {
+    let (hub, _) = authorize(&req, &state, &[Rights::REGISTRY_WRITE]).await?;
+    hub.delete_device(&id, if_match(&req)?).await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    top: Option<i64>,
+}
+
+async fn list(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    query: web::Query<ListQuery>,
+) -> Result<HttpResponse, HubError> {
+    let (hub, _) = authorize(&req, &state, &[Rights::REGISTRY_READ]).await?;
+    // As IoT Hub: a top outside 1..=1000 means 1000.
+    let top = query
+        .top
+        .filter(|t| (1..=1000).contains(t))
+        .map_or(1000, |t| t as usize);
+    Ok(HttpResponse::Ok().json(hub.list_devices(top).await?))
+}
+
+async fn registry_statistics(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, HubError> {
+    let (hub, _) = authorize(&req, &state, &[Rights::REGISTRY_READ]).await?;
+    let (total, enabled) = blocking(hub.store(), |s| {
+        let mut total = 0u64;
+        let mut enabled = 0u64;
+        let mut continuation: Option<String> = None;
+        loop {
+            let page = s.list(Collection::Devices, None, 1000, continuation.as_deref())?;
+            for doc in &page.items {
+                total += 1;
+                if doc.body.get("status").and_then(|v| v.as_str())
+                    == Some(DeviceStatus::Enabled.as_str())
+                {
+                    enabled += 1;
+                }
+            }
+            match page.continuation {
+                Some(next) => continuation = Some(next),
+                None => return Ok((total, enabled)),
+            }
+        }
+    })
+    .await?;
+    Ok(HttpResponse::Ok().json(json!({
+        "totalDeviceCount": total,
+        "enabledDeviceCount": enabled,
+        "disabledDeviceCount": total - enabled,
+    })))
+}
+
+async fn service_statistics(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, HubError> {
+    let (hub, _) = authorize(&req, &state, &[Rights::SERVICE_CONNECT]).await?;
+    Ok(HttpResponse::Ok().json(json!({"connectedDeviceCount": hub.connected_count()})))
+}

@@ -1,0 +1,279 @@
+//! Messages: device telemetry over HTTPS (`POST /devices/{id}/messages/events`, hub-protocol
+//! §6), cloud-to-device sends (`POST /devices/{id}/messages/deviceBound`), and the telemetry
+//! consumer (`GET /messages/events`, by offset, with long-polling).
+
+use std::time::Duration;
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use zerotouch_attestation::symmetric_key::SasToken;
+
+use super::{authorize, hub_of};
+use crate::auth::Rights;
+use crate::http::{AppState, peer_certificates};
+use crate::hub::auth::{self, DeviceAuthFailure};
+use crate::hub::c2d::OutgoingMessage;
+use crate::hub::error::{HubError, HubErrorCode};
+use crate::hub::mqtt::telemetry_message;
+use crate::hub::{Hub, HubMetrics, blocking};
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(web::resource("/devices/{id}/messages/events").route(web::post().to(device_event)))
+        .service(
+            web::resource("/devices/{id}/messages/deviceBound").route(web::post().to(send_c2d)),
+        )
+        .service(web::resource("/messages/events").route(web::get().to(read_events)));
+}
+
+/// Longest a consumer may wait for new messages in one request.
+const MAX_WAIT_SECONDS: u64 = 60;
+
+fn header(req: &HttpRequest, name: &str) -> Option<String> {
+    req.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(String::from)
+}
+
+/// A device proves itself with a SAS token (its key, or a DeviceConnect policy) or its TLS
+/// client certificate.
+async fn authenticate_device(
+    req: &HttpRequest,
+    hub: &Hub,
+    device_id: &str,
+) -> Result<&'static str, HubError> {
+    let refused = |failure: DeviceAuthFailure| {
+        hub.metrics.auth_failure(failure.reason());
+        HubError::new(
+            HubErrorCode::IotHubUnauthorizedAccess,
+            format!("device refused: {}", failure.reason()),
+        )
+    };
+    let (device, _) = hub
+        .device(device_id)
+        .await?
+        .ok_or_else(|| refused(DeviceAuthFailure::UnknownDevice))?;
+    let now = crate::time::now_unix();
+    if let Some(header) = header(req, "authorization") {
+        let token = SasToken::parse(&header).map_err(|_| refused(DeviceAuthFailure::BadToken))?;
+        let policy = match token.skn.clone() {
+            Some(name) => blocking(hub.store(), move |s| auth::policy(s, &name)).await?,
+            None => None,
+        };
+        auth::verify_device_token(&token, &device, policy.as_ref(), hub, now).map_err(refused)?;
+        return Ok("sas");
+    }
+    let peer = peer_certificates(req).ok_or_else(|| refused(DeviceAuthFailure::NoCredentials))?;
+    let bundle = std::fs::read_to_string(&hub_ca_bundle(req)?).map_err(HubError::internal)?;
+    let trusted = blocking(hub.store(), move |s| auth::trusted_cas(s, &bundle)).await?;
+    auth::verify_device_certificate(&device, &peer.leaf, &peer.chain, &trusted, now as i64)
+        .map_err(refused)?;
+    Ok("x509")
+}
+
+fn hub_ca_bundle(req: &HttpRequest) -> Result<std::path::PathBuf, HubError> {
+    req.app_data::<web::Data<AppState>>()
+        .map(|s| s.instance.paths.ca_bundle.clone())
+        .ok_or_else(|| HubError::internal("no app state"))
+}
+
+/// `iothub-app-*` and the system headers of hub-protocol §6 → a property bag.
+fn properties_from_headers(req: &HttpRequest) -> Vec<(String, Option<String>)> {
+    let system = [
+        ("iothub-messageid", "$.mid"),
+        ("iothub-correlationid", "$.cid"),
+        ("iothub-userid", "$.uid"),
+        ("iothub-contenttype", "$.ct"),
+        ("iothub-contentencoding", "$.ce"),
+        ("iothub-creationtimeutc", "$.ctime"),
+        ("iothub-expiry", "$.exp"),
+    ];
+    let mut bag = Vec::new();
+    for (name, key) in system {
+        if let Some(value) = header(req, name) {
+            bag.push((key.to_string(), Some(value)));
+        }
+    }
+    if !bag.iter().any(|(k, _)| k == "$.ct")
+        && let Some(content_type) = header(req, "content-type")
+    {
+        bag.push(("$.ct".to_string(), Some(content_type)));
+    }
+    for (name, value) in req.headers() {
+        if let Some(app) = name.as_str().strip_prefix("iothub-app-")
+            && let Ok(value) = value.to_str()
+        {
+            bag.push((app.to_string(), Some(value.to_string())));
+        }
+    }
+    bag
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct BatchItem {
+    body: String,
+    #[serde(default)]
+    base64_encoded: bool,
+    #[serde(default)]
+    properties: std::collections::BTreeMap<String, String>,
+}
+
+async fn device_event(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    body: web::Bytes,
+) -> Result<HttpResponse, HubError> {
+    let hub = hub_of(&state)?;
+    let auth_method = authenticate_device(&req, &hub, &id).await?;
+    let batch = header(&req, "content-type")
+        .is_some_and(|ct| ct.starts_with("application/vnd.microsoft.iothub.json"));
+    let mut messages = Vec::new();
+    if batch {
+        let items: Vec<BatchItem> = serde_json::from_slice(&body).map_err(|e| {
+            HubError::new(HubErrorCode::ArgumentInvalid, format!("batch body: {e}"))
+        })?;
+        for item in items {
+            let payload = if item.base64_encoded {
+                B64.decode(&item.body).map_err(|_| {
+                    HubError::new(HubErrorCode::ArgumentInvalid, "a batch body is not base64")
+                })?
+            } else {
+                item.body.into_bytes()
+            };
+            let bag = item
+                .properties
+                .into_iter()
+                .map(|(k, v)| {
+                    (
+                        k.strip_prefix("iothub-app-").unwrap_or(&k).to_string(),
+                        Some(v),
+                    )
+                })
+                .collect();
+            messages.push((payload, bag));
+        }
+    } else {
+        messages.push((body.to_vec(), properties_from_headers(&req)));
+    }
+    let mut total = 0usize;
+    let mut built = Vec::with_capacity(messages.len());
+    for (payload, bag) in messages {
+        total += payload.len();
+        let message = telemetry_message(&id, auth_method, payload, bag)
+            .map_err(|why| HubError::new(HubErrorCode::MessageTooLarge, why))?;
+        built.push(message);
+    }
+    if total > crate::hub::mqtt::MAX_MESSAGE {
+        return Err(HubError::new(
+            HubErrorCode::MessageTooLarge,
+            "a batch is at most 256 KiB",
+        ));
+    }
+    let count = built.len() as u64;
+    for message in built {
+        hub.telemetry
+            .append(message)
+            .await
+            .map_err(HubError::store)?;
+    }
+    HubMetrics::count(&hub.metrics.messages_in, count);
+    HubMetrics::count(&hub.metrics.bytes_in, total as u64);
+    hub.touch(&id);
+    Ok(HttpResponse::NoContent().finish())
+}
+
+async fn send_c2d(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    body: web::Bytes,
+) -> Result<HttpResponse, HubError> {
+    let (hub, _) = authorize(&req, &state, &[Rights::SERVICE_CONNECT]).await?;
+    let mut properties = Vec::new();
+    for (name, value) in req.headers() {
+        if let Some(app) = name.as_str().strip_prefix("iothub-app-")
+            && let Ok(value) = value.to_str()
+        {
+            properties.push((app.to_string(), Some(value.to_string())));
+        }
+    }
+    let message = OutgoingMessage {
+        body: body.to_vec(),
+        message_id: header(&req, "iothub-messageid"),
+        correlation_id: header(&req, "iothub-correlationid"),
+        user_id: header(&req, "iothub-userid"),
+        content_type: header(&req, "iothub-contenttype").or_else(|| header(&req, "content-type")),
+        content_encoding: header(&req, "iothub-contentencoding"),
+        expiry_time_utc: header(&req, "iothub-expiry"),
+        ack: header(&req, "iothub-ack"),
+        properties,
+    };
+    let message_id = hub.send_c2d(&id, message).await?;
+    Ok(HttpResponse::NoContent()
+        .insert_header(("iothub-messageid", message_id))
+        .finish())
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ReadQuery {
+    from: Option<i64>,
+    limit: Option<usize>,
+    device_id: Option<String>,
+    /// Seconds to wait for a message at or after `from` when there is none yet.
+    wait: Option<u64>,
+}
+
+async fn read_events(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    query: web::Query<ReadQuery>,
+) -> Result<HttpResponse, HubError> {
+    let (hub, _) = authorize(&req, &state, &[Rights::SERVICE_CONNECT]).await?;
+    let from = query.from.unwrap_or(0).max(0);
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=crate::telemetry::MAX_READ).contains(&limit) {
+        return Err(HubError::new(
+            HubErrorCode::ArgumentInvalid,
+            format!("limit must be 1 to {}", crate::telemetry::MAX_READ),
+        ));
+    }
+    let wait = Duration::from_secs(query.wait.unwrap_or(0).min(MAX_WAIT_SECONDS));
+    let device = query.device_id.clone();
+    let read = |hub: std::sync::Arc<Hub>, device: Option<String>| async move {
+        let telemetry = hub.telemetry.clone();
+        tokio::task::spawn_blocking(move || telemetry.read(from, limit, device.as_deref()))
+            .await
+            .map_err(HubError::internal)?
+            .map_err(HubError::store)
+    };
+    let mut messages = read(hub.clone(), device.clone()).await?;
+    if messages.is_empty() && !wait.is_zero() {
+        // Wait for the next commit beyond what exists now; with a device filter, several
+        // commits may pass before one of that device's messages does.
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut target = from.max(hub.telemetry.last_offset() + 1);
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() || !hub.telemetry.wait_for(target, left).await {
+                break;
+            }
+            messages = read(hub.clone(), device.clone()).await?;
+            if !messages.is_empty() {
+                break;
+            }
+            target = hub.telemetry.last_offset() + 1;
+        }
+    }
+    let next_offset = messages.last().map_or(from, |m| m.offset + 1);
+    let messages: Vec<Value> = messages
+        .into_iter()
+        .map(|m| serde_json::to_value(m).unwrap_or(Value::Null))
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({"messages": messages, "nextOffset": next_offset})))
+}

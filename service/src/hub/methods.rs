@@ -1,0 +1,187 @@
+//! Direct methods (hub-protocol §2.5, §4.5): the service invokes, the device answers on
+//! `$iothub/methods/res/{status}/?$rid={rid}`.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use super::error::{HubError, HubErrorCode};
+use super::{Hub, HubMetrics};
+use crate::mqtt::QoS;
+
+/// Subscription a device needs to receive method calls.
+pub const METHODS_TOPIC: &str = "$iothub/methods/POST/";
+/// Largest payload either way (128 KiB).
+pub const MAX_PAYLOAD: usize = 128 * 1024;
+
+/// `POST /twins/{id}/methods` body.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MethodRequest {
+    pub method_name: String,
+    #[serde(default)]
+    pub payload: Option<Value>,
+    pub response_timeout_in_seconds: Option<u64>,
+    pub connect_timeout_in_seconds: Option<u64>,
+}
+
+/// What the device answered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MethodResponse {
+    pub status: i64,
+    pub payload: Value,
+}
+
+/// Calls waiting for their device's answer, by request id.
+#[derive(Default)]
+pub struct PendingMethods {
+    waiting: Mutex<HashMap<String, (String, oneshot::Sender<MethodResponse>)>>,
+    next: AtomicU64,
+}
+
+impl PendingMethods {
+    fn register(&self, device_id: &str) -> (String, oneshot::Receiver<MethodResponse>) {
+        let rid = format!("{:x}", self.next.fetch_add(1, Ordering::Relaxed) + 1);
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut waiting) = self.waiting.lock() {
+            waiting.insert(rid.clone(), (device_id.to_string(), tx));
+        }
+        (rid, rx)
+    }
+
+    fn forget(&self, rid: &str) {
+        if let Ok(mut waiting) = self.waiting.lock() {
+            waiting.remove(rid);
+        }
+    }
+
+    /// A device's answer. Ignored unless this device was asked under this id.
+    pub fn complete(&self, device_id: &str, rid: &str, response: MethodResponse) -> bool {
+        let entry = match self.waiting.lock() {
+            Ok(mut waiting) => match waiting.get(rid) {
+                Some((owner, _)) if owner == device_id => waiting.remove(rid),
+                _ => None,
+            },
+            Err(_) => None,
+        };
+        match entry {
+            Some((_, tx)) => tx.send(response).is_ok(),
+            None => false,
+        }
+    }
+}
+
+/// Method names: printable US-ASCII without separators (hub-protocol §2.5).
+fn check_method_name(name: &str) -> Result<(), HubError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_graphic() && !"$()<>@,;:\\\"/[]?={}".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(HubError::new(
+            HubErrorCode::ArgumentInvalid,
+            "methodName must be printable ASCII without $ ( ) < > @ , ; : \\ \" / [ ] ? = { } or spaces",
+        ))
+    }
+}
+
+impl Hub {
+    /// Invokes a direct method and waits for the device's answer.
+    pub async fn invoke_method(
+        &self,
+        device_id: &str,
+        request: MethodRequest,
+    ) -> Result<MethodResponse, HubError> {
+        check_method_name(&request.method_name)?;
+        let response_timeout = request.response_timeout_in_seconds.unwrap_or(30);
+        let connect_timeout = request.connect_timeout_in_seconds.unwrap_or(0);
+        if !(5..=300).contains(&response_timeout) || connect_timeout > 300 {
+            return Err(HubError::new(
+                HubErrorCode::ArgumentInvalid,
+                "responseTimeoutInSeconds must be 5 to 300 and connectTimeoutInSeconds 0 to 300",
+            ));
+        }
+        let payload = request.payload.unwrap_or(Value::Null);
+        let body = if payload.is_null() {
+            Vec::new()
+        } else {
+            payload.to_string().into_bytes()
+        };
+        if body.len() > MAX_PAYLOAD {
+            return Err(HubError::new(
+                HubErrorCode::MessageTooLarge,
+                "a method payload is at most 128 KiB",
+            ));
+        }
+        self.require_device(device_id).await?;
+        let topic_probe = format!("{METHODS_TOPIC}{}/?$rid=0", request.method_name);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(connect_timeout);
+        let outbound = loop {
+            match self.outbound(device_id) {
+                Some(o) if o.is_subscribed(&topic_probe) => break o,
+                _ if tokio::time::Instant::now() >= deadline => {
+                    return Err(HubError::new(
+                        HubErrorCode::DeviceNotOnline,
+                        format!("device {device_id} is not connected or not listening for methods"),
+                    ));
+                }
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        HubMetrics::count(&self.metrics.method_calls, 1);
+        let (rid, answer) = self.methods.register(device_id);
+        let topic = format!("{METHODS_TOPIC}{}/?$rid={rid}", request.method_name);
+        if outbound.send(topic, body.into(), QoS::AtMostOnce).is_err() {
+            self.methods.forget(&rid);
+            return Err(HubError::new(
+                HubErrorCode::DeviceNotOnline,
+                format!("device {device_id} disconnected"),
+            ));
+        }
+        match tokio::time::timeout(Duration::from_secs(response_timeout), answer).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(_)) | Err(_) => {
+                self.methods.forget(&rid);
+                Err(HubError::new(
+                    HubErrorCode::GatewayTimeout,
+                    format!("device {device_id} did not answer within {response_timeout} s"),
+                ))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_asked_device_can_answer() {
+        let pending = PendingMethods::default();
+        let (rid, mut rx) = pending.register("dev1");
+        let response = MethodResponse {
+            status: 200,
+            payload: Value::Null,
+        };
+        assert!(!pending.complete("dev2", &rid, response.clone()));
+        assert!(pending.complete("dev1", &rid, response.clone()));
+        assert_eq!(rx.try_recv().unwrap(), response);
+        assert!(!pending.complete("dev1", &rid, response), "answers once");
+    }
+
+    #[test]
+    fn method_names() {
+        assert!(check_method_name("reboot_now-2").is_ok());
+        for bad in ["", "a b", "a/b", "a?b", "é", "$x"] {
+            assert!(check_method_name(bad).is_err(), "{bad}");
+        }
+    }
+}

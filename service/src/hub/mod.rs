@@ -1,0 +1,495 @@
+//! The hub: a device identity registry with twins, the device-facing MQTT application, direct
+//! methods, cloud-to-device messages and durable telemetry, compatible with Azure IoT Hub
+//! (hub-protocol.md).
+//!
+//! [`Hub`] holds the state shared by the MQTT side (`hub::mqtt`) and the service API
+//! (`http::hub`): storage, the live connections by device id, pending method calls and the C2D
+//! delivery locks. Identities, twins, C2D messages and MQTT sessions are documents in the
+//! store; telemetry goes to the append-only [`Telemetry`] log.
+
+pub mod auth;
+pub mod c2d;
+pub mod device;
+pub mod error;
+pub mod methods;
+pub mod mqtt;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde_json::{Value, json};
+use zerotouch_twin::document::Twin;
+
+use crate::db::{Collection, DocumentStore, StoreError, Write};
+use crate::mqtt::{Outbound, QoS};
+use crate::telemetry::Telemetry;
+use device::{ConnectionView, Device, NEVER};
+use error::{HubError, HubErrorCode};
+
+/// Topic filter a device subscribes to for desired-property notifications.
+pub const DESIRED_FILTER_TOPIC: &str = "$iothub/twin/PATCH/properties/desired/";
+
+/// A live device connection.
+#[derive(Clone)]
+struct Live {
+    outbound: Outbound,
+    since: String,
+}
+
+#[derive(Default)]
+struct Activity {
+    live: HashMap<String, Live>,
+    state_updated: HashMap<String, String>,
+    last_activity: HashMap<String, String>,
+}
+
+pub struct Hub {
+    store: Arc<dyn DocumentStore>,
+    /// Names devices and services use for this hub (its `HostName`s).
+    pub hostnames: Vec<String>,
+    /// The `HostName` written into connection strings.
+    pub hostname: String,
+    pub telemetry: Telemetry,
+    activity: Mutex<Activity>,
+    pub methods: methods::PendingMethods,
+    pub c2d: c2d::Deliveries,
+    pub metrics: HubMetrics,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("hostname", &self.hostname)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Counters for `/metrics`.
+#[derive(Default)]
+pub struct HubMetrics {
+    pub messages_in: std::sync::atomic::AtomicU64,
+    pub bytes_in: std::sync::atomic::AtomicU64,
+    pub twin_operations: std::sync::atomic::AtomicU64,
+    pub method_calls: std::sync::atomic::AtomicU64,
+    pub auth_failures: Mutex<HashMap<&'static str, u64>>,
+}
+
+impl HubMetrics {
+    pub fn auth_failure(&self, reason: &'static str) {
+        if let Ok(mut map) = self.auth_failures.lock() {
+            *map.entry(reason).or_default() += 1;
+        }
+    }
+
+    pub fn count(counter: &std::sync::atomic::AtomicU64, n: u64) {
+        counter.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Runs a blocking storage call off the async runtime.
+pub async fn blocking<T, F>(store: &Arc<dyn DocumentStore>, f: F) -> Result<T, HubError>
+where
+    F: FnOnce(&dyn DocumentStore) -> Result<T, StoreError> + Send + 'static,
+    T: Send + 'static,
+{
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || f(store.as_ref()))
+        .await
+        .map_err(HubError::internal)?
+        .map_err(HubError::store)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A poisoned lock only means another thread panicked mid-update of plain maps; the data is
+    // still usable, and refusing service forever would be worse.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Hub {
+    pub fn new(
+        store: Arc<dyn DocumentStore>,
+        hostnames: Vec<String>,
+        hostname: String,
+        telemetry: Telemetry,
+    ) -> Hub {
+        Hub {
+            store,
+            hostnames,
+            hostname,
+            telemetry,
+            activity: Mutex::new(Activity::default()),
+            methods: methods::PendingMethods::default(),
+            c2d: c2d::Deliveries::default(),
+            metrics: HubMetrics::default(),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn DocumentStore> {
+        &self.store
+    }
+
+    /// Whether `host` (optionally with a port) names this hub.
+    pub fn is_own_host(&self, host: &str) -> bool {
+        let bare = strip_port(host);
+        self.hostnames.iter().any(|h| {
+            h.eq_ignore_ascii_case(bare) || h.eq_ignore_ascii_case(bare.trim_matches(['[', ']']))
+        })
+    }
+
+    // ----- connections --------------------------------------------------------------------
+
+    /// Records a device's live connection (the MQTT engine has already taken over any older
+    /// one of the same device).
+    pub fn connected(&self, device_id: &str, outbound: Outbound) {
+        let now = crate::time::now_rfc3339();
+        let mut activity = lock(&self.activity);
+        activity
+            .state_updated
+            .insert(device_id.to_string(), now.clone());
+        activity
+            .last_activity
+            .insert(device_id.to_string(), now.clone());
+        activity.live.insert(
+            device_id.to_string(),
+            Live {
+                outbound,
+                since: now,
+            },
+        );
+    }
+
+    /// Forgets a connection, unless a newer one of the same device has replaced it.
+    pub fn disconnected(&self, device_id: &str, connection_id: u64) {
+        let mut activity = lock(&self.activity);
+        let current = activity
+            .live
+            .get(device_id)
+            .is_some_and(|l| l.outbound.connection_id() == connection_id);
+        if current {
+            activity.live.remove(device_id);
+            activity
+                .state_updated
+                .insert(device_id.to_string(), crate::time::now_rfc3339());
+        }
+    }
+
+    pub fn touch(&self, device_id: &str) {
+        lock(&self.activity)
+            .last_activity
+            .insert(device_id.to_string(), crate::time::now_rfc3339());
+    }
+
+    pub fn outbound(&self, device_id: &str) -> Option<Outbound> {
+        lock(&self.activity)
+            .live
+            .get(device_id)
+            .map(|l| l.outbound.clone())
+            .filter(|o| !o.is_closed())
+    }
+
+    pub fn connected_count(&self) -> usize {
+        lock(&self.activity).live.len()
+    }
+
+    fn close_connection(&self, device_id: &str) {
+        if let Some(outbound) = self.outbound(device_id) {
+            outbound.close();
+        }
+    }
+
+    async fn connection_view(&self, device_id: &str) -> ConnectionView {
+        let c2d_pending = c2d::pending_count(&self.store, device_id)
+            .await
+            .unwrap_or(0);
+        let activity = lock(&self.activity);
+        let live = activity.live.get(device_id);
+        ConnectionView {
+            connected: live.is_some_and(|l| !l.outbound.is_closed()),
+            state_updated_time: live
+                .map(|l| l.since.clone())
+                .or_else(|| activity.state_updated.get(device_id).cloned())
+                .unwrap_or_else(|| NEVER.to_string()),
+            last_activity_time: activity
+                .last_activity
+                .get(device_id)
+                .cloned()
+                .unwrap_or_else(|| NEVER.to_string()),
+            c2d_pending,
+        }
+    }
+
+    // ----- registry -------------------------------------------------------------------------
+
+    pub async fn device(&self, device_id: &str) -> Result<Option<(Device, String)>, HubError> {
+        let id = device_id.to_string();
+        let doc = blocking(&self.store, move |s| s.get(Collection::Devices, &id)).await?;
+        doc.map(|d| {
+            let device: Device = serde_json::from_value(d.body).map_err(HubError::internal)?;
+            Ok((device, bare_etag(&d.etag)))
+        })
+        .transpose()
+    }
+
+    pub async fn require_device(&self, device_id: &str) -> Result<(Device, String), HubError> {
+        self.device(device_id).await?.ok_or_else(|| {
+            HubError::new(
+                HubErrorCode::DeviceNotFound,
+                format!("device {device_id} is not registered"),
+            )
+        })
+    }
+
+    /// PUT /devices/{id}: create (no If-Match) or replace (If-Match).
+    pub async fn put_device(
+        &self,
+        device_id: &str,
+        body: Value,
+        if_match: Option<String>,
+    ) -> Result<Value, HubError> {
+        let previous = match &if_match {
+            None => None,
+            Some(_) => self.device(device_id).await?.map(|(d, _)| d),
+        };
+        let device = Device::from_request(
+            device_id,
+            body,
+            previous.as_ref(),
+            &crate::time::now_rfc3339(),
+        )?;
+        let value = serde_json::to_value(&device).map_err(HubError::internal)?;
+        let write = match if_match {
+            None => Write::Create,
+            Some(etag) => Write::IfMatch(etag),
+        };
+        let id = device_id.to_string();
+        let doc = blocking(&self.store, move |s| {
+            s.put(Collection::Devices, &id, None, &value, write)
+        })
+        .await?;
+        if previous.is_some_and(|p| p.credentials_changed(&device)) {
+            self.close_connection(device_id);
+        }
+        Ok(device.view(
+            &bare_etag(&doc.etag),
+            &self.connection_view(device_id).await,
+        ))
+    }
+
+    pub async fn device_view(&self, device_id: &str) -> Result<Value, HubError> {
+        let (device, etag) = self.require_device(device_id).await?;
+        Ok(device.view(&etag, &self.connection_view(device_id).await))
+    }
+
+    /// DELETE /devices/{id}: the identity, its twin, pending C2D and MQTT session go.
+    pub async fn delete_device(
+        &self,
+        device_id: &str,
+        if_match: Option<String>,
+    ) -> Result<(), HubError> {
+        let id = device_id.to_string();
+        blocking(&self.store, move |s| {
+            s.delete(Collection::Devices, &id, if_match.as_deref())?;
+            for collection in [Collection::Twins, Collection::MqttSessions] {
+                let key = if collection == Collection::MqttSessions {
+                    mqtt::session_key(&id)
+                } else {
+                    id.clone()
+                };
+                match s.delete(collection, &key, None) {
+                    Ok(_) | Err(StoreError::NotFound) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            c2d::purge(s, &id)
+        })
+        .await?;
+        self.close_connection(device_id);
+        Ok(())
+    }
+
+    pub async fn list_devices(&self, top: usize) -> Result<Vec<Value>, HubError> {
+        let page = blocking(&self.store, move |s| {
+            s.list(Collection::Devices, None, top, None)
+        })
+        .await?;
+        let mut out = Vec::with_capacity(page.items.len());
+        for doc in page.items {
+            let device: Device = serde_json::from_value(doc.body).map_err(HubError::internal)?;
+            let view = self.connection_view(&device.device_id).await;
+            out.push(device.view(&bare_etag(&doc.etag), &view));
+        }
+        Ok(out)
+    }
+
+    // ----- twins ----------------------------------------------------------------------------
+
+    /// The twin and the store etag it was read with (`None`: not stored yet).
+    async fn load_twin(&self, device_id: &str) -> Result<(Twin, Option<String>), HubError> {
+        let id = device_id.to_string();
+        let doc = blocking(&self.store, move |s| s.get(Collection::Twins, &id)).await?;
+        match doc {
+            Some(doc) => {
+                let twin = Twin::from_value(&doc.body).map_err(HubError::internal)?;
+                Ok((twin, Some(doc.etag)))
+            }
+            None => {
+                let twin =
+                    Twin::new(None, &crate::time::now_rfc3339()).map_err(HubError::internal)?;
+                Ok((twin, None))
+            }
+        }
+    }
+
+    pub async fn twin(&self, device_id: &str) -> Result<Twin, HubError> {
+        Ok(self.load_twin(device_id).await?.0)
+    }
+
+    /// Read-modify-write of a twin, retried when a concurrent writer got there first.
+    pub async fn update_twin<R, F>(&self, device_id: &str, change: F) -> Result<(Twin, R), HubError>
+    where
+        F: Fn(&mut Twin) -> Result<R, HubError>,
+    {
+        for _ in 0..8 {
+            let (mut twin, etag) = self.load_twin(device_id).await?;
+            let result = change(&mut twin)?;
+            let value = twin.to_value();
+            let id = device_id.to_string();
+            let write = match etag {
+                Some(etag) => Write::IfMatch(etag),
+                None => Write::Create,
+            };
+            let stored = blocking(&self.store, move |s| {
+                match s.put(Collection::Twins, &id, None, &value, write) {
+                    Ok(_) => Ok(true),
+                    Err(
+                        StoreError::PreconditionFailed
+                        | StoreError::Conflict
+                        | StoreError::NotFound,
+                    ) => Ok(false),
+                    Err(e) => Err(e),
+                }
+            })
+            .await?;
+            if stored {
+                HubMetrics::count(&self.metrics.twin_operations, 1);
+                return Ok((twin, result));
+            }
+        }
+        Err(HubError::new(
+            HubErrorCode::ServiceUnavailable,
+            "the twin is being changed by too many writers; retry",
+        ))
+    }
+
+    /// GET /twins/{id}: the twin merged with its identity's fields (hub-protocol §3.1).
+    pub async fn twin_view(&self, device_id: &str) -> Result<Value, HubError> {
+        let (device, device_etag) = self.require_device(device_id).await?;
+        let twin = self.twin(device_id).await?;
+        Ok(self.twin_service_view(&device, &device_etag, &twin).await)
+    }
+
+    pub async fn twin_service_view(
+        &self,
+        device: &Device,
+        device_etag: &str,
+        twin: &Twin,
+    ) -> Value {
+        let connection = self.connection_view(&device.device_id).await;
+        let mut view = twin.service_view();
+        let identity = json!({
+            "deviceId": device.device_id,
+            "moduleId": Value::Null,
+            "deviceEtag": device_etag,
+            "status": device.status.as_str(),
+            "statusReason": device.status_reason,
+            "statusUpdateTime": device.status_updated_time,
+            "connectionState": connection.state(),
+            "lastActivityTime": connection.last_activity_time,
+            "cloudToDeviceMessageCount": connection.c2d_pending,
+            "authenticationType": device.authentication_type.as_str(),
+            "x509Thumbprint": {
+                "primaryThumbprint": device.primary_thumbprint,
+                "secondaryThumbprint": device.secondary_thumbprint,
+            },
+            "modelId": "",
+            "capabilities": {"iotEdge": device.iot_edge},
+        });
+        if let (Some(view), Value::Object(identity)) = (view.as_object_mut(), identity) {
+            view.extend(identity);
+        }
+        view
+    }
+
+    /// Service PATCH (`replace == false`) or PUT of a twin, guarded by the twin etag.
+    pub async fn write_twin(
+        &self,
+        device_id: &str,
+        body: &Value,
+        if_match: Option<&str>,
+        replace: bool,
+    ) -> Result<Value, HubError> {
+        let (device, device_etag) = self.require_device(device_id).await?;
+        let (twin, notification) = self
+            .update_twin(device_id, |twin| {
+                if let Some(expected) = if_match
+                    && !twin.etag_matches(expected)
+                {
+                    return Err(HubError::new(
+                        HubErrorCode::PreconditionFailed,
+                        "the twin etag in If-Match does not match",
+                    ));
+                }
+                let now = crate::time::now_rfc3339();
+                let result = if replace {
+                    twin.replace_service(body, &now)
+                } else {
+                    twin.patch_service(body, &now)
+                };
+                result.map_err(|e| HubError::new(HubErrorCode::ArgumentInvalid, e.to_string()))
+            })
+            .await?;
+        if let Some(patch) = notification {
+            self.notify_desired(device_id, &patch);
+        }
+        Ok(self.twin_service_view(&device, &device_etag, &twin).await)
+    }
+
+    /// Pushes a desired-properties patch to the device if it is connected and subscribed.
+    /// Offline devices catch up with a twin GET (hub-protocol §2.4).
+    pub fn notify_desired(&self, device_id: &str, patch: &Value) {
+        let Some(outbound) = self.outbound(device_id) else {
+            return;
+        };
+        let version = patch.get("$version").and_then(Value::as_u64).unwrap_or(0);
+        let topic = format!("{DESIRED_FILTER_TOPIC}?$version={version}");
+        if outbound.is_subscribed(&topic) {
+            let _ = outbound.send(topic, patch.to_string().into(), QoS::AtMostOnce);
+        }
+    }
+}
+
+/// `"abc"` → `abc`: Azure shows etags unquoted in bodies; `If-Match` comparisons normalise.
+pub fn bare_etag(etag: &str) -> String {
+    etag.trim()
+        .trim_start_matches("W/")
+        .trim_matches('"')
+        .to_string()
+}
+
+/// `host:port` → `host`; `[::1]:8883` → `[::1]`.
+pub fn strip_port(authority: &str) -> &str {
+    if authority.starts_with('[') {
+        return match authority.find(']') {
+            Some(end) => &authority[..=end],
+            None => authority,
+        };
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') && port.chars().all(|c| c.is_ascii_digit()) => {
+            host
+        }
+        _ => authority,
+    }
+}

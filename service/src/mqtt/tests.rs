@@ -1,0 +1,1042 @@
+//! The engine over real TLS on 127.0.0.1, driven by a raw test client built on the same codec.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use openssl::ssl::{SslAcceptor, SslConnector, SslMethod};
+use openssl::x509::X509;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_openssl::SslStream;
+
+use super::codec::{self, ClientPacket, ServerPacket, client};
+use super::listener::{self, MqttLimits, MqttListener};
+use super::*;
+use crate::db::{Collection, DocumentStore};
+
+// ---------------------------------------------------------------------------------------------
+// PKI: one CA and server certificate for the whole test binary.
+
+struct Pki {
+    acceptor: SslAcceptor,
+    trust_bundle: String,
+}
+
+fn pki() -> &'static Pki {
+    static PKI: OnceLock<Pki> = OnceLock::new();
+    PKI.get_or_init(|| {
+        let ca = zerotouch_certs::CaHierarchy::generate("mqtt engine test").unwrap();
+        let server = ca
+            .issue_server_certificate(&["localhost".to_owned(), "127.0.0.1".to_owned()], 2)
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let chain = dir.path().join("chain.pem");
+        let key = dir.path().join("key.pem");
+        let bundle = dir.path().join("ca.pem");
+        std::fs::write(&chain, &server.chain_pem).unwrap();
+        std::fs::write(&key, server.private_key.expose()).unwrap();
+        std::fs::write(&bundle, ca.trust_bundle_pem()).unwrap();
+        let acceptor = crate::tls::acceptor(&chain, &key, &bundle).unwrap().build();
+        Pki {
+            acceptor,
+            trust_bundle: ca.trust_bundle_pem(),
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The test application: accepts username "ok", records what happens.
+
+#[derive(Debug, Clone, PartialEq)]
+enum Event {
+    Connected {
+        connection: u64,
+        client_id: String,
+    },
+    Ready {
+        connection: u64,
+    },
+    Published {
+        connection: u64,
+        topic: String,
+        payload: Bytes,
+        qos: QoS,
+        dup: bool,
+    },
+    Closed {
+        connection: u64,
+        reason: CloseReason,
+    },
+}
+
+#[derive(Default)]
+struct Recorder {
+    events: Mutex<Vec<Event>>,
+    outbounds: Mutex<HashMap<String, Outbound>>,
+    slow_done: AtomicBool,
+}
+
+impl Recorder {
+    fn push(&self, event: Event) {
+        self.events.lock().unwrap().push(event);
+    }
+
+    fn events(&self) -> Vec<Event> {
+        self.events.lock().unwrap().clone()
+    }
+
+    /// The latest connection of `client_id`.
+    fn outbound(&self, client_id: &str) -> Outbound {
+        self.outbounds.lock().unwrap()[client_id].clone()
+    }
+
+    fn closed_reason(&self, connection: u64) -> Option<CloseReason> {
+        self.events().into_iter().find_map(|e| match e {
+            Event::Closed {
+                connection: c,
+                reason,
+            } if c == connection => Some(reason),
+            _ => None,
+        })
+    }
+
+    async fn wait_closed(&self, connection: u64) -> CloseReason {
+        let start = Instant::now();
+        loop {
+            if let Some(reason) = self.closed_reason(connection) {
+                let closes = self
+                    .events()
+                    .iter()
+                    .filter(
+                        |e| matches!(e, Event::Closed { connection: c, .. } if *c == connection),
+                    )
+                    .count();
+                assert_eq!(closes, 1, "Session::closed called more than once");
+                return reason;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "connection {connection} not closed"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+struct TestApp(Arc<Recorder>);
+
+struct TestSession {
+    recorder: Arc<Recorder>,
+    connection: u64,
+}
+
+impl Application for TestApp {
+    fn connect(
+        &self,
+        request: ConnectRequest,
+        outbound: Outbound,
+    ) -> BoxFuture<'_, Result<Accepted, Refusal>> {
+        Box::pin(async move {
+            if request.username.as_deref() != Some("ok") {
+                return Err(Refusal::NotAuthorized);
+            }
+            let connection = outbound.connection_id();
+            self.0.push(Event::Connected {
+                connection,
+                client_id: request.client_id.clone(),
+            });
+            self.0
+                .outbounds
+                .lock()
+                .unwrap()
+                .insert(request.client_id.clone(), outbound);
+            let expires_at = request
+                .password
+                .as_deref()
+                .and_then(|p| p.strip_prefix("expires_in="))
+                .map(|secs| crate::time::now_unix() + secs.parse::<u64>().unwrap());
+            Ok(Accepted {
+                session: Box::new(TestSession {
+                    recorder: self.0.clone(),
+                    connection,
+                }),
+                session_key: format!("test/{}", request.client_id),
+                expires_at,
+            })
+        })
+    }
+}
+
+impl Session for TestSession {
+    fn ready(&self) {
+        self.recorder.push(Event::Ready {
+            connection: self.connection,
+        });
+    }
+
+    fn subscribe(&self, filter: &str, requested: QoS) -> SubscribeVerdict {
+        if filter.starts_with("deny/") {
+            SubscribeVerdict::Refuse
+        } else if filter.starts_with("kick/") {
+            SubscribeVerdict::Disconnect
+        } else {
+            SubscribeVerdict::Grant(requested)
+        }
+    }
+
+    fn publish(
+        &self,
+        topic: String,
+        payload: Bytes,
+        qos: QoS,
+        dup: bool,
+    ) -> BoxFuture<'_, PublishVerdict> {
+        Box::pin(async move {
+            if topic == "kick" {
+                return PublishVerdict::Disconnect;
+            }
+            let slow = topic.starts_with("slow/");
+            self.recorder.push(Event::Published {
+                connection: self.connection,
+                topic,
+                payload,
+                qos,
+                dup,
+            });
+            if slow {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                self.recorder.slow_done.store(true, Ordering::SeqCst);
+            }
+            PublishVerdict::Ack
+        })
+    }
+
+    fn closed(&self, reason: CloseReason) {
+        self.recorder.push(Event::Closed {
+            connection: self.connection,
+            reason,
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Harness and raw client.
+
+struct Harness {
+    listener: MqttListener,
+    recorder: Arc<Recorder>,
+    store: Arc<dyn DocumentStore>,
+    _dir: tempfile::TempDir,
+}
+
+impl Harness {
+    async fn new(limits: MqttLimits) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/t.db", dir.path().display());
+        let store: Arc<dyn DocumentStore> = Arc::new(crate::db::open(&url).unwrap());
+        let recorder = Arc::new(Recorder::default());
+        let listener = start_listener(&recorder, &store, limits).await;
+        Harness {
+            listener,
+            recorder,
+            store,
+            _dir: dir,
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.listener.local_addr()
+    }
+}
+
+async fn start_listener(
+    recorder: &Arc<Recorder>,
+    store: &Arc<dyn DocumentStore>,
+    limits: MqttLimits,
+) -> MqttListener {
+    listener::start(
+        "127.0.0.1:0".parse().unwrap(),
+        pki().acceptor.clone(),
+        Arc::new(TestApp(recorder.clone())),
+        store.clone(),
+        limits,
+    )
+    .await
+    .unwrap()
+}
+
+fn connect_packet(client_id: &str, clean_session: bool) -> codec::Connect {
+    codec::Connect {
+        client_id: client_id.into(),
+        username: Some("ok".into()),
+        password: None,
+        clean_session,
+        keep_alive: 30,
+        has_will: false,
+    }
+}
+
+struct Client {
+    tls: SslStream<TcpStream>,
+    buf: BytesMut,
+}
+
+const RECV_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Client {
+    async fn open(addr: SocketAddr) -> Client {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let mut builder = SslConnector::builder(SslMethod::tls_client()).unwrap();
+        for cert in X509::stack_from_pem(pki().trust_bundle.as_bytes()).unwrap() {
+            builder.cert_store_mut().add_cert(cert).unwrap();
+        }
+        let ssl = builder
+            .build()
+            .configure()
+            .unwrap()
+            .into_ssl("localhost")
+            .unwrap();
+        let mut tls = SslStream::new(ssl, tcp).unwrap();
+        Pin::new(&mut tls).connect().await.unwrap();
+        Client {
+            tls,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Opens a connection and sends `connect`; returns the client and the CONNACK
+    /// (session present, code).
+    async fn connect_with(addr: SocketAddr, connect: codec::Connect) -> (Client, bool, u8) {
+        let mut client = Client::open(addr).await;
+        client.send(ClientPacket::Connect(connect)).await;
+        match client.recv().await {
+            Some(ServerPacket::ConnAck {
+                session_present,
+                code,
+            }) => (client, session_present, code),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    /// Connects as an accepted client; panics unless CONNACK is 0.
+    async fn connect(addr: SocketAddr, client_id: &str, clean_session: bool) -> (Client, bool) {
+        let (client, session_present, code) =
+            Client::connect_with(addr, connect_packet(client_id, clean_session)).await;
+        assert_eq!(code, 0);
+        (client, session_present)
+    }
+
+    async fn send(&mut self, packet: ClientPacket) {
+        let mut buf = BytesMut::new();
+        client::encode(&packet, &mut buf);
+        self.raw(&buf).await;
+    }
+
+    async fn raw(&mut self, bytes: &[u8]) {
+        // The server may already have closed; the test then sees that on the next read.
+        let _ = self.tls.write_all(bytes).await;
+        let _ = self.tls.flush().await;
+    }
+
+    /// The next packet, `None` once the server has closed. Panics after RECV_TIMEOUT.
+    async fn recv(&mut self) -> Option<ServerPacket> {
+        tokio::time::timeout(RECV_TIMEOUT, self.next())
+            .await
+            .expect("nothing received in time")
+    }
+
+    async fn next(&mut self) -> Option<ServerPacket> {
+        loop {
+            if let Some(packet) = client::decode(&mut self.buf).unwrap() {
+                return Some(packet);
+            }
+            match self.tls.read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    async fn expect_closed(&mut self) {
+        if let Some(packet) = self.recv().await {
+            panic!("expected the server to close, got {packet:?}");
+        }
+    }
+
+    async fn subscribe(&mut self, pkid: u16, filters: &[(&str, u8)]) -> Vec<u8> {
+        self.send(ClientPacket::Subscribe(codec::Subscribe {
+            pkid,
+            filters: filters.iter().map(|(f, q)| (f.to_string(), *q)).collect(),
+        }))
+        .await;
+        match self.recv().await {
+            Some(ServerPacket::SubAck { pkid: p, codes }) if p == pkid => codes,
+            other => panic!("expected SUBACK {pkid}, got {other:?}"),
+        }
+    }
+
+    async fn publish(&mut self, topic: &str, qos: u8, pkid: u16) {
+        self.send(ClientPacket::Publish(codec::Publish {
+            topic: topic.into(),
+            payload: Bytes::from_static(b"hello"),
+            qos,
+            dup: false,
+            retain: false,
+            pkid,
+        }))
+        .await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connecting.
+
+#[tokio::test]
+async fn connack_accepts_and_refuses() {
+    let h = Harness::new(MqttLimits::default()).await;
+    let (_ok, session_present) = Client::connect(h.addr(), "dev1", false).await;
+    assert!(!session_present);
+    assert_eq!(h.listener.connected_count(), 1);
+
+    let mut bad = connect_packet("dev2", false);
+    bad.username = Some("nope".into());
+    let (mut refused, _, code) = Client::connect_with(h.addr(), bad).await;
+    assert_eq!(code, 5);
+    refused.expect_closed().await;
+
+    let mut anonymous = connect_packet("dev3", false);
+    anonymous.username = None;
+    let (mut refused, _, code) = Client::connect_with(h.addr(), anonymous).await;
+    assert_eq!(code, 5);
+    refused.expect_closed().await;
+
+    // An empty client id needs CleanSession=1.
+    let (mut refused, _, code) = Client::connect_with(h.addr(), connect_packet("", false)).await;
+    assert_eq!(code, 2);
+    refused.expect_closed().await;
+    assert_eq!(h.listener.connected_count(), 1);
+}
+
+#[tokio::test]
+async fn other_protocol_versions_get_connack_1() {
+    let h = Harness::new(MqttLimits::default()).await;
+    let mut client = Client::open(h.addr()).await;
+    // MQTT 3.1 ("MQIsdp", level 3), client id "a".
+    client
+        .raw(&[
+            0x10, 15, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, 2, 0, 60, 0, 1, b'a',
+        ])
+        .await;
+    assert_eq!(
+        client.recv().await,
+        Some(ServerPacket::ConnAck {
+            session_present: false,
+            code: 1
+        })
+    );
+    client.expect_closed().await;
+}
+
+#[tokio::test]
+async fn first_packet_must_be_connect() {
+    let h = Harness::new(MqttLimits::default()).await;
+    let mut client = Client::open(h.addr()).await;
+    client.send(ClientPacket::PingReq).await;
+    client.expect_closed().await;
+}
+
+#[tokio::test]
+async fn connect_must_arrive_in_time() {
+    let limits = MqttLimits {
+        connect_timeout: Duration::from_millis(200),
+        ..MqttLimits::default()
+    };
+    let h = Harness::new(limits).await;
+    let mut client = Client::open(h.addr()).await;
+    let start = Instant::now();
+    client.expect_closed().await;
+    assert!(start.elapsed() >= Duration::from_millis(150));
+}
+
+#[tokio::test]
+async fn garbage_closes_and_the_listener_keeps_serving() {
+    let h = Harness::new(MqttLimits::default()).await;
+    let mut client = Client::open(h.addr()).await;
+    client
+        .raw(b"\xff\xff\xff\xff\xff\xffGET / HTTP/1.1\r\n\r\n")
+        .await;
+    client.expect_closed().await;
+
+    // Not even TLS.
+    let mut plain = TcpStream::connect(h.addr()).await.unwrap();
+    plain.write_all(b"\x10\x00garbage").await.unwrap();
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(RECV_TIMEOUT, plain.read_to_end(&mut sink)).await;
+
+    let (_client, _) = Client::connect(h.addr(), "after-garbage", true).await;
+}
+
+#[tokio::test]
+async fn oversize_packets_close() {
+    let h = Harness::new(MqttLimits::default()).await;
+    let (mut client, _) = Client::connect(h.addr(), "big", true).await;
+    let connection = h.recorder.outbound("big").connection_id();
+    // PUBLISH announcing 300,000 bytes (over 264 KiB), then the start of it.
+    client.raw(&[0x30, 0xE0, 0xA7, 0x12, 0, 1, b't']).await;
+    client.expect_closed().await;
+    assert!(matches!(
+        h.recorder.wait_closed(connection).await,
+        CloseReason::ProtocolError(_)
+    ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inbound PUBLISH.
+
+#[tokio::test]
+async fn qos1_puback_waits_for_the_application() {
+    let h = Harness::new(MqttLimits::default()).await;
+    let (mut client, _) = Client::connect(h.addr(), "slow", true).await;
+    let start = Instant::now();
+    client.publish("slow/telemetry", 1, 7).await;
+    // A PINGREQ sent after the PUBLISH is answered while the application is still busy.
+    client.send(ClientPacket::PingReq).await;
+    assert_eq!(client.recv().await, Some(ServerPacket::PingResp));
+    assert!(!h.recorder.slow_done.load(Ordering::SeqCst));
+    assert_eq!(client.recv().await, Some(ServerPacket::PubAck(7)));
+    assert!(h.recorder.slow_done.load(Ordering::SeqCst));
+    assert!(start.elapsed() >= Duration::from_millis(300));
+
+    let published = h.recorder.events().into_iter().any(|e| {
+        matches!(e, Event::Published { topic, qos: QoS::AtLeastOnce, dup: false, payload, .. }
+            if topic == "slow/telemetry" && payload == Bytes::from_static(b"hello"))
+    });
+    assert!(published);
+}
+
+#[tokio::test]
+async fn duplicate_qos1_is_acked_again() {
+    let h = Harness::new(MqttLimits::default()).await;
+    let (mut client, _) = Client::connect(h.addr(), "dup", true).await;
+    client.publish("t/1", 1, 3).await;
+    assert_eq!(client.recv().await, Some(ServerPacket::PubAck(3)));
+    client
+        .send(ClientPacket::Publish(codec::Publish {
+            topic: "t/1".into(),
+            payload: Bytes::from_static(b"hello"),
+            qos: 1,
+            dup: true,
+            retain: false,
+            pkid: 3,
+        }))
+        .await;
+    assert_eq!(client.recv().await, Some(ServerPacket::PubAck(3)));
+    let dups: Vec<bool> = h
+        .recorder
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Published { dup, .. } => Some(dup),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(dups, vec![false, true]);
+}
+
+#[tokio::test]
+async fn qos2_and_wildcard_publishes_close() {
+    let h = Harness::new(MqttLimits::default()).await;
+    let (mut client, _) = Client::connect(h.addr(), "q2", true).await;
+    let connection = h.recorder.outbound("q2").connection_id();
+    client.publish("t/1", 2, 1).await;
+    client.expect_closed().await;
+    assert!(matches!(
+        h.recorder.wait_closed(connection).await,
+        CloseReason::ProtocolError(_)
+    ));
+
+    let (mut client, _) = Client::connect(h.addr(), "wild", true).await;
+    client.publish("t/+", 0, 0).await;
+    client.expect_closed().await;
+    assert!(
+        !h.recorder
+            .events()
+            .iter()
+            .any(|e| matches!(e, Event::Published { .. }))
+    );
+}
+
+#[tokio::test]
+async fn application_can_refuse_a_publish() {
+    let h = Harness::new(MqttLimits::default()).await;
+    let (mut client, _) = Client::connect(h.addr(), "kicked", true).await;
+    let connection = h.recorder.outbound("kicked").connection_id();
+    client.publish("kick", 1, 1).await;
+    client.expect_closed().await;
+    assert_eq!(
+        h.recorder.wait_closed(connection).await,
+        CloseReason::ClosedByApplication
+    );
+}
+
+#[tokio::test]
+async fn publishes_before_disconnect_reach_the_application() {
+    let h = Harness::new(MqttLimits::default()).await;
+    let (mut client, _) = Client::connect(h.addr(), "bye", true).await;
+    let connection = h.recorder.outbound("bye").connection_id();
+    let mut buf = BytesMut::new();
+    for (topic, qos, pkid) in [("slow/a", 1, 1), ("t/b", 0, 0)] {
+        client::encode(
+            &ClientPacket::Publish(codec::Publish {
+                topic: topic.into(),
+                payload: Bytes::new(),
+                qos,
+                dup: false,
+                retain: false,
+                pkid,
+            }),
+            &mut buf,
+        );
+    }
+    client::encode(&ClientPacket::Disconnect, &mut buf);
+    client.raw(&buf).await;
+    drop(client);
+    assert_eq!(
+        h.recorder.wait_closed(connection).await,
+        CloseReason::ClientDisconnect
+    );
+    let topics: Vec<String> = h
+        .recorder
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Published { topic, .. } => Some(topic),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(topics, vec!["slow/a", "t/b"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// SUBSCRIBE.
+
+#[tokio::test]
+async fn subscribe_grants_refuses_and_limits() {
+    let h = Harness::new(MqttLimits::default()).await;
+    let (mut client, _) = Client::connect(h.addr(), "subs", true).await;
+    let codes = client
+        .subscribe(
+            1,
+            &[
+                ("a/b", 1),
+                ("deny/x", 1),
+                ("c/d", 2),
+                ("e/f", 0),
+                ("bad/#/x", 1),
+            ],
+        )
+        .await;
+    assert_eq!(codes, vec![1, 0x80, 1, 0, 0x80]);
+
+    // Three held; the limit is 8.
+    let more: Vec<String> = (0..7).map(|i| format!("more/{i}")).collect();
+    let filters: Vec<(&str, u8)> = more.iter().map(|f| (f.as_str(), 1)).collect();
+    let codes = client.subscribe(2, &filters).await;
+    assert_eq!(codes, vec![1, 1, 1, 1, 1, 0x80, 0x80]);
+    // Re-subscribing to a held filter is not a new subscription.
+    assert_eq!(client.subscribe(3, &[("a/b", 0)]).await, vec![0]);
+
+    let outbound = h.recorder.outbound("subs");
+    assert!(outbound.is_subscribed("more/4"));
+    assert!(!outbound.is_subscribed("more/5"));
+    assert!(!outbound.is_subscribed("deny/x"));
+
+    client
+        .send(ClientPacket::Unsubscribe(codec::Unsubscribe {
+            pkid: 4,
+            filters: vec!["a/b".into(), "never/subscribed".into()],
+        }))
+        .await;
+    assert_eq!(client.recv().await, Some(ServerPacket::UnsubAck(4)));
+    assert!(!outbound.is_subscribed("a/b"));
+    assert_eq!(client.subscribe(5, &[("more/5", 1)]).await, vec![1]);
+
+    // Full again: a new filter is refused without asking the application.
+    assert_eq!(client.subscribe(6, &[("kick/me", 1)]).await, vec![0x80]);
+
+    // The application can close the connection over a subscription.
+    let (mut client, _) = Client::connect(h.addr(), "kick-sub", true).await;
+    let connection = h.recorder.outbound("kick-sub").connection_id();
+    client
+        .send(ClientPacket::Subscribe(codec::Subscribe {
+            pkid: 1,
+            filters: vec![("kick/me".into(), 1)],
+        }))
+        .await;
+    client.expect_closed().await;
+    assert_eq!(
+        h.recorder.wait_closed(connection).await,
+        CloseReason::ClosedByApplication
+    );
+}
+
+#[tokio::test]
+async fn is_subscribed_follows_wildcard_rules() {
+    let h = Harness::new(MqttLimits::default()).await;
+    let (mut client, _) = Client::connect(h.addr(), "wild", true).await;
+    let codes = client
+        .subscribe(
+            1,
+            &[
+                ("a/+/c", 1),
+                ("b/#", 1),
+                ("$iothub/twin/res/#", 1),
+                ("+/x", 1),
+            ],
+        )
+        .await;
+    assert_eq!(codes, vec![1, 1, 1, 1]);
+    let outbound = h.recorder.outbound("wild");
+    for (topic, expected) in [
+        ("a/1/c", true),
+        ("a/1/2/c", false),
+        ("a//c", true),
+        ("b", true),
+        ("b/1/2", true),
+        ("bb/1", false),
+        ("$iothub/twin/res/200/?$rid=1", true),
+        ("$iothub/twin/PATCH/properties/desired/?$version=2", false),
+        ("y/x", true),
+        ("$sys/x", false),
+    ] {
+        assert_eq!(outbound.is_subscribed(topic), expected, "{topic}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Outbound PUBLISH.
+
+#[tokio::test]
+async fn outbound_qos1_resolves_on_puback_and_fails_when_closed() {
+    let h = Harness::new(MqttLimits::default()).await;
+    let (mut client, _) = Client::connect(h.addr(), "c2d", true).await;
+    let outbound = h.recorder.outbound("c2d");
+
+    let sending = tokio::spawn({
+        let outbound = outbound.clone();
+        async move {
+            outbound
+                .publish(
+                    "devices/c2d/messages/devicebound/".into(),
+                    Bytes::from_static(b"one"),
+                    QoS::AtLeastOnce,
+                )
+                .await
+        }
+    });
+    let Some(ServerPacket::Publish(first)) = client.recv().await else {
+        panic!("expected PUBLISH");
+    };
+    assert_eq!(
+        (first.qos, first.dup, first.payload.as_ref()),
+        (1, false, &b"one"[..])
+    );
+    assert_ne!(first.pkid, 0);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!sending.is_finished(), "resolved before PUBACK");
+    client.send(ClientPacket::PubAck(first.pkid)).await;
+    assert_eq!(sending.await.unwrap(), Ok(()));
+
+    // QoS 0 resolves once queued and arrives without a packet id.
+    outbound
+        .publish("t/zero".into(), Bytes::from_static(b"0"), QoS::AtMostOnce)
+        .await
+        .unwrap();
+    let Some(ServerPacket::Publish(zero)) = client.recv().await else {
+        panic!("expected PUBLISH");
+    };
+    assert_eq!((zero.qos, zero.pkid), (0, 0));
+
+    // Fire-and-forget QoS 1 still carries a fresh packet id.
+    outbound
+        .send("t/one".into(), Bytes::from_static(b"1"), QoS::AtLeastOnce)
+        .unwrap();
+    let Some(ServerPacket::Publish(fire)) = client.recv().await else {
+        panic!("expected PUBLISH");
+    };
+    assert_eq!(fire.qos, 1);
+    assert_ne!(fire.pkid, first.pkid);
+
+    // Not acknowledged, then the client goes away: the publisher learns it failed.
+    let unacked = tokio::spawn({
+        let outbound = outbound.clone();
+        async move {
+            outbound
+                .publish("t/lost".into(), Bytes::new(), QoS::AtLeastOnce)
+                .await
+        }
+    });
+    assert!(matches!(
+        client.recv().await,
+        Some(ServerPacket::Publish(_))
+    ));
+    drop(client);
+    assert_eq!(unacked.await.unwrap(), Err(Closed));
+    assert!(outbound.is_closed());
+    assert_eq!(
+        outbound.send("t/x".into(), Bytes::new(), QoS::AtMostOnce),
+        Err(Closed)
+    );
+    assert_eq!(
+        h.recorder.wait_closed(outbound.connection_id()).await,
+        CloseReason::ConnectionLost
+    );
+}
+
+#[tokio::test]
+async fn outbound_qos1_is_retransmitted_with_dup() {
+    let limits = MqttLimits {
+        retransmit_after: Duration::from_millis(200),
+        ..MqttLimits::default()
+    };
+    let h = Harness::new(limits).await;
+    let (mut client, _) = Client::connect(h.addr(), "re", true).await;
+    let outbound = h.recorder.outbound("re");
+    outbound
+        .send("t/again".into(), Bytes::new(), QoS::AtLeastOnce)
+        .unwrap();
+    let Some(ServerPacket::Publish(first)) = client.recv().await else {
+        panic!("expected PUBLISH");
+    };
+    let Some(ServerPacket::Publish(again)) = client.recv().await else {
+        panic!("expected the PUBLISH again");
+    };
+    assert_eq!(
+        (again.pkid, again.dup, first.dup),
+        (first.pkid, true, false)
+    );
+    client.send(ClientPacket::PubAck(first.pkid)).await;
+    // Acknowledged: nothing more arrives.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(400), client.next())
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn application_close_and_invalid_topics() {
+    let h = Harness::new(MqttLimits::default()).await;
+    let (mut client, _) = Client::connect(h.addr(), "closing", true).await;
+    let outbound = h.recorder.outbound("closing");
+    assert_eq!(
+        outbound.send("a/#".into(), Bytes::new(), QoS::AtMostOnce),
+        Err(Closed),
+        "wildcards cannot be published"
+    );
+    assert!(!outbound.is_closed());
+    outbound.close();
+    client.expect_closed().await;
+    assert_eq!(
+        h.recorder.wait_closed(outbound.connection_id()).await,
+        CloseReason::ClosedByApplication
+    );
+    assert!(outbound.is_closed());
+    assert_eq!(h.listener.connected_count(), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sessions.
+
+async fn stored_filters(store: &Arc<dyn DocumentStore>, key: &str) -> Option<serde_json::Value> {
+    let store = store.clone();
+    let key = key.to_owned();
+    tokio::task::spawn_blocking(move || store.get(Collection::MqttSessions, &key).unwrap())
+        .await
+        .unwrap()
+        .map(|d| d.body)
+}
+
+#[tokio::test]
+async fn persistent_subscriptions_survive_reconnects_and_restarts() {
+    let h = Harness::new(MqttLimits::default()).await;
+    let filter = "devices/d1/messages/devicebound/#";
+    let c2d = "devices/d1/messages/devicebound/%24.mid=1";
+    let (mut client, present) = Client::connect(h.addr(), "d1", false).await;
+    assert!(!present);
+    assert_eq!(
+        client
+            .subscribe(1, &[(filter, 1), ("$iothub/twin/res/#", 0)])
+            .await,
+        vec![1, 0]
+    );
+    assert_eq!(
+        stored_filters(&h.store, "test/d1").await,
+        Some(serde_json::json!({"subscriptions": [
+            {"filter": "$iothub/twin/res/#", "qos": 0},
+            {"filter": filter, "qos": 1},
+        ]}))
+    );
+    client.send(ClientPacket::Disconnect).await;
+    client.expect_closed().await;
+
+    let (_client, present) = Client::connect(h.addr(), "d1", false).await;
+    assert!(present);
+    assert!(h.recorder.outbound("d1").is_subscribed(c2d));
+
+    // A new listener on the same store still knows the session.
+    h.listener.shutdown();
+    tokio::time::timeout(RECV_TIMEOUT, h.listener.stopped())
+        .await
+        .unwrap();
+    let listener = start_listener(&h.recorder, &h.store, MqttLimits::default()).await;
+    let (mut client, present) = Client::connect(listener.local_addr(), "d1", false).await;
+    assert!(present);
+    assert!(h.recorder.outbound("d1").is_subscribed(c2d));
+    // UNSUBSCRIBE is stored too.
+    client
+        .send(ClientPacket::Unsubscribe(codec::Unsubscribe {
+            pkid: 2,
+            filters: vec!["$iothub/twin/res/#".into()],
+        }))
+        .await;
+    assert_eq!(client.recv().await, Some(ServerPacket::UnsubAck(2)));
+    assert_eq!(
+        stored_filters(&h.store, "test/d1").await,
+        Some(serde_json::json!({"subscriptions": [{"filter": filter, "qos": 1}]}))
+    );
+    drop(client);
+
+    // CleanSession=1 drops the stored session and stores nothing new.
+    let (mut client, present) = Client::connect(listener.local_addr(), "d1", true).await;
+    assert!(!present);
+    assert!(!h.recorder.outbound("d1").is_subscribed(c2d));
+    assert_eq!(client.subscribe(3, &[(filter, 1)]).await, vec![1]);
+    assert_eq!(stored_filters(&h.store, "test/d1").await, None);
+    drop(client);
+
+    let (_client, present) = Client::connect(listener.local_addr(), "d1", false).await;
+    assert!(!present);
+    assert!(!h.recorder.outbound("d1").is_subscribed(c2d));
+    listener.shutdown();
+}
+
+#[tokio::test]
+async fn a_second_connection_takes_the_session_over() {
+    let h = Harness::new(MqttLimits::default()).await;
+    let (mut first, _) = Client::connect(h.addr(), "twice", false).await;
+    let first_id = h.recorder.outbound("twice").connection_id();
+    let (_second, _) = Client::connect(h.addr(), "twice", false).await;
+    // The old session was closed before the new CONNACK went out.
+    assert_eq!(
+        h.recorder.closed_reason(first_id),
+        Some(CloseReason::TakenOver)
+    );
+    first.expect_closed().await;
+    let second_id = h.recorder.outbound("twice").connection_id();
+    assert_ne!(first_id, second_id);
+    assert_eq!(h.recorder.closed_reason(second_id), None);
+    assert_eq!(h.listener.connected_count(), 1);
+    let ready = h
+        .recorder
+        .events()
+        .iter()
+        .filter(|e| matches!(e, Event::Ready { .. }))
+        .count();
+    assert_eq!(ready, 2);
+}
+
+#[tokio::test]
+async fn reconnects_are_rate_limited() {
+    let limits = MqttLimits {
+        reconnects_per_minute: 3,
+        ..MqttLimits::default()
+    };
+    let h = Harness::new(limits).await;
+    for _ in 0..3 {
+        let (client, _) = Client::connect(h.addr(), "loop", true).await;
+        drop(client);
+    }
+    let (mut client, _, code) = Client::connect_with(h.addr(), connect_packet("loop", true)).await;
+    assert_eq!(code, 3);
+    client.expect_closed().await;
+    // Other session keys are not affected.
+    let (_client, _) = Client::connect(h.addr(), "calm", true).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Timers and shutdown.
+
+#[tokio::test]
+async fn pingreq_gets_pingresp() {
+    let h = Harness::new(MqttLimits::default()).await;
+    let (mut client, _) = Client::connect(h.addr(), "ping", true).await;
+    for _ in 0..2 {
+        client.send(ClientPacket::PingReq).await;
+        assert_eq!(client.recv().await, Some(ServerPacket::PingResp));
+    }
+}
+
+#[tokio::test]
+async fn keep_alive_timeout_closes() {
+    let h = Harness::new(MqttLimits::default()).await;
+    let mut connect = connect_packet("idle", true);
+    connect.keep_alive = 1;
+    let (mut client, _, code) = Client::connect_with(h.addr(), connect).await;
+    assert_eq!(code, 0);
+    let start = Instant::now();
+    client.expect_closed().await;
+    let elapsed = start.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(1300) && elapsed < Duration::from_secs(3),
+        "{elapsed:?}"
+    );
+    let connection = h.recorder.outbound("idle").connection_id();
+    assert_eq!(
+        h.recorder.wait_closed(connection).await,
+        CloseReason::KeepAliveTimeout
+    );
+}
+
+#[tokio::test]
+async fn expired_credentials_close() {
+    let h = Harness::new(MqttLimits::default()).await;
+    let mut connect = connect_packet("expiring", true);
+    connect.password = Some("expires_in=1".into());
+    let (mut client, _, code) = Client::connect_with(h.addr(), connect).await;
+    assert_eq!(code, 0);
+    let start = Instant::now();
+    client.expect_closed().await;
+    assert!(start.elapsed() < Duration::from_millis(2500));
+    let connection = h.recorder.outbound("expiring").connection_id();
+    assert_eq!(
+        h.recorder.wait_closed(connection).await,
+        CloseReason::CredentialsExpired
+    );
+}
+
+#[tokio::test]
+async fn shutdown_closes_every_connection() {
+    let h = Harness::new(MqttLimits::default()).await;
+    let (mut accepted, _) = Client::connect(h.addr(), "s1", true).await;
+    // One more that has not sent CONNECT yet.
+    let mut pending = Client::open(h.addr()).await;
+    let connection = h.recorder.outbound("s1").connection_id();
+    h.listener.shutdown();
+    accepted.expect_closed().await;
+    pending.expect_closed().await;
+    tokio::time::timeout(RECV_TIMEOUT, h.listener.stopped())
+        .await
+        .unwrap();
+    assert_eq!(
+        h.recorder.wait_closed(connection).await,
+        CloseReason::ServerShutdown
+    );
+    assert_eq!(h.listener.connected_count(), 0);
+    assert!(TcpStream::connect(h.addr()).await.is_err());
+}
