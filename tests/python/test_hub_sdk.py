@@ -217,7 +217,8 @@ def test_x509_self_signed_device(server, registry, tmp_path):
         client.shutdown()
 
     # Another certificate with the same CN does not match the thumbprint.
-    other_cert, other_key, _ = make_self_signed(tmp_path / ".." , device_id + "x")
+    (tmp_path / "other").mkdir()
+    other_cert, other_key, _ = make_self_signed(tmp_path / "other", device_id)
     impostor = IoTHubDeviceClient.create_from_x509_certificate(
         x509=X509(str(other_cert), str(other_key)), hostname=server.ip, device_id=device_id, server_verification_cert=ca
     )
@@ -346,3 +347,54 @@ def test_acknowledged_telemetry_survives_sigkill(server, registry):
     bodies = {base64.b64decode(m["body"]).decode() for m in stored}
     missing = [i for i in snapshot if f"msg-{i}" not in bodies]
     assert missing == [], f"acknowledged but lost after SIGKILL: {missing[:10]}"
+
+
+def make_ca_and_leaf(tmp_path, ca_name, cn):
+    ca_key, ca_cert = tmp_path / f"{ca_name}.key", tmp_path / f"{ca_name}.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+         "-keyout", str(ca_key), "-out", str(ca_cert), "-days", "2", "-subj", f"/CN={ca_name}",
+         "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+        check=True, capture_output=True,
+    )
+    key, csr, cert = tmp_path / f"{cn}.key", tmp_path / f"{cn}.csr", tmp_path / f"{cn}.pem"
+    subprocess.run(["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={cn}"], check=True, capture_output=True)
+    subprocess.run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca_cert), "-CAkey", str(ca_key),
+                    "-CAcreateserial", "-out", str(cert), "-days", "1"], check=True, capture_output=True)
+    return ca_cert, cert, key
+
+
+def test_certificate_authority_device(server, registry, tmp_path):
+    device_id = f"ca-{uuid.uuid4().hex[:8]}"
+    ca_cert, cert, key = make_ca_and_leaf(tmp_path, f"fleet-{device_id}", device_id)
+    # Trust the CA through the provisioning API (auto-verified on upload).
+    parts = dict(p.split("=", 1) for p in server.credentials["dpsConnectionString"].split(";"))
+    r = requests.put(
+        f"https://{parts['HostName']}/certificates/fleet-{device_id}?api-version=2021-10-01",
+        json={"certificate": ca_cert.read_text(), "isVerified": True},
+        headers={"Authorization": sas_token(parts["HostName"], parts["SharedAccessKey"], parts["SharedAccessKeyName"])},
+        verify=server.credentials["caBundlePath"], timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    registry.create_device_with_certificate_authority(device_id, "enabled")
+    ca = open(server.credentials["caBundlePath"]).read()
+    client = IoTHubDeviceClient.create_from_x509_certificate(
+        x509=X509(str(cert), str(key)), hostname=server.ip, device_id=device_id, server_verification_cert=ca
+    )
+    client.connect()
+    try:
+        client.send_message(Message("signed by the fleet CA"))
+        assert base64.b64decode(stored_messages(server, device_id)[0]["body"]) == b"signed by the fleet CA"
+    finally:
+        client.shutdown()
+
+    # The same CN from a CA nobody uploaded is refused.
+    (tmp_path / "rogue").mkdir()
+    _, rogue_cert, rogue_key = make_ca_and_leaf(tmp_path / "rogue", f"rogue-{device_id}", device_id)
+    rogue = IoTHubDeviceClient.create_from_x509_certificate(
+        x509=X509(str(rogue_cert), str(rogue_key)), hostname=server.ip, device_id=device_id, server_verification_cert=ca
+    )
+    with pytest.raises((CredentialError, ClientError)):
+        rogue.connect()
+    rogue.shutdown()

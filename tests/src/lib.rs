@@ -79,6 +79,7 @@ pub struct TestServer {
     running: Option<Running>,
     pub client: Client,
     owner_key: String,
+    hub_key: String,
     pub id_scope: String,
     // Dropped last: the server must stop before its data dir and database go.
     _pg: Option<TempPostgres>,
@@ -87,6 +88,11 @@ pub struct TestServer {
 
 impl TestServer {
     pub fn start(backend: Backend) -> TestServer {
+        Self::start_with(backend, |_| {})
+    }
+
+    /// Starts with settings adjusted by `adjust` (e.g. a role).
+    pub fn start_with(backend: Backend, adjust: impl FnOnce(&mut Settings)) -> TestServer {
         let dir = tempfile::tempdir().expect("temp dir");
         let pg = match backend {
             Backend::Sqlite => None,
@@ -99,12 +105,14 @@ impl TestServer {
         settings.listen.https = "127.0.0.1:0".parse().expect("addr");
         settings.listen.mqtt = "127.0.0.1:0".parse().expect("addr");
         settings.database.url = pg.as_ref().map(|p| p.url.clone());
+        adjust(&mut settings);
         let mut server = TestServer {
             backend,
             settings,
             running: None,
             client: Client::new(),
             owner_key: String::new(),
+            hub_key: String::new(),
             id_scope: String::new(),
             _pg: pg,
             _dir: dir,
@@ -123,6 +131,15 @@ impl TestServer {
         self.owner_key = zerotouch_service::bootstrap::parse_connection_string(cs)
             .expect("parse")
             .2;
+        // Without a hub (role dps) any key will do: hub routes must answer 404 regardless.
+        self.hub_key = match credentials["hubConnectionString"].as_str() {
+            Some(hub_cs) => {
+                zerotouch_service::bootstrap::parse_connection_string(hub_cs)
+                    .expect("parse")
+                    .2
+            }
+            None => symmetric_key::generate_key().expect("key"),
+        };
     }
 
     /// Stops the server and starts it again on the same data dir and database.
@@ -179,6 +196,17 @@ impl TestServer {
 
     pub fn owner_sas(&self) -> String {
         self.sas("provisioningserviceowner", &self.owner_key, 3600)
+    }
+
+    /// A request to the hub's service API signed with `iothubowner`.
+    pub fn hub_request(&self, method: Method, path: &str) -> RequestBuilder {
+        let now = zerotouch_service::time::now_unix();
+        let token =
+            symmetric_key::sign(&self.host(), &self.hub_key, now + 3600, Some("iothubowner"))
+                .expect("sign");
+        self.client
+            .request(method, self.url(path))
+            .header("Authorization", token)
     }
 
     /// A request signed with the owner policy.

@@ -10,6 +10,7 @@ use prometheus::{
 
 use crate::http::AppState;
 use crate::http::error::ApiError;
+use crate::hub::Hub;
 
 /// Request counters and latency histograms, by route pattern (never by raw path, which would
 /// put device ids into label values).
@@ -54,12 +55,83 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
-    pub fn render(&self) -> Result<String, ApiError> {
+    pub fn render(&self, hub: Option<&Hub>) -> Result<String, ApiError> {
         let mut buffer = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buffer)
             .map_err(ApiError::internal)?;
-        String::from_utf8(buffer).map_err(ApiError::internal)
+        let mut text = String::from_utf8(buffer).map_err(ApiError::internal)?;
+        if let Some(hub) = hub {
+            render_hub(hub, &mut text);
+        }
+        Ok(text)
+    }
+}
+
+/// The hub's figures, read at scrape time from its counters.
+fn render_hub(hub: &Hub, out: &mut String) {
+    use std::fmt::Write as _;
+    use std::sync::atomic::Ordering::Relaxed;
+    let m = &hub.metrics;
+    let telemetry = hub.telemetry.stats();
+    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+        let _ = writeln!(out, "# HELP zerotouch_hub_{name} {help}");
+        let _ = writeln!(out, "# TYPE zerotouch_hub_{name} {kind}");
+        let _ = writeln!(out, "zerotouch_hub_{name} {value}");
+    };
+    metric(
+        "connected_devices",
+        "gauge",
+        "Devices connected over MQTT",
+        hub.connected_count() as u64,
+    );
+    metric(
+        "messages_in_total",
+        "counter",
+        "Telemetry messages accepted",
+        m.messages_in.load(Relaxed),
+    );
+    metric(
+        "bytes_in_total",
+        "counter",
+        "Telemetry body bytes accepted",
+        m.bytes_in.load(Relaxed),
+    );
+    metric(
+        "twin_operations_total",
+        "counter",
+        "Twin reads and writes",
+        m.twin_operations.load(Relaxed),
+    );
+    metric(
+        "method_calls_total",
+        "counter",
+        "Direct method invocations",
+        m.method_calls.load(Relaxed),
+    );
+    metric(
+        "telemetry_batches_total",
+        "counter",
+        "Telemetry group commits",
+        telemetry.batches,
+    );
+    let _ = writeln!(
+        out,
+        "# HELP zerotouch_hub_auth_failures_total Refused device and service credentials by reason"
+    );
+    let _ = writeln!(out, "# TYPE zerotouch_hub_auth_failures_total counter");
+    let failures = m
+        .auth_failures
+        .lock()
+        .map(|f| f.clone())
+        .unwrap_or_default();
+    let mut reasons: Vec<_> = failures.into_iter().collect();
+    reasons.sort();
+    for (reason, count) in reasons {
+        let _ = writeln!(
+            out,
+            "zerotouch_hub_auth_failures_total{{reason=\"{reason}\"}} {count}"
+        );
     }
 }
 
@@ -70,5 +142,5 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
-        .body(state.metrics.render()?))
+        .body(state.metrics.render(state.hub.as_deref())?))
 }
