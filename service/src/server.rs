@@ -131,10 +131,21 @@ pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev:
 
 /// `zerotouch serve`: runs until SIGINT/SIGTERM.
 pub fn serve(settings: Settings) -> anyhow::Result<()> {
-    actix_web::rt::System::new().block_on(async move {
-        let (_bound, server) = start(settings).await?;
-        server.await.context("the HTTPS server failed")
-    })
+    let bound = actix_web::rt::System::new().block_on(async move {
+        let (bound, server) = start(settings).await?;
+        server.await.context("the HTTPS server failed")?;
+        // SIGINT/SIGTERM stopped HTTPS; close MQTT sessions (devices reconnect elsewhere or
+        // later) and wait until their tasks are gone.
+        bound.mqtt_listener.shutdown();
+        bound.mqtt_listener.stopped().await;
+        anyhow::Ok(bound)
+    })?;
+    if let Some(hub) = &bound.hub {
+        // Everything acknowledged is already committed; this flushes what is still queued.
+        hub.telemetry.shutdown();
+    }
+    tracing::info!("zerotouch stopped");
+    Ok(())
 }
 
 /// A service running on its own thread, for tests and embedding.
