@@ -429,6 +429,17 @@ pub fn credentials(settings: &Settings) -> anyhow::Result<Value> {
             &hub_owner
         ));
         out["hubHostName"] = json!(settings.hub_hostname());
+        // Every hub policy (iothubowner, service, device, registryRead, registryReadWrite).
+        let mut policies = serde_json::Map::new();
+        for (name, _) in crate::hub::auth::DEFAULT_POLICIES {
+            if let Some(policy) = crate::hub::auth::policy(&store, name)? {
+                policies.insert(
+                    name.to_string(),
+                    json!(bootstrap::connection_string(&settings.hub_public_host(), &policy)),
+                );
+            }
+        }
+        out["hubPolicies"] = serde_json::Value::Object(policies);
     }
     Ok(out)
 }

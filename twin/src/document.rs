@@ -400,15 +400,13 @@ impl Twin {
     pub fn etag_matches(&self, if_match: &str) -> bool {
         let etag = self.etag();
         if_match.split(',').map(str::trim).any(|candidate| {
-            if candidate == "*" {
-                return true;
-            }
             let candidate = candidate.strip_prefix("W/").unwrap_or(candidate);
             let candidate = candidate
                 .strip_prefix('"')
                 .and_then(|c| c.strip_suffix('"'))
                 .unwrap_or(candidate);
-            candidate == etag
+            // `*`, quoted or not: the Azure service SDKs send `If-Match: "*"` without an etag.
+            candidate == "*" || candidate == etag
         })
     }
 
@@ -2017,5 +2015,13 @@ mod tests {
         for (error, expected) in cases {
             assert_eq!(error.to_string(), expected);
         }
+    }
+
+    #[test]
+    fn quoted_star_matches_any_etag() {
+        let twin = Twin::new(None, "2026-01-01T00:00:00.0000000Z").unwrap();
+        assert!(twin.etag_matches("\"*\""));
+        assert!(twin.etag_matches("*"));
+        assert!(!twin.etag_matches("\"AAAAAAAAAAA=\""));
     }
 }

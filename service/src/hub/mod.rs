@@ -264,10 +264,24 @@ impl Hub {
             Some(etag) => Write::IfMatch(etag),
         };
         let id = device_id.to_string();
+        let created = matches!(write, Write::Create);
         let doc = blocking(&self.store, move |s| {
             s.put(Collection::Devices, &id, None, &value, write)
         })
         .await?;
+        if created {
+            // Store the new twin now, so its timestamps are those of the device's creation.
+            let twin = Twin::new(None, &crate::time::now_rfc3339()).map_err(HubError::internal)?;
+            let body = twin.to_value();
+            let id = device_id.to_string();
+            blocking(&self.store, move |s| {
+                match s.put(Collection::Twins, &id, None, &body, Write::Upsert) {
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(e),
+                }
+            })
+            .await?;
+        }
         if previous.is_some_and(|p| p.credentials_changed(&device)) {
             self.close_connection(device_id);
         }

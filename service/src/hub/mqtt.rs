@@ -95,7 +95,11 @@ impl HubApplication {
             .await
             .map_err(|_| DeviceAuthFailure::UntrustedCertificate)?;
         auth::verify_device_certificate(&device, &peer.leaf, &peer.chain, &trusted, now as i64)?;
-        Ok((device.device_id, None, "x509"))
+        // The session ends when the certificate does.
+        let expires = zerotouch_attestation::x509::Certificate::from_der(&peer.leaf)
+            .ok()
+            .and_then(|c| u64::try_from(c.not_after_unix()).ok());
+        Ok((device.device_id, expires, "x509"))
     }
 }
 

@@ -130,6 +130,16 @@ pub(crate) fn decode_client(
     buf: &mut BytesMut,
     max_packet_bytes: usize,
 ) -> Result<Option<ClientPacket>, DecodeError> {
+    // Judge the packet type from the first byte, before waiting for a length's worth of bytes:
+    // reserved types (0, 15) and packets only a server sends are garbage from a client.
+    if let Some(first) = buf.first()
+        && matches!(first >> 4, 0 | 2 | 9 | 11 | 13 | 15)
+    {
+        return Err(DecodeError::Malformed(format!(
+            "packet type {} is not one a client sends",
+            first >> 4
+        )));
+    }
     let header = match mqttbytes::check(buf.iter(), max_packet_bytes) {
         Ok(header) => header,
         Err(mqttbytes::Error::InsufficientBytes(_)) => return Ok(None),
@@ -524,6 +534,17 @@ mod tests {
                 bytes[1] = (len - 2) as u8 & 0x7F;
             }
             let _ = decode_all(&bytes, 1024);
+        }
+    }
+
+    #[test]
+    fn garbage_types_are_refused_from_the_first_byte() {
+        for first in [0x00u8, 0x20, 0x90, 0xB0, 0xD0, 0xF0] {
+            let mut buf = BytesMut::from(&[first, 0xff, 0xff, 0x7f][..]);
+            assert!(
+                matches!(decode_client(&mut buf, 1024), Err(DecodeError::Malformed(_))),
+                "{first:#x}"
+            );
         }
     }
 }

@@ -112,7 +112,7 @@ pub enum CloseReason {
 /// What an application returns for a CONNECT it accepts.
 pub struct Accepted {
     pub session: Box<dyn Session>,
-    /// Persistent sessions and takeover are keyed by this (e.g. `hub/{host}/{deviceId}`), not by
+    /// Persistent sessions and takeover are keyed by this (e.g. `hub/{deviceId}`), not by
     /// the raw client id, so two applications can never collide.
     pub session_key: String,
     /// Unix seconds at which the credentials expire; the engine disconnects then.

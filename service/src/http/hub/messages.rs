@@ -52,10 +52,21 @@ async fn authenticate_device(
             format!("device refused: {}", failure.reason()),
         )
     };
-    let (device, _) = hub
-        .device(device_id)
-        .await?
-        .ok_or_else(|| refused(DeviceAuthFailure::UnknownDevice))?;
+    // As IoT Hub: an unknown or disabled device is 404 DeviceNotFound on this endpoint.
+    let not_found = || {
+        HubError::new(
+            HubErrorCode::DeviceNotFound,
+            format!("device {device_id} is not registered or disabled"),
+        )
+    };
+    let (device, _) = hub.device(device_id).await?.ok_or_else(|| {
+        hub.metrics.auth_failure(DeviceAuthFailure::UnknownDevice.reason());
+        not_found()
+    })?;
+    if device.status == crate::hub::device::DeviceStatus::Disabled {
+        hub.metrics.auth_failure(DeviceAuthFailure::Disabled.reason());
+        return Err(not_found());
+    }
     let now = crate::time::now_unix();
     if let Some(header) = header(req, "authorization") {
         let token = SasToken::parse(&header).map_err(|_| refused(DeviceAuthFailure::BadToken))?;
@@ -80,21 +91,33 @@ fn hub_ca_bundle(req: &HttpRequest) -> Result<std::path::PathBuf, HubError> {
         .ok_or_else(|| HubError::internal("no app state"))
 }
 
+/// HTTPS property names of system properties (hub-protocol §6) and their bag keys.
+const SYSTEM_HEADERS: [(&str, &str); 7] = [
+    ("iothub-messageid", "$.mid"),
+    ("iothub-correlationid", "$.cid"),
+    ("iothub-userid", "$.uid"),
+    ("iothub-contenttype", "$.ct"),
+    ("iothub-contentencoding", "$.ce"),
+    ("iothub-creationtimeutc", "$.ctime"),
+    ("iothub-expiry", "$.exp"),
+];
+
+/// One HTTPS property (header or batch property) as a bag entry.
+fn bag_entry(name: &str, value: String) -> Option<(String, Option<String>)> {
+    let name = name.to_ascii_lowercase();
+    if let Some((_, key)) = SYSTEM_HEADERS.iter().find(|(h, _)| *h == name) {
+        return Some((key.to_string(), Some(value)));
+    }
+    name.strip_prefix("iothub-app-")
+        .map(|app| (app.to_string(), Some(value)))
+}
+
 /// `iothub-app-*` and the system headers of hub-protocol §6 → a property bag.
 fn properties_from_headers(req: &HttpRequest) -> Vec<(String, Option<String>)> {
-    let system = [
-        ("iothub-messageid", "$.mid"),
-        ("iothub-correlationid", "$.cid"),
-        ("iothub-userid", "$.uid"),
-        ("iothub-contenttype", "$.ct"),
-        ("iothub-contentencoding", "$.ce"),
-        ("iothub-creationtimeutc", "$.ctime"),
-        ("iothub-expiry", "$.exp"),
-    ];
     let mut bag = Vec::new();
-    for (name, key) in system {
+    for (name, _) in SYSTEM_HEADERS {
         if let Some(value) = header(req, name) {
-            bag.push((key.to_string(), Some(value)));
+            bag.extend(bag_entry(name, value));
         }
     }
     if !bag.iter().any(|(k, _)| k == "$.ct")
@@ -103,10 +126,10 @@ fn properties_from_headers(req: &HttpRequest) -> Vec<(String, Option<String>)> {
         bag.push(("$.ct".to_string(), Some(content_type)));
     }
     for (name, value) in req.headers() {
-        if let Some(app) = name.as_str().strip_prefix("iothub-app-")
+        if name.as_str().starts_with("iothub-app-")
             && let Ok(value) = value.to_str()
         {
-            bag.push((app.to_string(), Some(value.to_string())));
+            bag.extend(bag_entry(name.as_str(), value.to_string()));
         }
     }
     bag
