@@ -11,6 +11,8 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_perc
 use ring::hmac;
 use ring::rand::{SecureRandom as _, SystemRandom};
 
+use crate::{AttestedIdentity, Attestor, EnrollmentRef, Mechanism};
+
 /// How far past its `se` a token is still accepted, for devices whose clock runs behind.
 pub const CLOCK_SKEW_SECS: u64 = 30;
 
@@ -263,6 +265,177 @@ pub fn validate_key(key_b64: &str) -> Result<(), KeyError> {
         Ok(())
     } else {
         Err(KeyError::InvalidLength { len: key.len() })
+    }
+}
+
+/// The keys of the individual enrollment whose registration id the device claims.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SymmetricKeyEnrollment {
+    /// `primaryKey`, standard base64.
+    pub primary_key: String,
+    /// `secondaryKey`, standard base64.
+    pub secondary_key: String,
+    /// `provisioningStatus == "enabled"`.
+    pub enabled: bool,
+}
+
+/// A symmetric-key enrollment group: devices sign with keys derived from these
+/// ([`derive_device_key`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SymmetricKeyGroup {
+    /// `enrollmentGroupId`.
+    pub group_id: String,
+    /// `primaryKey`, standard base64.
+    pub primary_key: String,
+    /// `secondaryKey`, standard base64.
+    pub secondary_key: String,
+    /// `provisioningStatus == "enabled"`.
+    pub enabled: bool,
+}
+
+/// What a device presents for symmetric-key attestation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SasEvidence {
+    /// The registration id from the URL (HTTPS) or the MQTT username.
+    pub registration_id: String,
+    /// The parsed `Authorization` header or MQTT password.
+    pub token: SasToken,
+}
+
+/// Symmetric-key attestation (§3.1–3.2) over the candidate enrollments of one registration.
+///
+/// Build it from what storage holds: the individual symmetric-key enrollment with the claimed
+/// registration id, if there is one, and every symmetric-key enrollment group, enabled or not
+/// (a disabled group must still be tried so that its devices hear `disabled`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SymmetricKeyAttestor {
+    /// This instance's ID scope; the token's resource must name it.
+    pub id_scope: String,
+    /// The individual enrollment for the claimed registration id, if any. When present it
+    /// decides alone: groups are not tried.
+    pub individual: Option<SymmetricKeyEnrollment>,
+    /// The symmetric-key enrollment groups.
+    pub groups: Vec<SymmetricKeyGroup>,
+}
+
+/// Why symmetric-key attestation refused a device.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SymmetricKeyAttestationError {
+    /// The token's decoded `sr` is not `{idScope}/registrations/{registrationId}`.
+    #[error("the SAS token is not for this registration")]
+    WrongResource,
+    /// `skn` is present with a value other than empty or `registration`.
+    #[error("the SAS token's key name is not accepted")]
+    KeyName,
+    /// The token is syntactically broken (its `sig` is not base64).
+    #[error("malformed SAS token: {0}")]
+    Malformed(&'static str),
+    /// An enrollment key produced the signature, but the token has expired.
+    #[error("the SAS token has expired")]
+    Expired,
+    /// No enrollment key (or derived group key) produced the signature.
+    #[error("no enrollment matches the SAS token")]
+    Unauthorized,
+    /// The token is authentic for an enrollment or group that is disabled.
+    #[error("the matching enrollment is disabled")]
+    Disabled,
+}
+
+impl Attestor for SymmetricKeyAttestor {
+    type Evidence = SasEvidence;
+    type Error = SymmetricKeyAttestationError;
+
+    /// Checks, in order: the resource names this ID scope and registration id
+    /// (case-insensitively); `skn` is acceptable; then the individual enrollment's primary and
+    /// secondary keys, if there is an individual enrollment; otherwise the keys derived from
+    /// every group's primary and secondary key for this registration id.
+    ///
+    /// A token that verifies with a disabled enrollment is [`Disabled`]. If it verifies with
+    /// several groups (they share a key) and any of them is disabled, that is [`Disabled`] too
+    /// (fail closed); otherwise the first matching group in `groups` order wins. An authentic
+    /// but expired token is [`Expired`].
+    ///
+    /// [`Disabled`]: SymmetricKeyAttestationError::Disabled
+    /// [`Expired`]: SymmetricKeyAttestationError::Expired
+    fn attest(
+        &self,
+        evidence: &SasEvidence,
+        now_unix: u64,
+    ) -> Result<AttestedIdentity, SymmetricKeyAttestationError> {
+        let SasEvidence {
+            registration_id,
+            token,
+        } = evidence;
+        if !token.is_for_registration(&self.id_scope, registration_id) {
+            return Err(SymmetricKeyAttestationError::WrongResource);
+        }
+        if !token.key_name_is_acceptable() {
+            return Err(SymmetricKeyAttestationError::KeyName);
+        }
+
+        let matched = if let Some(individual) = &self.individual {
+            let keys = [
+                individual.primary_key.as_str(),
+                individual.secondary_key.as_str(),
+            ];
+            check_keys(token, &keys, now_unix)?;
+            if !individual.enabled {
+                return Err(SymmetricKeyAttestationError::Disabled);
+            }
+            EnrollmentRef::Individual(registration_id.clone())
+        } else {
+            let mut first_enabled = None;
+            let mut expired = false;
+            for group in &self.groups {
+                let derived: Vec<String> = [&group.primary_key, &group.secondary_key]
+                    .into_iter()
+                    .filter_map(|key| derive_device_key(key, registration_id).ok())
+                    .collect();
+                let keys: Vec<&str> = derived.iter().map(String::as_str).collect();
+                match check_keys(token, &keys, now_unix) {
+                    Ok(()) if !group.enabled => {
+                        return Err(SymmetricKeyAttestationError::Disabled);
+                    }
+                    Ok(()) => {
+                        first_enabled.get_or_insert(group);
+                    }
+                    Err(SymmetricKeyAttestationError::Expired) => expired = true,
+                    Err(SymmetricKeyAttestationError::Malformed(m)) => {
+                        return Err(SymmetricKeyAttestationError::Malformed(m));
+                    }
+                    Err(_) => {}
+                }
+            }
+            match first_enabled {
+                Some(group) => EnrollmentRef::Group(group.group_id.clone()),
+                None if expired => return Err(SymmetricKeyAttestationError::Expired),
+                None => return Err(SymmetricKeyAttestationError::Unauthorized),
+            }
+        };
+
+        Ok(AttestedIdentity {
+            registration_id: registration_id.clone(),
+            mechanism: Mechanism::SymmetricKey,
+            matched,
+            certificate_info: None,
+            signing_certificate_info: None,
+            expires_at: Some(token.se),
+        })
+    }
+}
+
+/// [`verify`] with its errors mapped to attestation errors.
+fn check_keys(
+    token: &SasToken,
+    keys: &[&str],
+    now_unix: u64,
+) -> Result<(), SymmetricKeyAttestationError> {
+    match verify(token, keys, now_unix) {
+        Ok(_) => Ok(()),
+        Err(SasError::Expired) => Err(SymmetricKeyAttestationError::Expired),
+        Err(SasError::Malformed(m)) => Err(SymmetricKeyAttestationError::Malformed(m)),
+        Err(_) => Err(SymmetricKeyAttestationError::Unauthorized),
     }
 }
 

@@ -14,6 +14,9 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use ring::digest;
 
+use crate::symmetric_key::{self, SasError, SasToken};
+use crate::{AttestedIdentity, Attestor, EnrollmentRef, Mechanism};
+
 /// `TPM_ALG_RSA`.
 pub const ALG_RSA: u16 = 0x0001;
 /// `TPM_ALG_SHA1`.
@@ -327,6 +330,135 @@ pub fn parse_endorsement_key(b64: &str) -> Result<TpmPublic, TpmError> {
 /// [`parse_endorsement_key`]: the HMAC key is imported under it with AES-128-CFB.
 pub fn parse_storage_root_key(b64: &str) -> Result<TpmPublic, TpmError> {
     parse_endorsement_key(b64)
+}
+
+/// The TPM individual enrollment whose registration id the device claims (DPS has no TPM
+/// groups).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TpmEnrollment {
+    /// The enrolled endorsement key.
+    pub endorsement_key: TpmPublic,
+    /// `provisioningStatus == "enabled"`.
+    pub enabled: bool,
+}
+
+/// What a TPM device presents: its endorsement key on every request, and from the second
+/// request on a SAS token signed inside the TPM with the key from the activation blob.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TpmEvidence {
+    /// The registration id from the URL.
+    pub registration_id: String,
+    /// `tpm.endorsementKey`, parsed with [`parse_endorsement_key`].
+    pub endorsement_key: TpmPublic,
+    /// The `Authorization` header, absent on the first request.
+    pub token: Option<SasToken>,
+}
+
+/// TPM attestation (§3.4): the second half of the challenge, checking the SAS token the device
+/// signed with the key it could only unwrap with its EK and SRK.
+///
+/// The first half, building the activation blob, is the service's; this attestor tells it when
+/// a challenge is due ([`TpmAttestationError::ChallengeRequired`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TpmAttestor {
+    /// This instance's ID scope; the token's resource must name it.
+    pub id_scope: String,
+    /// The TPM enrollment with the claimed registration id, if any.
+    pub enrollment: Option<TpmEnrollment>,
+    /// The HMAC key (standard base64) wrapped in the last activation blob sent to this
+    /// registration, if one was sent.
+    pub authentication_key: Option<String>,
+}
+
+/// Why TPM attestation refused a device (or asks it to take a challenge first).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TpmAttestationError {
+    /// There is no TPM enrollment with this registration id.
+    #[error("no TPM enrollment for this registration id")]
+    NotEnrolled,
+    /// The presented endorsement key is not the enrolled one.
+    #[error("the endorsement key does not match the enrollment")]
+    EndorsementKeyMismatch,
+    /// The endorsement key matches but there is no token yet, or no key was issued to check it
+    /// against: answer with a fresh activation blob (401 with `authenticationKey`).
+    #[error("the device must answer an activation challenge first")]
+    ChallengeRequired,
+    /// The token's decoded `sr` is not `{idScope}/registrations/{registrationId}`.
+    #[error("the SAS token is not for this registration")]
+    WrongResource,
+    /// `skn` is present with a value other than empty or `registration`.
+    #[error("the SAS token's key name is not accepted")]
+    KeyName,
+    /// The token is syntactically broken (its `sig` is not base64).
+    #[error("malformed SAS token: {0}")]
+    Malformed(&'static str),
+    /// The token is authentic but has expired.
+    #[error("the SAS token has expired")]
+    Expired,
+    /// The token was not signed with the issued key.
+    #[error("the SAS token was not signed with the issued key")]
+    Unauthorized,
+    /// The token is authentic but the enrollment is disabled.
+    #[error("the enrollment is disabled")]
+    Disabled,
+}
+
+impl Attestor for TpmAttestor {
+    type Evidence = TpmEvidence;
+    type Error = TpmAttestationError;
+
+    /// Checks, in order: an enrollment exists; its EK is the presented one
+    /// ([`TpmPublic::same_key`]); a token is present; it is for this scope and registration and
+    /// its `skn` is acceptable; a key was issued; the token verifies with it and has not
+    /// expired; the enrollment is enabled.
+    fn attest(
+        &self,
+        evidence: &TpmEvidence,
+        now_unix: u64,
+    ) -> Result<AttestedIdentity, TpmAttestationError> {
+        let enrollment = self
+            .enrollment
+            .as_ref()
+            .ok_or(TpmAttestationError::NotEnrolled)?;
+        if !enrollment
+            .endorsement_key
+            .same_key(&evidence.endorsement_key)
+        {
+            return Err(TpmAttestationError::EndorsementKeyMismatch);
+        }
+        let token = evidence
+            .token
+            .as_ref()
+            .ok_or(TpmAttestationError::ChallengeRequired)?;
+        if !token.is_for_registration(&self.id_scope, &evidence.registration_id) {
+            return Err(TpmAttestationError::WrongResource);
+        }
+        if !token.key_name_is_acceptable() {
+            return Err(TpmAttestationError::KeyName);
+        }
+        let key = self
+            .authentication_key
+            .as_deref()
+            .ok_or(TpmAttestationError::ChallengeRequired)?;
+        match symmetric_key::verify(token, &[key], now_unix) {
+            Ok(_) => {}
+            Err(SasError::Expired) => return Err(TpmAttestationError::Expired),
+            Err(SasError::Malformed(m)) => return Err(TpmAttestationError::Malformed(m)),
+            Err(_) => return Err(TpmAttestationError::Unauthorized),
+        }
+        if !enrollment.enabled {
+            return Err(TpmAttestationError::Disabled);
+        }
+        Ok(AttestedIdentity {
+            registration_id: evidence.registration_id.clone(),
+            mechanism: Mechanism::Tpm,
+            matched: EnrollmentRef::Individual(evidence.registration_id.clone()),
+            certificate_info: None,
+            signing_certificate_info: None,
+            expires_at: Some(token.se),
+        })
+    }
 }
 
 /// A bounds-checked big-endian cursor.

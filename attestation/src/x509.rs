@@ -1,8 +1,9 @@
 //! X.509 attestation building blocks: parsing uploaded or presented certificates, the Azure
 //! `X509CertificateInfo` summary, signature checks and CA proof-of-possession (§3.3, §4.4, §5.6).
 //!
-//! Chain walking for group enrollments is built from [`Certificate::is_signed_by`],
-//! [`Certificate::is_issued_by_name`] and [`Certificate::is_valid_at`].
+//! [`X509Attestor`] decides which enrollment a presented chain belongs to (individual by
+//! certificate, else the closest group up the chain) and validates the path with
+//! rustls-webpki; see its module documentation for the order of checks.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
@@ -300,6 +301,12 @@ fn pem_certificates(input: &str) -> Result<Vec<Vec<u8>>, X509Error> {
     }
     Ok(blocks)
 }
+
+mod attestor;
+pub use attestor::{
+    ChainError, ClientCertificate, GroupCertificate, MAX_CHAIN_LEN, X509AttestationError,
+    X509Attestor, X509Enrollment, X509Evidence, X509Group,
+};
 
 #[cfg(test)]
 mod tests;

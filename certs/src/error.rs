@@ -50,4 +50,25 @@ pub enum Error {
     /// The intermediate certificate was not issued by (signed with the key of) the root.
     #[error("the intermediate certificate is not signed by the root certificate")]
     NotSignedByRoot,
+    /// The CSR is not a DER PKCS#10 request this crate accepts (unparseable, trailing data,
+    /// SHA-1 signature, unsupported key type).
+    #[error("invalid CSR: {reason}")]
+    InvalidCsr {
+        /// Why it was rejected (parser message or a fixed text; never key material).
+        reason: String,
+    },
+    /// The CSR's signature does not verify with its own public key.
+    #[error("the CSR signature does not verify")]
+    CsrSignatureInvalid,
+    /// The CSR's subject CN is missing, ambiguous or not the expected one.
+    #[error("the CSR's common name {found:?} is not {expected:?}")]
+    CnMismatch {
+        /// The CN the certificate must have (the registration id).
+        expected: String,
+        /// The CSR's single CN, if it has exactly one text CN.
+        found: Option<String>,
+    },
+    /// The given time (Unix seconds) is out of the representable range.
+    #[error("time {0} is out of range")]
+    InvalidTime(i64),
 }

@@ -10,6 +10,7 @@ use ring::rand::{SecureRandom as _, SystemRandom};
 use time::{Duration, OffsetDateTime};
 use x509_parser::certificate::X509Certificate;
 
+use crate::device::{self, IssuedDeviceCertificate};
 use crate::hostname::{self, Host};
 use crate::{Error, SecretPem, pem};
 
@@ -30,6 +31,7 @@ const MAX_COMMON_NAME: usize = 64;
 /// rebuild it with [`CaHierarchy::from_pem`] afterwards.
 pub struct CaHierarchy {
     root_cert_pem: String,
+    root_der: Vec<u8>,
     root_key: Option<SecretPem>,
     intermediate_cert_pem: String,
     intermediate_der: Vec<u8>,
@@ -148,6 +150,7 @@ impl CaHierarchy {
             .map_err(generation)?;
         Ok(CaHierarchy {
             root_cert_pem: pem::encode("CERTIFICATE", &root_der),
+            root_der,
             root_key: root_key.cloned(),
             intermediate_cert_pem: pem::encode("CERTIFICATE", &intermediate_der),
             intermediate_der,
@@ -251,6 +254,76 @@ impl CaHierarchy {
         })
     }
 
+    /// Issues a device certificate for the public key in a PKCS#10 CSR (DPS `csr`, DER).
+    ///
+    /// Checks: the CSR parses (nothing after it), its signature verifies with its own key
+    /// (RSA 2048–8192 bits with PKCS#1 v1.5, or PSS with salt length = digest length, over
+    /// SHA-256/384/512; ECDSA P-256/P-384; Ed25519; SHA-1 is refused as [`Error::InvalidCsr`],
+    /// a key ring cannot check, such as RSA-1024, fails as [`Error::CsrSignatureInvalid`]) and
+    /// its subject has exactly one CN, equal to `expected_cn` (case-sensitive). Everything
+    /// else in the CSR, requested extensions included, is ignored; openssl CSRs with a
+    /// subjectKeyIdentifier request are fine.
+    ///
+    /// Profile: subject `CN={expected_cn}` only, no SAN, basicConstraints CA:FALSE, key usage
+    /// digitalSignature plus keyAgreement (EC) or keyEncipherment (RSA), EKU clientAuth,
+    /// authority key identifier, a 16-byte random positive serial, valid from `now_unix` minus
+    /// five minutes to `now_unix` plus `validity_days` days, signed by the intermediate.
+    /// A certificate that would outlive the intermediate is refused
+    /// ([`Error::ValidityBeyondIssuer`]), not shortened.
+    pub fn sign_device_csr(
+        &self,
+        csr_der: &[u8],
+        expected_cn: &str,
+        validity_days: u32,
+        now_unix: i64,
+    ) -> Result<IssuedDeviceCertificate, Error> {
+        let csr = device::verify_csr(csr_der, expected_cn)?;
+        if validity_days == 0 {
+            return Err(Error::InvalidValidity);
+        }
+        let now = OffsetDateTime::from_unix_timestamp(now_unix)
+            .map_err(|_| Error::InvalidTime(now_unix))?;
+        let not_before = now
+            .checked_sub(BACKDATE)
+            .ok_or(Error::InvalidTime(now_unix))?;
+        let not_after = now
+            .checked_add(Duration::days(i64::from(validity_days)))
+            .filter(|end| *end <= self.intermediate_not_after)
+            .ok_or(Error::ValidityBeyondIssuer {
+                days: validity_days,
+            })?;
+
+        let mut params = CertificateParams::default();
+        params.distinguished_name = common_name(expected_cn);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = csr.key_usages;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = not_before;
+        params.not_after = not_after;
+        let serial = random_serial()?;
+        let serial_hex = hex_upper(serial.as_ref());
+        params.serial_number = Some(serial);
+
+        let cert = params
+            .signed_by(&csr.spki, &self.issuer)
+            .map_err(generation)?;
+        let certificate_der = cert.der().to_vec();
+        Ok(IssuedDeviceCertificate {
+            certificate_pem: pem::encode("CERTIFICATE", &certificate_der),
+            chain_der: vec![
+                certificate_der.clone(),
+                self.intermediate_der.clone(),
+                self.root_der.clone(),
+            ],
+            certificate_der,
+            serial_hex,
+            not_before_unix: not_before.unix_timestamp(),
+            not_after_unix: not_after.unix_timestamp(),
+            subject: format!("CN={expected_cn}"),
+        })
+    }
+
     /// Whether the first certificate in `cert_pem` was issued by this hierarchy's intermediate
     /// (issuer name matches and the signature verifies). Lets the service notice that a stored
     /// server certificate belongs to an older CA and must be re-issued.
@@ -304,6 +377,10 @@ fn random_serial() -> Result<SerialNumber, Error> {
         .map_err(|_| Error::Generation("the system random number generator failed".into()))?;
     bytes[0] = (bytes[0] & 0x7f) | 0x40;
     Ok(SerialNumber::from_slice(&bytes))
+}
+
+fn hex_upper(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02X}")).collect()
 }
 
 fn parse_key(key: &SecretPem, what: &'static str) -> Result<KeyPair, Error> {

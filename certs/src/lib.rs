@@ -3,8 +3,9 @@
 //!
 //! The crate owns the CA private keys. It generates a P-256 root and intermediate
 //! ([`CaHierarchy::generate`]), rebuilds them from stored PEM after a restart
-//! ([`CaHierarchy::from_pem`]) and issues TLS server certificates from the intermediate
-//! ([`CaHierarchy::issue_server_certificate`]).
+//! ([`CaHierarchy::from_pem`]) and issues from the intermediate: TLS server certificates
+//! ([`CaHierarchy::issue_server_certificate`]) and device client certificates from a CSR
+//! ([`CaHierarchy::sign_device_csr`]).
 //!
 //! What this crate must never do:
 //! - No I/O: no files, no network, no database, no environment. Callers pass PEM text in and
@@ -14,6 +15,7 @@
 //! - Never panic on any input; every failure is a typed [`Error`].
 #![forbid(unsafe_code)]
 
+mod device;
 mod error;
 mod hierarchy;
 mod hostname;
@@ -21,6 +23,7 @@ mod pem;
 mod secret;
 mod server;
 
+pub use device::IssuedDeviceCertificate;
 pub use error::Error;
 pub use hierarchy::{CaHierarchy, IssuedCertificate};
 pub use secret::SecretPem;

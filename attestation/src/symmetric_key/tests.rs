@@ -408,3 +408,270 @@ fn validate_key_limits() {
         Err(KeyError::NotBase64)
     );
 }
+
+// --- SymmetricKeyAttestor ---
+
+const SCOPE: &str = "0ne00000001";
+
+fn evidence(header: &str, registration_id: &str) -> SasEvidence {
+    SasEvidence {
+        registration_id: registration_id.into(),
+        token: SasToken::parse(header).unwrap(),
+    }
+}
+
+/// The upper-case spec vector, as the Python SDK sends it for `dev-01`.
+fn vector_evidence() -> SasEvidence {
+    evidence(
+        &format!(
+            "SharedAccessSignature sr={SR_UPPER}&sig={}&se={SE}",
+            enc(SIG_UPPER)
+        ),
+        "dev-01",
+    )
+}
+
+fn group(id: &str, primary: &str, enabled: bool) -> SymmetricKeyGroup {
+    SymmetricKeyGroup {
+        group_id: id.into(),
+        primary_key: primary.into(),
+        secondary_key: generate_key().unwrap(),
+        enabled,
+    }
+}
+
+fn attestor(
+    individual: Option<SymmetricKeyEnrollment>,
+    groups: Vec<SymmetricKeyGroup>,
+) -> SymmetricKeyAttestor {
+    SymmetricKeyAttestor {
+        id_scope: SCOPE.into(),
+        individual,
+        groups,
+    }
+}
+
+#[test]
+fn attestor_group_match_with_the_spec_vector() {
+    let other = generate_key().unwrap();
+    let a = attestor(
+        None,
+        vec![
+            group("other", &other, true),
+            group("contoso", GROUP_KEY, true),
+        ],
+    );
+    let identity = a.attest(&vector_evidence(), NOW).unwrap();
+    assert_eq!(
+        identity,
+        AttestedIdentity {
+            registration_id: "dev-01".into(),
+            mechanism: Mechanism::SymmetricKey,
+            matched: EnrollmentRef::Group("contoso".into()),
+            certificate_info: None,
+            signing_certificate_info: None,
+            expires_at: Some(SE),
+        }
+    );
+
+    // The C SDK's spelling (lower-case hex, skn=registration) matches the same group.
+    let c_sdk = evidence(
+        &format!(
+            "SharedAccessSignature sr={SR_LOWER}&sig={}&se={SE}&skn=registration",
+            lower_hex(&enc(SIG_LOWER))
+        ),
+        "dev-01",
+    );
+    assert_eq!(
+        a.attest(&c_sdk, NOW).unwrap().matched,
+        EnrollmentRef::Group("contoso".into())
+    );
+}
+
+#[test]
+fn attestor_group_secondary_key_matches() {
+    let mut g = group("contoso", &generate_key().unwrap(), true);
+    g.secondary_key = GROUP_KEY.into();
+    let a = attestor(None, vec![g]);
+    assert_eq!(
+        a.attest(&vector_evidence(), NOW).unwrap().matched,
+        EnrollmentRef::Group("contoso".into())
+    );
+}
+
+#[test]
+fn attestor_individual_primary_and_secondary() {
+    let primary = SymmetricKeyEnrollment {
+        primary_key: DEVICE_KEY.into(),
+        secondary_key: generate_key().unwrap(),
+        enabled: true,
+    };
+    let a = attestor(Some(primary.clone()), vec![]);
+    let identity = a.attest(&vector_evidence(), NOW).unwrap();
+    assert_eq!(identity.matched, EnrollmentRef::Individual("dev-01".into()));
+    assert_eq!(identity.expires_at, Some(SE));
+
+    let secondary = SymmetricKeyEnrollment {
+        primary_key: generate_key().unwrap(),
+        secondary_key: DEVICE_KEY.into(),
+        enabled: true,
+    };
+    let a = attestor(Some(secondary), vec![]);
+    assert_eq!(
+        a.attest(&vector_evidence(), NOW).unwrap().matched,
+        EnrollmentRef::Individual("dev-01".into())
+    );
+}
+
+#[test]
+fn attestor_individual_takes_precedence_over_groups() {
+    // The group would match, but an individual enrollment for dev-01 exists with other keys.
+    let individual = SymmetricKeyEnrollment {
+        primary_key: generate_key().unwrap(),
+        secondary_key: generate_key().unwrap(),
+        enabled: true,
+    };
+    let a = attestor(Some(individual), vec![group("contoso", GROUP_KEY, true)]);
+    assert_eq!(
+        a.attest(&vector_evidence(), NOW),
+        Err(SymmetricKeyAttestationError::Unauthorized)
+    );
+}
+
+#[test]
+fn attestor_disabled_matches_refuse_distinctly() {
+    let individual = SymmetricKeyEnrollment {
+        primary_key: DEVICE_KEY.into(),
+        secondary_key: DEVICE_KEY.into(),
+        enabled: false,
+    };
+    assert_eq!(
+        attestor(Some(individual), vec![]).attest(&vector_evidence(), NOW),
+        Err(SymmetricKeyAttestationError::Disabled)
+    );
+    assert_eq!(
+        attestor(None, vec![group("contoso", GROUP_KEY, false)]).attest(&vector_evidence(), NOW),
+        Err(SymmetricKeyAttestationError::Disabled)
+    );
+    // Two groups share the key and one is disabled: refuse whatever the order.
+    for groups in [
+        vec![group("a", GROUP_KEY, true), group("b", GROUP_KEY, false)],
+        vec![group("b", GROUP_KEY, false), group("a", GROUP_KEY, true)],
+    ] {
+        assert_eq!(
+            attestor(None, groups).attest(&vector_evidence(), NOW),
+            Err(SymmetricKeyAttestationError::Disabled)
+        );
+    }
+    // A disabled group that does not match changes nothing.
+    let a = attestor(
+        None,
+        vec![
+            group("off", &generate_key().unwrap(), false),
+            group("on", GROUP_KEY, true),
+        ],
+    );
+    assert_eq!(
+        a.attest(&vector_evidence(), NOW).unwrap().matched,
+        EnrollmentRef::Group("on".into())
+    );
+    // Two enabled groups sharing the key: the first in order wins.
+    let a = attestor(
+        None,
+        vec![
+            group("first", GROUP_KEY, true),
+            group("second", GROUP_KEY, true),
+        ],
+    );
+    assert_eq!(
+        a.attest(&vector_evidence(), NOW).unwrap().matched,
+        EnrollmentRef::Group("first".into())
+    );
+}
+
+#[test]
+fn attestor_refusals() {
+    let a = attestor(None, vec![group("contoso", GROUP_KEY, true)]);
+    // No enrollment at all, or only non-matching groups.
+    assert_eq!(
+        attestor(None, vec![]).attest(&vector_evidence(), NOW),
+        Err(SymmetricKeyAttestationError::Unauthorized)
+    );
+    assert_eq!(
+        attestor(None, vec![group("x", &generate_key().unwrap(), true)])
+            .attest(&vector_evidence(), NOW),
+        Err(SymmetricKeyAttestationError::Unauthorized)
+    );
+    // Groups with unusable keys are skipped, not fatal.
+    assert_eq!(
+        attestor(
+            None,
+            vec![
+                SymmetricKeyGroup {
+                    group_id: "broken".into(),
+                    primary_key: "***".into(),
+                    secondary_key: String::new(),
+                    enabled: true,
+                },
+                group("contoso", GROUP_KEY, true),
+            ]
+        )
+        .attest(&vector_evidence(), NOW)
+        .unwrap()
+        .matched,
+        EnrollmentRef::Group("contoso".into())
+    );
+    // Expired (authentic) token.
+    assert_eq!(
+        a.attest(&vector_evidence(), SE + CLOCK_SKEW_SECS),
+        Err(SymmetricKeyAttestationError::Expired)
+    );
+    // Another device's registration id: the resource does not match.
+    let mut other_device = vector_evidence();
+    other_device.registration_id = "dev-02".into();
+    assert_eq!(
+        a.attest(&other_device, NOW),
+        Err(SymmetricKeyAttestationError::WrongResource)
+    );
+    // Another ID scope.
+    let mut other_scope = a.clone();
+    other_scope.id_scope = "0ne00000002".into();
+    assert_eq!(
+        other_scope.attest(&vector_evidence(), NOW),
+        Err(SymmetricKeyAttestationError::WrongResource)
+    );
+    // Registration id and scope compare case-insensitively.
+    let mut upper = vector_evidence();
+    upper.registration_id = "DEV-01".into();
+    let mut upper_scope = a.clone();
+    upper_scope.id_scope = SCOPE.to_uppercase();
+    // The derived key is over the claimed id, so the upper-case id derives another key.
+    assert_eq!(
+        upper_scope.attest(&upper, NOW),
+        Err(SymmetricKeyAttestationError::Unauthorized)
+    );
+    assert!(upper_scope.attest(&vector_evidence(), NOW).is_ok());
+    // skn other than absent, empty or `registration`.
+    let mut wrong_skn = vector_evidence();
+    wrong_skn.token.skn = Some("iothubowner".into());
+    assert_eq!(
+        a.attest(&wrong_skn, NOW),
+        Err(SymmetricKeyAttestationError::KeyName)
+    );
+    let mut empty_skn = vector_evidence();
+    empty_skn.token.skn = Some(String::new());
+    assert!(a.attest(&empty_skn, NOW).is_ok());
+    // Tampered signature or expiry.
+    let mut tampered = vector_evidence();
+    tampered.token.se += 1;
+    assert_eq!(
+        a.attest(&tampered, NOW),
+        Err(SymmetricKeyAttestationError::Unauthorized)
+    );
+    let mut garbage = vector_evidence();
+    garbage.token.sig = "!!".into();
+    assert!(matches!(
+        a.attest(&garbage, NOW),
+        Err(SymmetricKeyAttestationError::Malformed(_))
+    ));
+}

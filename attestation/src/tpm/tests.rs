@@ -490,3 +490,124 @@ fn garbage_never_panics() {
         let _ = parse_public(&mutated);
     }
 }
+
+// --- TpmAttestor ---
+
+const SCOPE: &str = "0ne00000001";
+const SE: u64 = 1_700_000_000;
+const NOW: u64 = SE - 600;
+
+fn ek_with(seed: u32) -> TpmPublic {
+    let mut t = Template::ek();
+    t.modulus = (0..256u32).map(|i| (i * 13 + seed) as u8 | 0x80).collect();
+    parse_endorsement_key(&t.b64()).unwrap()
+}
+
+fn tpm_attestor(enabled: bool, key: Option<&str>) -> TpmAttestor {
+    TpmAttestor {
+        id_scope: SCOPE.into(),
+        enrollment: Some(TpmEnrollment {
+            endorsement_key: ek_with(1),
+            enabled,
+        }),
+        authentication_key: key.map(Into::into),
+    }
+}
+
+fn tpm_evidence(key: &str, se: u64) -> TpmEvidence {
+    let header = symmetric_key::sign(
+        &symmetric_key::registration_resource(SCOPE, "tpm-01"),
+        key,
+        se,
+        Some("registration"),
+    )
+    .unwrap();
+    TpmEvidence {
+        registration_id: "tpm-01".into(),
+        endorsement_key: ek_with(1),
+        token: Some(SasToken::parse(&header).unwrap()),
+    }
+}
+
+#[test]
+fn tpm_attestor_accepts_the_issued_key() {
+    let key = symmetric_key::generate_key().unwrap();
+    let identity = tpm_attestor(true, Some(&key))
+        .attest(&tpm_evidence(&key, SE), NOW)
+        .unwrap();
+    assert_eq!(
+        identity,
+        AttestedIdentity {
+            registration_id: "tpm-01".into(),
+            mechanism: Mechanism::Tpm,
+            matched: EnrollmentRef::Individual("tpm-01".into()),
+            certificate_info: None,
+            signing_certificate_info: None,
+            expires_at: Some(SE),
+        }
+    );
+}
+
+#[test]
+fn tpm_attestor_refusals() {
+    let key = symmetric_key::generate_key().unwrap();
+    let other = symmetric_key::generate_key().unwrap();
+    let good = tpm_evidence(&key, SE);
+    let a = tpm_attestor(true, Some(&key));
+
+    let none = TpmAttestor {
+        enrollment: None,
+        ..a.clone()
+    };
+    assert_eq!(
+        none.attest(&good, NOW),
+        Err(TpmAttestationError::NotEnrolled)
+    );
+
+    let mut foreign_ek = good.clone();
+    foreign_ek.endorsement_key = ek_with(2);
+    assert_eq!(
+        a.attest(&foreign_ek, NOW),
+        Err(TpmAttestationError::EndorsementKeyMismatch)
+    );
+
+    let mut first_request = good.clone();
+    first_request.token = None;
+    assert_eq!(
+        a.attest(&first_request, NOW),
+        Err(TpmAttestationError::ChallengeRequired)
+    );
+    assert_eq!(
+        tpm_attestor(true, None).attest(&good, NOW),
+        Err(TpmAttestationError::ChallengeRequired)
+    );
+
+    assert_eq!(
+        a.attest(&tpm_evidence(&other, SE), NOW),
+        Err(TpmAttestationError::Unauthorized)
+    );
+    assert_eq!(
+        a.attest(&good, SE + symmetric_key::CLOCK_SKEW_SECS),
+        Err(TpmAttestationError::Expired)
+    );
+
+    let mut wrong_id = good.clone();
+    wrong_id.registration_id = "tpm-02".into();
+    assert_eq!(
+        a.attest(&wrong_id, NOW),
+        Err(TpmAttestationError::WrongResource)
+    );
+    let mut wrong_skn = good.clone();
+    if let Some(token) = wrong_skn.token.as_mut() {
+        token.skn = Some("owner".into());
+    }
+    assert_eq!(a.attest(&wrong_skn, NOW), Err(TpmAttestationError::KeyName));
+
+    // Disabled is only revealed to a device holding the issued key.
+    let off = tpm_attestor(false, Some(&key));
+    assert_eq!(off.attest(&good, NOW), Err(TpmAttestationError::Disabled));
+    assert_eq!(
+        off.attest(&tpm_evidence(&other, SE), NOW),
+        Err(TpmAttestationError::Unauthorized)
+    );
+}
