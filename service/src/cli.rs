@@ -435,7 +435,10 @@ pub fn credentials(settings: &Settings) -> anyhow::Result<Value> {
             if let Some(policy) = crate::hub::auth::policy(&store, name)? {
                 policies.insert(
                     name.to_string(),
-                    json!(bootstrap::connection_string(&settings.hub_public_host(), &policy)),
+                    json!(bootstrap::connection_string(
+                        &settings.hub_public_host(),
+                        &policy
+                    )),
                 );
             }
         }

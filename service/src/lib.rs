@@ -10,6 +10,7 @@ pub mod bootstrap;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod dps;
 pub mod enrollment;
 pub mod http;
 pub mod hub;

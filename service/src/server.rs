@@ -75,16 +75,24 @@ pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev:
     } else {
         None
     };
-    let mqtt_app: Arc<dyn mqtt::Application> = match &hub {
-        Some(hub) => Arc::new(crate::hub::mqtt::HubApplication::new(
+    let dps = settings.service.role.runs_dps().then(|| {
+        Arc::new(crate::dps::Dps::new(
+            store.clone(),
+            instance.id_scope.clone(),
             hub.clone(),
-            instance.ca.trust_bundle_pem(),
-        )),
-        None => Arc::new(mqtt::RefuseAll),
-    };
+            instance.clone(),
+        ))
+    });
+    let mqtt_app: Arc<dyn mqtt::Application> = Arc::new(crate::dps::mqtt::Router {
+        dps: dps.clone().map(crate::dps::mqtt::DpsApplication::new),
+        hub: hub.as_ref().map(|hub| {
+            crate::hub::mqtt::HubApplication::new(hub.clone(), instance.ca.trust_bundle_pem())
+        }),
+    });
 
     let state = web::Data::new(AppState {
         hub: hub.clone(),
+        dps,
         store: store.clone(),
         settings: settings.clone(),
         instance: instance.clone(),

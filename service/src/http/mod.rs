@@ -6,6 +6,7 @@
 //! renders [`ApiError`]s.
 
 pub mod certificates;
+pub mod dps;
 pub mod enrollments;
 pub mod error;
 pub mod health;
@@ -42,6 +43,8 @@ pub struct AppState {
     pub store: Arc<dyn DocumentStore>,
     /// The hub, when this process runs one.
     pub hub: Option<Arc<crate::hub::Hub>>,
+    /// The device registration service, when this process runs provisioning.
+    pub dps: Option<Arc<crate::dps::Dps>>,
     pub settings: Settings,
     pub instance: Arc<Instance>,
     pub metrics: metrics::Metrics,
@@ -76,6 +79,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .configure(certificates::configure)
     .configure(policies::configure)
     .configure(hub::configure)
+    // Last: its `/{idScope}/registrations/…` patterns would shadow nothing above, but keep the
+    // fixed management paths first.
+    .configure(dps::configure)
     .default_service(web::to(|| async {
         Err::<HttpResponse, _>(ApiError::new(ErrorCode::NotFound, "no such resource"))
     }));

@@ -542,7 +542,10 @@ mod tests {
         for first in [0x00u8, 0x20, 0x90, 0xB0, 0xD0, 0xF0] {
             let mut buf = BytesMut::from(&[first, 0xff, 0xff, 0x7f][..]);
             assert!(
-                matches!(decode_client(&mut buf, 1024), Err(DecodeError::Malformed(_))),
+                matches!(
+                    decode_client(&mut buf, 1024),
+                    Err(DecodeError::Malformed(_))
+                ),
                 "{first:#x}"
             );
         }

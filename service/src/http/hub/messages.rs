@@ -60,11 +60,13 @@ async fn authenticate_device(
         )
     };
     let (device, _) = hub.device(device_id).await?.ok_or_else(|| {
-        hub.metrics.auth_failure(DeviceAuthFailure::UnknownDevice.reason());
+        hub.metrics
+            .auth_failure(DeviceAuthFailure::UnknownDevice.reason());
         not_found()
     })?;
     if device.status == crate::hub::device::DeviceStatus::Disabled {
-        hub.metrics.auth_failure(DeviceAuthFailure::Disabled.reason());
+        hub.metrics
+            .auth_failure(DeviceAuthFailure::Disabled.reason());
         return Err(not_found());
     }
     let now = crate::time::now_unix();

@@ -1,0 +1,690 @@
+//! Zero-touch registration: the DPS device API (dps-protocol §1–§3, §5.4–§5.5).
+//!
+//! A device proves who it is (a SAS token, or its TLS client certificate), the matching
+//! enrollment decides where it goes and what it gets, and the outcome is recorded as its
+//! registration. [`Dps::register`] does all of it; `http::dps` and `dps::mqtt` are its two
+//! transports. Assignment is to the built-in hub for now; allocation across hubs comes later.
+
+pub mod mqtt;
+
+use std::sync::Arc;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde_json::{Value, json};
+use zerotouch_attestation::symmetric_key::{
+    SasEvidence, SasToken, SymmetricKeyAttestationError, SymmetricKeyAttestor,
+    SymmetricKeyEnrollment, SymmetricKeyGroup, derive_device_key,
+};
+use zerotouch_attestation::x509::{
+    ClientCertificate, GroupCertificate, X509AttestationError, X509Attestor, X509Enrollment,
+    X509Evidence, X509Group,
+};
+use zerotouch_attestation::{AttestedIdentity, Attestor, EnrollmentRef, Mechanism};
+
+use crate::db::{Collection, Document, DocumentStore, StoreError, Write};
+use crate::http::error::{ApiError, ErrorCode};
+use crate::hub::Hub;
+use crate::tls::PeerCertificates;
+
+/// Validity of certificates issued from a registration's CSR.
+pub const DEVICE_CERTIFICATE_DAYS: u32 = 90;
+
+/// What a device presents.
+pub enum Evidence {
+    Sas(SasToken),
+    Certificate(PeerCertificates),
+}
+
+/// A register request body (dps-protocol §1.4).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegisterBody {
+    pub registration_id: Option<String>,
+    pub payload: Option<Value>,
+    pub csr: Option<String>,
+}
+
+/// The result of a registration: an operation status as the device API returns it.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub operation_id: String,
+    /// `assigned`, `failed` or `disabled`.
+    pub status: &'static str,
+    pub registration_state: Value,
+}
+
+impl Outcome {
+    pub fn body(&self) -> Value {
+        json!({
+            "operationId": self.operation_id,
+            "status": self.status,
+            "registrationState": self.registration_state,
+        })
+    }
+}
+
+pub struct Dps {
+    store: Arc<dyn DocumentStore>,
+    pub id_scope: String,
+    hub: Option<Arc<Hub>>,
+    instance: Arc<crate::bootstrap::Instance>,
+}
+
+async fn blocking<T, F>(store: &Arc<dyn DocumentStore>, f: F) -> Result<T, ApiError>
+where
+    F: FnOnce(&dyn DocumentStore) -> Result<T, StoreError> + Send + 'static,
+    T: Send + 'static,
+{
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || f(store.as_ref()))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(|e| crate::http::error::store_error(e, ErrorCode::NotFound))
+}
+
+fn unauthorized(message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorCode::InvalidSignature, message)
+}
+
+fn all(store: &dyn DocumentStore, collection: Collection) -> Result<Vec<Document>, StoreError> {
+    let mut out = Vec::new();
+    let mut continuation: Option<String> = None;
+    loop {
+        let page = store.list(collection, None, 1000, continuation.as_deref())?;
+        out.extend(page.items);
+        match page.continuation {
+            Some(next) => continuation = Some(next),
+            None => return Ok(out),
+        }
+    }
+}
+
+fn enabled(doc: &Value) -> bool {
+    doc.get("provisioningStatus").and_then(Value::as_str) != Some("disabled")
+}
+
+fn der_of(pem_or_b64: &str) -> Option<Vec<u8>> {
+    zerotouch_attestation::x509::parse_certificate(pem_or_b64)
+        .ok()
+        .map(|c| c.der().to_vec())
+}
+
+impl Dps {
+    pub fn new(
+        store: Arc<dyn DocumentStore>,
+        id_scope: String,
+        hub: Option<Arc<Hub>>,
+        instance: Arc<crate::bootstrap::Instance>,
+    ) -> Dps {
+        Dps {
+            store,
+            id_scope,
+            hub,
+            instance,
+        }
+    }
+
+    /// Attests, assigns and records one registration.
+    pub async fn register(
+        &self,
+        registration_id: &str,
+        evidence: Evidence,
+        body: RegisterBody,
+    ) -> Result<Outcome, ApiError> {
+        if let Some(body_id) = &body.registration_id
+            && !body_id.eq_ignore_ascii_case(registration_id)
+        {
+            return Err(ApiError::field(
+                ErrorCode::IdMismatch,
+                "registrationId",
+                "differs from the registration id in the path",
+            ));
+        }
+        let operation_id = format!(
+            "5.{}.{}",
+            hex::encode(rand::random::<[u8; 8]>()),
+            uuid::Uuid::new_v4()
+        );
+        match self.authenticate(registration_id, &evidence).await? {
+            Attestation::Disabled => Ok(Outcome {
+                operation_id,
+                status: "disabled",
+                registration_state: json!({
+                    "registrationId": registration_id,
+                    "status": "disabled",
+                    "errorCode": 401_003,
+                    "errorMessage": "the enrollment is disabled",
+                    "lastUpdatedDateTimeUtc": crate::time::now_rfc3339(),
+                }),
+            }),
+            Attestation::Accepted(attested, enrollment) => {
+                self.assign(
+                    registration_id,
+                    &attested,
+                    &enrollment,
+                    &evidence,
+                    body,
+                    operation_id,
+                )
+                .await
+            }
+        }
+    }
+
+    /// Checks the device's evidence against its enrollment (individual, then groups).
+    /// Unknown devices and bad evidence are 401; a disabled match is [`Attestation::Disabled`].
+    pub async fn authenticate(
+        &self,
+        registration_id: &str,
+        evidence: &Evidence,
+    ) -> Result<Attestation, ApiError> {
+        crate::enrollment::check_registration_id(registration_id)?;
+        let id = registration_id.to_string();
+        let (individual, groups, cas) = blocking(&self.store, move |s| {
+            Ok((
+                s.get(Collection::IndividualEnrollments, &id)?,
+                all(s, Collection::EnrollmentGroups)?,
+                all(s, Collection::CaCertificates)?,
+            ))
+        })
+        .await?;
+        let now = crate::time::now_unix();
+        let attested = match evidence {
+            Evidence::Sas(token) => {
+                self.attest_sas(registration_id, token, individual.as_ref(), &groups, now)
+            }
+            Evidence::Certificate(peer) => self.attest_x509(
+                registration_id,
+                peer,
+                individual.as_ref(),
+                &groups,
+                &cas,
+                now,
+            ),
+        };
+        let attested = match attested {
+            Ok(attested) => attested,
+            Err(Refused::Disabled) => return Ok(Attestation::Disabled),
+            Err(Refused::Unauthorized(why)) => return Err(unauthorized(why)),
+        };
+        let enrollment = match &attested.matched {
+            EnrollmentRef::Individual(_) => individual,
+            EnrollmentRef::Group(group_id) => groups
+                .into_iter()
+                .find(|g| g.id.eq_ignore_ascii_case(group_id)),
+        }
+        .ok_or_else(|| ApiError::internal("the matched enrollment vanished"))?;
+        Ok(Attestation::Accepted(Box::new(attested), enrollment))
+    }
+
+    fn attest_sas(
+        &self,
+        registration_id: &str,
+        token: &SasToken,
+        individual: Option<&Document>,
+        groups: &[Document],
+        now: u64,
+    ) -> Result<AttestedIdentity, Refused> {
+        let keys_of = |doc: &Value| {
+            let keys = doc.pointer("/attestation/symmetricKey")?;
+            Some((
+                keys.get("primaryKey")?.as_str()?.to_string(),
+                keys.get("secondaryKey")?.as_str()?.to_string(),
+            ))
+        };
+        let attestor = SymmetricKeyAttestor {
+            id_scope: self.id_scope.clone(),
+            individual: individual.and_then(|d| {
+                keys_of(&d.body).map(|(primary_key, secondary_key)| SymmetricKeyEnrollment {
+                    primary_key,
+                    secondary_key,
+                    enabled: enabled(&d.body),
+                })
+            }),
+            groups: groups
+                .iter()
+                .filter_map(|g| {
+                    keys_of(&g.body).map(|(primary_key, secondary_key)| SymmetricKeyGroup {
+                        group_id: g.id.clone(),
+                        primary_key,
+                        secondary_key,
+                        enabled: enabled(&g.body),
+                    })
+                })
+                .collect(),
+        };
+        let evidence = SasEvidence {
+            registration_id: registration_id.to_string(),
+            token: token.clone(),
+        };
+        attestor.attest(&evidence, now).map_err(|e| match e {
+            SymmetricKeyAttestationError::Disabled => Refused::Disabled,
+            other => Refused::Unauthorized(format!("symmetric key attestation failed: {other}")),
+        })
+    }
+
+    fn attest_x509(
+        &self,
+        registration_id: &str,
+        peer: &PeerCertificates,
+        individual: Option<&Document>,
+        groups: &[Document],
+        cas: &[Document],
+        now: u64,
+    ) -> Result<AttestedIdentity, Refused> {
+        let slot = |doc: &Value, pair: &str, slot: &str| -> Option<String> {
+            doc.pointer(&format!("/attestation/x509/{pair}/{slot}/certificate"))
+                .and_then(Value::as_str)
+                .map(String::from)
+        };
+        let ca_named = |name: &str| cas.iter().find(|c| c.id.eq_ignore_ascii_case(name));
+        let verified_cas: Vec<Vec<u8>> = cas
+            .iter()
+            .filter(|c| c.body.get("isVerified").and_then(Value::as_bool) == Some(true))
+            .filter_map(|c| {
+                c.body
+                    .get("certificate")
+                    .and_then(Value::as_str)
+                    .and_then(der_of)
+            })
+            .collect();
+        let attestor = X509Attestor {
+            individual: individual
+                .filter(|d| {
+                    d.body.pointer("/attestation/type").and_then(Value::as_str) == Some("x509")
+                })
+                .map(|d| X509Enrollment {
+                    primary: slot(&d.body, "clientCertificates", "primary")
+                        .and_then(|c| der_of(&c))
+                        .map(ClientCertificate::Der),
+                    secondary: slot(&d.body, "clientCertificates", "secondary")
+                        .and_then(|c| der_of(&c))
+                        .map(ClientCertificate::Der),
+                    enabled: enabled(&d.body),
+                }),
+            groups: groups
+                .iter()
+                .filter(|g| {
+                    g.body.pointer("/attestation/type").and_then(Value::as_str) == Some("x509")
+                })
+                .map(|g| {
+                    let mut certificates = Vec::new();
+                    for s in ["primary", "secondary"] {
+                        if let Some(der) =
+                            slot(&g.body, "signingCertificates", s).and_then(|c| der_of(&c))
+                        {
+                            certificates.push(GroupCertificate::Signing(der));
+                        }
+                        if let Some(name) = g
+                            .body
+                            .pointer(&format!("/attestation/x509/caReferences/{s}"))
+                            .and_then(Value::as_str)
+                            && let Some(ca) = ca_named(name)
+                            && let Some(der) = ca
+                                .body
+                                .get("certificate")
+                                .and_then(Value::as_str)
+                                .and_then(der_of)
+                        {
+                            certificates.push(GroupCertificate::CaReference {
+                                name: name.to_string(),
+                                certificate: der,
+                                verified: ca.body.get("isVerified").and_then(Value::as_bool)
+                                    == Some(true),
+                            });
+                        }
+                    }
+                    X509Group {
+                        group_id: g.id.clone(),
+                        certificates,
+                        enabled: enabled(&g.body),
+                    }
+                })
+                .collect(),
+            verified_cas,
+        };
+        let evidence = X509Evidence {
+            registration_id: registration_id.to_string(),
+            leaf: peer.leaf.clone(),
+            chain: peer.chain.clone(),
+        };
+        attestor.attest(&evidence, now).map_err(|e| match e {
+            X509AttestationError::Disabled => Refused::Disabled,
+            other => Refused::Unauthorized(format!("X.509 attestation failed: {other}")),
+        })
+    }
+
+    async fn assign(
+        &self,
+        registration_id: &str,
+        attested: &AttestedIdentity,
+        enrollment: &Document,
+        evidence: &Evidence,
+        body: RegisterBody,
+        operation_id: String,
+    ) -> Result<Outcome, ApiError> {
+        let hub = self.hub.as_ref().ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::NotFound,
+                "this instance runs no hub to assign devices to",
+            )
+        })?;
+        let group_id = match &attested.matched {
+            EnrollmentRef::Group(g) => Some(g.clone()),
+            EnrollmentRef::Individual(_) => None,
+        };
+        let now = crate::time::now_rfc3339();
+        let failed = |code: u32, message: &str| Outcome {
+            operation_id: operation_id.clone(),
+            status: "failed",
+            registration_state: json!({
+                "registrationId": registration_id,
+                "status": "failed",
+                "errorCode": code,
+                "errorMessage": message,
+                "lastUpdatedDateTimeUtc": now,
+            }),
+        };
+        // The candidate hubs (dps-protocol §5.1): the enrollment's list, else the built-in hub.
+        let e = &enrollment.body;
+        let mut candidates: Vec<String> = e
+            .get("iotHubs")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Some(legacy) = e.get("iotHubHostName").and_then(Value::as_str) {
+            candidates.push(legacy.to_string());
+        }
+        let assigned_hub = if candidates.is_empty() {
+            hub.hostname.clone()
+        } else {
+            match candidates.iter().find(|c| hub.is_own_host(c)) {
+                Some(c) => c.clone(),
+                None => {
+                    return Ok(failed(
+                        400_208,
+                        "none of the enrollment's hubs is linked to this service",
+                    ));
+                }
+            }
+        };
+        let device_id = e
+            .get("deviceId")
+            .and_then(Value::as_str)
+            .unwrap_or(registration_id)
+            .to_string();
+
+        // Certificate from the CSR, if the device sent one (2025-07-01-preview shape).
+        let issued = match &body.csr {
+            None => None,
+            Some(csr) => {
+                let der = B64.decode(csr.trim()).map_err(|_| {
+                    ApiError::field(ErrorCode::InvalidCertificate, "csr", "is not base64 DER")
+                })?;
+                let issued = self
+                    .instance
+                    .ca
+                    .sign_device_csr(
+                        &der,
+                        registration_id,
+                        DEVICE_CERTIFICATE_DAYS,
+                        crate::time::now_unix() as i64,
+                    )
+                    .map_err(|e| ApiError::field(ErrorCode::InvalidCertificate, "csr", e))?;
+                Some(issued)
+            }
+        };
+
+        // The hub identity (dps-protocol §5.4).
+        let authentication = if issued.is_some() {
+            json!({"type": "certificateAuthority"})
+        } else {
+            match (attested.mechanism, evidence) {
+                (Mechanism::SymmetricKey, _) => {
+                    let (primary, secondary) = match &group_id {
+                        None => (
+                            e.pointer("/attestation/symmetricKey/primaryKey")
+                                .and_then(Value::as_str)
+                                .unwrap_or_default()
+                                .to_string(),
+                            e.pointer("/attestation/symmetricKey/secondaryKey")
+                                .and_then(Value::as_str)
+                                .unwrap_or_default()
+                                .to_string(),
+                        ),
+                        Some(_) => {
+                            let derive = |k: &str| {
+                                e.pointer(&format!("/attestation/symmetricKey/{k}"))
+                                    .and_then(Value::as_str)
+                                    .and_then(|key| derive_device_key(key, registration_id).ok())
+                                    .unwrap_or_default()
+                            };
+                            (derive("primaryKey"), derive("secondaryKey"))
+                        }
+                    };
+                    json!({"type": "sas", "symmetricKey": {"primaryKey": primary, "secondaryKey": secondary}})
+                }
+                (_, Evidence::Certificate(peer)) if group_id.is_none() => {
+                    let thumbprint = zerotouch_attestation::x509::Certificate::from_der(&peer.leaf)
+                        .map(|c| c.info().sha256_thumbprint.clone())
+                        .unwrap_or_default();
+                    json!({"type": "selfSigned", "x509Thumbprint": {"primaryThumbprint": thumbprint}})
+                }
+                _ => json!({"type": "certificateAuthority"}),
+            }
+        };
+        let iot_edge = e
+            .pointer("/capabilities/iotEdge")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let identity = json!({
+            "deviceId": device_id,
+            "status": "enabled",
+            "authentication": authentication,
+            "capabilities": {"iotEdge": iot_edge},
+        });
+
+        // Repeat registrations follow the reprovision policy (dps-protocol §5.5).
+        let id = registration_id.to_string();
+        let previous =
+            blocking(&self.store, move |s| s.get(Collection::Registrations, &id)).await?;
+        let reprovision = e.get("reprovisionPolicy");
+        let migrate = reprovision
+            .and_then(|r| r.get("migrateDeviceData"))
+            .and_then(Value::as_bool)
+            .unwrap_or(true);
+        let previously_assigned = previous
+            .as_ref()
+            .filter(|p| p.body.get("status").and_then(Value::as_str) == Some("assigned"));
+        let substatus = match previously_assigned {
+            None => "initialAssignment",
+            Some(_) if migrate => "deviceDataMigrated",
+            Some(_) => "deviceDataReset",
+        };
+        let reset_twin = previously_assigned.is_none() || !migrate;
+
+        // Create or update the identity; concurrent registrations of one device converge on one.
+        let mut stored = None;
+        for _ in 0..3 {
+            let exists = hub.device(&device_id).await.map_err(hub_to_api)?.is_some();
+            let if_match = exists.then(|| "*".to_string());
+            match hub.put_device(&device_id, identity.clone(), if_match).await {
+                Ok(view) => {
+                    stored = Some(view);
+                    break;
+                }
+                Err(e)
+                    if matches!(
+                        e.code,
+                        crate::hub::error::HubErrorCode::DeviceAlreadyExists
+                            | crate::hub::error::HubErrorCode::DeviceNotFound
+                    ) =>
+                {
+                    continue;
+                }
+                Err(e) => return Err(hub_to_api(e)),
+            }
+        }
+        if stored.is_none() {
+            return Err(ApiError::new(
+                ErrorCode::Unavailable,
+                "the device identity is being changed concurrently; retry",
+            ));
+        }
+        if reset_twin {
+            let initial = e.get("initialTwin").cloned().unwrap_or(json!({}));
+            let mut twin_body = json!({"tags": initial.get("tags").cloned().unwrap_or(json!({}))});
+            twin_body["properties"] = json!({"desired": initial.pointer("/properties/desired").cloned().unwrap_or(json!({}))});
+            hub.write_twin(&device_id, &twin_body, None, true)
+                .await
+                .map_err(hub_to_api)?;
+        }
+
+        let mut state = json!({
+            "registrationId": registration_id,
+            "createdDateTimeUtc": previous
+                .as_ref()
+                .and_then(|p| p.body.get("createdDateTimeUtc").cloned())
+                .unwrap_or(json!(now)),
+            "assignedHub": assigned_hub,
+            "deviceId": device_id,
+            "status": "assigned",
+            "substatus": substatus,
+            "lastUpdatedDateTimeUtc": now,
+            "operationId": operation_id,
+        });
+        match attested.mechanism {
+            Mechanism::SymmetricKey => {
+                state["symmetricKey"] = json!({"enrollmentGroupId": group_id});
+            }
+            Mechanism::X509 => {
+                state["x509"] = json!({
+                    "certificateInfo": attested.certificate_info,
+                    "enrollmentGroupId": group_id,
+                    "signingCertificateInfo": attested.signing_certificate_info,
+                });
+            }
+            Mechanism::Tpm => {}
+        }
+        if let Some(payload) = &body.payload {
+            state["payload"] = payload.clone();
+        }
+        if let Some(issued) = &issued {
+            state["issuedCertificate"] = json!({
+                "serialNumber": issued.serial_hex,
+                "subject": issued.subject,
+                "notBeforeUnix": issued.not_before_unix,
+                "notAfterUnix": issued.not_after_unix,
+            });
+        }
+        let record = state.clone();
+        let id = registration_id.to_string();
+        let parent = group_id.clone();
+        let doc = blocking(&self.store, move |s| {
+            s.put(
+                Collection::Registrations,
+                &id,
+                parent.as_deref(),
+                &record,
+                Write::Upsert,
+            )
+        })
+        .await?;
+        state["etag"] = json!(crate::hub::bare_etag(&doc.etag));
+        if let Some(issued) = issued {
+            state["issuedCertificateChain"] = json!(
+                issued
+                    .chain_der
+                    .iter()
+                    .map(|d| B64.encode(d))
+                    .collect::<Vec<_>>()
+            );
+        }
+        state.as_object_mut().map(|m| m.remove("operationId"));
+        Ok(Outcome {
+            operation_id,
+            status: "assigned",
+            registration_state: state,
+        })
+    }
+
+    /// `GET …/operations/{operationId}`: the outcome of a completed registration.
+    pub async fn operation(
+        &self,
+        registration_id: &str,
+        evidence: &Evidence,
+        operation_id: &str,
+    ) -> Result<Outcome, ApiError> {
+        self.authenticate(registration_id, evidence).await?;
+        let id = registration_id.to_string();
+        let doc = blocking(&self.store, move |s| s.get(Collection::Registrations, &id)).await?;
+        let doc = doc
+            .filter(|d| d.body.get("operationId").and_then(Value::as_str) == Some(operation_id))
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::NotFound,
+                    "no such operation for this registration",
+                )
+            })?;
+        let mut state = doc.body.clone();
+        state["etag"] = json!(crate::hub::bare_etag(&doc.etag));
+        if let Some(map) = state.as_object_mut() {
+            map.remove("operationId");
+        }
+        let status = match state.get("status").and_then(Value::as_str) {
+            Some("assigned") => "assigned",
+            Some("disabled") => "disabled",
+            _ => "failed",
+        };
+        Ok(Outcome {
+            operation_id: operation_id.to_string(),
+            status,
+            registration_state: state,
+        })
+    }
+
+    /// `POST /{idScope}/registrations/{id}`: the bare registration state.
+    pub async fn status(
+        &self,
+        registration_id: &str,
+        evidence: &Evidence,
+    ) -> Result<Value, ApiError> {
+        self.authenticate(registration_id, evidence).await?;
+        let id = registration_id.to_string();
+        let doc = blocking(&self.store, move |s| s.get(Collection::Registrations, &id))
+            .await?
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::RegistrationNotFound,
+                    "this device has not registered",
+                )
+            })?;
+        let mut state = doc.body.clone();
+        state["etag"] = json!(crate::hub::bare_etag(&doc.etag));
+        if let Some(map) = state.as_object_mut() {
+            map.remove("operationId");
+        }
+        Ok(state)
+    }
+}
+
+enum Refused {
+    Disabled,
+    Unauthorized(String),
+}
+
+/// What [`Dps::authenticate`] concluded.
+pub enum Attestation {
+    Accepted(Box<AttestedIdentity>, Document),
+    Disabled,
+}
+
+fn hub_to_api(error: crate::hub::error::HubError) -> ApiError {
+    ApiError::internal(error)
+}

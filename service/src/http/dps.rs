@@ -1,0 +1,137 @@
+//! The DPS device API over HTTPS (dps-protocol §1): register, operation status, status lookup.
+//! Devices authenticate with a SAS token (`Authorization`) or their TLS client certificate.
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use serde_json::Value;
+use zerotouch_attestation::symmetric_key::SasToken;
+
+use crate::dps::{Dps, Evidence, RegisterBody};
+use crate::http::error::{ApiError, ErrorCode};
+use crate::http::{AppState, json_body, peer_certificates, require_api_version};
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/{id_scope}/registrations/{registration_id}/register")
+            .route(web::put().to(register)),
+    )
+    .service(
+        web::resource("/{id_scope}/registrations/{registration_id}/operations/{operation_id}")
+            .route(web::get().to(operation)),
+    )
+    .service(
+        web::resource("/{id_scope}/registrations/{registration_id}").route(web::post().to(status)),
+    );
+}
+
+fn dps_of<'a>(state: &'a web::Data<AppState>, id_scope: &str) -> Result<&'a Dps, ApiError> {
+    let dps = state
+        .dps
+        .as_deref()
+        .filter(|_| state.settings.service.role.runs_dps())
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::NotFound,
+                "this instance runs no provisioning service",
+            )
+        })?;
+    if !dps.id_scope.eq_ignore_ascii_case(id_scope) {
+        return Err(ApiError::new(ErrorCode::NotFound, "unknown ID scope"));
+    }
+    Ok(dps)
+}
+
+fn evidence(req: &HttpRequest) -> Result<Evidence, ApiError> {
+    if let Some(header) = req
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        return SasToken::parse(header).map(Evidence::Sas).map_err(|e| {
+            ApiError::new(ErrorCode::Unauthorized, format!("malformed SAS token: {e}"))
+        });
+    }
+    peer_certificates(req)
+        .map(Evidence::Certificate)
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::Unauthorized,
+                "send a SAS token in Authorization, or a client certificate",
+            )
+        })
+}
+
+fn body_of(bytes: &[u8]) -> Result<RegisterBody, ApiError> {
+    match json_body(bytes)? {
+        None | Some(Value::Null) => Ok(RegisterBody::default()),
+        Some(value) => crate::enrollment::parse_typed(value),
+    }
+}
+
+fn json(status: actix_web::http::StatusCode, body: Value) -> HttpResponse {
+    HttpResponse::build(status)
+        .content_type("application/json; charset=utf-8")
+        .body(body.to_string())
+}
+
+async fn register(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    let (id_scope, registration_id) = path.into_inner();
+    require_api_version(&req)?;
+    let dps = dps_of(&state, &id_scope)?;
+    let outcome = dps
+        .register(&registration_id, evidence(&req)?, body_of(&body)?)
+        .await?;
+    if outcome.status == "assigned" {
+        // Registration is an operation: 202 `assigning` now (iot-identity-service rejects 200),
+        // the final state on the first poll.
+        let mut response = json(
+            actix_web::http::StatusCode::ACCEPTED,
+            serde_json::json!({"operationId": outcome.operation_id, "status": "assigning"}),
+        );
+        response.headers_mut().insert(
+            actix_web::http::header::HeaderName::from_static("retry-after"),
+            actix_web::http::header::HeaderValue::from_static("1"),
+        );
+        return Ok(response);
+    }
+    // `disabled` and `failed` are final at once.
+    Ok(json(actix_web::http::StatusCode::OK, outcome.body()))
+}
+
+async fn operation(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<(String, String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let (id_scope, registration_id, operation_id) = path.into_inner();
+    require_api_version(&req)?;
+    let dps = dps_of(&state, &id_scope)?;
+    let outcome = dps
+        .operation(&registration_id, &evidence(&req)?, &operation_id)
+        .await?;
+    Ok(json(actix_web::http::StatusCode::OK, outcome.body()))
+}
+
+async fn status(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    let (id_scope, registration_id) = path.into_inner();
+    require_api_version(&req)?;
+    let dps = dps_of(&state, &id_scope)?;
+    if body_of(&body)?.csr.is_some() {
+        return Err(ApiError::field(
+            ErrorCode::InvalidField,
+            "csr",
+            "is not allowed on a status lookup",
+        ));
+    }
+    let state_json = dps.status(&registration_id, &evidence(&req)?).await?;
+    Ok(json(actix_web::http::StatusCode::OK, state_json))
+}
