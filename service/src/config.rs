@@ -24,6 +24,7 @@ pub struct Settings {
     pub database: Database,
     pub service: Service,
     pub hub: Hub,
+    pub dps: DpsSettings,
     pub telemetry: TelemetrySettings,
     pub log: Log,
 }
@@ -57,6 +58,24 @@ pub struct Hub {
     /// The hub's `HostName` (in connection strings and device usernames). Unset: the first of
     /// `service.hostnames`. It must be one of `service.hostnames` so the TLS certificate covers it.
     pub hostname: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DpsSettings {
+    /// Registrations handled at once; beyond it devices get 429 with `retry-after` and retry.
+    pub max_concurrent_registrations: usize,
+    /// Validity of device certificates issued from a registration's CSR, in days.
+    pub certificate_validity_days: u32,
+}
+
+impl Default for DpsSettings {
+    fn default() -> Self {
+        DpsSettings {
+            max_concurrent_registrations: 256,
+            certificate_validity_days: 90,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -238,6 +257,11 @@ impl Settings {
             return Err(ConfigError::Invalid(format!(
                 "hub.hostname {hub:?} must be one of service.hostnames, so the certificate covers it"
             )));
+        }
+        if self.dps.certificate_validity_days == 0 {
+            return Err(ConfigError::Invalid(
+                "dps.certificate_validity_days must be at least 1".into(),
+            ));
         }
         if self.database.url.is_some() && self.database.url_file.is_some() {
             return Err(ConfigError::Invalid(

@@ -75,14 +75,20 @@ pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev:
     } else {
         None
     };
-    let dps = settings.service.role.runs_dps().then(|| {
-        Arc::new(crate::dps::Dps::new(
-            store.clone(),
-            instance.id_scope.clone(),
-            hub.clone(),
-            instance.clone(),
+    let dps = if settings.service.role.runs_dps() {
+        Some(Arc::new(
+            crate::dps::Dps::new(
+                store.clone(),
+                instance.id_scope.clone(),
+                hub.clone(),
+                instance.clone(),
+                &settings.dps,
+            )
+            .context("creating the registration metrics")?,
         ))
-    });
+    } else {
+        None
+    };
     let mqtt_app: Arc<dyn mqtt::Application> = Arc::new(crate::dps::mqtt::Router {
         dps: dps.clone().map(crate::dps::mqtt::DpsApplication::new),
         hub: hub.as_ref().map(|hub| {

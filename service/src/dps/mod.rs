@@ -27,9 +27,6 @@ use crate::http::error::{ApiError, ErrorCode};
 use crate::hub::Hub;
 use crate::tls::PeerCertificates;
 
-/// Validity of certificates issued from a registration's CSR.
-pub const DEVICE_CERTIFICATE_DAYS: u32 = 90;
-
 /// What a device presents.
 pub enum Evidence {
     Sas(SasToken),
@@ -66,6 +63,10 @@ impl Outcome {
 
 pub struct Dps {
     store: Arc<dyn DocumentStore>,
+    /// Bounds registrations in progress: beyond it a device gets 429 and retries, never a timeout.
+    inflight: Arc<tokio::sync::Semaphore>,
+    certificate_days: u32,
+    pub metrics: DpsMetrics,
     pub id_scope: String,
     hub: Option<Arc<Hub>>,
     instance: Arc<crate::bootstrap::Instance>,
@@ -116,17 +117,52 @@ impl Dps {
         id_scope: String,
         hub: Option<Arc<Hub>>,
         instance: Arc<crate::bootstrap::Instance>,
-    ) -> Dps {
-        Dps {
+        settings: &crate::config::DpsSettings,
+    ) -> Result<Dps, prometheus::Error> {
+        Ok(Dps {
             store,
+            inflight: Arc::new(tokio::sync::Semaphore::new(
+                settings.max_concurrent_registrations,
+            )),
+            certificate_days: settings.certificate_validity_days,
+            metrics: DpsMetrics::new()?,
             id_scope,
             hub,
             instance,
-        }
+        })
     }
 
-    /// Attests, assigns and records one registration.
+    /// Attests, assigns and records one registration, counted in the metrics.
     pub async fn register(
+        &self,
+        registration_id: &str,
+        evidence: Evidence,
+        body: RegisterBody,
+    ) -> Result<Outcome, ApiError> {
+        let Ok(_permit) = self.inflight.clone().try_acquire_owned() else {
+            self.metrics
+                .observe(&evidence, "throttled", std::time::Duration::ZERO);
+            return Err(ApiError::new(
+                ErrorCode::Throttled,
+                "too many registrations at once; retry after the given delay",
+            ));
+        };
+        let started = std::time::Instant::now();
+        let mechanism = match &evidence {
+            Evidence::Sas(_) => "symmetricKey",
+            Evidence::Certificate(_) => "x509",
+        };
+        let result = self.register_now(registration_id, evidence, body).await;
+        let outcome = match &result {
+            Ok(outcome) => outcome.status,
+            Err(e) if e.status().is_client_error() => "refused",
+            Err(_) => "error",
+        };
+        self.metrics.count(mechanism, outcome, started.elapsed());
+        result
+    }
+
+    async fn register_now(
         &self,
         registration_id: &str,
         evidence: Evidence,
@@ -433,7 +469,7 @@ impl Dps {
                     .sign_device_csr(
                         &der,
                         registration_id,
-                        DEVICE_CERTIFICATE_DAYS,
+                        self.certificate_days,
                         crate::time::now_unix() as i64,
                     )
                     .map_err(|e| ApiError::field(ErrorCode::InvalidCertificate, "csr", e))?;
@@ -671,6 +707,60 @@ impl Dps {
             map.remove("operationId");
         }
         Ok(state)
+    }
+}
+
+/// Registrations by attestation and outcome, and their latency (for `/metrics`).
+pub struct DpsMetrics {
+    pub registry: prometheus::Registry,
+    registrations: prometheus::IntCounterVec,
+    latency: prometheus::HistogramVec,
+}
+
+impl DpsMetrics {
+    fn new() -> Result<DpsMetrics, prometheus::Error> {
+        let registrations = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "zerotouch_dps_registrations_total",
+                "Device registrations by attestation and outcome",
+            ),
+            &["attestation", "outcome"],
+        )?;
+        let latency = prometheus::HistogramVec::new(
+            prometheus::HistogramOpts::new(
+                "zerotouch_dps_registration_duration_seconds",
+                "Time from a register request to its outcome",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            ]),
+            &["attestation"],
+        )?;
+        let registry = prometheus::Registry::new();
+        registry.register(Box::new(registrations.clone()))?;
+        registry.register(Box::new(latency.clone()))?;
+        Ok(DpsMetrics {
+            registry,
+            registrations,
+            latency,
+        })
+    }
+
+    fn count(&self, attestation: &str, outcome: &str, elapsed: std::time::Duration) {
+        self.registrations
+            .with_label_values(&[attestation, outcome])
+            .inc();
+        self.latency
+            .with_label_values(&[attestation])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    fn observe(&self, evidence: &Evidence, outcome: &str, elapsed: std::time::Duration) {
+        let attestation = match evidence {
+            Evidence::Sas(_) => "symmetricKey",
+            Evidence::Certificate(_) => "x509",
+        };
+        self.count(attestation, outcome, elapsed);
     }
 }
 

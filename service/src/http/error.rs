@@ -78,6 +78,8 @@ pub enum ErrorCode {
     PreconditionFailed,
     /// The body is larger than we accept.
     PayloadTooLarge,
+    /// More requests than the service can take right now; retry after `retry-after`.
+    Throttled,
     /// Something broke on our side. Details are in the log under the tracking id.
     Internal,
     /// The database cannot be reached right now; the client may retry.
@@ -120,6 +122,7 @@ impl ErrorCode {
         ErrorCode::CertificateInUse,
         ErrorCode::PreconditionFailed,
         ErrorCode::PayloadTooLarge,
+        ErrorCode::Throttled,
         ErrorCode::Internal,
         ErrorCode::Unavailable,
     ];
@@ -173,6 +176,7 @@ impl ErrorCode {
                 "PreconditionFailed",
             ),
             PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, 413_001, "PayloadTooLarge"),
+            Throttled => (StatusCode::TOO_MANY_REQUESTS, 429_001, "Throttled"),
             Internal => (StatusCode::INTERNAL_SERVER_ERROR, 500_000, "InternalError"),
             Unavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -247,7 +251,7 @@ impl ApiError {
             CONTENT_TYPE,
             HeaderValue::from_static("application/json; charset=utf-8"),
         ));
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
             response.insert_header(("retry-after", "1"));
         }
         response.body(body.to_string())
@@ -345,6 +349,7 @@ mod tests {
             (ErrorCode::CertificateInUse, 409, 409_203),
             (ErrorCode::PreconditionFailed, 412, 412_001),
             (ErrorCode::PayloadTooLarge, 413, 413_001),
+            (ErrorCode::Throttled, 429, 429_001),
             (ErrorCode::Internal, 500, 500_000),
             (ErrorCode::Unavailable, 503, 503_001),
         ];

@@ -55,10 +55,18 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
-    pub fn render(&self, hub: Option<&Hub>) -> Result<String, ApiError> {
+    pub fn render(
+        &self,
+        hub: Option<&Hub>,
+        dps: Option<&crate::dps::Dps>,
+    ) -> Result<String, ApiError> {
         let mut buffer = Vec::new();
+        let mut families = self.registry.gather();
+        if let Some(dps) = dps {
+            families.extend(dps.metrics.registry.gather());
+        }
         TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buffer)
+            .encode(&families, &mut buffer)
             .map_err(ApiError::internal)?;
         let mut text = String::from_utf8(buffer).map_err(ApiError::internal)?;
         if let Some(hub) = hub {
@@ -142,5 +150,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
-        .body(state.metrics.render(state.hub.as_deref())?))
+        .body(
+            state
+                .metrics
+                .render(state.hub.as_deref(), state.dps.as_deref())?,
+        ))
 }
