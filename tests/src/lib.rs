@@ -15,6 +15,8 @@ use zerotouch_service::config::Settings;
 use zerotouch_service::server::Running;
 
 pub const API_VERSION: &str = "2021-10-01";
+/// The `api-version` the C SDK (current master) and iot-identity-service send to the device API.
+pub const DEVICE_API_VERSION: &str = "2021-06-01";
 const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -215,6 +217,47 @@ impl TestServer {
             .request(method, self.url(path))
             .header("Authorization", self.owner_sas())
     }
+
+    /// The URL of a DPS device API path (`/{idScope}/registrations/…`) with the given
+    /// `api-version` (none: the parameter is left out).
+    pub fn device_url(&self, path: &str, api_version: Option<&str>) -> String {
+        let base = format!("https://localhost:{}{path}", self.https_port());
+        match api_version {
+            Some(v) => {
+                let sep = if path.contains('?') { '&' } else { '?' };
+                format!("{base}{sep}api-version={v}")
+            }
+            None => base,
+        }
+    }
+
+    /// A DPS device API request (`api-version` as the C SDK sends it) carrying `sas` as its
+    /// `Authorization` header, through `client` (the server's, or one with a client identity).
+    pub fn dps_request(
+        &self,
+        client: &Client,
+        method: Method,
+        path: &str,
+        sas: Option<&str>,
+    ) -> RequestBuilder {
+        let request = client.request(method, self.device_url(path, Some(DEVICE_API_VERSION)));
+        match sas {
+            Some(token) => request.header("Authorization", token),
+            None => request,
+        }
+    }
+
+    /// A device SAS token as the Python SDK builds it (upper-case `%2F`, no `skn`).
+    pub fn device_sas(&self, registration_id: &str, key: &str, ttl: i64) -> String {
+        let now = zerotouch_service::time::now_unix() as i64;
+        symmetric_key::sign(
+            &symmetric_key::registration_resource(&self.id_scope, registration_id),
+            key,
+            (now + ttl).max(1) as u64,
+            None,
+        )
+        .expect("sign")
+    }
 }
 
 impl Drop for TestServer {
@@ -239,6 +282,32 @@ pub fn client_trusting(ca_bundle: &std::path::Path, identity: Option<(&str, &str
         );
     }
     builder.build().expect("client")
+}
+
+/// The C SDK's URL encoder (`URL_Encode`): alphanumerics and `! ( ) * - . _` stay, everything
+/// else becomes `%xx` with **lower-case** hex.
+pub fn c_sdk_url_encode(text: &str) -> String {
+    let mut out = String::new();
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"!()*-._".contains(&byte) {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02x}"));
+        }
+    }
+    out
+}
+
+/// A device SAS token as the C SDK builds it: `sr` with lower-case hex (`%2f`), the signature
+/// over that exact text, `skn=registration`. `key` is the device key (standard base64).
+pub fn c_sdk_device_sas(id_scope: &str, registration_id: &str, key: &str, expiry: u64) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let sr = c_sdk_url_encode(&format!("{id_scope}/registrations/{registration_id}"));
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &b64.decode(key).expect("key"));
+    let tag = ring::hmac::sign(&key, format!("{sr}\n{expiry}").as_bytes());
+    let sig = c_sdk_url_encode(&b64.encode(tag.as_ref()));
+    format!("SharedAccessSignature sr={sr}&sig={sig}&se={expiry}&skn=registration")
 }
 
 /// Sends and returns (status, JSON body or Null, headers).
@@ -294,6 +363,61 @@ pub mod pki {
             let cert = params.signed_by(&key, &issuer).expect("signed");
             (cert.pem(), key.serialize_pem())
         }
+    }
+
+    impl TestCa {
+        /// An intermediate CA (basicConstraints CA:TRUE, keyCertSign) signed by this CA.
+        pub fn intermediate(&self, name: &str) -> TestCa {
+            let key = KeyPair::generate().expect("key");
+            let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            let issuer = Issuer::from_params(&self.params, &self.key);
+            let cert = params.signed_by(&key, &issuer).expect("signed");
+            TestCa {
+                cert_pem: cert.pem(),
+                key,
+                params,
+            }
+        }
+
+        /// Like [`TestCa::issue`] with the given extended key usages (empty: no EKU extension).
+        pub fn issue_with_eku(
+            &self,
+            cn: &str,
+            ekus: Vec<ExtendedKeyUsagePurpose>,
+        ) -> (String, String) {
+            let key = KeyPair::generate().expect("key");
+            let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+            params.distinguished_name.push(DnType::CommonName, cn);
+            params.extended_key_usages = ekus;
+            let issuer = Issuer::from_params(&self.params, &self.key);
+            let cert = params.signed_by(&key, &issuer).expect("signed");
+            (cert.pem(), key.serialize_pem())
+        }
+    }
+
+    /// A PKCS#10 certificate signing request (DER) with subject CN `cn`, and its key.
+    pub fn csr(cn: &str) -> (Vec<u8>, KeyPair) {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.distinguished_name.push(DnType::CommonName, cn);
+        let request = params.serialize_request(&key).expect("csr");
+        (request.der().to_vec(), key)
+    }
+
+    /// PEM of one DER certificate.
+    pub fn pem_of_der(der: &[u8]) -> String {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            pem.push_str(&String::from_utf8_lossy(line));
+            pem.push('\n');
+        }
+        pem.push_str("-----END CERTIFICATE-----\n");
+        pem
     }
 
     /// A self-signed leaf that expired yesterday.

@@ -450,11 +450,23 @@ impl Dps {
                 }
             }
         };
+        // Registration ids are case-insensitive, hub device ids are not: name the device as the
+        // enrollment (individual) or the first registration (group member) spelled it.
+        let id = registration_id.to_string();
+        let previous =
+            blocking(&self.store, move |s| s.get(Collection::Registrations, &id)).await?;
+        let canonical_id = match &group_id {
+            None => enrollment.id.clone(),
+            Some(_) => previous
+                .as_ref()
+                .map(|p| p.id.clone())
+                .unwrap_or_else(|| registration_id.to_string()),
+        };
         let device_id = e
             .get("deviceId")
             .and_then(Value::as_str)
-            .unwrap_or(registration_id)
-            .to_string();
+            .map(String::from)
+            .unwrap_or_else(|| canonical_id.clone());
 
         // Certificate from the CSR, if the device sent one (2025-07-01-preview shape).
         let issued = match &body.csr {
@@ -527,9 +539,6 @@ impl Dps {
         });
 
         // Repeat registrations follow the reprovision policy (dps-protocol §5.5).
-        let id = registration_id.to_string();
-        let previous =
-            blocking(&self.store, move |s| s.get(Collection::Registrations, &id)).await?;
         let reprovision = e.get("reprovisionPolicy");
         let migrate = reprovision
             .and_then(|r| r.get("migrateDeviceData"))
@@ -583,7 +592,7 @@ impl Dps {
         }
 
         let mut state = json!({
-            "registrationId": registration_id,
+            "registrationId": canonical_id,
             "createdDateTimeUtc": previous
                 .as_ref()
                 .and_then(|p| p.body.get("createdDateTimeUtc").cloned())
@@ -593,7 +602,6 @@ impl Dps {
             "status": "assigned",
             "substatus": substatus,
             "lastUpdatedDateTimeUtc": now,
-            "operationId": operation_id,
         });
         match attested.mechanism {
             Mechanism::SymmetricKey => {
@@ -619,21 +627,8 @@ impl Dps {
                 "notAfterUnix": issued.not_after_unix,
             });
         }
-        let record = state.clone();
-        let id = registration_id.to_string();
-        let parent = group_id.clone();
-        let doc = blocking(&self.store, move |s| {
-            s.put(
-                Collection::Registrations,
-                &id,
-                parent.as_deref(),
-                &record,
-                Write::Upsert,
-            )
-        })
-        .await?;
-        state["etag"] = json!(crate::hub::bare_etag(&doc.etag));
-        if let Some(issued) = issued {
+        if let Some(issued) = &issued {
+            // Kept with the record so the poll that follows a 202 can hand it over.
             state["issuedCertificateChain"] = json!(
                 issued
                     .chain_der
@@ -642,7 +637,59 @@ impl Dps {
                     .collect::<Vec<_>>()
             );
         }
-        state.as_object_mut().map(|m| m.remove("operationId"));
+        let record = state.clone();
+        let id = registration_id.to_string();
+        let parent = group_id.clone();
+        let this_operation = operation_id.clone();
+        // Read-merge-write guarded by the etag: concurrent registrations of one device all keep
+        // their operation ids pollable, and the first creation time survives.
+        let doc = blocking(&self.store, move |s| {
+            for _ in 0..16 {
+                let current = s.get(Collection::Registrations, &id)?;
+                let mut record = record.clone();
+                record["operationIds"] = recent_operations(current.as_ref(), &this_operation);
+                if let Some(created) = current
+                    .as_ref()
+                    .and_then(|c| c.body.get("createdDateTimeUtc"))
+                {
+                    record["createdDateTimeUtc"] = created.clone();
+                }
+                let write = match &current {
+                    Some(c) => Write::IfMatch(c.etag.clone()),
+                    None => Write::Create,
+                };
+                match s.put(
+                    Collection::Registrations,
+                    &id,
+                    parent.as_deref(),
+                    &record,
+                    write,
+                ) {
+                    Ok(doc) => return Ok(doc),
+                    Err(
+                        StoreError::PreconditionFailed
+                        | StoreError::Conflict
+                        | StoreError::NotFound,
+                    ) => {
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(StoreError::Unavailable(
+                "the registration record is contended".into(),
+            ))
+        })
+        .await?;
+        state["createdDateTimeUtc"] = doc
+            .body
+            .get("createdDateTimeUtc")
+            .cloned()
+            .unwrap_or(json!(now));
+        state["etag"] = json!(crate::hub::bare_etag(&doc.etag));
+        if let Some(map) = state.as_object_mut() {
+            map.remove("operationIds");
+        }
         Ok(Outcome {
             operation_id,
             status: "assigned",
@@ -661,7 +708,12 @@ impl Dps {
         let id = registration_id.to_string();
         let doc = blocking(&self.store, move |s| s.get(Collection::Registrations, &id)).await?;
         let doc = doc
-            .filter(|d| d.body.get("operationId").and_then(Value::as_str) == Some(operation_id))
+            .filter(|d| {
+                d.body
+                    .get("operationIds")
+                    .and_then(Value::as_array)
+                    .is_some_and(|ids| ids.iter().any(|i| i.as_str() == Some(operation_id)))
+            })
             .ok_or_else(|| {
                 ApiError::new(
                     ErrorCode::NotFound,
@@ -671,7 +723,7 @@ impl Dps {
         let mut state = doc.body.clone();
         state["etag"] = json!(crate::hub::bare_etag(&doc.etag));
         if let Some(map) = state.as_object_mut() {
-            map.remove("operationId");
+            map.remove("operationIds");
         }
         let status = match state.get("status").and_then(Value::as_str) {
             Some("assigned") => "assigned",
@@ -701,12 +753,7 @@ impl Dps {
                     "this device has not registered",
                 )
             })?;
-        let mut state = doc.body.clone();
-        state["etag"] = json!(crate::hub::bare_etag(&doc.etag));
-        if let Some(map) = state.as_object_mut() {
-            map.remove("operationId");
-        }
-        Ok(state)
+        Ok(device_view(&doc))
     }
 }
 
@@ -775,6 +822,44 @@ pub enum Attestation {
     Disabled,
 }
 
+/// A hub refusal while assigning is the device's problem (4xx, no endless retries); the hub
+/// being unavailable is transient.
 fn hub_to_api(error: crate::hub::error::HubError) -> ApiError {
-    ApiError::internal(error)
+    let status = error.status();
+    if status.is_client_error() {
+        ApiError::new(
+            ErrorCode::InvalidField,
+            format!("the hub refused the device identity: {}", error.message),
+        )
+    } else if status == actix_web::http::StatusCode::SERVICE_UNAVAILABLE {
+        ApiError::new(ErrorCode::Unavailable, "the hub is unavailable; retry")
+    } else {
+        ApiError::internal(error)
+    }
+}
+
+/// Operation ids a device may still poll: this one and the last few before it (a device that
+/// registered twice concurrently polls both).
+fn recent_operations(previous: Option<&Document>, operation_id: &str) -> Value {
+    const KEEP: usize = 8;
+    let mut ids: Vec<Value> = previous
+        .and_then(|p| p.body.get("operationIds"))
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    ids.push(json!(operation_id));
+    let skip = ids.len().saturating_sub(KEEP);
+    Value::Array(ids.into_iter().skip(skip).collect())
+}
+
+/// A registration record as devices (status lookup) and operators see it: no operation ids,
+/// and the issued certificate chain only on register and poll answers (dps-protocol §1.5).
+pub fn device_view(doc: &Document) -> Value {
+    let mut state = doc.body.clone();
+    state["etag"] = json!(crate::hub::bare_etag(&doc.etag));
+    if let Some(map) = state.as_object_mut() {
+        map.remove("operationIds");
+        map.remove("issuedCertificateChain");
+    }
+    state
 }

@@ -22,7 +22,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 
 /// A registration as the service API shows it.
 pub fn view(doc: &Document) -> Value {
-    with_metadata(doc, doc.body.clone())
+    with_metadata(doc, crate::dps::device_view(doc))
 }
 
 async fn get(

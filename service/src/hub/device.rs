@@ -65,7 +65,7 @@ impl DeviceStatus {
 /// "Never", as msrest parses it.
 pub const NEVER: &str = "0001-01-01T00:00:00Z";
 
-/// IoT Hub device ids: up to 128 ASCII letters, digits and `- . + % _ # * ? ! ( ) , = @ $ '`.
+/// IoT Hub device ids: up to 128 ASCII letters, digits and `- : . + % _ # * ? ! ( ) , = @ ; $ '`.
 pub fn check_device_id(id: &str) -> Result<(), HubError> {
     let ok = !id.is_empty()
         && id.len() <= 128
@@ -73,7 +73,8 @@ pub fn check_device_id(id: &str) -> Result<(), HubError> {
             c.is_ascii_alphanumeric()
                 || matches!(
                     c,
-                    '-' | '.'
+                    '-' | ':'
+                        | '.'
                         | '+'
                         | '%'
                         | '_'
@@ -86,6 +87,7 @@ pub fn check_device_id(id: &str) -> Result<(), HubError> {
                         | ','
                         | '='
                         | '@'
+                        | ';'
                         | '$'
                         | '\''
                 )
@@ -96,7 +98,7 @@ pub fn check_device_id(id: &str) -> Result<(), HubError> {
         Err(HubError::new(
             HubErrorCode::ArgumentInvalid,
             format!(
-                "device id {id:?} must be 1 to 128 ASCII letters, digits or - . + % _ # * ? ! ( ) , = @ $ '"
+                "device id {id:?} must be 1 to 128 ASCII letters, digits or - : . + % _ # * ? ! ( ) , = @ ; $ '"
             ),
         ))
     }
@@ -432,7 +434,7 @@ mod tests {
 
     #[test]
     fn device_ids() {
-        assert!(check_device_id("dev-1.a+b%c_d#e*f?g!h(i)j,k=l@m$n'o").is_ok());
+        assert!(check_device_id("dev-1.a+b%c_d#e*f?g!h(i)j,k=l@m$n'o:p;q").is_ok());
         for bad in ["", "a/b", "a b", "é", &"x".repeat(129)] {
             assert!(check_device_id(bad).is_err(), "{bad}");
         }

@@ -1,0 +1,964 @@
+//! `hub_load`: a small, bounded MQTT load generator for the Zerotouch hub.
+//!
+//! It creates (or reuses) N SAS devices through the hub's service API, connects N TLS MQTT
+//! clients (at most `--handshakes` TLS handshakes in flight, one shared native-tls connector),
+//! then has every device publish QoS 1 telemetry at `--rate` messages per second for
+//! `--duration` seconds and counts the PUBACKs. With `--rate 0` the devices only connect and
+//! stay idle, which together with `--server-pid` measures the server's memory per connection.
+//!
+//! Everything is bounded: setup has its own timeout, the MQTT phase ends after
+//! `--duration` + `--deadline-slack` seconds whatever happens, and only loopback addresses are
+//! accepted as targets. See docs/performance.md for how it is run and what it measured.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use clap::Parser;
+use rumqttc::tokio_native_tls::native_tls;
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration,
+    Transport,
+};
+use serde_json::{Value, json};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
+use zerotouch_attestation::symmetric_key;
+
+const HUB_API_VERSION: &str = "2021-04-12";
+const MQTT_API_VERSION: &str = "2019-10-01";
+/// Lifetime of every SAS token the tool signs; far longer than any bounded run.
+const TOKEN_TTL_SECS: u64 = 3600;
+
+#[derive(Parser, Debug, Clone)]
+#[command(about = "Bounded MQTT telemetry load against a Zerotouch hub (loopback only)")]
+struct Args {
+    /// iothubowner connection string: `HostName=IP:PORT;SharedAccessKeyName=…;SharedAccessKey=…`.
+    #[arg(long)]
+    hub_connection_string: String,
+    /// The server's CA bundle (PEM), trusted for HTTPS and MQTT.
+    #[arg(long)]
+    ca_file: PathBuf,
+    /// MQTT address to dial. Default: the HostName without its port.
+    #[arg(long)]
+    mqtt_host: Option<String>,
+    #[arg(long, default_value_t = 8883)]
+    mqtt_port: u16,
+    /// Number of devices (created if missing, then connected).
+    #[arg(long, default_value_t = 1000)]
+    devices: usize,
+    /// Seconds of telemetry (or of idling with `--rate 0`).
+    #[arg(long, default_value_t = 20)]
+    duration: u64,
+    /// QoS 1 messages per second per device; 0 = connect only and stay idle.
+    #[arg(long, default_value_t = 5.0)]
+    rate: f64,
+    #[arg(long, default_value_t = 64)]
+    payload_bytes: usize,
+    /// The server's pid: its VmRSS is read before connecting and once all are connected.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Device ids are `{prefix}-{n:05}`; existing devices are reused.
+    #[arg(long, default_value = "load")]
+    prefix: String,
+    /// TLS handshakes (MQTT connects) in flight at once.
+    #[arg(long, default_value_t = 64)]
+    handshakes: usize,
+    /// Device-creation requests in flight at once.
+    #[arg(long, default_value_t = 32)]
+    create_concurrency: usize,
+    /// Bound on the setup phase (device creation), in seconds.
+    #[arg(long, default_value_t = 120)]
+    setup_timeout: u64,
+    /// The MQTT phase is abandoned `duration + slack` seconds after it starts.
+    #[arg(long, default_value_t = 60)]
+    deadline_slack: u64,
+    /// Seconds to wait for outstanding PUBACKs after the telemetry window.
+    #[arg(long, default_value_t = 10)]
+    drain: u64,
+    /// Delete the devices again at the end.
+    #[arg(long)]
+    delete_devices: bool,
+}
+
+/// What the connection string says.
+struct Hub {
+    host: String,
+    policy: String,
+    key: String,
+}
+
+fn parse_connection_string(cs: &str) -> anyhow::Result<Hub> {
+    let mut fields = HashMap::new();
+    for part in cs.split(';').filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .with_context(|| format!("connection string part {part:?} has no '='"))?;
+        fields.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+    }
+    let get = |k: &str| {
+        fields
+            .get(k)
+            .cloned()
+            .with_context(|| format!("connection string lacks {k}"))
+    };
+    Ok(Hub {
+        host: get("hostname")?,
+        policy: get("sharedaccesskeyname")?,
+        key: get("sharedaccesskey")?,
+    })
+}
+
+/// `127.0.0.77:18443` → `127.0.0.77`; `[::1]:8443` → `::1`.
+fn host_without_port(authority: &str) -> &str {
+    if let Some(rest) = authority.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') && port.chars().all(|c| c.is_ascii_digit()) => {
+            host
+        }
+        _ => authority,
+    }
+}
+
+/// This tool only ever targets the local machine.
+fn require_loopback(host: &str) -> anyhow::Result<()> {
+    if host.eq_ignore_ascii_case("localhost") {
+        return Ok(());
+    }
+    match host.parse::<IpAddr>() {
+        Ok(ip) if ip.is_loopback() => Ok(()),
+        Ok(ip) => bail!("{ip} is not a loopback address; hub_load targets loopback only"),
+        Err(_) => {
+            bail!("{host:?} is not an IP literal or localhost; hub_load targets loopback only")
+        }
+    }
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Errors by kind, e.g. `connect:tls`, `create:http_500`.
+#[derive(Default)]
+struct Errors(BTreeMap<String, u64>);
+
+impl Errors {
+    fn add(&mut self, kind: impl Into<String>) {
+        *self.0.entry(kind.into()).or_insert(0) += 1;
+    }
+    fn merge(&mut self, other: Errors) {
+        for (k, v) in other.0 {
+            *self.0.entry(k).or_insert(0) += v;
+        }
+    }
+}
+
+fn connection_error_kind(e: &ConnectionError) -> String {
+    match e {
+        ConnectionError::MqttState(s) => format!("mqtt_state:{}", state_error_kind(s)),
+        ConnectionError::NetworkTimeout => "network_timeout".into(),
+        ConnectionError::FlushTimeout => "flush_timeout".into(),
+        ConnectionError::Tls(_) => "tls".into(),
+        ConnectionError::Io(io) => format!("io:{:?}", io.kind()),
+        ConnectionError::ConnectionRefused(code) => format!("connack:{code:?}"),
+        ConnectionError::NotConnAck(_) => "not_connack".into(),
+        ConnectionError::RequestsDone => "requests_done".into(),
+    }
+}
+
+fn state_error_kind(e: &rumqttc::StateError) -> &'static str {
+    use rumqttc::StateError as S;
+    match e {
+        S::Io(_) => "io",
+        S::InvalidState => "invalid_state",
+        S::Unsolicited(_) => "unsolicited_ack",
+        S::AwaitPingResp => "no_pingresp",
+        S::WrongPacket => "wrong_packet",
+        S::CollisionTimeout => "collision_timeout",
+        S::EmptySubscription => "empty_subscription",
+        S::Deserialization(_) => "deserialization",
+        S::ConnectionAborted => "aborted_by_peer",
+    }
+}
+
+// ----- setup: devices through the service API -----------------------------------------------
+
+fn https_client(ca_pem: &[u8]) -> anyhow::Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(64);
+    for certificate in reqwest::Certificate::from_pem_bundle(ca_pem)? {
+        builder = builder.add_root_certificate(certificate);
+    }
+    Ok(builder.build()?)
+}
+
+fn random_key() -> String {
+    STANDARD.encode(rand::random::<[u8; 32]>())
+}
+
+/// Creates the device, or reads its key if it already exists. Returns its primary key.
+async fn ensure_device(
+    client: &reqwest::Client,
+    base: &str,
+    auth: &str,
+    id: &str,
+) -> Result<String, String> {
+    let url = format!("{base}/devices/{id}?api-version={HUB_API_VERSION}");
+    let key = random_key();
+    let body = json!({
+        "deviceId": id,
+        "authentication": {
+            "type": "sas",
+            "symmetricKey": {"primaryKey": key, "secondaryKey": random_key()},
+        },
+    });
+    let response = client
+        .put(&url)
+        .header("Authorization", auth)
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| format!("create:request:{}", reqwest_kind(&e)))?;
+    match response.status().as_u16() {
+        200 | 201 => Ok(key),
+        409 => {
+            let response = client
+                .get(&url)
+                .header("Authorization", auth)
+                .send()
+                .await
+                .map_err(|e| format!("get:request:{}", reqwest_kind(&e)))?;
+            let status = response.status().as_u16();
+            if status != 200 {
+                return Err(format!("get:http_{status}"));
+            }
+            let device: Value = response
+                .json()
+                .await
+                .map_err(|_| "get:bad_json".to_string())?;
+            device["authentication"]["symmetricKey"]["primaryKey"]
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| "get:no_sas_key".to_string())
+        }
+        status => Err(format!("create:http_{status}")),
+    }
+}
+
+fn reqwest_kind(e: &reqwest::Error) -> &'static str {
+    if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect"
+    } else {
+        "other"
+    }
+}
+
+async fn delete_device(client: &reqwest::Client, base: &str, auth: &str, id: &str) -> bool {
+    let url = format!("{base}/devices/{id}?api-version={HUB_API_VERSION}");
+    client
+        .delete(&url)
+        .header("Authorization", auth)
+        .header("If-Match", "\"*\"")
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+}
+
+/// Creates or looks up `ids` with at most `concurrency` requests in flight.
+async fn ensure_devices(
+    client: &reqwest::Client,
+    base: &str,
+    auth: &str,
+    ids: &[String],
+    concurrency: usize,
+    errors: &mut Errors,
+) -> Vec<(String, String)> {
+    let gate = Arc::new(Semaphore::new(concurrency.max(1)));
+    let mut set = JoinSet::new();
+    for id in ids {
+        let (client, base, auth, id, gate) = (
+            client.clone(),
+            base.to_string(),
+            auth.to_string(),
+            id.clone(),
+            gate.clone(),
+        );
+        set.spawn(async move {
+            let _permit = gate.acquire_owned().await;
+            let result = ensure_device(&client, &base, &auth, &id).await;
+            (id, result)
+        });
+    }
+    let mut devices = Vec::with_capacity(ids.len());
+    while let Some(joined) = set.join_next().await {
+        match joined {
+            Ok((id, Ok(key))) => devices.push((id, key)),
+            Ok((_, Err(kind))) => errors.add(kind),
+            Err(_) => errors.add("create:task_panicked"),
+        }
+    }
+    devices.sort();
+    devices
+}
+
+// ----- MQTT devices ------------------------------------------------------------------------
+
+/// Settings every device task shares.
+struct Plan {
+    hub_host: String,
+    mqtt_host: String,
+    mqtt_port: u16,
+    connector: native_tls::TlsConnector,
+    rate: f64,
+    payload: Vec<u8>,
+    /// Connect timeout for TCP + TLS + CONNACK, in seconds.
+    connect_timeout: u64,
+    /// Nothing of the MQTT phase outlives this.
+    hard_deadline: Instant,
+    /// PUBACKs per second since the window's start (the last bin takes the rest): a stall
+    /// shows up as a dip.
+    acks_by_second: Vec<AtomicU64>,
+}
+
+/// When the telemetry window runs, shared with every device once all have connected.
+#[derive(Clone, Copy)]
+struct Window {
+    start: Instant,
+    end: Instant,
+    /// Give up on PUBACKs still outstanding after this.
+    drain_until: Instant,
+}
+
+#[derive(Default)]
+struct DeviceReport {
+    connect_ms: Option<f64>,
+    sent: u64,
+    acked: u64,
+    acked_in_window: u64,
+    ack_latency_us: Vec<u32>,
+    errors: Errors,
+}
+
+/// Counters the publisher reads to know when every PUBACK is in.
+#[derive(Default)]
+struct Progress {
+    acked: AtomicU64,
+    /// Set when the event loop has stopped (error, disconnect or deadline).
+    closed: AtomicBool,
+}
+
+fn mqtt_options(plan: &Plan, id: &str, key: &str) -> Result<MqttOptions, String> {
+    let resource = format!("{}/devices/{id}", plan.hub_host);
+    let token = symmetric_key::sign(&resource, key, now_unix() + TOKEN_TTL_SECS, None)
+        .map_err(|_| "sign:bad_key".to_string())?;
+    let mut options = MqttOptions::new(id, plan.mqtt_host.clone(), plan.mqtt_port);
+    options
+        .set_keep_alive(Duration::from_secs(60))
+        .set_clean_session(false)
+        .set_credentials(
+            format!("{}/{id}/?api-version={MQTT_API_VERSION}", plan.hub_host),
+            token,
+        )
+        .set_transport(Transport::tls_with_config(
+            TlsConfiguration::NativeConnector(plan.connector.clone()),
+        ));
+    Ok(options)
+}
+
+/// One device: connect (holding a handshake permit), report the outcome, then wait for the
+/// window, publish through it, drain, and disconnect.
+async fn run_device(
+    plan: Arc<Plan>,
+    id: String,
+    key: String,
+    handshakes: Arc<Semaphore>,
+    connected: mpsc::Sender<bool>,
+    window: watch::Receiver<Option<Window>>,
+) -> DeviceReport {
+    let mut report = DeviceReport::default();
+    let options = match mqtt_options(&plan, &id, &key) {
+        Ok(o) => o,
+        Err(kind) => {
+            report.errors.add(kind);
+            let _ = connected.send(false).await;
+            return report;
+        }
+    };
+    // Capacity bounds the client-side queue; overflow is counted as `publish:queue_full`.
+    let queue = ((plan.rate * 2.0) as usize).clamp(16, 1024);
+    let (client, mut eventloop) = AsyncClient::new(options, queue);
+    let mut network = rumqttc::NetworkOptions::new();
+    network.set_tcp_nodelay(true);
+    network.set_connection_timeout(plan.connect_timeout);
+    eventloop.set_network_options(network);
+
+    // Connect with a handshake permit held.
+    let ok = {
+        let _permit = handshakes.acquire().await;
+        let started = Instant::now();
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                report.connect_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
+                true
+            }
+            Ok(_) => {
+                report.errors.add("connect:unexpected_event");
+                false
+            }
+            Err(e) => {
+                report
+                    .errors
+                    .add(format!("connect:{}", connection_error_kind(&e)));
+                false
+            }
+        }
+    };
+    let _ = connected.send(ok).await;
+    if !ok {
+        return report;
+    }
+
+    let progress = Arc::new(Progress::default());
+    let publisher = tokio::spawn(publish(
+        plan.clone(),
+        id.clone(),
+        client.clone(),
+        progress.clone(),
+        window.clone(),
+    ));
+
+    // The event loop: the only place that polls the connection. It is never cancelled
+    // mid-poll except by its deadline (rumqttc's poll is not cancel-safe while writing).
+    let mut sent_at: HashMap<u16, Instant> = HashMap::new();
+    loop {
+        let current: Option<Window> = *window.borrow();
+        let deadline = current.map_or(plan.hard_deadline, |w| {
+            (w.drain_until + Duration::from_secs(5)).min(plan.hard_deadline)
+        });
+        let event = match tokio::time::timeout_at(deadline.into(), eventloop.poll()).await {
+            Ok(e) => e,
+            Err(_) => {
+                report.errors.add("disconnect:timeout");
+                break;
+            }
+        };
+        match event {
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                sent_at.insert(pkid, Instant::now());
+                report.sent += 1;
+            }
+            Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                let now = Instant::now();
+                if let Some(at) = sent_at.remove(&ack.pkid) {
+                    let us = now.duration_since(at).as_micros();
+                    report
+                        .ack_latency_us
+                        .push(u32::try_from(us).unwrap_or(u32::MAX));
+                }
+                report.acked += 1;
+                if let Some(w) = current {
+                    if now <= w.end {
+                        report.acked_in_window += 1;
+                    }
+                    let second = now.saturating_duration_since(w.start).as_secs();
+                    let last = plan.acks_by_second.len().saturating_sub(1);
+                    if let Some(bin) = plan
+                        .acks_by_second
+                        .get(usize::try_from(second).unwrap_or(last).min(last))
+                    {
+                        bin.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                progress.acked.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
+            Ok(Event::Incoming(Packet::Disconnect)) => {
+                report.errors.add("mqtt:server_disconnect");
+                break;
+            }
+            Ok(_) => {}
+            Err(ConnectionError::RequestsDone) => break,
+            Err(e) => {
+                report
+                    .errors
+                    .add(format!("session:{}", connection_error_kind(&e)));
+                break;
+            }
+        }
+    }
+    // The publisher ends on its own once the window and the drain are over, or at its next
+    // publish once it sees that the connection is gone.
+    progress.closed.store(true, Ordering::Relaxed);
+    drop(eventloop);
+    match publisher.await {
+        Ok(errors) => report.errors.merge(errors),
+        Err(_) => report.errors.add("publisher:panicked"),
+    }
+    report
+}
+
+/// Publishes at the plan's rate through the window, waits for the PUBACKs, then disconnects.
+async fn publish(
+    plan: Arc<Plan>,
+    id: String,
+    client: AsyncClient,
+    progress: Arc<Progress>,
+    mut window: watch::Receiver<Option<Window>>,
+) -> Errors {
+    let mut errors = Errors::default();
+    let w = loop {
+        if let Some(w) = *window.borrow() {
+            break w;
+        }
+        if window.changed().await.is_err() {
+            return errors;
+        }
+    };
+    if plan.rate > 0.0 {
+        let period = Duration::from_secs_f64(1.0 / plan.rate);
+        // A random phase spreads the devices over the period instead of all at once.
+        let offset = period.mul_f64(rand::random::<f64>());
+        let mut ticks = tokio::time::interval_at((w.start + offset).into(), period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let topic = format!("devices/{id}/messages/events/");
+        let mut enqueued = 0u64;
+        loop {
+            let tick = ticks.tick().await;
+            if tick.into_std() >= w.end {
+                break;
+            }
+            match client.try_publish(&topic, QoS::AtLeastOnce, false, plan.payload.clone()) {
+                Ok(()) => enqueued += 1,
+                Err(_) if progress.closed.load(Ordering::Relaxed) => return errors,
+                Err(_) => errors.add("publish:queue_full"),
+            }
+        }
+        // Drain: wait until every enqueued PUBLISH is acknowledged (or the drain ends).
+        while Instant::now() < w.drain_until
+            && !progress.closed.load(Ordering::Relaxed)
+            && progress.acked.load(Ordering::Relaxed) < enqueued
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    } else {
+        tokio::time::sleep_until(w.end.into()).await;
+    }
+    if client.try_disconnect().is_err() && !progress.closed.load(Ordering::Relaxed) {
+        errors.add("disconnect:queue_full");
+    }
+    errors
+}
+
+// ----- reporting -------------------------------------------------------------------------
+
+fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted
+        .get(rank.saturating_sub(1).min(sorted.len() - 1))
+        .copied()
+}
+
+fn percentiles(mut values: Vec<f64>) -> Value {
+    values.sort_by(f64::total_cmp);
+    let round = |v: Option<f64>| v.map(|v| (v * 100.0).round() / 100.0);
+    json!({
+        "p50": round(percentile(&values, 50.0)),
+        "p95": round(percentile(&values, 95.0)),
+        "p99": round(percentile(&values, 99.0)),
+        "max": round(values.last().copied()),
+    })
+}
+
+/// VmRSS of a process, in KiB.
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS line")
+}
+
+/// User + system CPU seconds of a process (assumes USER_HZ = 100, as on every Linux we run).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which is in parentheses and may contain spaces).
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after ") ".
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
+
+fn print_text(report: &Value) {
+    let r = report;
+    println!("hub_load");
+    println!(
+        "  devices: {} requested, {} ready, {} connected (connect phase {} s)",
+        r["devices"]["requested"],
+        r["devices"]["ready"],
+        r["devices"]["connected"],
+        r["connect"]["phase_seconds"]
+    );
+    println!(
+        "  connect latency ms: p50 {} p95 {} p99 {} max {}",
+        r["connect"]["latency_ms"]["p50"],
+        r["connect"]["latency_ms"]["p95"],
+        r["connect"]["latency_ms"]["p99"],
+        r["connect"]["latency_ms"]["max"]
+    );
+    println!(
+        "  telemetry: rate {}/s/device for {} s, offered {}/s",
+        r["telemetry"]["rate_per_device"],
+        r["telemetry"]["duration_seconds"],
+        r["telemetry"]["offered_per_second"]
+    );
+    println!(
+        "  sent {}, acked {} ({} within the window), acked/s {}",
+        r["telemetry"]["sent"],
+        r["telemetry"]["acked"],
+        r["telemetry"]["acked_in_window"],
+        r["telemetry"]["acked_per_second"]
+    );
+    println!(
+        "  publish->ack latency ms: p50 {} p95 {} p99 {} max {}",
+        r["telemetry"]["ack_latency_ms"]["p50"],
+        r["telemetry"]["ack_latency_ms"]["p95"],
+        r["telemetry"]["ack_latency_ms"]["p99"],
+        r["telemetry"]["ack_latency_ms"]["max"]
+    );
+    println!("  acked by second: {}", r["telemetry"]["acked_by_second"]);
+    if let Some(server) = r.get("server") {
+        println!(
+            "  server RSS KiB: before {} after {} => {} KiB per connection; CPU s in window {}",
+            server["rss_before_kib"],
+            server["rss_connected_kib"],
+            server["kib_per_connection"],
+            server["cpu_seconds_in_window"]
+        );
+    }
+    println!("  errors: {}", r["errors"]);
+    println!("  elapsed {} s", r["elapsed_seconds"]);
+}
+
+// ----- main -------------------------------------------------------------------------------
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let report = runtime.block_on(run(args.clone()))?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_text(&report);
+    }
+    // Device tasks past the hard deadline are abandoned, not awaited.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
+}
+
+async fn run(args: Args) -> anyhow::Result<Value> {
+    let began = Instant::now();
+    let hub = parse_connection_string(&args.hub_connection_string)?;
+    let mqtt_host = args
+        .mqtt_host
+        .clone()
+        .unwrap_or_else(|| host_without_port(&hub.host).to_string());
+    require_loopback(host_without_port(&hub.host))?;
+    require_loopback(&mqtt_host)?;
+    if !args.rate.is_finite() || !(0.0..=1000.0).contains(&args.rate) {
+        bail!("--rate must be between 0 and 1000 messages per second per device");
+    }
+    let ca_pem = std::fs::read(&args.ca_file)
+        .with_context(|| format!("reading {}", args.ca_file.display()))?;
+
+    // Setup: the devices.
+    let mut errors = Errors::default();
+    let http = https_client(&ca_pem)?;
+    let base = format!("https://{}", hub.host);
+    let auth = symmetric_key::sign(
+        &hub.host,
+        &hub.key,
+        now_unix() + TOKEN_TTL_SECS,
+        Some(&hub.policy),
+    )
+    .map_err(|e| anyhow::anyhow!("signing the service token: {e:?}"))?;
+    let ids: Vec<String> = (0..args.devices)
+        .map(|n| format!("{}-{n:05}", args.prefix))
+        .collect();
+    let setup_started = Instant::now();
+    let devices = tokio::time::timeout(
+        Duration::from_secs(args.setup_timeout),
+        ensure_devices(
+            &http,
+            &base,
+            &auth,
+            &ids,
+            args.create_concurrency,
+            &mut errors,
+        ),
+    )
+    .await
+    .context("device setup exceeded --setup-timeout")?;
+    let setup_seconds = setup_started.elapsed().as_secs_f64();
+
+    // The hard deadline covers the whole MQTT phase.
+    let mqtt_started = Instant::now();
+    let hard_deadline = mqtt_started + Duration::from_secs(args.duration + args.deadline_slack);
+
+    // One native-tls connector for every connection (building one per connection reloads
+    // the trust store; building-blocks §7).
+    let mut tls = native_tls::TlsConnector::builder();
+    for cert in openssl::x509::X509::stack_from_pem(&ca_pem)? {
+        tls.add_root_certificate(native_tls::Certificate::from_der(&cert.to_der()?)?);
+    }
+    let plan = Arc::new(Plan {
+        hub_host: hub.host.clone(),
+        mqtt_host,
+        mqtt_port: args.mqtt_port,
+        connector: tls.build()?,
+        rate: args.rate,
+        payload: (0..args.payload_bytes)
+            .map(|i| b'a' + (i % 26) as u8)
+            .collect(),
+        connect_timeout: 30,
+        hard_deadline,
+        acks_by_second: (0..args.duration + args.drain + 1)
+            .map(|_| AtomicU64::new(0))
+            .collect(),
+    });
+
+    let server_rss_before = args.server_pid.map(rss_kib).transpose()?;
+
+    // Connect everyone.
+    let handshakes = Arc::new(Semaphore::new(args.handshakes.max(1)));
+    let (connected_tx, mut connected_rx) = mpsc::channel(devices.len().max(1));
+    let (window_tx, window_rx) = watch::channel(None::<Window>);
+    let mut tasks = JoinSet::new();
+    for (id, key) in &devices {
+        tasks.spawn(run_device(
+            plan.clone(),
+            id.clone(),
+            key.clone(),
+            handshakes.clone(),
+            connected_tx.clone(),
+            window_rx.clone(),
+        ));
+    }
+    drop(connected_tx);
+    let mut connected = 0usize;
+    let mut attempted = 0usize;
+    while attempted < devices.len() {
+        match tokio::time::timeout_at(hard_deadline.into(), connected_rx.recv()).await {
+            Ok(Some(ok)) => {
+                attempted += 1;
+                connected += usize::from(ok);
+            }
+            Ok(None) => break,
+            Err(_) => {
+                errors.add("deadline:connect_phase");
+                break;
+            }
+        }
+    }
+    let connect_phase_seconds = mqtt_started.elapsed().as_secs_f64();
+
+    // Let the server settle before reading its memory.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let server_rss_connected = args.server_pid.map(rss_kib).transpose()?;
+    let server_cpu_before = args.server_pid.and_then(cpu_seconds);
+
+    let start = Instant::now() + Duration::from_millis(200);
+    let end = start + Duration::from_secs(args.duration);
+    let window = Window {
+        start,
+        end,
+        drain_until: end + Duration::from_secs(args.drain),
+    };
+    let _ = window_tx.send(Some(window));
+
+    // Collect until the hard deadline; what is not back by then is abandoned.
+    let mut connect_ms = Vec::new();
+    let mut latencies_ms = Vec::new();
+    let (mut sent, mut acked, mut acked_in_window) = (0u64, 0u64, 0u64);
+    let mut server_cpu_after = None;
+    loop {
+        match tokio::time::timeout_at(hard_deadline.into(), tasks.join_next()).await {
+            Ok(Some(Ok(report))) => {
+                connect_ms.extend(report.connect_ms);
+                latencies_ms.extend(report.ack_latency_us.iter().map(|&us| us as f64 / 1000.0));
+                sent += report.sent;
+                acked += report.acked;
+                acked_in_window += report.acked_in_window;
+                errors.merge(report.errors);
+            }
+            Ok(Some(Err(_))) => errors.add("device:task_panicked"),
+            Ok(None) => break,
+            Err(_) => {
+                errors.add("deadline:abandoned_devices");
+                tasks.abort_all();
+                break;
+            }
+        }
+        if server_cpu_after.is_none() && Instant::now() >= end {
+            server_cpu_after = args.server_pid.and_then(cpu_seconds);
+        }
+    }
+    if server_cpu_after.is_none() {
+        server_cpu_after = args.server_pid.and_then(cpu_seconds);
+    }
+
+    if args.delete_devices {
+        let mut set = JoinSet::new();
+        let gate = Arc::new(Semaphore::new(args.create_concurrency.max(1)));
+        for (id, _) in &devices {
+            let (http, base, auth, id, gate) = (
+                http.clone(),
+                base.clone(),
+                auth.clone(),
+                id.clone(),
+                gate.clone(),
+            );
+            set.spawn(async move {
+                let _permit = gate.acquire_owned().await;
+                delete_device(&http, &base, &auth, &id).await
+            });
+        }
+        let deleting = async {
+            let mut failed = 0u64;
+            while let Some(done) = set.join_next().await {
+                failed += u64::from(!matches!(done, Ok(true)));
+            }
+            failed
+        };
+        match tokio::time::timeout(Duration::from_secs(args.setup_timeout), deleting).await {
+            Ok(0) => {}
+            Ok(failed) => {
+                for _ in 0..failed {
+                    errors.add("delete:failed");
+                }
+            }
+            Err(_) => errors.add("delete:timeout"),
+        }
+    }
+
+    let duration = args.duration as f64;
+    let mut by_second: Vec<u64> = plan
+        .acks_by_second
+        .iter()
+        .map(|b| b.load(Ordering::Relaxed))
+        .collect();
+    while by_second.len() > args.duration as usize && by_second.last() == Some(&0) {
+        by_second.pop();
+    }
+    let mut report = json!({
+        "devices": {"requested": args.devices, "ready": devices.len(), "connected": connected},
+        "setup_seconds": (setup_seconds * 100.0).round() / 100.0,
+        "connect": {
+            "phase_seconds": (connect_phase_seconds * 100.0).round() / 100.0,
+            "handshakes_in_flight": args.handshakes,
+            "latency_ms": percentiles(connect_ms),
+        },
+        "telemetry": {
+            "rate_per_device": args.rate,
+            "duration_seconds": args.duration,
+            "payload_bytes": args.payload_bytes,
+            "offered_per_second": args.rate * connected as f64,
+            "sent": sent,
+            "acked": acked,
+            "acked_in_window": acked_in_window,
+            "acked_per_second": if duration > 0.0 {
+                (acked_in_window as f64 / duration * 10.0).round() / 10.0
+            } else {
+                0.0
+            },
+            "ack_latency_ms": percentiles(latencies_ms),
+            "acked_by_second": by_second,
+        },
+        "errors": errors.0,
+        "elapsed_seconds": (began.elapsed().as_secs_f64() * 100.0).round() / 100.0,
+    });
+    if let (Some(pid), Some(before), Some(after)) =
+        (args.server_pid, server_rss_before, server_rss_connected)
+    {
+        let per = if connected > 0 {
+            ((after as f64 - before as f64) / connected as f64 * 10.0).round() / 10.0
+        } else {
+            0.0
+        };
+        let cpu = match (server_cpu_before, server_cpu_after) {
+            (Some(b), Some(a)) => Some(((a - b) * 100.0).round() / 100.0),
+            _ => None,
+        };
+        report["server"] = json!({
+            "pid": pid,
+            "rss_before_kib": before,
+            "rss_connected_kib": after,
+            "kib_per_connection": per,
+            "cpu_seconds_in_window": cpu,
+        });
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_string_and_hosts() {
+        let hub = parse_connection_string(
+            "HostName=127.0.0.77:18443;SharedAccessKeyName=iothubowner;SharedAccessKey=a2V5=",
+        )
+        .expect("parses");
+        assert_eq!(hub.host, "127.0.0.77:18443");
+        assert_eq!(hub.policy, "iothubowner");
+        assert_eq!(hub.key, "a2V5=");
+        assert!(parse_connection_string("HostName=x").is_err());
+        assert_eq!(host_without_port("127.0.0.77:18443"), "127.0.0.77");
+        assert_eq!(host_without_port("[::1]:8443"), "::1");
+        assert_eq!(host_without_port("localhost"), "localhost");
+    }
+
+    #[test]
+    fn loopback_only() {
+        assert!(require_loopback("127.0.0.77").is_ok());
+        assert!(require_loopback("::1").is_ok());
+        assert!(require_loopback("localhost").is_ok());
+        assert!(require_loopback("10.0.0.1").is_err());
+        assert!(require_loopback("hub.example.com").is_err());
+    }
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let values: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&values, 50.0), Some(50.0));
+        assert_eq!(percentile(&values, 99.0), Some(99.0));
+        assert_eq!(percentile(&[7.0], 95.0), Some(7.0));
+        assert_eq!(percentile(&[], 50.0), None);
+    }
+}
