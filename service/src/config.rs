@@ -67,6 +67,9 @@ pub struct DpsSettings {
     pub max_concurrent_registrations: usize,
     /// Validity of device certificates issued from a registration's CSR, in days.
     pub certificate_validity_days: u32,
+    /// How long an MQTT register waits for its assignment before answering `assigning` (the
+    /// device then polls). 0 always answers `assigning`.
+    pub fast_path_ms: u64,
 }
 
 impl Default for DpsSettings {
@@ -74,6 +77,7 @@ impl Default for DpsSettings {
         DpsSettings {
             max_concurrent_registrations: 256,
             certificate_validity_days: 90,
+            fast_path_ms: 1000,
         }
     }
 }

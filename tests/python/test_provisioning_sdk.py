@@ -245,3 +245,25 @@ def test_x509_group_through_intermediate_after_proof_of_possession(server, tmp_p
     assert record["x509"]["signingCertificateInfo"]["subjectName"] == "CN=Python Fleet Root"
     # The hub accepts the same leaf + intermediate for a certificateAuthority device.
     connect_and_send(server, result, x509=x509)
+
+
+def test_polling_path_when_assignment_is_not_immediate(tmp_path):
+    """With the fast path off, register answers 202 `assigning` and the SDK polls (it waits a
+    fixed 2 s first): the same device still ends up assigned."""
+    import os
+    from conftest import Server
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZEROTOUCH__")}
+    env["ZEROTOUCH__DPS__FAST_PATH_MS"] = "0"
+    server = Server(tmp_path / "data", env)
+    try:
+        server.wait_ready()
+        registration_id = f"poll-{uuid.uuid4().hex[:8]}"
+        enrollment = dps_call(server, "PUT", f"/enrollments/{registration_id}", {"attestation": {"type": "symmetricKey"}})
+        key = enrollment["attestation"]["symmetricKey"]["primaryKey"]
+        result, seconds = register_symmetric(server, registration_id, key)
+        print(f"time to assigned (MQTT, polling path): {seconds * 1000:.0f} ms")
+        assert result.status == "assigned"
+        assert seconds >= 2.0, "the SDK waits 2 s before its first poll"
+        connect_and_send(server, result, key=key)
+    finally:
+        server.stop()

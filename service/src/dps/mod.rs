@@ -66,6 +66,12 @@ pub struct Dps {
     /// Bounds registrations in progress: beyond it a device gets 429 and retries, never a timeout.
     inflight: Arc<tokio::sync::Semaphore>,
     certificate_days: u32,
+    /// Operations still being assigned, by operation id (to the registration id).
+    pending: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    /// Operations that failed after their requester stopped waiting: polled answers.
+    failed: std::sync::Mutex<std::collections::HashMap<String, (ErrorCode, String)>>,
+    /// How long an MQTT register waits for its outcome before answering `assigning`.
+    pub fast_path: std::time::Duration,
     pub metrics: DpsMetrics,
     pub id_scope: String,
     hub: Option<Arc<Hub>>,
@@ -125,6 +131,9 @@ impl Dps {
                 settings.max_concurrent_registrations,
             )),
             certificate_days: settings.certificate_validity_days,
+            pending: Default::default(),
+            failed: Default::default(),
+            fast_path: std::time::Duration::from_millis(settings.fast_path_ms),
             metrics: DpsMetrics::new()?,
             id_scope,
             hub,
@@ -132,9 +141,52 @@ impl Dps {
         })
     }
 
+    /// Starts a registration and waits up to `wait` for its outcome. It always runs to the end
+    /// (in a task of its own): a caller that stops waiting gets [`Progress::Running`] and the
+    /// device polls the operation.
+    pub async fn begin(
+        self: &Arc<Self>,
+        registration_id: &str,
+        evidence: Evidence,
+        body: RegisterBody,
+        wait: std::time::Duration,
+    ) -> Result<Progress, ApiError> {
+        let operation_id = new_operation_id();
+        self.lock_pending()
+            .insert(operation_id.clone(), registration_id.to_ascii_lowercase());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let dps = self.clone();
+        let id = registration_id.to_string();
+        let op = operation_id.clone();
+        tokio::spawn(async move {
+            let result = dps.register_as(&op, &id, evidence, body).await;
+            if let Err(e) = &result {
+                let mut failed = dps.failed.lock().unwrap_or_else(|p| p.into_inner());
+                if failed.len() >= 10_000 {
+                    failed.clear();
+                }
+                failed.insert(op.clone(), (e.code, e.message.clone()));
+            }
+            dps.lock_pending().remove(&op);
+            let _ = tx.send(result);
+        });
+        match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(result)) => result.map(Progress::Done),
+            Ok(Err(_)) => Err(ApiError::internal(
+                "the registration task ended without an answer",
+            )),
+            Err(_) => Ok(Progress::Running { operation_id }),
+        }
+    }
+
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, String>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Attests, assigns and records one registration, counted in the metrics.
-    pub async fn register(
+    async fn register_as(
         &self,
+        operation_id: &str,
         registration_id: &str,
         evidence: Evidence,
         body: RegisterBody,
@@ -152,7 +204,9 @@ impl Dps {
             Evidence::Sas(_) => "symmetricKey",
             Evidence::Certificate(_) => "x509",
         };
-        let result = self.register_now(registration_id, evidence, body).await;
+        let result = self
+            .register_now(operation_id.to_string(), registration_id, evidence, body)
+            .await;
         let outcome = match &result {
             Ok(outcome) => outcome.status,
             Err(e) if e.status().is_client_error() => "refused",
@@ -164,6 +218,7 @@ impl Dps {
 
     async fn register_now(
         &self,
+        operation_id: String,
         registration_id: &str,
         evidence: Evidence,
         body: RegisterBody,
@@ -177,11 +232,6 @@ impl Dps {
                 "differs from the registration id in the path",
             ));
         }
-        let operation_id = format!(
-            "5.{}.{}",
-            hex::encode(rand::random::<[u8; 8]>()),
-            uuid::Uuid::new_v4()
-        );
         match self.authenticate(registration_id, &evidence).await? {
             Attestation::Disabled => Ok(Outcome {
                 operation_id,
@@ -705,6 +755,26 @@ impl Dps {
         operation_id: &str,
     ) -> Result<Outcome, ApiError> {
         self.authenticate(registration_id, evidence).await?;
+        let running = self
+            .lock_pending()
+            .get(operation_id)
+            .is_some_and(|r| r.eq_ignore_ascii_case(registration_id));
+        if running {
+            return Ok(Outcome {
+                operation_id: operation_id.to_string(),
+                status: "assigning",
+                registration_state: json!({"registrationId": registration_id, "status": "assigning"}),
+            });
+        }
+        let failure = self
+            .failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(operation_id)
+            .cloned();
+        if let Some((code, message)) = failure {
+            return Err(ApiError::new(code, message));
+        }
         let id = registration_id.to_string();
         let doc = blocking(&self.store, move |s| s.get(Collection::Registrations, &id)).await?;
         let doc = doc
@@ -814,6 +884,20 @@ impl DpsMetrics {
 enum Refused {
     Disabled,
     Unauthorized(String),
+}
+
+/// Where a registration stands when its requester stops waiting.
+pub enum Progress {
+    Done(Outcome),
+    Running { operation_id: String },
+}
+
+fn new_operation_id() -> String {
+    format!(
+        "5.{}.{}",
+        hex::encode(rand::random::<[u8; 8]>()),
+        uuid::Uuid::new_v4()
+    )
 }
 
 /// What [`Dps::authenticate`] concluded.

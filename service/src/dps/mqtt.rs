@@ -8,7 +8,7 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 use zerotouch_attestation::symmetric_key::SasToken;
 
-use super::{Dps, Evidence, RegisterBody};
+use super::{Dps, Evidence, Progress, RegisterBody};
 use crate::http::error::ApiError;
 use crate::mqtt::{
     Accepted, Application, BoxFuture, CloseReason, ConnectRequest, Outbound, PublishVerdict, QoS,
@@ -160,17 +160,29 @@ impl Session for DpsSession {
                         format!("the body is not JSON: {e}"),
                     )),
                 };
-                let result = match body {
+                let progress = match body {
                     Ok(body) => {
                         self.dps
-                            .register(&self.registration_id, clone_evidence(&self.evidence), body)
+                            .begin(
+                                &self.registration_id,
+                                clone_evidence(&self.evidence),
+                                body,
+                                self.dps.fast_path,
+                            )
                             .await
                     }
                     Err(e) => Err(e),
                 };
-                match result {
+                match progress {
                     // The fast path: the final state straight away.
-                    Ok(outcome) => self.respond(200, &rid, None, outcome.body()),
+                    Ok(Progress::Done(outcome)) => self.respond(200, &rid, None, outcome.body()),
+                    // Not done in time: the device polls (Python waits 2 s first).
+                    Ok(Progress::Running { operation_id }) => self.respond(
+                        202,
+                        &rid,
+                        Some(1),
+                        json!({"operationId": operation_id, "status": "assigning"}),
+                    ),
                     Err(e) => self.respond_error(&rid, &e),
                 }
             } else if topic.starts_with("$dps/registrations/GET/iotdps-get-operationstatus/") {
@@ -186,6 +198,9 @@ impl Session for DpsSession {
                     .operation(&self.registration_id, &self.evidence, &operation_id)
                     .await
                 {
+                    Ok(outcome) if outcome.status == "assigning" => {
+                        self.respond(202, &rid, Some(1), outcome.body())
+                    }
                     Ok(outcome) => self.respond(200, &rid, None, outcome.body()),
                     Err(e) => self.respond_error(&rid, &e),
                 }

@@ -5,7 +5,10 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use serde_json::Value;
 use zerotouch_attestation::symmetric_key::SasToken;
 
-use crate::dps::{Dps, Evidence, RegisterBody};
+use crate::dps::{Dps, Evidence, Progress, RegisterBody};
+
+/// How long a register over HTTPS waits for its outcome before answering 202 anyway.
+const HTTPS_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 use crate::http::error::{ApiError, ErrorCode};
 use crate::http::{AppState, json_body, peer_certificates, require_api_version};
 
@@ -23,10 +26,13 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     );
 }
 
-fn dps_of<'a>(state: &'a web::Data<AppState>, id_scope: &str) -> Result<&'a Dps, ApiError> {
+fn dps_of<'a>(
+    state: &'a web::Data<AppState>,
+    id_scope: &str,
+) -> Result<&'a std::sync::Arc<Dps>, ApiError> {
     let dps = state
         .dps
-        .as_deref()
+        .as_ref()
         .filter(|_| state.settings.service.role.runs_dps())
         .ok_or_else(|| {
             ApiError::new(
@@ -82,24 +88,35 @@ async fn register(
     let (id_scope, registration_id) = path.into_inner();
     require_api_version(&req)?;
     let dps = dps_of(&state, &id_scope)?;
-    let outcome = dps
-        .register(&registration_id, evidence(&req)?, body_of(&body)?)
+    // Wait a while for the outcome so that bad requests (a CSR with the wrong CN…) come back as
+    // 4xx here; the answer to a good one is 202 either way, and the device polls.
+    let progress = dps
+        .begin(
+            &registration_id,
+            evidence(&req)?,
+            body_of(&body)?,
+            HTTPS_WAIT,
+        )
         .await?;
-    if outcome.status == "assigned" {
-        // Registration is an operation: 202 `assigning` now (iot-identity-service rejects 200),
-        // the final state on the first poll.
-        let mut response = json(
-            actix_web::http::StatusCode::ACCEPTED,
-            serde_json::json!({"operationId": outcome.operation_id, "status": "assigning"}),
-        );
-        response.headers_mut().insert(
-            actix_web::http::header::HeaderName::from_static("retry-after"),
-            actix_web::http::header::HeaderValue::from_static("1"),
-        );
-        return Ok(response);
-    }
-    // `disabled` and `failed` are final at once.
-    Ok(json(actix_web::http::StatusCode::OK, outcome.body()))
+    let operation_id = match progress {
+        Progress::Done(outcome) if outcome.status != "assigned" => {
+            // `disabled` and `failed` are final at once.
+            return Ok(json(actix_web::http::StatusCode::OK, outcome.body()));
+        }
+        Progress::Done(outcome) => outcome.operation_id,
+        Progress::Running { operation_id } => operation_id,
+    };
+    // Registration is an operation: 202 `assigning` (iot-identity-service rejects 200), the
+    // final state on a poll.
+    let mut response = json(
+        actix_web::http::StatusCode::ACCEPTED,
+        serde_json::json!({"operationId": operation_id, "status": "assigning"}),
+    );
+    response.headers_mut().insert(
+        actix_web::http::header::HeaderName::from_static("retry-after"),
+        actix_web::http::header::HeaderValue::from_static("1"),
+    );
+    Ok(response)
 }
 
 async fn operation(
@@ -113,6 +130,14 @@ async fn operation(
     let outcome = dps
         .operation(&registration_id, &evidence(&req)?, &operation_id)
         .await?;
+    if outcome.status == "assigning" {
+        let mut response = json(actix_web::http::StatusCode::ACCEPTED, outcome.body());
+        response.headers_mut().insert(
+            actix_web::http::header::HeaderName::from_static("retry-after"),
+            actix_web::http::header::HeaderValue::from_static("1"),
+        );
+        return Ok(response);
+    }
     Ok(json(actix_web::http::StatusCode::OK, outcome.body()))
 }
 
