@@ -6,8 +6,8 @@
 //!   derivation, key generation and validation.
 //! - [`x509`]: certificate parsing (PEM or base64 DER), the Azure `X509CertificateInfo`
 //!   summary, signature checks and CA proof-of-possession.
-//! - [`tpm`]: `TPM2B_PUBLIC` parsing for endorsement and storage root keys, TPM names and the
-//!   default TPM registration id.
+//! - [`tpm`]: `TPM2B_PUBLIC` parsing for endorsement and storage root keys, TPM names, the
+//!   default TPM registration id and the activation blob ([`tpm::build_activation`]).
 //!
 //! Each module also has an attestor implementing the one trait [`Attestor`]:
 //! [`symmetric_key::SymmetricKeyAttestor`], [`x509::X509Attestor`] and [`tpm::TpmAttestor`].

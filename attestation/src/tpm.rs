@@ -1,6 +1,7 @@
 //! TPM attestation building blocks: parsing the `TPM2B_PUBLIC` areas a device sends as
 //! `endorsementKey` and `storageRootKey` (§3.4), TPM object names, and the default TPM
-//! registration id.
+//! registration id, and ([`activation`]) the activation blob the server sends as the
+//! challenge.
 //!
 //! Only RSA keys are supported. DPS accepts RSA-2048 endorsement keys only and the activation
 //! blob construction (§3.4) encrypts to RSA keys with RSA-OAEP, so an ECC (`0x0023`) or any
@@ -16,6 +17,12 @@ use ring::digest;
 
 use crate::symmetric_key::{self, SasError, SasToken};
 use crate::{AttestedIdentity, Attestor, EnrollmentRef, Mechanism};
+
+pub mod activation;
+
+pub use activation::{
+    Activation, ActivationError, ActivationRandomness, build_activation, build_activation_with,
+};
 
 /// `TPM_ALG_RSA`.
 pub const ALG_RSA: u16 = 0x0001;

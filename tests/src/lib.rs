@@ -14,6 +14,9 @@ use zerotouch_attestation::symmetric_key;
 use zerotouch_service::config::Settings;
 use zerotouch_service::server::Running;
 
+/// swtpm + tpm2-tools for the TPM tests, and the device script `tpm/device.sh`.
+pub mod swtpm;
+
 pub const API_VERSION: &str = "2021-10-01";
 /// The `api-version` the C SDK (current master) and iot-identity-service send to the device API.
 pub const DEVICE_API_VERSION: &str = "2021-06-01";

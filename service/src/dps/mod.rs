@@ -40,6 +40,27 @@ pub struct RegisterBody {
     pub registration_id: Option<String>,
     pub payload: Option<Value>,
     pub csr: Option<String>,
+    pub tpm: Option<TpmBody>,
+}
+
+/// `tpm` of a register body: the device's endorsement and storage root keys (TPM2B_PUBLIC).
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TpmBody {
+    pub endorsement_key: Option<String>,
+    pub storage_root_key: Option<String>,
+}
+
+/// How long a TPM challenge (the key in an activation blob) may be answered and polled with.
+pub const CHALLENGE_LIFETIME_SECS: u64 = 300;
+
+/// An activation key handed to a TPM, waiting for the device's signed re-register.
+#[derive(Debug, Clone)]
+struct Challenge {
+    key_b64: String,
+    expires_at: u64,
+    /// Set once a re-register used it: polls may still sign with it, a second register may not.
+    used: bool,
 }
 
 /// The result of a registration: an operation status as the device API returns it.
@@ -72,6 +93,9 @@ pub struct Dps {
     failed: std::sync::Mutex<std::collections::HashMap<String, (ErrorCode, String)>>,
     /// How long an MQTT register waits for its outcome before answering `assigning`.
     pub fast_path: std::time::Duration,
+    /// Outstanding TPM challenges by lower-cased registration id. Per process: a device must
+    /// answer the instance that challenged it (replicas behind a load balancer need stickiness).
+    challenges: std::sync::Mutex<std::collections::HashMap<String, Challenge>>,
     pub metrics: DpsMetrics,
     pub id_scope: String,
     hub: Option<Arc<Hub>>,
@@ -134,6 +158,7 @@ impl Dps {
             pending: Default::default(),
             failed: Default::default(),
             fast_path: std::time::Duration::from_millis(settings.fast_path_ms),
+            challenges: Default::default(),
             metrics: DpsMetrics::new()?,
             id_scope,
             hub,
@@ -245,6 +270,9 @@ impl Dps {
                 }),
             }),
             Attestation::Accepted(attested, enrollment) => {
+                if attested.mechanism == Mechanism::Tpm {
+                    self.consume_challenge(registration_id)?;
+                }
                 self.assign(
                     registration_id,
                     &attested,
@@ -276,7 +304,13 @@ impl Dps {
         })
         .await?;
         let now = crate::time::now_unix();
+        let tpm_enrollment = individual
+            .as_ref()
+            .filter(|d| d.body.pointer("/attestation/type").and_then(Value::as_str) == Some("tpm"));
         let attested = match evidence {
+            Evidence::Sas(token) if tpm_enrollment.is_some() => {
+                self.attest_tpm(registration_id, token, tpm_enrollment, now)
+            }
             Evidence::Sas(token) => {
                 self.attest_sas(registration_id, token, individual.as_ref(), &groups, now)
             }
@@ -302,6 +336,147 @@ impl Dps {
         }
         .ok_or_else(|| ApiError::internal("the matched enrollment vanished"))?;
         Ok(Attestation::Accepted(Box::new(attested), enrollment))
+    }
+
+    /// A TPM device's SAS, signed inside its TPM with the key of the challenge it was sent.
+    fn attest_tpm(
+        &self,
+        registration_id: &str,
+        token: &SasToken,
+        enrollment: Option<&Document>,
+        now: u64,
+    ) -> Result<AttestedIdentity, Refused> {
+        use zerotouch_attestation::tpm::{
+            TpmAttestationError, TpmAttestor, TpmEnrollment, TpmEvidence,
+        };
+        let enrollment = enrollment.ok_or(Refused::Unauthorized("no TPM enrollment".into()))?;
+        let ek = enrollment
+            .body
+            .pointer("/attestation/tpm/endorsementKey")
+            .and_then(Value::as_str)
+            .and_then(|k| zerotouch_attestation::tpm::parse_endorsement_key(k).ok())
+            .ok_or_else(|| {
+                Refused::Unauthorized("the enrolled endorsement key is unreadable".into())
+            })?;
+        let challenge = self
+            .lock_challenges()
+            .get(&registration_id.to_ascii_lowercase())
+            .filter(|c| c.expires_at > now)
+            .cloned();
+        let attestor = TpmAttestor {
+            id_scope: self.id_scope.clone(),
+            enrollment: Some(TpmEnrollment {
+                endorsement_key: ek.clone(),
+                enabled: enabled(&enrollment.body),
+            }),
+            authentication_key: challenge.map(|c| c.key_b64),
+        };
+        let evidence = TpmEvidence {
+            registration_id: registration_id.to_string(),
+            endorsement_key: ek,
+            token: Some(token.clone()),
+        };
+        attestor.attest(&evidence, now).map_err(|e| match e {
+            TpmAttestationError::Disabled => Refused::Disabled,
+            other => Refused::Unauthorized(format!("TPM attestation failed: {other}")),
+        })
+    }
+
+    fn lock_challenges(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Challenge>> {
+        self.challenges.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The first TPM register (no `Authorization`): checks the endorsement key against the
+    /// enrollment and answers the 401 challenge body with a fresh activation blob
+    /// (dps-protocol §3.4). Nothing is recorded but the challenge.
+    pub async fn tpm_challenge(
+        &self,
+        registration_id: &str,
+        tpm: &TpmBody,
+    ) -> Result<Value, ApiError> {
+        use zerotouch_attestation::tpm;
+        crate::enrollment::check_registration_id(registration_id)?;
+        let ek_text = tpm.endorsement_key.as_deref().ok_or_else(|| {
+            ApiError::field(
+                ErrorCode::InvalidEndorsementKey,
+                "tpm.endorsementKey",
+                "is required",
+            )
+        })?;
+        let ek = tpm::parse_endorsement_key(ek_text).map_err(|e| {
+            ApiError::field(ErrorCode::InvalidEndorsementKey, "tpm.endorsementKey", e)
+        })?;
+        let srk =
+            tpm::parse_storage_root_key(tpm.storage_root_key.as_deref().ok_or_else(|| {
+                ApiError::field(
+                    ErrorCode::InvalidEndorsementKey,
+                    "tpm.storageRootKey",
+                    "is required",
+                )
+            })?)
+            .map_err(|e| {
+                ApiError::field(ErrorCode::InvalidEndorsementKey, "tpm.storageRootKey", e)
+            })?;
+        let id = registration_id.to_string();
+        let enrollment = blocking(&self.store, move |s| {
+            s.get(Collection::IndividualEnrollments, &id)
+        })
+        .await?
+        .filter(|d| d.body.pointer("/attestation/type").and_then(Value::as_str) == Some("tpm"))
+        .ok_or_else(|| unauthorized("no TPM enrollment for this registration id"))?;
+        let enrolled = enrollment
+            .body
+            .pointer("/attestation/tpm/endorsementKey")
+            .and_then(Value::as_str)
+            .and_then(|k| tpm::parse_endorsement_key(k).ok())
+            .ok_or_else(|| ApiError::internal("the enrolled endorsement key is unreadable"))?;
+        if !enrolled.same_key(&ek) {
+            return Err(unauthorized(
+                "the endorsement key does not match the enrollment",
+            ));
+        }
+        // An enrollment that names the storage root key pins it too.
+        if let Some(pinned) = enrollment
+            .body
+            .pointer("/attestation/tpm/storageRootKey")
+            .and_then(Value::as_str)
+            .and_then(|k| tpm::parse_storage_root_key(k).ok())
+            && !pinned.same_key(&srk)
+        {
+            return Err(unauthorized(
+                "the storage root key does not match the enrollment",
+            ));
+        }
+        let activation = tpm::build_activation(&ek, &srk).map_err(ApiError::internal)?;
+        self.lock_challenges().insert(
+            registration_id.to_ascii_lowercase(),
+            Challenge {
+                key_b64: activation.hmac_key_base64(),
+                expires_at: crate::time::now_unix() + CHALLENGE_LIFETIME_SECS,
+                used: false,
+            },
+        );
+        Ok(json!({
+            "message": "Sign a SAS token with the key in authenticationKey and register again",
+            "authenticationKey": activation.blob_base64(),
+            "keyName": "registration",
+        }))
+    }
+
+    /// Marks the registration's challenge as spent by a register (a replay is refused).
+    fn consume_challenge(&self, registration_id: &str) -> Result<(), ApiError> {
+        let mut challenges = self.lock_challenges();
+        match challenges.get_mut(&registration_id.to_ascii_lowercase()) {
+            Some(c) if !c.used => {
+                c.used = true;
+                Ok(())
+            }
+            _ => Err(unauthorized(
+                "this TPM challenge was already answered; start again",
+            )),
+        }
     }
 
     fn attest_sas(
@@ -539,9 +714,50 @@ impl Dps {
             }
         };
 
+        // A TPM device gets a fresh activation blob; its key signs the device's hub SAS
+        // (dps-protocol §3.4 step 5).
+        let tpm_activation = if attested.mechanism == Mechanism::Tpm {
+            let srk_text = body
+                .tpm
+                .as_ref()
+                .and_then(|t| t.storage_root_key.clone())
+                .or_else(|| {
+                    e.pointer("/attestation/tpm/storageRootKey")
+                        .and_then(Value::as_str)
+                        .map(String::from)
+                })
+                .ok_or_else(|| {
+                    ApiError::field(
+                        ErrorCode::InvalidEndorsementKey,
+                        "tpm.storageRootKey",
+                        "is required",
+                    )
+                })?;
+            let ek = e
+                .pointer("/attestation/tpm/endorsementKey")
+                .and_then(Value::as_str)
+                .and_then(|k| zerotouch_attestation::tpm::parse_endorsement_key(k).ok())
+                .ok_or_else(|| ApiError::internal("the enrolled endorsement key is unreadable"))?;
+            let srk =
+                zerotouch_attestation::tpm::parse_storage_root_key(&srk_text).map_err(|e| {
+                    ApiError::field(ErrorCode::InvalidEndorsementKey, "tpm.storageRootKey", e)
+                })?;
+            Some(
+                zerotouch_attestation::tpm::build_activation(&ek, &srk)
+                    .map_err(ApiError::internal)?,
+            )
+        } else {
+            None
+        };
+
         // The hub identity (dps-protocol §5.4).
         let authentication = if issued.is_some() {
             json!({"type": "certificateAuthority"})
+        } else if let Some(activation) = &tpm_activation {
+            json!({"type": "sas", "symmetricKey": {
+                "primaryKey": activation.hmac_key_base64(),
+                "secondaryKey": crate::hub::device::generate_device_key(),
+            }})
         } else {
             match (attested.mechanism, evidence) {
                 (Mechanism::SymmetricKey, _) => {
@@ -664,7 +880,11 @@ impl Dps {
                     "signingCertificateInfo": attested.signing_certificate_info,
                 });
             }
-            Mechanism::Tpm => {}
+            Mechanism::Tpm => {
+                if let Some(activation) = &tpm_activation {
+                    state["tpm"] = json!({"authenticationKey": activation.blob_base64()});
+                }
+            }
         }
         if let Some(payload) = &body.payload {
             state["payload"] = payload.clone();
@@ -944,6 +1164,7 @@ pub fn device_view(doc: &Document) -> Value {
     if let Some(map) = state.as_object_mut() {
         map.remove("operationIds");
         map.remove("issuedCertificateChain");
+        map.remove("tpm");
     }
     state
 }

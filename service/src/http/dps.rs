@@ -88,15 +88,21 @@ async fn register(
     let (id_scope, registration_id) = path.into_inner();
     require_api_version(&req)?;
     let dps = dps_of(&state, &id_scope)?;
+    let body = body_of(&body)?;
+    // A TPM device's first register carries no Authorization: answer the challenge.
+    if let Some(tpm) = &body.tpm
+        && req
+            .headers()
+            .get(actix_web::http::header::AUTHORIZATION)
+            .is_none()
+    {
+        let challenge = dps.tpm_challenge(&registration_id, tpm).await?;
+        return Ok(json(actix_web::http::StatusCode::UNAUTHORIZED, challenge));
+    }
     // Wait a while for the outcome so that bad requests (a CSR with the wrong CN…) come back as
     // 4xx here; the answer to a good one is 202 either way, and the device polls.
     let progress = dps
-        .begin(
-            &registration_id,
-            evidence(&req)?,
-            body_of(&body)?,
-            HTTPS_WAIT,
-        )
+        .begin(&registration_id, evidence(&req)?, body, HTTPS_WAIT)
         .await?;
     let operation_id = match progress {
         Progress::Done(outcome) if outcome.status != "assigned" => {
