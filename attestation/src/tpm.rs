@@ -19,6 +19,7 @@ use crate::symmetric_key::{self, SasError, SasToken};
 use crate::{AttestedIdentity, Attestor, EnrollmentRef, Mechanism};
 
 pub mod activation;
+pub mod ek_certificate;
 
 pub use activation::{
     Activation, ActivationError, ActivationRandomness, build_activation, build_activation_with,

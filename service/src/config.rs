@@ -70,6 +70,11 @@ pub struct DpsSettings {
     /// How long an MQTT register waits for its assignment before answering `assigning` (the
     /// device then polls). 0 always answers `assigning`.
     pub fast_path_ms: u64,
+    /// How long a TPM device may answer (and poll with) the key of a challenge, in seconds.
+    pub tpm_challenge_seconds: u64,
+    /// PEM bundle of TPM manufacturer roots. When set, TPM devices with an individual enrollment
+    /// must also present an EK certificate chaining to one of them.
+    pub tpm_manufacturer_roots: Option<PathBuf>,
 }
 
 impl Default for DpsSettings {
@@ -78,6 +83,8 @@ impl Default for DpsSettings {
             max_concurrent_registrations: 256,
             certificate_validity_days: 90,
             fast_path_ms: 1000,
+            tpm_challenge_seconds: 300,
+            tpm_manufacturer_roots: None,
         }
     }
 }

@@ -143,6 +143,7 @@ enum AttestationType {
 struct TpmInput {
     endorsement_key: Option<String>,
     storage_root_key: Option<String>,
+    root_certificates: Option<CertificatePair>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -508,14 +509,30 @@ fn normalize_attestation(
                 "symmetricKey": {"primaryKey": primary, "secondaryKey": secondary},
             }))
         }
+        AttestationType::Tpm if kind == Kind::Group => {
+            // A TPM group admits any TPM whose EK certificate chains to one of its roots.
+            let roots = input
+                .tpm
+                .and_then(|t| t.root_certificates)
+                .ok_or_else(|| {
+                    ApiError::field(
+                        ErrorCode::InvalidAttestation,
+                        "attestation.tpm.rootCertificates",
+                        "a TPM group needs the TPM manufacturer roots its devices' EK certificates chain to",
+                    )
+                })?;
+            let old = previous_of("tpm").and_then(|t| t.get("rootCertificates"));
+            Ok(
+                json!({"type": "tpm", "tpm": {"rootCertificates": certificate_pair(
+                roots,
+                old,
+                "attestation.tpm.rootCertificates",
+                true,
+                now_unix,
+            )?}}),
+            )
+        }
         AttestationType::Tpm => {
-            if kind == Kind::Group {
-                return Err(ApiError::field(
-                    ErrorCode::InvalidAttestation,
-                    "attestation.type",
-                    "TPM attestation is for individual enrollments",
-                ));
-            }
             let input = input.tpm.ok_or_else(|| {
                 ApiError::field(
                     ErrorCode::InvalidAttestation,
@@ -734,6 +751,17 @@ pub fn strip_secrets(doc: &mut Value) {
         return;
     };
     attestation.remove("symmetricKey");
+    if let Some(roots) = attestation
+        .get_mut("tpm")
+        .and_then(|t| t.get_mut("rootCertificates"))
+        .and_then(Value::as_object_mut)
+    {
+        for slot in roots.values_mut() {
+            if let Some(slot) = slot.as_object_mut() {
+                slot.remove("certificate");
+            }
+        }
+    }
     if let Some(x509) = attestation.get_mut("x509").and_then(Value::as_object_mut) {
         for pair in ["clientCertificates", "signingCertificates"] {
             if let Some(pair) = x509.get_mut(pair).and_then(Value::as_object_mut) {
@@ -865,7 +893,7 @@ mod tests {
     }
 
     #[test]
-    fn groups_refuse_tpm_and_need_a_ca() {
+    fn tpm_groups_need_roots_and_x509_groups_a_ca() {
         let err = normalize(
             Kind::Group,
             "grp",

@@ -83,6 +83,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev:
                 hub.clone(),
                 instance.clone(),
                 &settings.dps,
+                manufacturer_roots(&settings)?,
             )
             .context("creating the registration metrics")?,
         ))
@@ -144,6 +145,21 @@ pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev:
         },
         server,
     ))
+}
+
+/// DER of the TPM manufacturer roots named by `dps.tpm_manufacturer_roots`, if any.
+fn manufacturer_roots(settings: &Settings) -> anyhow::Result<Vec<Vec<u8>>> {
+    let Some(path) = &settings.dps.tpm_manufacturer_roots else {
+        return Ok(Vec::new());
+    };
+    let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let roots: Vec<Vec<u8>> = openssl::x509::X509::stack_from_pem(&pem)
+        .with_context(|| format!("{} is not a PEM certificate bundle", path.display()))?
+        .iter()
+        .map(|c| c.to_der())
+        .collect::<Result<_, _>>()?;
+    anyhow::ensure!(!roots.is_empty(), "{} holds no certificate", path.display());
+    Ok(roots)
 }
 
 /// `zerotouch serve`: runs until SIGINT/SIGTERM.

@@ -272,3 +272,175 @@ fn tpm_refusals_store_nothing() {
     );
     assert!(!record_exists(&s, &id), "nothing stored");
 }
+
+/// A TPM maker's root, made now, and EK certificates it issues for a TPM's endorsement key.
+struct Maker {
+    pem: String,
+    params: rcgen::CertificateParams,
+    key: rcgen::KeyPair,
+}
+
+impl Maker {
+    fn new(name: &str) -> Maker {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+        let pem = params.self_signed(&key).unwrap().pem();
+        Maker { pem, params, key }
+    }
+
+    fn certify(&self, ek_b64: &str) -> String {
+        let ek = zerotouch_attestation::tpm::parse_endorsement_key(ek_b64).unwrap();
+        let rsa = openssl::rsa::Rsa::from_public_components(
+            openssl::bn::BigNum::from_slice(&ek.modulus).unwrap(),
+            openssl::bn::BigNum::from_u32(ek.exponent()).unwrap(),
+        )
+        .unwrap();
+        let spki = openssl::pkey::PKey::from_rsa(rsa)
+            .unwrap()
+            .public_key_to_der()
+            .unwrap();
+        let public = rcgen::SubjectPublicKeyInfo::from_der(&spki).unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "TPM EK");
+        let issuer = rcgen::Issuer::from_params(&self.params, &self.key);
+        params.signed_by(&public, &issuer).unwrap().pem()
+    }
+}
+
+/// Runs the challenge, import and signed register; returns the poll answer.
+fn full_registration(s: &TestServer, tpm: &Swtpm, id: &str, body: &Value) -> Value {
+    let (status, challenge, _) = register(s, id, body, None);
+    assert_eq!(status, 401, "{challenge}");
+    tpm.device_import(challenge["authenticationKey"].as_str().unwrap());
+    let token = tpm_token(
+        tpm,
+        &format!("{}/registrations/{id}", s.id_scope),
+        Some("registration"),
+    );
+    let (status, accepted, _) = register(s, id, body, Some(&token));
+    assert_eq!(status, 202, "{accepted}");
+    let operation = accepted["operationId"].as_str().unwrap();
+    send(
+        s.client
+            .get(s.url(&format!(
+                "/{}/registrations/{id}/operations/{operation}",
+                s.id_scope
+            )))
+            .header("Authorization", &token),
+    )
+    .1
+}
+
+#[test]
+fn tpm_groups_admit_tpms_whose_ek_certificate_chains_to_their_root() {
+    for backend in backends() {
+        let maker = Maker::new("TPM Maker Root");
+        let s = TestServer::start(backend);
+        let (status, group, _) = send(s.request(Method::PUT, "/enrollmentGroups/fleet-tpms").json(&json!({
+            "attestation": {"type": "tpm", "tpm": {"rootCertificates": {"primary": {"certificate": maker.pem}}}},
+            "initialTwin": {"tags": {"fleet": "tpm"}},
+        })));
+        assert_eq!(status, 200, "{group}");
+
+        let tpm = Swtpm::start();
+        let (ek, srk) = tpm.device_init();
+        let id = registration_id(&ek);
+        let body = json!({"registrationId": id, "tpm": {
+            "endorsementKey": ek, "storageRootKey": srk, "endorsementKeyCertificate": maker.certify(&ek),
+        }});
+        let done = full_registration(&s, &tpm, &id, &body);
+        assert_eq!(done["status"], "assigned", "{done}");
+        let members = send(s.request(Method::POST, "/registrations/fleet-tpms/query")).1;
+        assert_eq!(members.as_array().unwrap().len(), 1, "{members}");
+        let device_id = done["registrationState"]["deviceId"].as_str().unwrap();
+        let (_, twin, _) = send(s.hub_request(Method::GET, &format!("/twins/{device_id}")));
+        assert_eq!(twin["tags"]["fleet"], "tpm");
+
+        // Refused without a challenge: a certificate from another maker, no certificate, and a
+        // registration id other than the EK-derived one.
+        let other = Swtpm::start();
+        let (other_ek, other_srk) = other.device_init();
+        let other_id = registration_id(&other_ek);
+        let rogue = Maker::new("Rogue Root");
+        for (rid, cert) in [
+            (other_id.clone(), Some(rogue.certify(&other_ek))),
+            (other_id.clone(), None),
+            (
+                "not-the-derived-id".to_string(),
+                Some(maker.certify(&other_ek)),
+            ),
+        ] {
+            let mut tpm_body = json!({"endorsementKey": other_ek, "storageRootKey": other_srk});
+            if let Some(cert) = cert {
+                tpm_body["endorsementKeyCertificate"] = json!(cert);
+            }
+            let (status, err, _) = register(
+                &s,
+                &rid,
+                &json!({"registrationId": rid, "tpm": tpm_body}),
+                None,
+            );
+            assert_eq!(
+                (status, err["errorCode"].as_u64()),
+                (401, Some(401_002)),
+                "{rid}: {err}"
+            );
+            assert!(err.get("authenticationKey").is_none());
+            assert!(!record_exists(&s, &rid));
+        }
+    }
+}
+
+#[test]
+fn manufacturer_roots_and_challenge_expiry() {
+    let maker = Maker::new("TPM Maker Root");
+    let dir = tempfile::tempdir().unwrap();
+    let roots = dir.path().join("tpm-roots.pem");
+    std::fs::write(&roots, &maker.pem).unwrap();
+    let s = TestServer::start_with(Backend::Sqlite, |settings| {
+        settings.dps.tpm_manufacturer_roots = Some(roots.clone());
+        settings.dps.tpm_challenge_seconds = 1;
+    });
+    let tpm = Swtpm::start();
+    let (ek, srk) = tpm.device_init();
+    let id = registration_id(&ek);
+    enroll(&s, &id, &ek);
+    // With manufacturer roots configured, an individual TPM must show its EK certificate.
+    let bare = json!({"registrationId": id, "tpm": {"endorsementKey": ek, "storageRootKey": srk}});
+    let (status, err, _) = register(&s, &id, &bare, None);
+    assert_eq!(
+        (status, err["errorCode"].as_u64()),
+        (401, Some(401_002)),
+        "{err}"
+    );
+    let body = json!({"registrationId": id, "tpm": {
+        "endorsementKey": ek, "storageRootKey": srk, "endorsementKeyCertificate": maker.certify(&ek),
+    }});
+    let (status, challenge, _) = register(&s, &id, &body, None);
+    assert_eq!(status, 401);
+    tpm.device_import(challenge["authenticationKey"].as_str().unwrap());
+    // The challenge lives 1 s here: answering it later is refused.
+    std::thread::sleep(Duration::from_millis(2100));
+    let token = tpm_token(
+        &tpm,
+        &format!("{}/registrations/{id}", s.id_scope),
+        Some("registration"),
+    );
+    let (status, err, _) = register(&s, &id, &body, Some(&token));
+    assert_eq!(
+        (status, err["errorCode"].as_u64()),
+        (401, Some(401_002)),
+        "{err}"
+    );
+    assert!(!record_exists(&s, &id));
+    // A fresh challenge answered in time is assigned.
+    let done = full_registration(&s, &tpm, &id, &body);
+    assert_eq!(done["status"], "assigned", "{done}");
+}

@@ -49,15 +49,19 @@ pub struct RegisterBody {
 pub struct TpmBody {
     pub endorsement_key: Option<String>,
     pub storage_root_key: Option<String>,
+    /// Our extension (DPS has none): the EK certificate as PEM (followed by any intermediate
+    /// certificates) or base64 DER. Required for TPM groups and when manufacturer roots are set.
+    pub endorsement_key_certificate: Option<String>,
 }
-
-/// How long a TPM challenge (the key in an activation blob) may be answered and polled with.
-pub const CHALLENGE_LIFETIME_SECS: u64 = 300;
 
 /// An activation key handed to a TPM, waiting for the device's signed re-register.
 #[derive(Debug, Clone)]
 struct Challenge {
     key_b64: String,
+    /// The endorsement key challenged (base64 TPM2B_PUBLIC).
+    ek_b64: String,
+    /// The TPM group that admitted it, when no individual enrollment did.
+    group: Option<String>,
     expires_at: u64,
     /// Set once a re-register used it: polls may still sign with it, a second register may not.
     used: bool,
@@ -96,6 +100,9 @@ pub struct Dps {
     /// Outstanding TPM challenges by lower-cased registration id. Per process: a device must
     /// answer the instance that challenged it (replicas behind a load balancer need stickiness).
     challenges: std::sync::Mutex<std::collections::HashMap<String, Challenge>>,
+    challenge_lifetime: u64,
+    /// DER of the configured TPM manufacturer roots (`dps.tpm_manufacturer_roots`).
+    manufacturer_roots: Vec<Vec<u8>>,
     pub metrics: DpsMetrics,
     pub id_scope: String,
     hub: Option<Arc<Hub>>,
@@ -135,6 +142,24 @@ fn enabled(doc: &Value) -> bool {
     doc.get("provisioningStatus").and_then(Value::as_str) != Some("disabled")
 }
 
+/// A PEM bundle (first certificate, then the rest) or one base64 DER certificate.
+fn split_certificates(text: &str) -> Option<(Vec<u8>, Vec<Vec<u8>>)> {
+    if text.contains("-----BEGIN") {
+        let mut ders: Vec<Vec<u8>> = text
+            .split_inclusive("-----END CERTIFICATE-----")
+            .filter(|b| b.contains("-----BEGIN CERTIFICATE-----"))
+            .map(der_of)
+            .collect::<Option<Vec<_>>>()?;
+        if ders.is_empty() {
+            return None;
+        }
+        let first = ders.remove(0);
+        Some((first, ders))
+    } else {
+        der_of(text).map(|d| (d, Vec::new()))
+    }
+}
+
 fn der_of(pem_or_b64: &str) -> Option<Vec<u8>> {
     zerotouch_attestation::x509::parse_certificate(pem_or_b64)
         .ok()
@@ -148,6 +173,7 @@ impl Dps {
         hub: Option<Arc<Hub>>,
         instance: Arc<crate::bootstrap::Instance>,
         settings: &crate::config::DpsSettings,
+        manufacturer_roots: Vec<Vec<u8>>,
     ) -> Result<Dps, prometheus::Error> {
         Ok(Dps {
             store,
@@ -159,6 +185,8 @@ impl Dps {
             failed: Default::default(),
             fast_path: std::time::Duration::from_millis(settings.fast_path_ms),
             challenges: Default::default(),
+            challenge_lifetime: settings.tpm_challenge_seconds,
+            manufacturer_roots,
             metrics: DpsMetrics::new()?,
             id_scope,
             hub,
@@ -306,7 +334,15 @@ impl Dps {
         let now = crate::time::now_unix();
         let tpm_enrollment = individual
             .as_ref()
-            .filter(|d| d.body.pointer("/attestation/type").and_then(Value::as_str) == Some("tpm"));
+            .filter(|d| d.body.pointer("/attestation/type").and_then(Value::as_str) == Some("tpm"))
+            .or_else(|| {
+                // A TPM admitted by a group during its challenge.
+                let group = self
+                    .lock_challenges()
+                    .get(&registration_id.to_ascii_lowercase())
+                    .and_then(|c| c.group.clone())?;
+                groups.iter().find(|g| g.id.eq_ignore_ascii_case(&group))
+            });
         let attested = match evidence {
             Evidence::Sas(token) if tpm_enrollment.is_some() => {
                 self.attest_tpm(registration_id, token, tpm_enrollment, now)
@@ -350,19 +386,27 @@ impl Dps {
             TpmAttestationError, TpmAttestor, TpmEnrollment, TpmEvidence,
         };
         let enrollment = enrollment.ok_or(Refused::Unauthorized("no TPM enrollment".into()))?;
-        let ek = enrollment
-            .body
-            .pointer("/attestation/tpm/endorsementKey")
-            .and_then(Value::as_str)
-            .and_then(|k| zerotouch_attestation::tpm::parse_endorsement_key(k).ok())
-            .ok_or_else(|| {
-                Refused::Unauthorized("the enrolled endorsement key is unreadable".into())
-            })?;
         let challenge = self
             .lock_challenges()
             .get(&registration_id.to_ascii_lowercase())
             .filter(|c| c.expires_at > now)
             .cloned();
+        // An individual enrollment names the EK; a group admitted the one it challenged.
+        let group = challenge
+            .as_ref()
+            .and_then(|c| c.group.clone())
+            .filter(|g| g.eq_ignore_ascii_case(&enrollment.id));
+        let ek_text = match &group {
+            Some(_) => challenge.as_ref().map(|c| c.ek_b64.clone()),
+            None => enrollment
+                .body
+                .pointer("/attestation/tpm/endorsementKey")
+                .and_then(Value::as_str)
+                .map(String::from),
+        };
+        let ek = ek_text
+            .and_then(|k| zerotouch_attestation::tpm::parse_endorsement_key(&k).ok())
+            .ok_or_else(|| Refused::Unauthorized("no endorsement key to check against".into()))?;
         let attestor = TpmAttestor {
             id_scope: self.id_scope.clone(),
             enrollment: Some(TpmEnrollment {
@@ -376,10 +420,14 @@ impl Dps {
             endorsement_key: ek,
             token: Some(token.clone()),
         };
-        attestor.attest(&evidence, now).map_err(|e| match e {
+        let mut attested = attestor.attest(&evidence, now).map_err(|e| match e {
             TpmAttestationError::Disabled => Refused::Disabled,
             other => Refused::Unauthorized(format!("TPM attestation failed: {other}")),
-        })
+        })?;
+        if let Some(group) = group {
+            attested.matched = EnrollmentRef::Group(group);
+        }
+        Ok(attested)
     }
 
     fn lock_challenges(
@@ -419,42 +467,105 @@ impl Dps {
             .map_err(|e| {
                 ApiError::field(ErrorCode::InvalidEndorsementKey, "tpm.storageRootKey", e)
             })?;
+        let (ek_cert, ek_chain) = match tpm.endorsement_key_certificate.as_deref() {
+            Some(text) => split_certificates(text).ok_or_else(|| {
+                ApiError::field(
+                    ErrorCode::InvalidCertificate,
+                    "tpm.endorsementKeyCertificate",
+                    "is not a PEM certificate bundle or base64 DER",
+                )
+            })?,
+            None => (Vec::new(), Vec::new()),
+        };
+        let now = crate::time::now_unix() as i64;
+        let check_ek_certificate = |roots: &[Vec<u8>]| -> Result<(), ApiError> {
+            if ek_cert.is_empty() {
+                return Err(unauthorized(
+                    "an EK certificate (tpm.endorsementKeyCertificate) is required",
+                ));
+            }
+            tpm::ek_certificate::verify(&ek_cert, &ek_chain, roots, &ek, now)
+                .map_err(|e| unauthorized(e.to_string()))
+        };
         let id = registration_id.to_string();
-        let enrollment = blocking(&self.store, move |s| {
-            s.get(Collection::IndividualEnrollments, &id)
+        let (individual, groups) = blocking(&self.store, move |s| {
+            Ok((
+                s.get(Collection::IndividualEnrollments, &id)?,
+                all(s, Collection::EnrollmentGroups)?,
+            ))
         })
-        .await?
-        .filter(|d| d.body.pointer("/attestation/type").and_then(Value::as_str) == Some("tpm"))
-        .ok_or_else(|| unauthorized("no TPM enrollment for this registration id"))?;
-        let enrolled = enrollment
-            .body
-            .pointer("/attestation/tpm/endorsementKey")
-            .and_then(Value::as_str)
-            .and_then(|k| tpm::parse_endorsement_key(k).ok())
-            .ok_or_else(|| ApiError::internal("the enrolled endorsement key is unreadable"))?;
-        if !enrolled.same_key(&ek) {
-            return Err(unauthorized(
-                "the endorsement key does not match the enrollment",
-            ));
-        }
-        // An enrollment that names the storage root key pins it too.
-        if let Some(pinned) = enrollment
-            .body
-            .pointer("/attestation/tpm/storageRootKey")
-            .and_then(Value::as_str)
-            .and_then(|k| tpm::parse_storage_root_key(k).ok())
-            && !pinned.same_key(&srk)
-        {
-            return Err(unauthorized(
-                "the storage root key does not match the enrollment",
-            ));
-        }
+        .await?;
+        let is_tpm = |d: &Document| {
+            d.body.pointer("/attestation/type").and_then(Value::as_str) == Some("tpm")
+        };
+        let group = match individual.filter(is_tpm) {
+            Some(enrollment) => {
+                let enrolled = enrollment
+                    .body
+                    .pointer("/attestation/tpm/endorsementKey")
+                    .and_then(Value::as_str)
+                    .and_then(|k| tpm::parse_endorsement_key(k).ok())
+                    .ok_or_else(|| {
+                        ApiError::internal("the enrolled endorsement key is unreadable")
+                    })?;
+                if !enrolled.same_key(&ek) {
+                    return Err(unauthorized(
+                        "the endorsement key does not match the enrollment",
+                    ));
+                }
+                // An enrollment that names the storage root key pins it too.
+                if let Some(pinned) = enrollment
+                    .body
+                    .pointer("/attestation/tpm/storageRootKey")
+                    .and_then(Value::as_str)
+                    .and_then(|k| tpm::parse_storage_root_key(k).ok())
+                    && !pinned.same_key(&srk)
+                {
+                    return Err(unauthorized(
+                        "the storage root key does not match the enrollment",
+                    ));
+                }
+                if !self.manufacturer_roots.is_empty() {
+                    check_ek_certificate(&self.manufacturer_roots)?;
+                }
+                None
+            }
+            None => {
+                // A TPM group admits only the C SDK's EK-derived registration id, so one EK is
+                // one registration.
+                if !registration_id.eq_ignore_ascii_case(&ek.registration_id()) {
+                    return Err(unauthorized(
+                        "no TPM enrollment for this registration id (TPM groups admit only the EK-derived id)",
+                    ));
+                }
+                let admitted = groups.iter().filter(|g| is_tpm(g)).find(|group| {
+                    let roots: Vec<Vec<u8>> = ["primary", "secondary"]
+                        .iter()
+                        .filter_map(|slot| {
+                            group
+                                .body
+                                .pointer(&format!(
+                                    "/attestation/tpm/rootCertificates/{slot}/certificate"
+                                ))
+                                .and_then(Value::as_str)
+                                .and_then(der_of)
+                        })
+                        .collect();
+                    check_ek_certificate(&roots).is_ok()
+                });
+                Some(admitted.map(|g| g.id.clone()).ok_or_else(|| {
+                    unauthorized("no TPM enrollment or TPM group admits this endorsement key")
+                })?)
+            }
+        };
         let activation = tpm::build_activation(&ek, &srk).map_err(ApiError::internal)?;
         self.lock_challenges().insert(
             registration_id.to_ascii_lowercase(),
             Challenge {
                 key_b64: activation.hmac_key_base64(),
-                expires_at: crate::time::now_unix() + CHALLENGE_LIFETIME_SECS,
+                ek_b64: ek_text.to_string(),
+                group,
+                expires_at: crate::time::now_unix() + self.challenge_lifetime,
                 used: false,
             },
         );
@@ -733,11 +844,18 @@ impl Dps {
                         "is required",
                     )
                 })?;
-            let ek = e
+            let ek_text = e
                 .pointer("/attestation/tpm/endorsementKey")
                 .and_then(Value::as_str)
-                .and_then(|k| zerotouch_attestation::tpm::parse_endorsement_key(k).ok())
-                .ok_or_else(|| ApiError::internal("the enrolled endorsement key is unreadable"))?;
+                .map(String::from)
+                .or_else(|| {
+                    self.lock_challenges()
+                        .get(&registration_id.to_ascii_lowercase())
+                        .map(|c| c.ek_b64.clone())
+                });
+            let ek = ek_text
+                .and_then(|k| zerotouch_attestation::tpm::parse_endorsement_key(&k).ok())
+                .ok_or_else(|| ApiError::internal("the endorsement key is unknown"))?;
             let srk =
                 zerotouch_attestation::tpm::parse_storage_root_key(&srk_text).map_err(|e| {
                     ApiError::field(ErrorCode::InvalidEndorsementKey, "tpm.storageRootKey", e)
