@@ -10,16 +10,13 @@
 //! `--duration` + `--deadline-slack` seconds whatever happens, and only loopback addresses are
 //! accepted as targets. See docs/performance.md for how it is run and what it measured.
 
-use std::collections::{BTreeMap, HashMap};
-use std::net::IpAddr;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
 use clap::Parser;
 use rumqttc::tokio_native_tls::native_tls;
 use rumqttc::{
@@ -30,11 +27,19 @@ use serde_json::{Value, json};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use zerotouch_attestation::symmetric_key;
+use zerotouch_tests::load::{
+    Errors, cpu_seconds, host_without_port, now_unix, parse_connection_string, percentiles,
+    random_key, require_loopback, reqwest_kind, round2, rss_kib, run_and_report,
+};
 
+/// The tool's name, in messages.
+const TOOL: &str = "hub_load";
 const HUB_API_VERSION: &str = "2021-04-12";
 const MQTT_API_VERSION: &str = "2019-10-01";
 /// Lifetime of every SAS token the tool signs; far longer than any bounded run.
 const TOKEN_TTL_SECS: u64 = 3600;
+/// Device keys: 32 bytes, the size IoT Hub generates.
+const DEVICE_KEY_BYTES: usize = 32;
 
 #[derive(Parser, Debug, Clone)]
 #[command(about = "Bounded MQTT telemetry load against a Zerotouch hub (loopback only)")]
@@ -90,83 +95,6 @@ struct Args {
     delete_devices: bool,
 }
 
-/// What the connection string says.
-struct Hub {
-    host: String,
-    policy: String,
-    key: String,
-}
-
-fn parse_connection_string(cs: &str) -> anyhow::Result<Hub> {
-    let mut fields = HashMap::new();
-    for part in cs.split(';').filter(|p| !p.is_empty()) {
-        let (k, v) = part
-            .split_once('=')
-            .with_context(|| format!("connection string part {part:?} has no '='"))?;
-        fields.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
-    }
-    let get = |k: &str| {
-        fields
-            .get(k)
-            .cloned()
-            .with_context(|| format!("connection string lacks {k}"))
-    };
-    Ok(Hub {
-        host: get("hostname")?,
-        policy: get("sharedaccesskeyname")?,
-        key: get("sharedaccesskey")?,
-    })
-}
-
-/// `127.0.0.77:18443` → `127.0.0.77`; `[::1]:8443` → `::1`.
-fn host_without_port(authority: &str) -> &str {
-    if let Some(rest) = authority.strip_prefix('[') {
-        return rest.split(']').next().unwrap_or(rest);
-    }
-    match authority.rsplit_once(':') {
-        Some((host, port)) if !host.contains(':') && port.chars().all(|c| c.is_ascii_digit()) => {
-            host
-        }
-        _ => authority,
-    }
-}
-
-/// This tool only ever targets the local machine.
-fn require_loopback(host: &str) -> anyhow::Result<()> {
-    if host.eq_ignore_ascii_case("localhost") {
-        return Ok(());
-    }
-    match host.parse::<IpAddr>() {
-        Ok(ip) if ip.is_loopback() => Ok(()),
-        Ok(ip) => bail!("{ip} is not a loopback address; hub_load targets loopback only"),
-        Err(_) => {
-            bail!("{host:?} is not an IP literal or localhost; hub_load targets loopback only")
-        }
-    }
-}
-
-fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// Errors by kind, e.g. `connect:tls`, `create:http_500`.
-#[derive(Default)]
-struct Errors(BTreeMap<String, u64>);
-
-impl Errors {
-    fn add(&mut self, kind: impl Into<String>) {
-        *self.0.entry(kind.into()).or_insert(0) += 1;
-    }
-    fn merge(&mut self, other: Errors) {
-        for (k, v) in other.0 {
-            *self.0.entry(k).or_insert(0) += v;
-        }
-    }
-}
-
 fn connection_error_kind(e: &ConnectionError) -> String {
     match e {
         ConnectionError::MqttState(s) => format!("mqtt_state:{}", state_error_kind(s)),
@@ -207,10 +135,6 @@ fn https_client(ca_pem: &[u8]) -> anyhow::Result<reqwest::Client> {
     Ok(builder.build()?)
 }
 
-fn random_key() -> String {
-    STANDARD.encode(rand::random::<[u8; 32]>())
-}
-
 /// Creates the device, or reads its key if it already exists. Returns its primary key.
 async fn ensure_device(
     client: &reqwest::Client,
@@ -219,12 +143,12 @@ async fn ensure_device(
     id: &str,
 ) -> Result<String, String> {
     let url = format!("{base}/devices/{id}?api-version={HUB_API_VERSION}");
-    let key = random_key();
+    let key = random_key(DEVICE_KEY_BYTES);
     let body = json!({
         "deviceId": id,
         "authentication": {
             "type": "sas",
-            "symmetricKey": {"primaryKey": key, "secondaryKey": random_key()},
+            "symmetricKey": {"primaryKey": key, "secondaryKey": random_key(DEVICE_KEY_BYTES)},
         },
     });
     let response = client
@@ -257,16 +181,6 @@ async fn ensure_device(
                 .ok_or_else(|| "get:no_sas_key".to_string())
         }
         status => Err(format!("create:http_{status}")),
-    }
-}
-
-fn reqwest_kind(e: &reqwest::Error) -> &'static str {
-    if e.is_timeout() {
-        "timeout"
-    } else if e.is_connect() {
-        "connect"
-    } else {
-        "other"
     }
 }
 
@@ -568,50 +482,6 @@ async fn publish(
 
 // ----- reporting -------------------------------------------------------------------------
 
-fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted
-        .get(rank.saturating_sub(1).min(sorted.len() - 1))
-        .copied()
-}
-
-fn percentiles(mut values: Vec<f64>) -> Value {
-    values.sort_by(f64::total_cmp);
-    let round = |v: Option<f64>| v.map(|v| (v * 100.0).round() / 100.0);
-    json!({
-        "p50": round(percentile(&values, 50.0)),
-        "p95": round(percentile(&values, 95.0)),
-        "p99": round(percentile(&values, 99.0)),
-        "max": round(values.last().copied()),
-    })
-}
-
-/// VmRSS of a process, in KiB.
-fn rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("reading /proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmRSS line")
-}
-
-/// User + system CPU seconds of a process (assumes USER_HZ = 100, as on every Linux we run).
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which is in parentheses and may contain spaces).
-    let rest = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after ") ".
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) as f64 / 100.0)
-}
-
 fn print_text(report: &Value) {
     let r = report;
     println!("hub_load");
@@ -667,18 +537,7 @@ fn print_text(report: &Value) {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let report = runtime.block_on(run(args.clone()))?;
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        print_text(&report);
-    }
-    // Device tasks past the hard deadline are abandoned, not awaited.
-    runtime.shutdown_timeout(Duration::from_secs(1));
-    Ok(())
+    run_and_report(run(args.clone()), args.json, print_text)
 }
 
 async fn run(args: Args) -> anyhow::Result<Value> {
@@ -688,8 +547,8 @@ async fn run(args: Args) -> anyhow::Result<Value> {
         .mqtt_host
         .clone()
         .unwrap_or_else(|| host_without_port(&hub.host).to_string());
-    require_loopback(host_without_port(&hub.host))?;
-    require_loopback(&mqtt_host)?;
+    require_loopback(host_without_port(&hub.host), TOOL)?;
+    require_loopback(&mqtt_host, TOOL)?;
     if !args.rate.is_finite() || !(0.0..=1000.0).contains(&args.rate) {
         bail!("--rate must be between 0 and 1000 messages per second per device");
     }
@@ -700,13 +559,7 @@ async fn run(args: Args) -> anyhow::Result<Value> {
     let mut errors = Errors::default();
     let http = https_client(&ca_pem)?;
     let base = format!("https://{}", hub.host);
-    let auth = symmetric_key::sign(
-        &hub.host,
-        &hub.key,
-        now_unix() + TOKEN_TTL_SECS,
-        Some(&hub.policy),
-    )
-    .map_err(|e| anyhow::anyhow!("signing the service token: {e:?}"))?;
+    let auth = hub.service_token(TOKEN_TTL_SECS)?;
     let ids: Vec<String> = (0..args.devices)
         .map(|n| format!("{}-{n:05}", args.prefix))
         .collect();
@@ -877,9 +730,9 @@ async fn run(args: Args) -> anyhow::Result<Value> {
     }
     let mut report = json!({
         "devices": {"requested": args.devices, "ready": devices.len(), "connected": connected},
-        "setup_seconds": (setup_seconds * 100.0).round() / 100.0,
+        "setup_seconds": round2(setup_seconds),
         "connect": {
-            "phase_seconds": (connect_phase_seconds * 100.0).round() / 100.0,
+            "phase_seconds": round2(connect_phase_seconds),
             "handshakes_in_flight": args.handshakes,
             "latency_ms": percentiles(connect_ms),
         },
@@ -900,7 +753,7 @@ async fn run(args: Args) -> anyhow::Result<Value> {
             "acked_by_second": by_second,
         },
         "errors": errors.0,
-        "elapsed_seconds": (began.elapsed().as_secs_f64() * 100.0).round() / 100.0,
+        "elapsed_seconds": round2(began.elapsed().as_secs_f64()),
     });
     if let (Some(pid), Some(before), Some(after)) =
         (args.server_pid, server_rss_before, server_rss_connected)
@@ -911,7 +764,7 @@ async fn run(args: Args) -> anyhow::Result<Value> {
             0.0
         };
         let cpu = match (server_cpu_before, server_cpu_after) {
-            (Some(b), Some(a)) => Some(((a - b) * 100.0).round() / 100.0),
+            (Some(b), Some(a)) => Some(round2(a - b)),
             _ => None,
         };
         report["server"] = json!({
@@ -923,42 +776,4 @@ async fn run(args: Args) -> anyhow::Result<Value> {
         });
     }
     Ok(report)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn connection_string_and_hosts() {
-        let hub = parse_connection_string(
-            "HostName=127.0.0.77:18443;SharedAccessKeyName=iothubowner;SharedAccessKey=a2V5=",
-        )
-        .expect("parses");
-        assert_eq!(hub.host, "127.0.0.77:18443");
-        assert_eq!(hub.policy, "iothubowner");
-        assert_eq!(hub.key, "a2V5=");
-        assert!(parse_connection_string("HostName=x").is_err());
-        assert_eq!(host_without_port("127.0.0.77:18443"), "127.0.0.77");
-        assert_eq!(host_without_port("[::1]:8443"), "::1");
-        assert_eq!(host_without_port("localhost"), "localhost");
-    }
-
-    #[test]
-    fn loopback_only() {
-        assert!(require_loopback("127.0.0.77").is_ok());
-        assert!(require_loopback("::1").is_ok());
-        assert!(require_loopback("localhost").is_ok());
-        assert!(require_loopback("10.0.0.1").is_err());
-        assert!(require_loopback("hub.example.com").is_err());
-    }
-
-    #[test]
-    fn nearest_rank_percentiles() {
-        let values: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentile(&values, 50.0), Some(50.0));
-        assert_eq!(percentile(&values, 99.0), Some(99.0));
-        assert_eq!(percentile(&[7.0], 95.0), Some(7.0));
-        assert_eq!(percentile(&[], 50.0), None);
-    }
 }
