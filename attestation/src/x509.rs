@@ -157,6 +157,19 @@ impl Certificate {
     }
 
     /// Whether `now_unix` lies within `notBefore..=notAfter`.
+    /// Whether the certificate may authenticate a TLS client: no extended key usage at all, or
+    /// one that lists clientAuth (or anyExtendedKeyUsage), as path validation judges it.
+    pub fn allows_client_auth(&self) -> bool {
+        match x509_parser::parse_x509_certificate(&self.der) {
+            Ok((_, cert)) => match cert.extended_key_usage() {
+                Ok(Some(eku)) => eku.value.client_auth || eku.value.any,
+                Ok(None) => true,
+                Err(_) => false,
+            },
+            Err(_) => false,
+        }
+    }
+
     pub fn is_valid_at(&self, now_unix: i64) -> bool {
         (self.not_before..=self.not_after).contains(&now_unix)
     }

@@ -405,6 +405,11 @@ fn check_individual(
     if !enrolled {
         return Err(X509AttestationError::CertificateMismatch);
     }
+    // The same rule path validation applies to group devices: a server-only certificate is no
+    // device credential.
+    if !leaf.allows_client_auth() {
+        return Err(X509AttestationError::Chain(ChainError::RequiredEkuNotFound));
+    }
     if now < leaf.not_before_unix() {
         return Err(X509AttestationError::NotYetValid);
     }

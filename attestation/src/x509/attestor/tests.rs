@@ -740,3 +740,29 @@ fn a_group_certificate_must_be_a_ca() {
         Err(X509AttestationError::Chain(ChainError::EndEntityUsedAsCa))
     );
 }
+
+#[test]
+fn individual_enrollment_refuses_a_server_only_certificate() {
+    let mut p = device_params(DEVICE);
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let leaf = p.self_signed(&KeyPair::generate().unwrap()).unwrap();
+    let leaf_der = leaf.der().to_vec();
+    let attestor = X509Attestor {
+        individual: Some(X509Enrollment {
+            primary: Some(ClientCertificate::Der(leaf_der.clone())),
+            secondary: None,
+            enabled: true,
+        }),
+        groups: vec![],
+        verified_cas: vec![],
+    };
+    let evidence = X509Evidence {
+        registration_id: DEVICE.into(),
+        leaf: leaf_der,
+        chain: vec![],
+    };
+    assert_eq!(
+        attestor.attest(&evidence, NOW),
+        Err(X509AttestationError::Chain(ChainError::RequiredEkuNotFound))
+    );
+}
