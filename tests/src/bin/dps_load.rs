@@ -656,7 +656,7 @@ mod tests {
         let (leaf_pem, key_pem) = leaf(&issuer, "dev-1").expect("leaf");
         assert!(root_pem.contains("BEGIN CERTIFICATE"));
         assert!(leaf_pem.contains("BEGIN CERTIFICATE"));
-        assert!(key_pem.contains("BEGIN PRIVATE KEY"));
+        assert!(key_pem.starts_with("-----BEGIN") && key_pem.contains("PRIVATE KEY"));
         assert!(reqwest::Identity::from_pkcs8_pem(leaf_pem.as_bytes(), key_pem.as_bytes()).is_ok());
     }
 }
