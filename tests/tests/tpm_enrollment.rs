@@ -399,14 +399,13 @@ fn tpm_groups_admit_tpms_whose_ek_certificate_chains_to_their_root() {
 }
 
 #[test]
-fn manufacturer_roots_and_challenge_expiry() {
+fn manufacturer_roots_gate_individual_tpms() {
     let maker = Maker::new("TPM Maker Root");
     let dir = tempfile::tempdir().unwrap();
     let roots = dir.path().join("tpm-roots.pem");
     std::fs::write(&roots, &maker.pem).unwrap();
     let s = TestServer::start_with(Backend::Sqlite, |settings| {
         settings.dps.tpm_manufacturer_roots = Some(roots.clone());
-        settings.dps.tpm_challenge_seconds = 1;
     });
     let tpm = Swtpm::start();
     let (ek, srk) = tpm.device_init();
@@ -420,13 +419,34 @@ fn manufacturer_roots_and_challenge_expiry() {
         (401, Some(401_002)),
         "{err}"
     );
+    assert!(err.get("authenticationKey").is_none());
+    let rogue = Maker::new("Rogue Root");
+    let forged = json!({"registrationId": id, "tpm": {
+        "endorsementKey": ek, "storageRootKey": srk, "endorsementKeyCertificate": rogue.certify(&ek),
+    }});
+    let (status, _, _) = register(&s, &id, &forged, None);
+    assert_eq!(status, 401);
     let body = json!({"registrationId": id, "tpm": {
         "endorsementKey": ek, "storageRootKey": srk, "endorsementKeyCertificate": maker.certify(&ek),
     }});
+    let done = full_registration(&s, &tpm, &id, &body);
+    assert_eq!(done["status"], "assigned", "{done}");
+}
+
+#[test]
+fn an_expired_challenge_is_refused() {
+    let s = TestServer::start_with(Backend::Sqlite, |settings| {
+        settings.dps.tpm_challenge_seconds = 1;
+    });
+    let tpm = Swtpm::start();
+    let (ek, srk) = tpm.device_init();
+    let id = registration_id(&ek);
+    enroll(&s, &id, &ek);
+    let body = json!({"registrationId": id, "tpm": {"endorsementKey": ek, "storageRootKey": srk}});
     let (status, challenge, _) = register(&s, &id, &body, None);
     assert_eq!(status, 401);
     tpm.device_import(challenge["authenticationKey"].as_str().unwrap());
-    // The challenge lives 1 s here: answering it later is refused.
+    // The challenge lives 1 s here: answering it 2 s later is refused.
     std::thread::sleep(Duration::from_millis(2100));
     let token = tpm_token(
         &tpm,
@@ -440,7 +460,4 @@ fn manufacturer_roots_and_challenge_expiry() {
         "{err}"
     );
     assert!(!record_exists(&s, &id));
-    // A fresh challenge answered in time is assigned.
-    let done = full_registration(&s, &tpm, &id, &body);
-    assert_eq!(done["status"], "assigned", "{done}");
 }
