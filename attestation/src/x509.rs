@@ -212,6 +212,41 @@ impl Certificate {
 /// Whitespace anywhere is tolerated, and so are literal `\n` / `\r` escape sequences inside a
 /// PEM body (a common result of double JSON escaping). Text around PEM blocks is ignored, but
 /// every PEM block must be a `CERTIFICATE` and there must be exactly one.
+/// Whether `leaf` chains to one of `anchors` through `intermediates` (DER, in any order): each
+/// link's issuer name and signature checked, every certificate above the leaf a CA valid at
+/// `now_unix`, at most `intermediates.len()` links. The leaf's own validity is the caller's.
+/// A name-and-signature walk, for chains that path validation with EKU rules does not fit
+/// (EK certificates) or that have already been matched to a device identity.
+pub fn chains_to(
+    leaf: &Certificate,
+    intermediates: &[Vec<u8>],
+    anchors: &[Certificate],
+    now_unix: i64,
+) -> bool {
+    let chain: Vec<Certificate> = intermediates
+        .iter()
+        .filter_map(|der| Certificate::from_der(der).ok())
+        .filter(|c| c.is_ca() && c.is_valid_at(now_unix))
+        .collect();
+    let links = |child: &Certificate, parent: &Certificate| {
+        child.is_issued_by_name(parent) && child.is_signed_by(parent)
+    };
+    let mut current = leaf.clone();
+    for _ in 0..=chain.len() {
+        if anchors
+            .iter()
+            .any(|a| a.is_valid_at(now_unix) && links(&current, a))
+        {
+            return true;
+        }
+        match chain.iter().find(|c| links(&current, c)) {
+            Some(next) => current = next.clone(),
+            None => return false,
+        }
+    }
+    false
+}
+
 pub fn parse_certificate(input: &str) -> Result<Certificate, X509Error> {
     let input = input.trim();
     if input.is_empty() {

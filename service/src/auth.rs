@@ -257,7 +257,7 @@ fn check_audience(
 }
 
 /// `host:port` → `host`; `[::1]:8443` → `[::1]`; a bare IPv6 literal stays whole.
-fn strip_port(authority: &str) -> &str {
+pub fn strip_port(authority: &str) -> &str {
     if authority.starts_with('[') {
         return match authority.find(']') {
             Some(end) => &authority[..=end],

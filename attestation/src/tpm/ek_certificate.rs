@@ -8,9 +8,6 @@ use x509_parser::public_key::PublicKey;
 use super::TpmPublic;
 use crate::x509::Certificate;
 
-/// Longest issuer chain walked from an EK certificate to a root.
-pub const MAX_CHAIN: usize = 6;
-
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum EkCertificateError {
@@ -64,28 +61,9 @@ pub fn verify(
     let anchors: Vec<Certificate> = roots
         .iter()
         .filter_map(|d| Certificate::from_der(d).ok())
-        .filter(|c| c.is_valid_at(now_unix))
         .collect();
-    let chain: Vec<Certificate> = intermediates
-        .iter()
-        .filter_map(|d| Certificate::from_der(d).ok())
-        .filter(|c| c.is_ca() && c.is_valid_at(now_unix))
-        .collect();
-    let mut current = leaf;
-    for _ in 0..MAX_CHAIN {
-        if anchors
-            .iter()
-            .any(|a| current.is_issued_by_name(a) && current.is_signed_by(a))
-        {
-            return Ok(());
-        }
-        match chain
-            .iter()
-            .find(|c| current.is_issued_by_name(c) && current.is_signed_by(c))
-        {
-            Some(next) => current = next.clone(),
-            None => break,
-        }
+    if crate::x509::chains_to(&leaf, intermediates, &anchors, now_unix) {
+        return Ok(());
     }
     Err(EkCertificateError::UntrustedRoot)
 }

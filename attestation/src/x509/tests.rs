@@ -391,3 +391,60 @@ fn proof_of_possession_failures() {
         Err(PopError::Parse(X509Error::NotBase64))
     );
 }
+
+#[test]
+fn chains_to_walks_intermediates_to_an_anchor() {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    };
+    let ca = |name: &str, issuer: Option<(&CertificateParams, &KeyPair)>| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let der = match issuer {
+            None => params.self_signed(&key).unwrap().der().to_vec(),
+            Some((p, k)) => params
+                .signed_by(&key, &Issuer::from_params(p, k))
+                .unwrap()
+                .der()
+                .to_vec(),
+        };
+        (der, params, key)
+    };
+    let root = ca("Root", None);
+    let intermediate = ca("Intermediate", Some((&root.1, &root.2)));
+    let other = ca("Other Root", None);
+    let leaf_key = KeyPair::generate().unwrap();
+    let mut leaf_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    leaf_params
+        .distinguished_name
+        .push(DnType::CommonName, "dev");
+    let leaf = leaf_params
+        .signed_by(
+            &leaf_key,
+            &Issuer::from_params(&intermediate.1, &intermediate.2),
+        )
+        .unwrap();
+    let leaf = Certificate::from_der(leaf.der()).unwrap();
+    let anchor = |der: &[u8]| vec![Certificate::from_der(der).unwrap()];
+    let now = 1_900_000_000;
+    assert!(chains_to(
+        &leaf,
+        std::slice::from_ref(&intermediate.0),
+        &anchor(&root.0),
+        now
+    ));
+    assert!(chains_to(&leaf, &[], &anchor(&intermediate.0), now));
+    assert!(
+        !chains_to(&leaf, &[], &anchor(&root.0), now),
+        "the intermediate is missing"
+    );
+    assert!(!chains_to(
+        &leaf,
+        std::slice::from_ref(&intermediate.0),
+        &anchor(&other.0),
+        now
+    ));
+}

@@ -201,6 +201,25 @@ pub trait DocumentStore: Send + Sync + 'static {
 
     /// Checks that the database answers (for readiness probes).
     fn ping(&self) -> Result<(), StoreError>;
+
+    /// Every document of a collection (optionally of one parent), in list order: all pages.
+    /// For collections an instance keeps small (policies, CA certificates, groups).
+    fn list_all(
+        &self,
+        collection: Collection,
+        parent: Option<&str>,
+    ) -> Result<Vec<Document>, StoreError> {
+        let mut out = Vec::new();
+        let mut continuation: Option<String> = None;
+        loop {
+            let page = self.list(collection, parent, 1000, continuation.as_deref())?;
+            out.extend(page.items);
+            match page.continuation {
+                Some(next) => continuation = Some(next),
+                None => return Ok(out),
+            }
+        }
+    }
 }
 
 /// Pool settings for [`open_with`].

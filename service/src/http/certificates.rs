@@ -90,20 +90,11 @@ struct Upload {
 
 async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state, Rights::SERVICE_CONFIG).await?;
-    let mut items = Vec::new();
-    let mut continuation: Option<String> = None;
-    loop {
-        let token = continuation.clone();
-        let page = blocking(&state, move |store| {
-            store.list(Collection::CaCertificates, None, 1000, token.as_deref())
-        })
-        .await?;
-        items.extend(page.items.iter().map(view));
-        match page.continuation {
-            Some(next) => continuation = Some(next),
-            None => break,
-        }
-    }
+    let docs = blocking(&state, |store| {
+        store.list_all(Collection::CaCertificates, None)
+    })
+    .await?;
+    let items: Vec<Value> = docs.iter().map(view).collect();
     Ok(HttpResponse::Ok().json(json!({"value": items})))
 }
 
@@ -207,25 +198,15 @@ fn group_referencing(
     store: &dyn crate::db::DocumentStore,
     name: &str,
 ) -> Result<Option<String>, crate::db::StoreError> {
-    let mut continuation: Option<String> = None;
-    loop {
-        let page = store.list(
-            Collection::EnrollmentGroups,
-            None,
-            1000,
-            continuation.as_deref(),
-        )?;
-        for doc in &page.items {
-            let references = crate::enrollment::ca_references(&doc.body);
-            if references.iter().any(|r| r.eq_ignore_ascii_case(name)) {
-                return Ok(Some(doc.id.clone()));
-            }
-        }
-        match page.continuation {
-            Some(next) => continuation = Some(next),
-            None => return Ok(None),
-        }
-    }
+    Ok(store
+        .list_all(Collection::EnrollmentGroups, None)?
+        .into_iter()
+        .find(|doc| {
+            crate::enrollment::ca_references(&doc.body)
+                .iter()
+                .any(|r| r.eq_ignore_ascii_case(name))
+        })
+        .map(|doc| doc.id))
 }
 
 fn require_if_match(req: &HttpRequest) -> Result<String, ApiError> {

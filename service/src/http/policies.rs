@@ -41,21 +41,7 @@ fn view(doc: &Document) -> Result<Value, ApiError> {
 }
 
 fn all_policies(store: &dyn DocumentStore) -> Result<Vec<Document>, StoreError> {
-    let mut out = Vec::new();
-    let mut continuation: Option<String> = None;
-    loop {
-        let page = store.list(
-            Collection::AuthorizationPolicies,
-            None,
-            1000,
-            continuation.as_deref(),
-        )?;
-        out.extend(page.items);
-        match page.continuation {
-            Some(next) => continuation = Some(next),
-            None => return Ok(out),
-        }
-    }
+    store.list_all(Collection::AuthorizationPolicies, None)
 }
 
 /// Whether some policy other than `except` holds ServiceConfig.

@@ -244,7 +244,11 @@ pub fn verify_device_certificate(
             if leaf.common_name() != Some(device.device_id.as_str()) {
                 return Err(DeviceAuthFailure::UntrustedCertificate);
             }
-            chains_to_trusted(&leaf, chain_der, trusted_cas, now_unix)
+            let anchors: Vec<zerotouch_attestation::x509::Certificate> = trusted_cas
+                .iter()
+                .filter_map(|pem| zerotouch_attestation::x509::parse_certificate(pem).ok())
+                .collect();
+            zerotouch_attestation::x509::chains_to(&leaf, chain_der, &anchors, now_unix)
                 .then_some(())
                 .ok_or(DeviceAuthFailure::UntrustedCertificate)
         }
@@ -254,66 +258,18 @@ pub fn verify_device_certificate(
     }
 }
 
-/// Walks issuer links from the leaf through the presented chain to a trusted CA, checking each
-/// signature and validity window.
-fn chains_to_trusted(
-    leaf: &zerotouch_attestation::x509::Certificate,
-    chain_der: &[Vec<u8>],
-    trusted_cas: &[String],
-    now_unix: i64,
-) -> bool {
-    use zerotouch_attestation::x509::{Certificate, parse_certificate};
-    let anchors: Vec<Certificate> = trusted_cas
-        .iter()
-        .filter_map(|pem| parse_certificate(pem).ok())
-        .collect();
-    let intermediates: Vec<Certificate> = chain_der
-        .iter()
-        .filter_map(|der| Certificate::from_der(der).ok())
-        .filter(|c| c.is_ca() && c.is_valid_at(now_unix))
-        .collect();
-    let mut current = leaf.clone();
-    for _ in 0..=intermediates.len() {
-        if anchors.iter().any(|a| {
-            a.is_valid_at(now_unix) && current.is_issued_by_name(a) && current.is_signed_by(a)
-        }) {
-            return true;
-        }
-        match intermediates
-            .iter()
-            .find(|i| current.is_issued_by_name(i) && current.is_signed_by(i))
-        {
-            Some(next) => current = next.clone(),
-            None => return false,
-        }
-    }
-    false
-}
-
 /// The trust anchors for certificateAuthority devices: the service's own CA bundle plus every
 /// verified CA certificate uploaded to the provisioning API.
 pub fn trusted_cas(store: &dyn DocumentStore, own_bundle: &str) -> Result<Vec<String>, StoreError> {
     let mut pems: Vec<String> = split_pem_bundle(own_bundle);
-    let mut continuation: Option<String> = None;
-    loop {
-        let page = store.list(
-            Collection::CaCertificates,
-            None,
-            1000,
-            continuation.as_deref(),
-        )?;
-        for doc in &page.items {
-            if doc.body.get("isVerified").and_then(Value::as_bool) == Some(true)
-                && let Some(cert) = doc.body.get("certificate").and_then(Value::as_str)
-            {
-                pems.push(cert.to_string());
-            }
-        }
-        match page.continuation {
-            Some(next) => continuation = Some(next),
-            None => return Ok(pems),
+    for doc in store.list_all(Collection::CaCertificates, None)? {
+        if doc.body.get("isVerified").and_then(Value::as_bool) == Some(true)
+            && let Some(cert) = doc.body.get("certificate").and_then(Value::as_str)
+        {
+            pems.push(cert.to_string());
         }
     }
+    Ok(pems)
 }
 
 fn split_pem_bundle(bundle: &str) -> Vec<String> {

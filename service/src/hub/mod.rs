@@ -132,7 +132,7 @@ impl Hub {
 
     /// Whether `host` (optionally with a port) names this hub.
     pub fn is_own_host(&self, host: &str) -> bool {
-        let bare = strip_port(host);
+        let bare = crate::auth::strip_port(host);
         self.hostnames.iter().any(|h| {
             h.eq_ignore_ascii_case(bare) || h.eq_ignore_ascii_case(bare.trim_matches(['[', ']']))
         })
@@ -490,20 +490,4 @@ pub fn bare_etag(etag: &str) -> String {
         .trim_start_matches("W/")
         .trim_matches('"')
         .to_string()
-}
-
-/// `host:port` → `host`; `[::1]:8883` → `[::1]`.
-pub fn strip_port(authority: &str) -> &str {
-    if authority.starts_with('[') {
-        return match authority.find(']') {
-            Some(end) => &authority[..=end],
-            None => authority,
-        };
-    }
-    match authority.rsplit_once(':') {
-        Some((host, port)) if !host.contains(':') && port.chars().all(|c| c.is_ascii_digit()) => {
-            host
-        }
-        _ => authority,
-    }
 }

@@ -50,11 +50,6 @@ impl HubApplication {
         HubApplication { hub, ca_bundle }
     }
 
-    /// Whether a CONNECT username is shaped like a hub client's (for routing between apps).
-    pub fn claims(&self, username: &str) -> bool {
-        parse_username(username).is_some_and(|(host, _)| self.hub.is_own_host(host))
-    }
-
     async fn authenticate(
         &self,
         request: &ConnectRequest,
