@@ -461,3 +461,48 @@ fn an_expired_challenge_is_refused() {
     );
     assert!(!record_exists(&s, &id));
 }
+
+#[test]
+fn keys_the_blob_cannot_be_built_for_are_a_400_not_a_500() {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let tpm = Swtpm::start();
+    let (ek, srk) = tpm.device_init();
+    let s = TestServer::start(Backend::Sqlite);
+    // The SRK with its modulus halved in value (top bit cleared): it still parses as RSA-2048,
+    // but no RSA-2048 key has it.
+    let mut srk_bytes = b64.decode(&srk).unwrap();
+    let modulus_start = srk_bytes.len() - 256;
+    srk_bytes[modulus_start] &= 0x7f;
+    let id = registration_id(&ek);
+    enroll(&s, &id, &ek);
+    let body = json!({"registrationId": id, "tpm": {"endorsementKey": ek, "storageRootKey": b64.encode(&srk_bytes)}});
+    let (status, err, _) = register(&s, &id, &body, None);
+    assert_eq!(
+        (status, err["errorCode"].as_u64()),
+        (400, Some(400_006)),
+        "{err}"
+    );
+    assert_eq!(err["info"]["field"], "tpm");
+    assert!(!record_exists(&s, &id));
+
+    // The same bad SRK sent only with the signed re-register (after a good challenge) is the
+    // device's error too.
+    let good = json!({"registrationId": id, "tpm": {"endorsementKey": ek, "storageRootKey": srk}});
+    let (status, challenge, _) = register(&s, &id, &good, None);
+    assert_eq!(status, 401);
+    tpm.device_import(challenge["authenticationKey"].as_str().unwrap());
+    let token = tpm_token(
+        &tpm,
+        &format!("{}/registrations/{id}", s.id_scope),
+        Some("registration"),
+    );
+    let (status, err, _) = register(&s, &id, &body, Some(&token));
+    assert_eq!(
+        (status, err["errorCode"].as_u64()),
+        (400, Some(400_006)),
+        "{err}"
+    );
+    assert_eq!(err["info"]["field"], "tpm.storageRootKey");
+    assert!(!record_exists(&s, &id));
+}

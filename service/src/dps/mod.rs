@@ -125,19 +125,6 @@ fn unauthorized(message: impl Into<String>) -> ApiError {
     ApiError::new(ErrorCode::InvalidSignature, message)
 }
 
-fn all(store: &dyn DocumentStore, collection: Collection) -> Result<Vec<Document>, StoreError> {
-    let mut out = Vec::new();
-    let mut continuation: Option<String> = None;
-    loop {
-        let page = store.list(collection, None, 1000, continuation.as_deref())?;
-        out.extend(page.items);
-        match page.continuation {
-            Some(next) => continuation = Some(next),
-            None => return Ok(out),
-        }
-    }
-}
-
 fn enabled(doc: &Value) -> bool {
     doc.get("provisioningStatus").and_then(Value::as_str) != Some("disabled")
 }
@@ -323,12 +310,29 @@ impl Dps {
     ) -> Result<Attestation, ApiError> {
         crate::enrollment::check_registration_id(registration_id)?;
         let id = registration_id.to_string();
+        let certificate = matches!(evidence, Evidence::Certificate(_));
+        // An individual enrollment of the evidence's kind decides alone (§3.2, §3.3): then
+        // neither the groups nor the CA certificates need reading.
         let (individual, groups, cas) = blocking(&self.store, move |s| {
-            Ok((
-                s.get(Collection::IndividualEnrollments, &id)?,
-                all(s, Collection::EnrollmentGroups)?,
-                all(s, Collection::CaCertificates)?,
-            ))
+            let individual = s.get(Collection::IndividualEnrollments, &id)?;
+            let kind = individual
+                .as_ref()
+                .and_then(|d| d.body.pointer("/attestation/type").and_then(Value::as_str));
+            let decides = match kind {
+                Some("x509") => certificate,
+                Some("symmetricKey" | "tpm") => !certificate,
+                _ => false,
+            };
+            if decides {
+                return Ok((individual, Vec::new(), Vec::new()));
+            }
+            let groups = s.list_all(Collection::EnrollmentGroups, None)?;
+            let cas = if certificate {
+                s.list_all(Collection::CaCertificates, None)?
+            } else {
+                Vec::new()
+            };
+            Ok((individual, groups, cas))
         })
         .await?;
         let now = crate::time::now_unix();
@@ -491,7 +495,7 @@ impl Dps {
         let (individual, groups) = blocking(&self.store, move |s| {
             Ok((
                 s.get(Collection::IndividualEnrollments, &id)?,
-                all(s, Collection::EnrollmentGroups)?,
+                s.list_all(Collection::EnrollmentGroups, None)?,
             ))
         })
         .await?;
@@ -558,7 +562,9 @@ impl Dps {
                 })?)
             }
         };
-        let activation = tpm::build_activation(&ek, &srk).map_err(ApiError::internal)?;
+        // The keys are the device's: one the blob cannot be built for is its error, not ours.
+        let activation = tpm::build_activation(&ek, &srk)
+            .map_err(|e| ApiError::field(ErrorCode::InvalidEndorsementKey, "tpm", e))?;
         self.lock_challenges().insert(
             registration_id.to_ascii_lowercase(),
             Challenge {
@@ -861,8 +867,10 @@ impl Dps {
                     ApiError::field(ErrorCode::InvalidEndorsementKey, "tpm.storageRootKey", e)
                 })?;
             Some(
-                zerotouch_attestation::tpm::build_activation(&ek, &srk)
-                    .map_err(ApiError::internal)?,
+                zerotouch_attestation::tpm::build_activation(&ek, &srk).map_err(|e| {
+                    // The SRK is the device's (from this request's body).
+                    ApiError::field(ErrorCode::InvalidEndorsementKey, "tpm.storageRootKey", e)
+                })?,
             )
         } else {
             None
