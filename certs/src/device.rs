@@ -5,13 +5,16 @@
 //! else it asks for (extensions, other subject attributes) is ignored; the issued certificate
 //! follows the device profile in [`crate::CaHierarchy::sign_device_csr`].
 
-use rcgen::KeyUsagePurpose;
+use rcgen::{CustomExtension, KeyUsagePurpose};
+use url::Url;
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::oid_registry::{
     OID_KEY_TYPE_EC_PUBLIC_KEY, OID_PKCS1_RSAENCRYPTION, OID_PKCS1_SHA1WITHRSA, OID_SHA1_WITH_RSA,
     OID_SIG_ED25519,
 };
 use x509_parser::prelude::FromDer as _;
+use yasna::Tag;
+use yasna::models::ObjectIdentifier;
 
 use crate::Error;
 
@@ -34,6 +37,76 @@ pub struct IssuedDeviceCertificate {
     /// The subject, `CN={registration id}`.
     pub subject: String,
 }
+
+/// How [`crate::CaHierarchy::sign_device_csr_with`] issues a device certificate: its validity
+/// and where relying parties find revocation information and the issuer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuanceProfile {
+    /// Validity in days from issuance (at least 1, not past the intermediate's expiry).
+    pub validity_days: u32,
+    /// Written as the cRLDistributionPoints extension (RFC 5280 §4.2.1.13).
+    pub crl_distribution_point: Option<Url>,
+    /// Written as an id-ad-ocsp entry of authorityInfoAccess (RFC 5280 §4.2.2.1).
+    pub ocsp_responder: Option<Url>,
+    /// Written as an id-ad-caIssuers entry of authorityInfoAccess: where the intermediate
+    /// certificate can be downloaded (DER or certs-only PKCS#7).
+    pub ca_issuers: Option<Url>,
+}
+
+impl IssuanceProfile {
+    /// A profile with this validity and no URLs: what [`crate::CaHierarchy::sign_device_csr`]
+    /// issues.
+    pub fn new(validity_days: u32) -> Self {
+        IssuanceProfile {
+            validity_days,
+            crl_distribution_point: None,
+            ocsp_responder: None,
+            ca_issuers: None,
+        }
+    }
+
+    /// The authorityInfoAccess extension for the profile's OCSP and CA-issuers URLs, if it
+    /// has any.
+    pub(crate) fn authority_info_access(&self) -> Option<CustomExtension> {
+        let entries: Vec<(&[u64], &Url)> = [
+            (ID_AD_OCSP, self.ocsp_responder.as_ref()),
+            (ID_AD_CA_ISSUERS, self.ca_issuers.as_ref()),
+        ]
+        .into_iter()
+        .filter_map(|(oid, url)| url.map(|url| (oid, url)))
+        .collect();
+        if entries.is_empty() {
+            return None;
+        }
+        // AuthorityInfoAccessSyntax ::= SEQUENCE SIZE (1..MAX) OF AccessDescription
+        // AccessDescription ::= SEQUENCE { accessMethod OID, accessLocation GeneralName }
+        // with the uniformResourceIdentifier [6] IA5String choice. A `Url` serializes as ASCII
+        // only (punycode, percent-encoding), which is what IA5String needs.
+        let der = yasna::construct_der(|w| {
+            w.write_sequence(|w| {
+                for (oid, url) in &entries {
+                    w.next().write_sequence(|w| {
+                        w.next().write_oid(&ObjectIdentifier::from_slice(oid));
+                        w.next().write_tagged_implicit(Tag::context(6), |w| {
+                            w.write_ia5_string(url.as_str())
+                        });
+                    });
+                }
+            })
+        });
+        Some(CustomExtension::from_oid_content(
+            ID_PE_AUTHORITY_INFO_ACCESS,
+            der,
+        ))
+    }
+}
+
+/// id-pe-authorityInfoAccess (RFC 5280 §4.2.2.1).
+const ID_PE_AUTHORITY_INFO_ACCESS: &[u64] = &[1, 3, 6, 1, 5, 5, 7, 1, 1];
+/// id-ad-ocsp.
+const ID_AD_OCSP: &[u64] = &[1, 3, 6, 1, 5, 5, 7, 48, 1];
+/// id-ad-caIssuers.
+const ID_AD_CA_ISSUERS: &[u64] = &[1, 3, 6, 1, 5, 5, 7, 48, 2];
 
 /// What is taken from a CSR after its signature checked out.
 pub(crate) struct VerifiedCsr {

@@ -71,4 +71,23 @@ pub enum Error {
     /// The given time (Unix seconds) is out of the representable range.
     #[error("time {0} is out of range")]
     InvalidTime(i64),
+    /// A certificate serial number is empty, too long or not hex.
+    #[error("invalid serial number {0:?}")]
+    InvalidSerial(String),
+    /// A CRL cannot be built from the given parameters.
+    #[error("cannot build the CRL: {reason}")]
+    InvalidCrl {
+        /// Why (a fixed text or rcgen's message).
+        reason: String,
+    },
+    /// The issuing key's algorithm cannot sign OCSP responses here (this crate signs with
+    /// ECDSA P-256/P-384, RSA PKCS#1 v1.5 SHA-256/384/512 and Ed25519 keys).
+    #[error("the issuing key's algorithm is not supported for OCSP signing")]
+    UnsupportedSigningKey,
+    /// A certificate (DER) could not be parsed.
+    #[error("invalid certificate: {reason}")]
+    InvalidCertificate {
+        /// The parser's message.
+        reason: String,
+    },
 }

@@ -10,7 +10,7 @@ use ring::rand::{SecureRandom as _, SystemRandom};
 use time::{Duration, OffsetDateTime};
 use x509_parser::certificate::X509Certificate;
 
-use crate::device::{self, IssuedDeviceCertificate};
+use crate::device::{self, IssuanceProfile, IssuedDeviceCertificate};
 use crate::hostname::{self, Host};
 use crate::{Error, SecretPem, pem};
 
@@ -31,13 +31,14 @@ const MAX_COMMON_NAME: usize = 64;
 /// rebuild it with [`CaHierarchy::from_pem`] afterwards.
 pub struct CaHierarchy {
     root_cert_pem: String,
-    root_der: Vec<u8>,
+    pub(crate) root_der: Vec<u8>,
     root_key: Option<SecretPem>,
     intermediate_cert_pem: String,
-    intermediate_der: Vec<u8>,
+    pub(crate) intermediate_der: Vec<u8>,
     intermediate_key: SecretPem,
     intermediate_not_after: OffsetDateTime,
-    issuer: Issuer<'static, KeyPair>,
+    /// The intermediate as rcgen's signer: certificates and CRLs are signed through it.
+    pub(crate) issuer: Issuer<'static, KeyPair>,
 }
 
 /// A certificate freshly issued together with its new private key.
@@ -277,6 +278,31 @@ impl CaHierarchy {
         validity_days: u32,
         now_unix: i64,
     ) -> Result<IssuedDeviceCertificate, Error> {
+        self.sign_device_csr_with(
+            csr_der,
+            expected_cn,
+            &IssuanceProfile::new(validity_days),
+            now_unix,
+        )
+    }
+
+    /// Issues a device certificate like [`CaHierarchy::sign_device_csr`], with the validity
+    /// and the revocation URLs of `profile`.
+    ///
+    /// The certificate gets, when the profile has them: a cRLDistributionPoints extension
+    /// with the CRL URL (one distribution point, one URI), and an authorityInfoAccess
+    /// extension with an id-ad-ocsp entry for the OCSP responder and an id-ad-caIssuers entry
+    /// for the issuer certificate URL (in that order). Both are non-critical. The CSR checks,
+    /// the subject (`CN={registration_id}`) and everything else are as for `sign_device_csr`.
+    pub fn sign_device_csr_with(
+        &self,
+        csr_der: &[u8],
+        registration_id: &str,
+        profile: &IssuanceProfile,
+        now_unix: i64,
+    ) -> Result<IssuedDeviceCertificate, Error> {
+        let expected_cn = registration_id;
+        let validity_days = profile.validity_days;
         let csr = device::verify_csr(csr_der, expected_cn)?;
         if validity_days == 0 {
             return Err(Error::InvalidValidity);
@@ -301,6 +327,16 @@ impl CaHierarchy {
         params.use_authority_key_identifier_extension = true;
         params.not_before = not_before;
         params.not_after = not_after;
+        params.crl_distribution_points = profile
+            .crl_distribution_point
+            .iter()
+            .map(|url| rcgen::CrlDistributionPoint {
+                uris: vec![url.as_str().to_owned()],
+            })
+            .collect();
+        params
+            .custom_extensions
+            .extend(profile.authority_info_access());
         let serial = random_serial()?;
         let serial_hex = hex_upper(serial.as_ref());
         params.serial_number = Some(serial);

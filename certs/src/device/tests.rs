@@ -320,3 +320,111 @@ fn garbage_is_a_typed_error_and_never_panics() {
 fn hex_upper(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02X}")).collect()
 }
+
+#[test]
+fn profile_urls_become_cdp_and_aia_extensions() {
+    use crate::IssuanceProfile;
+    use crate::testutil::{openssl_ok, write};
+    use x509_parser::extensions::{DistributionPointName, GeneralName};
+
+    let ca = CaHierarchy::generate("profile").unwrap();
+    let profile = IssuanceProfile {
+        validity_days: 7,
+        crl_distribution_point: Some("http://pki.example.net/crl/int.crl".parse().unwrap()),
+        ocsp_responder: Some("http://pki.example.net/ocsp".parse().unwrap()),
+        ca_issuers: Some("http://pki.example.net/ca/int.der".parse().unwrap()),
+    };
+    let issued = ca
+        .sign_device_csr_with(&csr(DEVICE), DEVICE, &profile, now())
+        .unwrap();
+    assert_eq!(
+        issued.not_after_unix - issued.not_before_unix,
+        7 * 86_400 + 300
+    );
+    let cert = parse(&issued.certificate_der);
+    let mut cdp = None;
+    let mut aia = Vec::new();
+    for ext in cert.extensions() {
+        match ext.parsed_extension() {
+            ParsedExtension::CRLDistributionPoints(points) => {
+                assert!(!ext.critical);
+                let point = &points.points[0];
+                let Some(DistributionPointName::FullName(names)) = &point.distribution_point else {
+                    panic!("no full name");
+                };
+                let [GeneralName::URI(uri)] = names.as_slice() else {
+                    panic!("{names:?}");
+                };
+                cdp = Some(uri.to_string());
+            }
+            ParsedExtension::AuthorityInfoAccess(access) => {
+                assert!(!ext.critical);
+                for d in &access.accessdescs {
+                    let GeneralName::URI(uri) = &d.access_location else {
+                        panic!("{d:?}");
+                    };
+                    aia.push((d.access_method.to_id_string(), uri.to_string()));
+                }
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(cdp.as_deref(), Some("http://pki.example.net/crl/int.crl"));
+    assert_eq!(
+        aia,
+        vec![
+            (
+                "1.3.6.1.5.5.7.48.1".to_owned(),
+                "http://pki.example.net/ocsp".to_owned()
+            ),
+            (
+                "1.3.6.1.5.5.7.48.2".to_owned(),
+                "http://pki.example.net/ca/int.der".to_owned()
+            ),
+        ]
+    );
+    webpki_verify(&issued.chain_der, KeyUsage::client_auth(), now()).unwrap();
+
+    // What openssl reads (and uses for `openssl ocsp -url` style lookups).
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "leaf.pem", &issued.certificate_pem);
+    let text = openssl_ok(
+        dir.path(),
+        &["x509", "-in", "leaf.pem", "-noout", "-ocsp_uri"],
+    );
+    assert_eq!(text.trim(), "http://pki.example.net/ocsp");
+    let text = openssl_ok(dir.path(), &["x509", "-in", "leaf.pem", "-noout", "-text"]);
+    assert!(
+        text.contains("URI:http://pki.example.net/crl/int.crl"),
+        "{text}"
+    );
+    assert!(
+        text.contains("CA Issuers - URI:http://pki.example.net/ca/int.der"),
+        "{text}"
+    );
+
+    // Only one of the AIA URLs; and the plain profile has neither extension.
+    let only_ocsp = IssuanceProfile {
+        ocsp_responder: profile.ocsp_responder.clone(),
+        ..IssuanceProfile::new(7)
+    };
+    let issued = ca
+        .sign_device_csr_with(&csr(DEVICE), DEVICE, &only_ocsp, now())
+        .unwrap();
+    let cert = parse(&issued.certificate_der);
+    let aia: Vec<_> = cert
+        .extensions()
+        .iter()
+        .filter_map(|e| match e.parsed_extension() {
+            ParsedExtension::AuthorityInfoAccess(a) => Some(a.accessdescs.len()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(aia, vec![1]);
+    let plain = ca.sign_device_csr(&csr(DEVICE), DEVICE, 7, now()).unwrap();
+    let cert = parse(&plain.certificate_der);
+    assert!(cert.extensions().iter().all(|e| !matches!(
+        e.parsed_extension(),
+        ParsedExtension::AuthorityInfoAccess(_) | ParsedExtension::CRLDistributionPoints(_)
+    )));
+}
