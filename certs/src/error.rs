@@ -50,6 +50,10 @@ pub enum Error {
     /// The intermediate certificate was not issued by (signed with the key of) the root.
     #[error("the intermediate certificate is not signed by the root certificate")]
     NotSignedByRoot,
+    /// The operation signs with the root key, and this hierarchy does not hold it (an
+    /// offline root).
+    #[error("the root private key is not available")]
+    RootKeyMissing,
     /// The CSR is not a DER PKCS#10 request this crate accepts (unparseable, trailing data,
     /// SHA-1 signature, unsupported key type).
     #[error("invalid CSR: {reason}")]

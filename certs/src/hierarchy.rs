@@ -37,6 +37,9 @@ pub struct CaHierarchy {
     pub(crate) intermediate_der: Vec<u8>,
     intermediate_key: SecretPem,
     intermediate_not_after: OffsetDateTime,
+    /// Earlier intermediates (PEM, newest first) that are still trusted during a rotation's
+    /// overlap: in the trust bundle, never used to sign.
+    previous_intermediates: Vec<String>,
     /// The intermediate as rcgen's signer: certificates and CRLs are signed through it.
     pub(crate) issuer: Issuer<'static, KeyPair>,
 }
@@ -80,25 +83,8 @@ impl CaHierarchy {
         let root_key_pem = SecretPem::new(root_key.serialize_pem());
         let root_issuer = Issuer::new(root, root_key);
 
-        let intermediate_key = new_key()?;
-        let mut intermediate = CertificateParams::default();
-        intermediate.distinguished_name =
-            common_name(&format!("Zerotouch Intermediate CA ({name})"));
-        intermediate.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        intermediate.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        intermediate.not_before = now - BACKDATE;
-        intermediate.not_after = later(now, INTERMEDIATE_VALIDITY)?;
-        intermediate.serial_number = Some(random_serial()?);
-        intermediate.use_authority_key_identifier_extension = true;
-        let intermediate_cert = intermediate
-            .signed_by(&intermediate_key, &root_issuer)
-            .map_err(generation)?;
-        let intermediate_cert_pem = pem::encode("CERTIFICATE", intermediate_cert.der());
-        let intermediate_key_pem = SecretPem::new(intermediate_key.serialize_pem());
+        let (intermediate_cert_pem, intermediate_key_pem) =
+            new_intermediate(&root_issuer, name, now, later(now, INTERMEDIATE_VALIDITY)?)?;
 
         // Going through `from_pem` means a fresh hierarchy and a restored one are built (and
         // checked) by the same code.
@@ -150,6 +136,7 @@ impl CaHierarchy {
         let issuer = Issuer::from_ca_cert_der(&intermediate_der.as_slice().into(), key)
             .map_err(generation)?;
         Ok(CaHierarchy {
+            previous_intermediates: Vec::new(),
             root_cert_pem: pem::encode("CERTIFICATE", &root_der),
             root_der,
             root_key: root_key.cloned(),
@@ -181,9 +168,70 @@ impl CaHierarchy {
         &self.intermediate_key
     }
 
-    /// The trust bundle devices and clients install: root then intermediate, PEM.
+    /// The trust bundle devices and clients install: root, the current intermediate, then
+    /// the previous intermediates still trusted (newest first), PEM.
     pub fn trust_bundle_pem(&self) -> String {
-        format!("{}{}", self.root_cert_pem, self.intermediate_cert_pem)
+        let mut bundle = format!("{}{}", self.root_cert_pem, self.intermediate_cert_pem);
+        for previous in &self.previous_intermediates {
+            bundle.push_str(previous);
+        }
+        bundle
+    }
+
+    /// Earlier intermediates still trusted (PEM, newest first); see
+    /// [`CaHierarchy::with_previous_intermediates`].
+    pub fn previous_intermediate_pems(&self) -> &[String] {
+        &self.previous_intermediates
+    }
+
+    /// Adds earlier intermediates that stay trusted during a rotation's overlap: they go into
+    /// [`CaHierarchy::trust_bundle_pem`] and never sign. Each PEM input must hold exactly one
+    /// CA certificate signed by this hierarchy's root; the current intermediate itself and
+    /// duplicates are dropped.
+    pub fn with_previous_intermediates(mut self, pems: &[String]) -> Result<CaHierarchy, Error> {
+        let root = pem::parse_der(&self.root_der, "root certificate")?;
+        for text in pems {
+            let der = pem::single_certificate(text, "previous intermediate certificate")?;
+            let cert = pem::parse_der(&der, "previous intermediate certificate")?;
+            check_ca(&cert, "previous intermediate certificate")?;
+            if cert.issuer().as_raw() != root.subject().as_raw()
+                || cert.verify_signature(Some(root.public_key())).is_err()
+            {
+                return Err(Error::NotSignedByRoot);
+            }
+            let canonical = pem::encode("CERTIFICATE", &der);
+            if der != self.intermediate_der && !self.previous_intermediates.contains(&canonical) {
+                self.previous_intermediates.push(canonical);
+            }
+        }
+        Ok(self)
+    }
+
+    /// A new intermediate signed by the root, `CN=Zerotouch Intermediate CA ({name})`, with a
+    /// new P-256 key; the hierarchy returned issues from it and keeps the current intermediate
+    /// (and the earlier ones) as previous intermediates. Needs the root key
+    /// ([`Error::RootKeyMissing`] without it). The new intermediate is valid for 10 years, or
+    /// until the root expires if that is sooner.
+    pub fn rotate_intermediate(&self, name: &str) -> Result<CaHierarchy, Error> {
+        if name.is_empty() || name.chars().any(char::is_control) {
+            return Err(Error::InvalidName(name.to_owned()));
+        }
+        let root_key_pem = self.root_key.as_ref().ok_or(Error::RootKeyMissing)?;
+        let root_key = parse_key(root_key_pem, "root key")?;
+        let root = pem::parse_der(&self.root_der, "root certificate")?;
+        let root_not_after = root.validity().not_after.to_datetime();
+        let root_issuer = Issuer::from_ca_cert_der(&self.root_der.as_slice().into(), root_key)
+            .map_err(generation)?;
+        let now = OffsetDateTime::now_utc();
+        let not_after = later(now, INTERMEDIATE_VALIDITY)?.min(root_not_after);
+        if not_after <= now {
+            return Err(Error::Generation("the root certificate has expired".into()));
+        }
+        let (cert_pem, key_pem) = new_intermediate(&root_issuer, name, now, not_after)?;
+        let mut previous = vec![self.intermediate_cert_pem.clone()];
+        previous.extend(self.previous_intermediates.iter().cloned());
+        CaHierarchy::from_pem(&self.root_cert_pem, Some(root_key_pem), &cert_pem, &key_pem)?
+            .with_previous_intermediates(&previous)
     }
 
     /// Issues a TLS server certificate signed by the intermediate.
@@ -382,6 +430,36 @@ impl fmt::Debug for CaHierarchy {
             .field("intermediate_not_after", &self.intermediate_not_after)
             .finish_non_exhaustive()
     }
+}
+
+/// An intermediate CA certificate (pathlen 0, keyCertSign + cRLSign + digitalSignature, AKI,
+/// random serial) for a new P-256 key, signed by `root_issuer`. Returns (cert PEM, key).
+fn new_intermediate<S: rcgen::SigningKey>(
+    root_issuer: &Issuer<'_, S>,
+    name: &str,
+    now: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> Result<(String, SecretPem), Error> {
+    let intermediate_key = new_key()?;
+    let mut intermediate = CertificateParams::default();
+    intermediate.distinguished_name = common_name(&format!("Zerotouch Intermediate CA ({name})"));
+    intermediate.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    intermediate.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    intermediate.not_before = now - BACKDATE;
+    intermediate.not_after = not_after;
+    intermediate.serial_number = Some(random_serial()?);
+    intermediate.use_authority_key_identifier_extension = true;
+    let cert = intermediate
+        .signed_by(&intermediate_key, root_issuer)
+        .map_err(generation)?;
+    Ok((
+        pem::encode("CERTIFICATE", cert.der()),
+        SecretPem::new(intermediate_key.serialize_pem()),
+    ))
 }
 
 fn generation(e: rcgen::Error) -> Error {

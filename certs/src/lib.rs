@@ -16,6 +16,7 @@
 //! - [`est`]: RFC 7030 body encodings: certs-only PKCS#7, CSR bodies, `/csrattrs`.
 //! - [`renewal`]: when a certificate may be renewed, and whether a CSR keeps its key and
 //!   subject.
+//! - [`sealed`]: CA private keys encrypted at rest under a key-encryption key (AES-256-GCM).
 //!
 //! These are pure: the caller passes "now", the revoked serials and the request bytes in, and
 //! gets bytes back; only key generation reads the random number generator.
@@ -39,6 +40,7 @@ pub mod ocsp;
 mod pem;
 pub mod renewal;
 pub mod revocation;
+pub mod sealed;
 mod secret;
 mod server;
 #[cfg(test)]

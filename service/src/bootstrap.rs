@@ -18,10 +18,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use serde_json::Value;
 use zerotouch_attestation::symmetric_key;
+use zerotouch_certs::sealed::{self, Kek};
 use zerotouch_certs::{CaHierarchy, SecretPem};
 
 use crate::auth::{self, AuthorizationPolicy, OWNER_POLICY, Rights};
-use crate::config::Settings;
+use crate::config::{CA_KEK_ENV, Settings};
 use crate::db::{Collection, DocumentStore, StoreError, Write};
 
 const ID_SCOPE_KEY: &str = "id_scope";
@@ -38,7 +39,13 @@ pub struct Paths {
     pub root_key: PathBuf,
     pub intermediate_cert: PathBuf,
     pub intermediate_key: PathBuf,
-    /// Root + intermediate: what clients install to trust the service.
+    /// Earlier intermediates still trusted after a rotation (`{time}-{serial}.pem`, and their
+    /// keys `.key` until retirement).
+    pub previous_intermediates: PathBuf,
+    /// Intermediates retired from the trust bundle (certificates only, for the record).
+    pub retired_intermediates: PathBuf,
+    /// Root + intermediate (+ previous intermediates): what clients install to trust the
+    /// service.
     pub ca_bundle: PathBuf,
     /// Server leaf + intermediate, presented on every TLS listener.
     pub server_chain: PathBuf,
@@ -55,6 +62,8 @@ impl Paths {
             root_key: ca.join("root.key"),
             intermediate_cert: ca.join("intermediate.pem"),
             intermediate_key: ca.join("intermediate.key"),
+            previous_intermediates: ca.join("previous"),
+            retired_intermediates: ca.join("retired"),
             ca_bundle: ca.join("bundle.pem"),
             server_chain: tls.join("server.pem"),
             server_key: tls.join("server.key"),
@@ -97,7 +106,8 @@ pub fn bootstrap(settings: &Settings, store: &dyn DocumentStore) -> anyhow::Resu
     ensure_owner_policy(store)?;
     crate::hub::auth::ensure_policies(store).context("creating the hub policies")?;
 
-    let ca = load_or_create_ca(&paths, &id_scope)?;
+    let kek = settings.ca_kek()?;
+    let ca = load_or_create_ca(&paths, &id_scope, kek.as_ref())?;
     write_public(&paths.ca_bundle, &ca.trust_bundle_pem())?;
     ensure_server_certificate(&paths, &ca, &settings.service.hostnames)?;
 
@@ -181,23 +191,52 @@ pub fn owner_policy(store: &dyn DocumentStore) -> anyhow::Result<AuthorizationPo
     Ok(serde_json::from_value::<AuthorizationPolicy>(doc.body)?)
 }
 
-fn load_or_create_ca(paths: &Paths, id_scope: &str) -> anyhow::Result<CaHierarchy> {
+/// Loads the CA from `ca/`, or creates it. With a KEK, the CA keys are written encrypted,
+/// and a plaintext key found on disk is encrypted in place once the CA has loaded.
+fn load_or_create_ca(
+    paths: &Paths,
+    id_scope: &str,
+    kek: Option<&Kek>,
+) -> anyhow::Result<CaHierarchy> {
     if paths.intermediate_cert.exists() {
         let root_cert = read(&paths.root_cert)?;
         let root_key = if paths.root_key.exists() {
-            Some(SecretPem::new(read(&paths.root_key)?))
+            Some(read_ca_key(&paths.root_key, kek)?)
         } else {
             None
         };
         let intermediate_cert = read(&paths.intermediate_cert)?;
-        let intermediate_key = SecretPem::new(read(&paths.intermediate_key)?);
-        return CaHierarchy::from_pem(
+        let intermediate_key = read_ca_key(&paths.intermediate_key, kek)?;
+        let ca = CaHierarchy::from_pem(
             &root_cert,
-            root_key.as_ref(),
+            root_key.as_ref().map(|(key, _)| key),
             &intermediate_cert,
-            &intermediate_key,
+            &intermediate_key.0,
         )
-        .with_context(|| format!("loading the CA from {}", paths.root_cert.display()));
+        .with_context(|| format!("loading the CA from {}", paths.root_cert.display()))?
+        .with_previous_intermediates(&read_previous_intermediates(paths)?)
+        .with_context(|| {
+            format!(
+                "loading the previous intermediates from {}",
+                paths.previous_intermediates.display()
+            )
+        })?;
+        if let Some(kek) = kek {
+            for (path, key) in [
+                (&paths.root_key, root_key.as_ref()),
+                (&paths.intermediate_key, Some(&intermediate_key)),
+            ] {
+                if let Some((key, false)) = key {
+                    write_ca_key(path, key, Some(kek))?;
+                    tracing::info!(
+                        path = %path.display(),
+                        kek_id = %kek.id(),
+                        "encrypted a plaintext CA key under the key-encryption key"
+                    );
+                }
+            }
+        }
+        return Ok(ca);
     }
     let ca_dir = paths
         .root_cert
@@ -223,11 +262,12 @@ fn load_or_create_ca(paths: &Paths, id_scope: &str) -> anyhow::Result<CaHierarch
     create_private_dir(&staging)?;
     let in_staging = |p: &Path| staging.join(p.file_name().unwrap_or_default());
     if let Some(root_key) = ca.root_key_pem() {
-        write_secret(&in_staging(&paths.root_key), root_key)?;
+        write_ca_key(&in_staging(&paths.root_key), root_key, kek)?;
     }
-    write_secret(
+    write_ca_key(
         &in_staging(&paths.intermediate_key),
         ca.intermediate_key_pem(),
+        kek,
     )?;
     write_public(&in_staging(&paths.root_cert), ca.root_cert_pem())?;
     write_public(
@@ -241,7 +281,7 @@ fn load_or_create_ca(paths: &Paths, id_scope: &str) -> anyhow::Result<CaHierarch
         let _ = fs::remove_dir_all(&staging);
         if paths.intermediate_cert.exists() {
             tracing::info!("another instance created the CA first; using it");
-            return load_or_create_ca(paths, id_scope);
+            return load_or_create_ca(paths, id_scope, kek);
         }
         return Err(e).with_context(|| format!("moving the new CA into {}", ca_dir.display()));
     }
@@ -272,11 +312,71 @@ fn ensure_server_certificate(
     Ok(())
 }
 
+/// The certificates in `ca/previous/`, newest first (file names start with the time of the
+/// rotation). No folder: none.
+pub(crate) fn read_previous_intermediates(paths: &Paths) -> anyhow::Result<Vec<String>> {
+    previous_intermediate_files(paths)?
+        .iter()
+        .map(|path| read(path))
+        .collect()
+}
+
+/// The `*.pem` files in `ca/previous/`, newest first.
+pub(crate) fn previous_intermediate_files(paths: &Paths) -> anyhow::Result<Vec<PathBuf>> {
+    let dir = &paths.previous_intermediates;
+    if !dir.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| path.extension().is_some_and(|ext| ext == "pem"))
+        .collect();
+    files.sort();
+    files.reverse();
+    Ok(files)
+}
+
+/// Reads a CA private key file: plaintext PEM, or a `ZEROTOUCH ENCRYPTED KEY` opened with the
+/// KEK. Returns the key and whether it was encrypted on disk. Errors name the file and the
+/// KEK's id, never key material.
+pub(crate) fn read_ca_key(path: &Path, kek: Option<&Kek>) -> anyhow::Result<(SecretPem, bool)> {
+    let text = read(path)?;
+    if !sealed::is_sealed(&text) {
+        return Ok((SecretPem::new(text), false));
+    }
+    let Some(kek) = kek else {
+        bail!(
+            "{} is encrypted, but no key-encryption key is configured: set ca.kek_file or {CA_KEK_ENV}",
+            path.display()
+        );
+    };
+    let key = sealed::open(&text, kek).with_context(|| {
+        format!(
+            "decrypting {} with the configured key-encryption key",
+            path.display()
+        )
+    })?;
+    Ok((key, true))
+}
+
+/// Writes a CA private key, encrypted under the KEK when there is one.
+pub(crate) fn write_ca_key(path: &Path, key: &SecretPem, kek: Option<&Kek>) -> anyhow::Result<()> {
+    match kek {
+        Some(kek) => {
+            let text =
+                sealed::seal(key, kek).with_context(|| format!("encrypting {}", path.display()))?;
+            write_atomic(path, text.as_bytes(), 0o600)
+        }
+        None => write_secret(path, key),
+    }
+}
+
 fn read(path: &Path) -> anyhow::Result<String> {
     fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
 }
 
-fn create_private_dir(path: &Path) -> anyhow::Result<()> {
+pub(crate) fn create_private_dir(path: &Path) -> anyhow::Result<()> {
     if !path.exists() {
         fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
         fs::set_permissions(path, fs::Permissions::from_mode(0o700))
@@ -290,11 +390,11 @@ fn write_secret(path: &Path, secret: &SecretPem) -> anyhow::Result<()> {
     write_atomic(path, secret.expose().as_bytes(), 0o600)
 }
 
-fn write_public(path: &Path, text: &str) -> anyhow::Result<()> {
+pub(crate) fn write_public(path: &Path, text: &str) -> anyhow::Result<()> {
     write_atomic(path, text.as_bytes(), 0o644)
 }
 
-fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let _ = fs::remove_file(&tmp);
     let mut file = fs::OpenOptions::new()
@@ -380,7 +480,7 @@ mod tests {
         let paths = Paths::new(dir.path());
         let roots: Vec<String> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..4)
-                .map(|_| scope.spawn(|| load_or_create_ca(&paths, "0ne00000001").unwrap()))
+                .map(|_| scope.spawn(|| load_or_create_ca(&paths, "0ne00000001", None).unwrap()))
                 .collect();
             handles
                 .into_iter()
@@ -389,7 +489,7 @@ mod tests {
         });
         assert!(roots.windows(2).all(|w| w[0] == w[1]), "one CA for all");
         assert_eq!(
-            load_or_create_ca(&paths, "0ne00000001")
+            load_or_create_ca(&paths, "0ne00000001", None)
                 .unwrap()
                 .root_cert_pem(),
             roots[0]
@@ -400,6 +500,83 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().starts_with(".ca-"))
             .collect();
         assert!(leftovers.is_empty(), "staging folders are cleaned up");
+    }
+
+    #[test]
+    fn ca_keys_are_encrypted_under_the_kek() {
+        let private = ["PRIVATE", "KEY"].join(" ");
+        let kek = Kek::generate().unwrap();
+        // First start with a KEK: both keys are written encrypted.
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::new(dir.path());
+        let created = load_or_create_ca(&paths, "0ne00000001", Some(&kek)).unwrap();
+        for path in [&paths.root_key, &paths.intermediate_key] {
+            let text = fs::read_to_string(path).unwrap();
+            assert!(
+                sealed::is_sealed(&text) && !text.contains(&private),
+                "{path:?}"
+            );
+            let mode = fs::metadata(path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+        }
+        let again = load_or_create_ca(&paths, "0ne00000001", Some(&kek)).unwrap();
+        assert_eq!(again.intermediate_key_pem(), created.intermediate_key_pem());
+
+        // Without the KEK, or with another one: a clear error naming the file, no key.
+        let err = format!(
+            "{:#}",
+            load_or_create_ca(&paths, "0ne00000001", None).unwrap_err()
+        );
+        assert!(err.contains("root.key is encrypted"), "{err}");
+        assert!(
+            err.contains("ca.kek_file") && err.contains(CA_KEK_ENV),
+            "{err}"
+        );
+        let other = Kek::generate().unwrap();
+        let err = format!(
+            "{:#}",
+            load_or_create_ca(&paths, "0ne00000001", Some(&other)).unwrap_err()
+        );
+        assert!(err.contains("root.key") && err.contains(&kek.id()), "{err}");
+        assert!(
+            !err.contains(&private) && !err.contains(&kek.to_base64()),
+            "{err}"
+        );
+
+        // An offline root: the intermediate alone is enough.
+        fs::remove_file(&paths.root_key).unwrap();
+        let offline = load_or_create_ca(&paths, "0ne00000001", Some(&kek)).unwrap();
+        assert!(offline.root_key_pem().is_none());
+    }
+
+    #[test]
+    fn plaintext_ca_keys_are_migrated_when_a_kek_is_set() {
+        let private = ["PRIVATE", "KEY"].join(" ");
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::new(dir.path());
+        let created = load_or_create_ca(&paths, "0ne00000001", None).unwrap();
+        assert!(
+            fs::read_to_string(&paths.intermediate_key)
+                .unwrap()
+                .contains(&private)
+        );
+        let kek = Kek::generate().unwrap();
+        let migrated = load_or_create_ca(&paths, "0ne00000001", Some(&kek)).unwrap();
+        assert_eq!(
+            migrated.intermediate_key_pem(),
+            created.intermediate_key_pem()
+        );
+        for path in [&paths.root_key, &paths.intermediate_key] {
+            let text = fs::read_to_string(path).unwrap();
+            assert!(sealed::is_sealed(&text), "{path:?}");
+            assert!(
+                sealed::open(&text, &kek)
+                    .unwrap()
+                    .expose()
+                    .contains(&private)
+            );
+        }
+        assert!(load_or_create_ca(&paths, "0ne00000001", None).is_err());
     }
 
     #[test]

@@ -83,6 +83,13 @@ pub struct ServeArgs {
     /// What to run: all (provisioning and hub), hub or dps. Overrides service.role.
     #[arg(long, value_enum)]
     pub role: Option<crate::config::Role>,
+    /// With `--role hub`: join the provisioning service at this URL. Overrides hub.dps_url.
+    #[arg(long)]
+    pub dps_url: Option<String>,
+    /// With `--dps-url`: the join token (`zerotouch hub join-token`), needed on first start
+    /// only. Overrides hub.join_token.
+    #[arg(long, env = "ZEROTOUCH_JOIN_TOKEN")]
+    pub join_token: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -128,6 +135,65 @@ pub enum Command {
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
+    },
+    /// Hubs linked to this provisioning service: join tokens, list, drain, remove.
+    Hub {
+        #[command(subcommand)]
+        command: HubCommand,
+    },
+    /// Simulate devices: provision, connect to the hub, send telemetry and twin updates.
+    Simulate(crate::simulate::SimulateArgs),
+    /// Certificates this service issued: list, revoke.
+    Cert {
+        #[command(subcommand)]
+        command: crate::pki::cli::CertCommand,
+    },
+    /// The PKI audit trail (issue, renew, revoke).
+    Audit {
+        #[command(subcommand)]
+        command: crate::pki::cli::AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HubCommand {
+    /// Mint a single-use token a hub joins with (`serve --role hub --join-token …`). Needs the
+    /// provisioning service's data dir (or database) and prints the token.
+    JoinToken {
+        #[command(flatten)]
+        local: Local,
+        /// Lifetime: seconds, or with a unit (30m, 1h, 7d). At most 7 days.
+        #[arg(long, default_value = "15m")]
+        ttl: String,
+    },
+    /// List linked hubs with their health.
+    List {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Show one linked hub.
+    Show {
+        #[command(flatten)]
+        remote: Remote,
+        name: String,
+    },
+    /// Stop sending new devices to a hub (its devices stay).
+    Drain {
+        #[command(flatten)]
+        remote: Remote,
+        name: String,
+    },
+    /// Send new devices to a drained hub again.
+    Activate {
+        #[command(flatten)]
+        remote: Remote,
+        name: String,
+    },
+    /// Unlink a hub. Its devices are not moved; they move when they re-register.
+    Remove {
+        #[command(flatten)]
+        remote: Remote,
+        name: String,
     },
 }
 
@@ -314,6 +380,19 @@ pub enum CaCommand {
         remote: Remote,
         name: String,
     },
+    /// Sign a new issuing intermediate with the root key (local: needs ca/root.key). The
+    /// current one stays in the trust bundle until `retire-intermediate`. Restart every
+    /// replica afterwards.
+    RotateIntermediate {
+        #[command(flatten)]
+        local: Local,
+    },
+    /// After the overlap: take the previous intermediates out of the trust bundle and revoke
+    /// the certificates they issued (local). Restart every replica afterwards.
+    RetireIntermediate {
+        #[command(flatten)]
+        local: Local,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -370,6 +449,17 @@ pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
 }
 
 /// Runs a parsed command; `serve` blocks until the service stops.
+/// The whole program: parse the command line, run it, report a failure on stderr.
+pub fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("zerotouch: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
@@ -377,6 +467,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(role) = args.role {
                 settings.service.role = role;
             }
+            if let Some(url) = args.dps_url {
+                settings.hub.dps_url = Some(url);
+            }
+            if let Some(token) = args.join_token {
+                settings.hub.join_token = Some(token);
+            }
+            settings.validate()?;
             crate::logging::init(&settings.log);
             crate::server::serve(settings)
         }
@@ -394,6 +491,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Registration { command } => registration(command),
         Command::Ca { command } => ca(command),
         Command::Policy { command } => policy(command),
+        Command::Simulate(args) => crate::simulate::run(args),
+        Command::Hub { command } => hub(command),
+        Command::Cert { command } => crate::pki::cli::cert(command),
+        Command::Audit { command } => crate::pki::cli::audit(command),
     }
 }
 
@@ -414,8 +515,15 @@ pub fn credentials(settings: &Settings) -> anyhow::Result<Value> {
     let (store, instance) = open_local(settings)?;
     let owner = bootstrap::owner_policy(&store)?;
     let hub_owner = bootstrap::hub_owner_policy(&store)?;
-    let ca_bundle = std::fs::canonicalize(&instance.paths.ca_bundle)
-        .unwrap_or_else(|_| instance.paths.ca_bundle.clone());
+    // A joined hub presents a certificate from its provisioning service's CA: clients trust
+    // the bundle that service handed over, not this data dir's own CA.
+    let join = crate::hub::join::JoinPaths::new(&settings.service.data_dir);
+    let bundle_path = if settings.service.role == crate::config::Role::Hub && join.state.exists() {
+        join.trust_bundle
+    } else {
+        instance.paths.ca_bundle.clone()
+    };
+    let ca_bundle = std::fs::canonicalize(&bundle_path).unwrap_or(bundle_path);
     let mut out = json!({
         "idScope": instance.id_scope,
         "dpsConnectionString": bootstrap::connection_string(&settings.public_host(), &owner),
@@ -480,6 +588,64 @@ fn token(command: TokenCommand) -> anyhow::Result<()> {
                 &auth::generate_token_secret(),
             )?;
             eprintln!("token secret replaced: tokens minted before now are refused");
+            Ok(())
+        }
+    }
+}
+
+fn hub(command: HubCommand) -> anyhow::Result<()> {
+    let encode =
+        |name: &str| url::form_urlencoded::byte_serialize(name.as_bytes()).collect::<String>();
+    match command {
+        HubCommand::JoinToken { local, ttl } => {
+            let settings = local.settings()?;
+            let ttl = parse_duration(&ttl)?;
+            let (store, instance) = open_local(&settings)?;
+            let secret = db::DocumentStore::setting_get(&store, bootstrap::TOKEN_SECRET_KEY)?
+                .unwrap_or(instance.token_secret.clone());
+            let token = crate::dps::hubs::mint_join_token(
+                &secret,
+                &instance.id_scope,
+                instance.ca.root_cert_pem(),
+                crate::time::now_unix(),
+                ttl.as_secs(),
+            )
+            .map_err(anyhow::Error::msg)?;
+            println!("{token}");
+            Ok(())
+        }
+        HubCommand::List { remote } => print_json(&ApiClient::new(&remote)?.get("/hubs")?),
+        HubCommand::Show { remote, name } => {
+            print_json(&ApiClient::new(&remote)?.get(&format!("/hubs/{}", encode(&name)))?)
+        }
+        HubCommand::Drain { remote, name } => print_json(
+            &ApiClient::new(&remote)?
+                .call(
+                    reqwest::Method::POST,
+                    &format!("/hubs/{}/drain", encode(&name)),
+                    None,
+                    &[],
+                )?
+                .0,
+        ),
+        HubCommand::Activate { remote, name } => print_json(
+            &ApiClient::new(&remote)?
+                .call(
+                    reqwest::Method::POST,
+                    &format!("/hubs/{}/activate", encode(&name)),
+                    None,
+                    &[],
+                )?
+                .0,
+        ),
+        HubCommand::Remove { remote, name } => {
+            ApiClient::new(&remote)?.call(
+                reqwest::Method::DELETE,
+                &format!("/hubs/{}", encode(&name)),
+                None,
+                &[],
+            )?;
+            eprintln!("hub {name} removed");
             Ok(())
         }
     }
@@ -551,7 +717,8 @@ impl ApiClient {
         body: Option<&Value>,
         headers: &[(&str, &str)],
     ) -> anyhow::Result<(Value, reqwest::header::HeaderMap)> {
-        let url = format!("{}{}?api-version={API_VERSION}", self.base, path);
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let url = format!("{}{}{sep}api-version={API_VERSION}", self.base, path);
         let mut request = self
             .http
             .request(method, &url)
@@ -820,6 +987,12 @@ fn registration(command: RegistrationCommand) -> anyhow::Result<()> {
 
 fn ca(command: CaCommand) -> anyhow::Result<()> {
     match command {
+        CaCommand::RotateIntermediate { local } => print_json(
+            &crate::pki::rotation::rotate_intermediate(&local.settings()?)?,
+        ),
+        CaCommand::RetireIntermediate { local } => print_json(
+            &crate::pki::rotation::retire_intermediate(&local.settings()?)?,
+        ),
         CaCommand::Upload {
             remote,
             name,

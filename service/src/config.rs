@@ -27,6 +27,21 @@ pub struct Settings {
     pub dps: DpsSettings,
     pub telemetry: TelemetrySettings,
     pub log: Log,
+    pub ca: CaSettings,
+}
+
+/// The environment variable that may hold the CA key-encryption key (base64), instead of
+/// `ca.kek_file`.
+pub const CA_KEK_ENV: &str = "ZEROTOUCH_CA_KEK";
+
+/// How the CA private keys are protected.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaSettings {
+    /// A file holding the key-encryption key: 32 random bytes, base64 (`openssl rand -base64
+    /// 32`). When a KEK is set (here or in `ZEROTOUCH_CA_KEK`), the CA keys in `ca/` are
+    /// stored encrypted under it. Keep it outside the data dir.
+    pub kek_file: Option<PathBuf>,
 }
 
 /// Which parts of the service run in this process.
@@ -52,12 +67,84 @@ impl Role {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Hub {
     /// The hub's `HostName` (in connection strings and device usernames). Unset: the first of
     /// `service.hostnames`. It must be one of `service.hostnames` so the TLS certificate covers it.
     pub hostname: Option<String>,
+    /// The hub's region (Azure's `location`), used by `geoLatency` allocation.
+    pub location: Option<String>,
+    /// `allocationWeight` under `hashed` allocation, 1..=1000.
+    pub allocation_weight: u32,
+    /// `applyAllocationPolicy`: false keeps this hub out of policy-driven allocation (only a
+    /// `static` enrollment naming it sends devices here).
+    pub apply_allocation_policy: bool,
+    /// A hub of its own (`--role hub`) joins the provisioning service at this URL
+    /// (`https://host:port`). `serve --dps-url` overrides it.
+    pub dps_url: Option<String>,
+    /// The join token from `zerotouch hub join-token`, used once on first start.
+    /// `serve --join-token` overrides it.
+    pub join_token: Option<String>,
+    /// Base URL the provisioning service calls this hub's service API at. Unset:
+    /// `https://{hostname}:{public https port}`.
+    pub service_url: Option<String>,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Hub {
+            hostname: None,
+            location: None,
+            allocation_weight: 1,
+            apply_allocation_policy: true,
+            dps_url: None,
+            join_token: None,
+            service_url: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("hostname", &self.hostname)
+            .field("location", &self.location)
+            .field("allocation_weight", &self.allocation_weight)
+            .field("apply_allocation_policy", &self.apply_allocation_policy)
+            .field("dps_url", &self.dps_url)
+            .field("join_token", &self.join_token.as_ref().map(|_| "redacted"))
+            .field("service_url", &self.service_url)
+            .finish()
+    }
+}
+
+/// The instance-wide allocation policy (dps-protocol §4.7): never `custom`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum DefaultAllocationPolicy {
+    #[default]
+    Hashed,
+    GeoLatency,
+    Static,
+}
+
+/// A source-address range and the region devices from it are in (`geoLatency`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionRange {
+    /// CIDR, IPv4 or IPv6, e.g. `10.1.0.0/16`.
+    pub cidr: String,
+    pub region: String,
+}
+
+/// Round-trip latency between two regions (`geoLatency`); symmetric unless both ways are given.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionLatency {
+    pub from: String,
+    pub to: String,
+    pub milliseconds: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -75,6 +162,22 @@ pub struct DpsSettings {
     /// PEM bundle of TPM manufacturer roots. When set, TPM devices with an individual enrollment
     /// must also present an EK certificate chaining to one of them.
     pub tpm_manufacturer_roots: Option<PathBuf>,
+    /// Policy for enrollments that name none: `hashed`, `geoLatency` or `static`.
+    pub allocation_policy: DefaultAllocationPolicy,
+    /// How often joined hubs send heartbeats, in seconds (told to each hub at join).
+    pub hub_heartbeat_seconds: u64,
+    /// A hub whose last heartbeat is older than this gets no new devices, in seconds.
+    pub hub_heartbeat_timeout_seconds: u64,
+    /// Bound on one custom-allocation webhook call, in milliseconds.
+    pub webhook_timeout_ms: u64,
+    /// PEM bundle of extra roots trusted for webhook URLs (on top of the system roots).
+    pub webhook_ca_file: Option<PathBuf>,
+    /// Accept `http://` webhook URLs. For development only.
+    pub webhook_allow_http: bool,
+    /// Which region a device is in, by source address (`geoLatency`).
+    pub region_ranges: Vec<RegionRange>,
+    /// Latencies between regions (`geoLatency`).
+    pub region_latencies: Vec<RegionLatency>,
 }
 
 impl Default for DpsSettings {
@@ -85,6 +188,14 @@ impl Default for DpsSettings {
             fast_path_ms: 1000,
             tpm_challenge_seconds: 300,
             tpm_manufacturer_roots: None,
+            allocation_policy: DefaultAllocationPolicy::Hashed,
+            hub_heartbeat_seconds: 10,
+            hub_heartbeat_timeout_seconds: 30,
+            webhook_timeout_ms: 10_000,
+            webhook_ca_file: None,
+            webhook_allow_http: false,
+            region_ranges: Vec::new(),
+            region_latencies: Vec::new(),
         }
     }
 }
@@ -247,7 +358,7 @@ impl Settings {
         Ok(settings)
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.service.hostnames.is_empty() {
             return Err(ConfigError::Invalid(
                 "service.hostnames must name at least one host".into(),
@@ -274,6 +385,26 @@ impl Settings {
                 "dps.certificate_validity_days must be at least 1".into(),
             ));
         }
+        if !(1..=1000).contains(&self.hub.allocation_weight) {
+            return Err(ConfigError::Invalid(
+                "hub.allocation_weight must be between 1 and 1000".into(),
+            ));
+        }
+        if self.dps.hub_heartbeat_seconds == 0
+            || self.dps.hub_heartbeat_timeout_seconds < self.dps.hub_heartbeat_seconds
+        {
+            return Err(ConfigError::Invalid(
+                "dps.hub_heartbeat_seconds must be at least 1 and at most dps.hub_heartbeat_timeout_seconds".into(),
+            ));
+        }
+        if let Some(url) = &self.hub.dps_url
+            && !url.starts_with("https://")
+        {
+            return Err(ConfigError::Invalid(
+                "hub.dps_url must be an https:// URL".into(),
+            ));
+        }
+        self.latency_map()?;
         if self.database.url.is_some() && self.database.url_file.is_some() {
             return Err(ConfigError::Invalid(
                 "database.url and database.url_file are mutually exclusive".into(),
@@ -289,6 +420,38 @@ impl Settings {
             ));
         }
         Ok(())
+    }
+
+    /// The CA key-encryption key, from `ca.kek_file` or the `ZEROTOUCH_CA_KEK` environment
+    /// variable (setting both is an error); `None` when neither is set. Errors name the source,
+    /// never the key.
+    pub fn ca_kek(&self) -> Result<Option<zerotouch_certs::sealed::Kek>, ConfigError> {
+        self.ca_kek_from(std::env::var(CA_KEK_ENV).ok())
+    }
+
+    fn ca_kek_from(
+        &self,
+        env: Option<String>,
+    ) -> Result<Option<zerotouch_certs::sealed::Kek>, ConfigError> {
+        use zerotouch_certs::sealed::Kek;
+        let env = env.filter(|v| !v.trim().is_empty());
+        match (&self.ca.kek_file, env) {
+            (Some(_), Some(_)) => Err(ConfigError::Invalid(format!(
+                "ca.kek_file and {CA_KEK_ENV} are both set: set one"
+            ))),
+            (Some(file), None) => {
+                let text = std::fs::read_to_string(file).map_err(|e| {
+                    ConfigError::Invalid(format!("ca.kek_file {}: {e}", file.display()))
+                })?;
+                Kek::from_base64(&text).map(Some).map_err(|e| {
+                    ConfigError::Invalid(format!("ca.kek_file {}: {e}", file.display()))
+                })
+            }
+            (None, Some(value)) => Kek::from_base64(&value)
+                .map(Some)
+                .map_err(|e| ConfigError::Invalid(format!("{CA_KEK_ENV}: {e}"))),
+            (None, None) => Ok(None),
+        }
     }
 
     /// The database URL in force: the configured one (or the file's), or SQLite in the data dir.
@@ -342,7 +505,32 @@ impl Settings {
     pub fn redacted(&self) -> Settings {
         let mut copy = self.clone();
         copy.database.url = copy.database.url.as_deref().map(redact_url);
+        if copy.hub.join_token.is_some() {
+            copy.hub.join_token = Some("redacted".into());
+        }
         copy
+    }
+
+    /// The `geoLatency` map from `dps.region_ranges` and `dps.region_latencies`.
+    pub fn latency_map(&self) -> Result<zerotouch_policies::LatencyMap, ConfigError> {
+        let mut map = zerotouch_policies::LatencyMap::new();
+        for range in &self.dps.region_ranges {
+            map.insert_range(&range.cidr, &range.region).map_err(|e| {
+                ConfigError::Invalid(format!("dps.region_ranges: {:?}: {e}", range.cidr))
+            })?;
+        }
+        for latency in &self.dps.region_latencies {
+            map.insert_latency(&latency.from, &latency.to, latency.milliseconds);
+        }
+        Ok(map)
+    }
+
+    /// Base URL of this hub's service API as the provisioning service should call it.
+    pub fn hub_service_url(&self) -> String {
+        self.hub
+            .service_url
+            .clone()
+            .unwrap_or_else(|| format!("https://{}", self.hub_public_host()))
     }
 
     /// `host[:port]` as written in connection strings (`HostName=`).
@@ -504,6 +692,46 @@ mod tests {
             assert_eq!(settings.listen.mqtt.port(), 18883);
             Ok(())
         });
+    }
+
+    #[test]
+    fn ca_kek_comes_from_a_file_or_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let kek = zerotouch_certs::sealed::Kek::generate().unwrap();
+        let file = dir.path().join("kek");
+        std::fs::write(&file, format!("{}\n", kek.to_base64())).unwrap();
+        let mut settings = Settings::default();
+        assert!(settings.ca_kek_from(None).unwrap().is_none());
+        let from_env = settings.ca_kek_from(Some(kek.to_base64())).unwrap();
+        assert_eq!(from_env.map(|k| k.id()), Some(kek.id()));
+        let err = settings
+            .ca_kek_from(Some("c2hvcnQ=".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(CA_KEK_ENV) && err.contains("32 bytes"),
+            "{err}"
+        );
+
+        settings.ca.kek_file = Some(file.clone());
+        let from_file = settings.ca_kek_from(None).unwrap();
+        assert_eq!(from_file.map(|k| k.id()), Some(kek.id()));
+        let err = settings
+            .ca_kek_from(Some(kek.to_base64()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("both"), "{err}");
+        std::fs::write(&file, "not base64!").unwrap();
+        let err = settings.ca_kek_from(None).unwrap_err().to_string();
+        assert!(err.contains(&file.display().to_string()), "{err}");
+        settings.ca.kek_file = Some(dir.path().join("missing"));
+        assert!(settings.ca_kek_from(None).is_err());
+
+        let parsed = Settings::from_toml("[ca]\nkek_file = \"/etc/zerotouch/kek\"\n").unwrap();
+        assert_eq!(
+            parsed.ca.kek_file,
+            Some(PathBuf::from("/etc/zerotouch/kek"))
+        );
     }
 
     #[test]

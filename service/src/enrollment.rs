@@ -117,6 +117,8 @@ struct EnrollmentInput {
     custom_allocation_definition: Option<CustomAllocationDefinition>,
     reprovision_policy: Option<ReprovisionPolicy>,
     provisioning_status: Option<ProvisioningStatus>,
+    /// Our extension: when EST re-enrollment may renew (see `pki::renewal_policy`).
+    renewal_policy: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -371,6 +373,14 @@ pub fn normalize(
         }))
         .map_err(ApiError::internal)?,
     );
+    if let Some(policy) = input.renewal_policy {
+        let policy = crate::pki::renewal_policy(&policy)
+            .map_err(|e| ApiError::field(ErrorCode::InvalidField, "renewalPolicy", e))?;
+        out.insert(
+            "renewalPolicy".into(),
+            crate::pki::renewal_policy_json(&policy),
+        );
+    }
     out.insert(
         "provisioningStatus".into(),
         serde_json::to_value(

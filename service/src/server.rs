@@ -45,13 +45,24 @@ pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev:
     };
     let instance = Arc::new(instance);
     let paths = &instance.paths;
+    // A hub of its own joins its provisioning service (first start) and then presents the
+    // certificate that service's CA issued it.
+    let joined = crate::hub::join::ensure_joined(&settings, store.clone()).await?;
+    let (server_chain, server_key, ca_bundle) = match &joined {
+        Some(j) => (
+            &j.paths.server_chain,
+            &j.paths.server_key,
+            &j.paths.trust_bundle,
+        ),
+        None => (&paths.server_chain, &paths.server_key, &paths.ca_bundle),
+    };
 
-    let mut https_tls = tls::acceptor(&paths.server_chain, &paths.server_key, &paths.ca_bundle)?;
+    let mut https_tls = tls::acceptor(server_chain, server_key, ca_bundle)?;
     https_tls.set_alpn_select_callback(|_, client| {
         openssl::ssl::select_next_proto(b"\x02h2\x08http/1.1", client)
             .ok_or(openssl::ssl::AlpnError::NOACK)
     });
-    let mqtt_tls = tls::acceptor(&paths.server_chain, &paths.server_key, &paths.ca_bundle)?.build();
+    let mqtt_tls = tls::acceptor(server_chain, server_key, ca_bundle)?.build();
 
     let hub = if settings.service.role.runs_hub() {
         let url = settings.database_url()?;
@@ -66,15 +77,34 @@ pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev:
             .await
             .context("opening the telemetry store")?
             .context("opening the telemetry store")?;
+        let trust_bundle = match &joined {
+            Some(j) => j.trust_bundle()?,
+            None => instance.ca.trust_bundle_pem(),
+        };
         Some(Arc::new(crate::hub::Hub::new(
             store.clone(),
             settings.service.hostnames.clone(),
             settings.hub_hostname(),
             telemetry,
+            trust_bundle,
         )))
     } else {
         None
     };
+    let pki = Arc::new(
+        crate::pki::Pki::new(
+            store.clone(),
+            instance.clone(),
+            settings
+                .service
+                .hostnames
+                .first()
+                .map(String::as_str)
+                .unwrap_or("localhost"),
+            hub.clone(),
+        )
+        .context("starting the PKI")?,
+    );
     let dps = if settings.service.role.runs_dps() {
         Some(Arc::new(
             crate::dps::Dps::new(
@@ -82,19 +112,22 @@ pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev:
                 instance.id_scope.clone(),
                 hub.clone(),
                 instance.clone(),
-                &settings.dps,
+                &settings,
                 manufacturer_roots(&settings)?,
             )
-            .context("creating the registration metrics")?,
+            .context("starting the provisioning service")?,
         ))
     } else {
         None
     };
+    if let Some(dps) = &dps {
+        let _ = dps.pki.set(pki.clone());
+    }
     let mqtt_app: Arc<dyn mqtt::Application> = Arc::new(crate::dps::mqtt::Router {
         dps: dps.clone().map(crate::dps::mqtt::DpsApplication::new),
-        hub: hub.as_ref().map(|hub| {
-            crate::hub::mqtt::HubApplication::new(hub.clone(), instance.ca.trust_bundle_pem())
-        }),
+        hub: hub
+            .as_ref()
+            .map(|hub| crate::hub::mqtt::HubApplication::new(hub.clone())),
     });
 
     let state = web::Data::new(AppState {
@@ -105,9 +138,11 @@ pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev:
         instance: instance.clone(),
         metrics: http::metrics::Metrics::new().context("creating metrics")?,
     });
+    let pki_data = web::Data::from(pki.clone());
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
+            .app_data(pki_data.clone())
             .wrap(middleware::from_fn(http::observe))
             .configure(http::configure)
     })
@@ -122,6 +157,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev:
         .first()
         .copied()
         .context("the HTTPS listener has no address")?;
+    pki.set_public_port(settings.service.public_https_port.unwrap_or(https.port()));
     let server = server.shutdown_timeout(5).run();
 
     let mqtt_listener = mqtt::listener::start(
@@ -134,6 +170,9 @@ pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev:
     .await
     .with_context(|| format!("binding MQTT to {}", settings.listen.mqtt))?;
     let mqtt = mqtt_listener.local_addr();
+    if let (Some(joined), Some(hub)) = (joined, hub.clone()) {
+        actix_web::rt::spawn(crate::hub::join::heartbeats(joined, hub));
+    }
     tracing::info!(%https, %mqtt, id_scope = %instance.id_scope, "zerotouch is ready");
     Ok((
         Bound {

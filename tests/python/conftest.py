@@ -81,8 +81,10 @@ class Server:
 
     def wait_ready(self, timeout=60):
         deadline = time.time() + timeout
-        bundle = self.data_dir / "ca" / "bundle.pem"
+        # A hub that joined a provisioning service presents a certificate from that service's CA.
+        joined = self.data_dir / "join" / "trust.pem"
         while time.time() < deadline:
+            bundle = joined if joined.exists() else self.data_dir / "ca" / "bundle.pem"
             if self.process.poll() is not None:
                 raise RuntimeError(f"zerotouch exited with {self.process.returncode}")
             if bundle.exists():

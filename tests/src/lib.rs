@@ -14,6 +14,7 @@ use zerotouch_attestation::symmetric_key;
 use zerotouch_service::config::Settings;
 use zerotouch_service::server::Running;
 
+pub mod cluster;
 pub mod load;
 /// swtpm + tpm2-tools for the TPM tests, and the device script `tpm/device.sh`.
 pub mod swtpm;

@@ -509,3 +509,96 @@ fn hierarchy_is_send_and_sync() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<CaHierarchy>();
 }
+
+#[test]
+fn rotation_issues_from_a_new_intermediate_and_keeps_the_old_one_trusted() {
+    let ca = CaHierarchy::generate("0ne00000042").unwrap();
+    let rotated = ca.rotate_intermediate("0ne00000042, generation 2").unwrap();
+    let new = parse_one(rotated.intermediate_cert_pem());
+    assert_eq!(
+        cn(&new),
+        "Zerotouch Intermediate CA (0ne00000042, generation 2)"
+    );
+    let root_der = one_der(ca.root_cert_pem());
+    let root = parse(&root_der);
+    assert!(new.verify_signature(Some(root.public_key())).is_ok());
+    assert!(new.validity().not_after.to_datetime() <= root.validity().not_after.to_datetime());
+    assert_ne!(rotated.intermediate_key_pem(), ca.intermediate_key_pem());
+    assert_eq!(rotated.root_cert_pem(), ca.root_cert_pem());
+    assert_eq!(
+        rotated.previous_intermediate_pems(),
+        [ca.intermediate_cert_pem().to_string()]
+    );
+    // Bundle: root, new, old.
+    let bundle = ders(&rotated.trust_bundle_pem());
+    assert_eq!(
+        bundle,
+        vec![
+            root_der.clone(),
+            one_der(rotated.intermediate_cert_pem()),
+            one_der(ca.intermediate_cert_pem())
+        ]
+    );
+    // New certificates come from the new intermediate.
+    let server = rotated
+        .issue_server_certificate(&hosts(&["localhost"]), 30)
+        .unwrap();
+    assert!(rotated.is_issuer_of(&server.certificate_pem).unwrap());
+    assert!(!ca.is_issuer_of(&server.certificate_pem).unwrap());
+
+    // A second rotation keeps both earlier intermediates, newest first.
+    let third = rotated
+        .rotate_intermediate("0ne00000042, generation 3")
+        .unwrap();
+    assert_eq!(
+        third.previous_intermediate_pems(),
+        [
+            rotated.intermediate_cert_pem().to_string(),
+            ca.intermediate_cert_pem().to_string()
+        ]
+    );
+
+    // Reloading: the previous intermediates are checked against the root.
+    let reloaded = CaHierarchy::from_pem(
+        rotated.root_cert_pem(),
+        None,
+        rotated.intermediate_cert_pem(),
+        rotated.intermediate_key_pem(),
+    )
+    .unwrap()
+    .with_previous_intermediates(&[
+        ca.intermediate_cert_pem().to_string(),
+        rotated.intermediate_cert_pem().to_string(),
+    ])
+    .unwrap();
+    assert_eq!(reloaded.trust_bundle_pem(), rotated.trust_bundle_pem());
+    let foreign = CaHierarchy::generate("other").unwrap();
+    assert_eq!(
+        reloaded
+            .with_previous_intermediates(&[foreign.intermediate_cert_pem().to_string()])
+            .err(),
+        Some(Error::NotSignedByRoot)
+    );
+
+    // An offline root cannot rotate.
+    let offline = CaHierarchy::from_pem(
+        ca.root_cert_pem(),
+        None,
+        ca.intermediate_cert_pem(),
+        ca.intermediate_key_pem(),
+    )
+    .unwrap();
+    assert_eq!(
+        offline.rotate_intermediate("x").err(),
+        Some(Error::RootKeyMissing)
+    );
+    assert!(matches!(
+        ca.rotate_intermediate("bad\nname"),
+        Err(Error::InvalidName(_))
+    ));
+}
+
+fn parse_one(pem_text: &str) -> X509Certificate<'static> {
+    let der: &'static [u8] = Box::leak(one_der(pem_text).into_boxed_slice());
+    parse(der)
+}

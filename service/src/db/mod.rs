@@ -49,10 +49,20 @@ pub enum Collection {
     C2dMessages,
     /// Hub shared access policies (iothubowner, service, device, …).
     HubPolicies,
+    /// Hubs linked to this provisioning service, keyed by host name (see `dps::hubs`).
+    LinkedHubs,
+    /// Ids (`jti`) of hub join tokens already used; a join token is single-use.
+    JoinTokens,
+    /// Certificates this service issued, keyed by serial (hex); `parent` is the registration id.
+    IssuedCertificates,
+    /// PKI audit trail (issue, renew, revoke); ids sort by time; `parent` is the registration id.
+    AuditEvents,
+    /// PKI state shared by replicas: the current signed CRL and its number (see `pki`).
+    PkiState,
 }
 
 impl Collection {
-    pub const ALL: [Collection; 10] = [
+    pub const ALL: [Collection; 15] = [
         Collection::IndividualEnrollments,
         Collection::EnrollmentGroups,
         Collection::Registrations,
@@ -63,6 +73,11 @@ impl Collection {
         Collection::MqttSessions,
         Collection::C2dMessages,
         Collection::HubPolicies,
+        Collection::LinkedHubs,
+        Collection::JoinTokens,
+        Collection::IssuedCertificates,
+        Collection::AuditEvents,
+        Collection::PkiState,
     ];
 
     /// The table that holds this collection (for logs).
@@ -78,6 +93,11 @@ impl Collection {
             Collection::MqttSessions => "mqtt_sessions",
             Collection::C2dMessages => "c2d_messages",
             Collection::HubPolicies => "hub_policies",
+            Collection::LinkedHubs => "linked_hubs",
+            Collection::JoinTokens => "join_tokens",
+            Collection::IssuedCertificates => "issued_certificates",
+            Collection::AuditEvents => "audit_events",
+            Collection::PkiState => "pki_state",
         }
     }
 

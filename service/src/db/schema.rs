@@ -139,3 +139,68 @@ diesel::table! {
         updated_at -> BigInt,
     }
 }
+
+diesel::table! {
+    linked_hubs (id_key) {
+        id_key -> Text,
+        id -> Text,
+        parent_key -> Nullable<Text>,
+        parent -> Nullable<Text>,
+        body -> Text,
+        etag -> Text,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    join_tokens (id_key) {
+        id_key -> Text,
+        id -> Text,
+        parent_key -> Nullable<Text>,
+        parent -> Nullable<Text>,
+        body -> Text,
+        etag -> Text,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    issued_certificates (id_key) {
+        id_key -> Text,
+        id -> Text,
+        parent_key -> Nullable<Text>,
+        parent -> Nullable<Text>,
+        body -> Text,
+        etag -> Text,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    audit_events (id_key) {
+        id_key -> Text,
+        id -> Text,
+        parent_key -> Nullable<Text>,
+        parent -> Nullable<Text>,
+        body -> Text,
+        etag -> Text,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    pki_state (id_key) {
+        id_key -> Text,
+        id -> Text,
+        parent_key -> Nullable<Text>,
+        parent -> Nullable<Text>,
+        body -> Text,
+        etag -> Text,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+    }
+}

@@ -64,6 +64,26 @@ macro_rules! with_table {
                 use $crate::db::schema::hub_policies as $t;
                 $body
             }
+            Collection::LinkedHubs => {
+                use $crate::db::schema::linked_hubs as $t;
+                $body
+            }
+            Collection::JoinTokens => {
+                use $crate::db::schema::join_tokens as $t;
+                $body
+            }
+            Collection::IssuedCertificates => {
+                use $crate::db::schema::issued_certificates as $t;
+                $body
+            }
+            Collection::AuditEvents => {
+                use $crate::db::schema::audit_events as $t;
+                $body
+            }
+            Collection::PkiState => {
+                use $crate::db::schema::pki_state as $t;
+                $body
+            }
         }
     };
 }

@@ -5,6 +5,7 @@
 //! registration. [`Dps::register`] does all of it; `http::dps` and `dps::mqtt` are its two
 //! transports. Assignment is to the built-in hub for now; allocation across hubs comes later.
 
+pub mod hubs;
 pub mod mqtt;
 
 use std::sync::Arc;
@@ -26,6 +27,66 @@ use crate::db::{Collection, Document, DocumentStore, StoreError, Write};
 use crate::http::error::{ApiError, ErrorCode};
 use crate::hub::Hub;
 use crate::tls::PeerCertificates;
+use hubs::{HubCallError, HubTarget};
+use zerotouch_policies::{self as policies, Policy};
+
+/// Allocation settings of this instance.
+pub struct AllocationSettings {
+    /// The instance default policy (for enrollments that name none).
+    pub default_policy: Policy,
+    pub latency: policies::LatencyMap,
+    /// Seconds without a heartbeat after which a joined hub gets no new devices.
+    pub heartbeat_timeout: u64,
+    /// The built-in hub's own allocation settings (`[hub]`).
+    pub own_hub: crate::config::Hub,
+}
+
+impl AllocationSettings {
+    pub fn from_settings(settings: &crate::config::Settings) -> anyhow::Result<Self> {
+        Ok(AllocationSettings {
+            default_policy: match settings.dps.allocation_policy {
+                crate::config::DefaultAllocationPolicy::Hashed => Policy::Hashed,
+                crate::config::DefaultAllocationPolicy::GeoLatency => Policy::GeoLatency,
+                crate::config::DefaultAllocationPolicy::Static => Policy::Static,
+            },
+            latency: settings.latency_map()?,
+            heartbeat_timeout: settings.dps.hub_heartbeat_timeout_seconds,
+            own_hub: settings.hub.clone(),
+        })
+    }
+}
+
+/// The hubs one registration may go to, and how to reach each.
+#[derive(Default)]
+struct LinkedHubs {
+    hubs: Vec<policies::Hub>,
+    targets: Vec<HubTarget>,
+}
+
+impl LinkedHubs {
+    fn target(&self, name: &str) -> Option<HubTarget> {
+        self.targets
+            .iter()
+            .find(|t| t.name().eq_ignore_ascii_case(name))
+            .cloned()
+    }
+}
+
+/// The registration `errorCode` of an allocation failure (docs/allocation.md).
+fn allocation_code(error: &policies::AllocationError) -> u32 {
+    use policies::{AllocationError, WebhookError};
+    match error {
+        AllocationError::NoHub => 400_208,
+        AllocationError::Ambiguous { .. } => 400_215,
+        AllocationError::Webhook(WebhookError::Transport(_)) => 400_210,
+        AllocationError::Webhook(WebhookError::Timeout) => 400_211,
+        AllocationError::Webhook(WebhookError::Status(_)) => 400_212,
+        AllocationError::Webhook(WebhookError::BadResponse(_)) => 400_213,
+        AllocationError::Webhook(WebhookError::HubNotOffered(_)) => 400_214,
+        AllocationError::Webhook(_) => 400_216,
+        _ => 500_000,
+    }
+}
 
 /// What a device presents.
 pub enum Evidence {
@@ -41,6 +102,9 @@ pub struct RegisterBody {
     pub payload: Option<Value>,
     pub csr: Option<String>,
     pub tpm: Option<TpmBody>,
+    /// Where the request came from (not part of the body), for `geoLatency` allocation.
+    #[serde(skip)]
+    pub source_address: Option<std::net::IpAddr>,
 }
 
 /// `tpm` of a register body: the device's endorsement and storage root keys (TPM2B_PUBLIC).
@@ -107,6 +171,14 @@ pub struct Dps {
     pub id_scope: String,
     hub: Option<Arc<Hub>>,
     instance: Arc<crate::bootstrap::Instance>,
+    allocation: AllocationSettings,
+    /// Calls joined hubs' service APIs (trusts our CA only).
+    hub_client: reqwest::Client,
+    /// The custom-allocation webhook client, or why it could not be built (bad CA file): a
+    /// custom enrollment then fails with 400216 rather than the service refusing to start.
+    webhook: Result<policies::webhook::WebhookClient, String>,
+    /// Issuance profile (CRL/OCSP URLs) and certificate records; set once at start-up.
+    pub pki: std::sync::OnceLock<Arc<crate::pki::Pki>>,
 }
 
 async fn blocking<T, F>(store: &Arc<dyn DocumentStore>, f: F) -> Result<T, ApiError>
@@ -159,10 +231,28 @@ impl Dps {
         id_scope: String,
         hub: Option<Arc<Hub>>,
         instance: Arc<crate::bootstrap::Instance>,
-        settings: &crate::config::DpsSettings,
+        all_settings: &crate::config::Settings,
         manufacturer_roots: Vec<Vec<u8>>,
-    ) -> Result<Dps, prometheus::Error> {
+    ) -> anyhow::Result<Dps> {
+        let settings = &all_settings.dps;
+        let extra_root_ca_pem = match &settings.webhook_ca_file {
+            Some(path) => Some(
+                std::fs::read(path)
+                    .map_err(|e| anyhow::anyhow!("dps.webhook_ca_file {}: {e}", path.display()))?,
+            ),
+            None => None,
+        };
+        let webhook = policies::webhook::WebhookClient::new(&policies::webhook::WebhookConfig {
+            timeout: std::time::Duration::from_millis(settings.webhook_timeout_ms.max(1)),
+            extra_root_ca_pem,
+            insecure_allow_http: settings.webhook_allow_http,
+        })
+        .map_err(|e| e.to_string());
+        let hub_client = hubs::hub_client(&instance.ca.trust_bundle_pem())?;
         Ok(Dps {
+            allocation: AllocationSettings::from_settings(all_settings)?,
+            hub_client,
+            webhook,
             store,
             inflight: Arc::new(tokio::sync::Semaphore::new(
                 settings.max_concurrent_registrations,
@@ -178,6 +268,7 @@ impl Dps {
             id_scope,
             hub,
             instance,
+            pki: Default::default(),
         })
     }
 
@@ -368,6 +459,9 @@ impl Dps {
             Err(Refused::Disabled) => return Ok(Attestation::Disabled),
             Err(Refused::Unauthorized(why)) => return Err(unauthorized(why)),
         };
+        if let Evidence::Certificate(peer) = evidence {
+            crate::pki::refuse_revoked(&self.store, &peer.leaf).await?;
+        }
         let enrollment = match &attested.matched {
             EnrollmentRef::Individual(_) => individual,
             EnrollmentRef::Group(group_id) => groups
@@ -742,12 +836,6 @@ impl Dps {
         body: RegisterBody,
         operation_id: String,
     ) -> Result<Outcome, ApiError> {
-        let hub = self.hub.as_ref().ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::NotFound,
-                "this instance runs no hub to assign devices to",
-            )
-        })?;
         let group_id = match &attested.matched {
             EnrollmentRef::Group(g) => Some(g.clone()),
             EnrollmentRef::Individual(_) => None,
@@ -764,34 +852,7 @@ impl Dps {
                 "lastUpdatedDateTimeUtc": now,
             }),
         };
-        // The candidate hubs (dps-protocol §5.1): the enrollment's list, else the built-in hub.
         let e = &enrollment.body;
-        let mut candidates: Vec<String> = e
-            .get("iotHubs")
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(Value::as_str)
-                    .map(String::from)
-                    .collect()
-            })
-            .unwrap_or_default();
-        if let Some(legacy) = e.get("iotHubHostName").and_then(Value::as_str) {
-            candidates.push(legacy.to_string());
-        }
-        let assigned_hub = if candidates.is_empty() {
-            hub.hostname.clone()
-        } else {
-            match candidates.iter().find(|c| hub.is_own_host(c)) {
-                Some(c) => c.clone(),
-                None => {
-                    return Ok(failed(
-                        400_208,
-                        "none of the enrollment's hubs is linked to this service",
-                    ));
-                }
-            }
-        };
         // Registration ids are case-insensitive, hub device ids are not: name the device as the
         // enrollment (individual) or the first registration (group member) spelled it.
         let id = registration_id.to_string();
@@ -817,16 +878,31 @@ impl Dps {
                 let der = B64.decode(csr.trim()).map_err(|_| {
                     ApiError::field(ErrorCode::InvalidCertificate, "csr", "is not base64 DER")
                 })?;
+                let profile = match self.pki.get() {
+                    Some(pki) => pki.profile(self.certificate_days),
+                    None => zerotouch_certs::IssuanceProfile::new(self.certificate_days),
+                };
                 let issued = self
                     .instance
                     .ca
-                    .sign_device_csr(
+                    .sign_device_csr_with(
                         &der,
                         registration_id,
-                        self.certificate_days,
+                        &profile,
                         crate::time::now_unix() as i64,
                     )
                     .map_err(|e| ApiError::field(ErrorCode::InvalidCertificate, "csr", e))?;
+                if let Some(pki) = self.pki.get() {
+                    pki.record_issued(
+                        &issued,
+                        registration_id,
+                        group_id.as_deref(),
+                        "dps",
+                        crate::pki::Action::Issue,
+                        Value::Null,
+                    )
+                    .await?;
+                }
                 Some(issued)
             }
         };
@@ -932,6 +1008,10 @@ impl Dps {
 
         // Repeat registrations follow the reprovision policy (dps-protocol §5.5).
         let reprovision = e.get("reprovisionPolicy");
+        let update_hub_assignment = reprovision
+            .and_then(|r| r.get("updateHubAssignment"))
+            .and_then(Value::as_bool)
+            .unwrap_or(true);
         let migrate = reprovision
             .and_then(|r| r.get("migrateDeviceData"))
             .and_then(Value::as_bool)
@@ -939,49 +1019,185 @@ impl Dps {
         let previously_assigned = previous
             .as_ref()
             .filter(|p| p.body.get("status").and_then(Value::as_str) == Some("assigned"));
-        let substatus = match previously_assigned {
-            None => "initialAssignment",
-            Some(_) if migrate => "deviceDataMigrated",
-            Some(_) => "deviceDataReset",
-        };
-        let reset_twin = previously_assigned.is_none() || !migrate;
+        let previous_hub = previously_assigned
+            .and_then(|p| p.body.get("assignedHub"))
+            .and_then(Value::as_str)
+            .map(String::from);
+        let previous_device = previously_assigned
+            .and_then(|p| p.body.get("deviceId"))
+            .and_then(Value::as_str)
+            .map(String::from);
 
-        // Create or update the identity; concurrent registrations of one device converge on one.
-        let mut stored = None;
-        for _ in 0..3 {
-            let exists = hub.device(&device_id).await.map_err(hub_to_api)?.is_some();
-            let if_match = exists.then(|| "*".to_string());
-            match hub.put_device(&device_id, identity.clone(), if_match).await {
-                Ok(view) => {
-                    stored = Some(view);
-                    break;
+        // Where the device goes (dps-protocol §5): the enrollment's policy (else the instance
+        // default) over the linked hubs. A hub that cannot be reached is marked unhealthy and
+        // allocation runs again without it, so a dead hub fails no registration.
+        let linked = self.linked_hubs().await?;
+        let named: Vec<String> = e
+            .get("iotHubs")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(String::from)
+                    .collect::<Vec<String>>()
+            })
+            .into_iter()
+            .flatten()
+            .chain(
+                e.get("iotHubHostName")
+                    .and_then(Value::as_str)
+                    .map(String::from),
+            )
+            .collect();
+        let policy = match e.get("allocationPolicy").and_then(Value::as_str) {
+            Some("hashed") => Policy::Hashed,
+            Some("geoLatency") => Policy::GeoLatency,
+            Some("static") => Policy::Static,
+            Some("custom") => Policy::Custom,
+            _ => self.allocation.default_policy,
+        };
+        let region_hint = body
+            .payload
+            .as_ref()
+            .and_then(|p| p.get("region"))
+            .and_then(Value::as_str);
+        let keep_current = !update_hub_assignment
+            && previous_hub
+                .as_deref()
+                .is_some_and(|h| linked.target(h).is_some());
+        let mut excluded: Vec<String> = Vec::new();
+        let mut old_twin: Option<Option<Value>> = None;
+        let (assigned_hub, substatus, webhook_payload) = loop {
+            let (chosen, webhook_twin, webhook_payload) = if keep_current && excluded.is_empty() {
+                (previous_hub.clone().unwrap_or_default(), None, None)
+            } else {
+                let hubs: Vec<policies::Hub> = linked
+                    .hubs
+                    .iter()
+                    .filter(|h| !excluded.iter().any(|x| x.eq_ignore_ascii_case(&h.name)))
+                    .cloned()
+                    .collect();
+                let request = policies::Request {
+                    registration_id,
+                    enrollment_hubs: (!named.is_empty()).then_some(named.as_slice()),
+                    policy,
+                    region_hint,
+                    source_address: body.source_address,
+                };
+                let candidates = match policies::candidates(&hubs, &request) {
+                    Ok(c) => c,
+                    Err(_) if !excluded.is_empty() => {
+                        return Err(ApiError::new(
+                            ErrorCode::Unavailable,
+                            "no hub for this device can be reached right now; retry",
+                        ));
+                    }
+                    Err(error) => return Ok(failed(allocation_code(&error), &error.to_string())),
+                };
+                if policy == Policy::Custom {
+                    match self
+                        .custom_allocation(
+                            registration_id,
+                            attested,
+                            enrollment,
+                            &body,
+                            previous_hub.as_deref(),
+                            previous_device.as_deref(),
+                            &candidates,
+                        )
+                        .await
+                    {
+                        Ok(assignment) => (
+                            assignment.hub.name.clone(),
+                            assignment.initial_twin,
+                            assignment.payload,
+                        ),
+                        Err(error) => {
+                            tracing::warn!(registration_id, %error, "custom allocation failed");
+                            let error = policies::AllocationError::Webhook(error);
+                            return Ok(failed(allocation_code(&error), &error.to_string()));
+                        }
+                    }
+                } else {
+                    match policies::allocate(&candidates, &request, &self.allocation.latency) {
+                        Ok(hub) => (hub.name.clone(), None, None),
+                        Err(error) => {
+                            return Ok(failed(allocation_code(&error), &error.to_string()));
+                        }
+                    }
                 }
-                Err(e)
-                    if matches!(
-                        e.code,
-                        crate::hub::error::HubErrorCode::DeviceAlreadyExists
-                            | crate::hub::error::HubErrorCode::DeviceNotFound
-                    ) =>
-                {
-                    continue;
+            };
+            let Some(target) = linked.target(&chosen) else {
+                return Err(ApiError::internal(format!(
+                    "allocation chose {chosen}, which is not linked"
+                )));
+            };
+            let moved = previous_hub
+                .as_deref()
+                .is_some_and(|h| !h.eq_ignore_ascii_case(&chosen));
+            // What the twin becomes, and the substatus that says so.
+            let initial = webhook_twin
+                .clone()
+                .unwrap_or_else(|| e.get("initialTwin").cloned().unwrap_or(json!({})));
+            let (twin, substatus) = if previously_assigned.is_none() {
+                (Some(initial), "initialAssignment")
+            } else if keep_current && !moved {
+                // updateHubAssignment=false: the device stays as it is.
+                (None, "deviceDataMigrated")
+            } else if webhook_twin.is_some() || !migrate {
+                (Some(initial), "deviceDataReset")
+            } else if !moved {
+                (None, "deviceDataMigrated")
+            } else {
+                if old_twin.is_none() {
+                    old_twin = Some(
+                        self.read_old_twin(
+                            &linked,
+                            previous_hub.as_deref(),
+                            previous_device.as_deref(),
+                        )
+                        .await,
+                    );
                 }
-                Err(e) => return Err(hub_to_api(e)),
-            }
-        }
-        if stored.is_none() {
-            return Err(ApiError::new(
-                ErrorCode::Unavailable,
-                "the device identity is being changed concurrently; retry",
-            ));
-        }
-        if reset_twin {
-            let initial = e.get("initialTwin").cloned().unwrap_or(json!({}));
-            let mut twin_body = json!({"tags": initial.get("tags").cloned().unwrap_or(json!({}))});
-            twin_body["properties"] = json!({"desired": initial.pointer("/properties/desired").cloned().unwrap_or(json!({}))});
-            hub.write_twin(&device_id, &twin_body, None, true)
+                match old_twin.clone().flatten() {
+                    Some(twin) => (Some(twin), "deviceDataMigrated"),
+                    None => (Some(initial), "deviceDataReset"),
+                }
+            };
+            match self
+                .apply_on_hub(&target, &device_id, &identity, twin.as_ref())
                 .await
-                .map_err(hub_to_api)?;
-        }
+            {
+                Ok(()) => {
+                    if moved
+                        && let (Some(old), Some(old_device)) =
+                            (previous_hub.as_deref(), previous_device.as_deref())
+                    {
+                        self.remove_from_old_hub(&linked, old, old_device).await;
+                    }
+                    break (chosen, substatus, webhook_payload);
+                }
+                Err(HubCallError::Unreachable(message)) => {
+                    tracing::warn!(hub = %chosen, %message, "hub unreachable; allocating again without it");
+                    self.hub_failed(&target).await;
+                    excluded.push(chosen);
+                }
+                Err(HubCallError::Refused(message)) => {
+                    return Err(ApiError::new(
+                        ErrorCode::InvalidField,
+                        format!("the hub refused the device identity: {message}"),
+                    ));
+                }
+                Err(other) => {
+                    return Err(ApiError::new(
+                        ErrorCode::Unavailable,
+                        format!(
+                            "the device identity is being changed concurrently ({other}); retry"
+                        ),
+                    ));
+                }
+            }
+        };
 
         let mut state = json!({
             "registrationId": canonical_id,
@@ -1012,7 +1228,8 @@ impl Dps {
                 }
             }
         }
-        if let Some(payload) = &body.payload {
+        // The webhook's payload is what the device receives; without a webhook, its own.
+        if let Some(payload) = webhook_payload.as_ref().or(body.payload.as_ref()) {
             state["payload"] = payload.clone();
         }
         if let Some(issued) = &issued {
@@ -1091,6 +1308,185 @@ impl Dps {
             status: "assigned",
             registration_state: state,
         })
+    }
+
+    /// The hubs devices can be assigned to: the built-in hub of this process (if it runs one)
+    /// and every joined hub, with their health as of now.
+    async fn linked_hubs(&self) -> Result<LinkedHubs, ApiError> {
+        let mut linked = LinkedHubs::default();
+        if let Some(hub) = &self.hub {
+            let own = &self.allocation.own_hub;
+            linked.hubs.push(policies::Hub {
+                name: hub.hostname.clone(),
+                location: own.location.clone(),
+                weight: own.allocation_weight,
+                apply_allocation_policy: own.apply_allocation_policy,
+                healthy: true,
+            });
+            linked.targets.push(HubTarget::Local(hub.clone()));
+        }
+        let remote = blocking(&self.store, hubs::load_all).await?;
+        let now = crate::time::now_unix();
+        for record in remote {
+            if linked.target(&record.name).is_some() {
+                continue;
+            }
+            linked.hubs.push(policies::Hub {
+                name: record.name.clone(),
+                location: record.location.clone(),
+                weight: record.allocation_weight,
+                apply_allocation_policy: record.apply_allocation_policy,
+                healthy: record.health(now, self.allocation.heartbeat_timeout)
+                    == hubs::Health::Healthy,
+            });
+            linked.targets.push(HubTarget::Remote(hubs::RemoteHub::new(
+                &record,
+                self.hub_client.clone(),
+            )));
+        }
+        Ok(linked)
+    }
+
+    /// Asks the enrollment's webhook (dps-protocol §5.3).
+    #[allow(clippy::too_many_arguments)]
+    async fn custom_allocation<'a>(
+        &self,
+        registration_id: &str,
+        attested: &AttestedIdentity,
+        enrollment: &Document,
+        body: &RegisterBody,
+        current_hub: Option<&str>,
+        current_device_id: Option<&str>,
+        candidates: &[&'a policies::Hub],
+    ) -> Result<policies::webhook::Assignment<'a>, policies::WebhookError> {
+        let url = enrollment
+            .body
+            .pointer("/customAllocationDefinition/webhookUrl")
+            .and_then(Value::as_str)
+            .ok_or_else(|| {
+                policies::WebhookError::Config("the enrollment has no webhookUrl".into())
+            })?;
+        let client = self
+            .webhook
+            .as_ref()
+            .map_err(|e| policies::WebhookError::Config(e.clone()))?;
+        let attestation = match attested.mechanism {
+            Mechanism::SymmetricKey => policies::webhook::RuntimeAttestation::SymmetricKey,
+            Mechanism::X509 => policies::webhook::RuntimeAttestation::X509(json!({
+                "certificateInfo": attested.certificate_info,
+                "signingCertificateInfo": attested.signing_certificate_info,
+            })),
+            Mechanism::Tpm => policies::webhook::RuntimeAttestation::Tpm {
+                endorsement_key: enrollment
+                    .body
+                    .pointer("/attestation/tpm/endorsementKey")
+                    .and_then(Value::as_str)
+                    .map(String::from)
+                    .or_else(|| body.tpm.as_ref().and_then(|t| t.endorsement_key.clone()))
+                    .unwrap_or_default(),
+                storage_root_key: body.tpm.as_ref().and_then(|t| t.storage_root_key.clone()),
+            },
+        };
+        let context = policies::webhook::DeviceRuntimeContext {
+            registration_id,
+            current_hub,
+            current_device_id,
+            attestation,
+            payload: body.payload.as_ref(),
+        };
+        let kind = match attested.matched {
+            EnrollmentRef::Group(_) => policies::webhook::Enrollment::Group(&enrollment.body),
+            EnrollmentRef::Individual(_) => {
+                policies::webhook::Enrollment::Individual(&enrollment.body)
+            }
+        };
+        let request = policies::webhook::build_request(kind, &context, candidates);
+        client.allocate(url, &request, candidates).await
+    }
+
+    /// Creates or updates the identity on `target` and, when `twin` is given, replaces its tags
+    /// and desired properties. Transport failures are retried briefly on the same hub.
+    async fn apply_on_hub(
+        &self,
+        target: &HubTarget,
+        device_id: &str,
+        identity: &Value,
+        twin: Option<&Value>,
+    ) -> Result<(), HubCallError> {
+        let mut attempt = 0;
+        loop {
+            let result = async {
+                target.ensure_device(device_id, identity).await?;
+                if let Some(twin) = twin {
+                    let body = json!({
+                        "tags": twin.get("tags").cloned().unwrap_or(json!({})),
+                        "properties": {"desired": twin
+                            .pointer("/properties/desired")
+                            .cloned()
+                            .unwrap_or(json!({}))},
+                    });
+                    target.replace_twin(device_id, &body).await?;
+                }
+                Ok(())
+            }
+            .await;
+            match result {
+                Err(HubCallError::Unreachable(_)) if attempt < 2 && target.is_remote() => {
+                    attempt += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// The twin (tags, desired) a moving device has on its old hub; `None` when the old hub is
+    /// gone or unreachable, or the device is not there.
+    async fn read_old_twin(
+        &self,
+        linked: &LinkedHubs,
+        old_hub: Option<&str>,
+        device_id: Option<&str>,
+    ) -> Option<Value> {
+        let target = linked.target(old_hub?)?;
+        match target.twin(device_id?).await {
+            Ok(twin) => twin,
+            Err(error) => {
+                tracing::warn!(hub = target.name(), %error, "cannot read the twin to migrate; resetting it");
+                None
+            }
+        }
+    }
+
+    /// Removes a moved device from its old hub. A failure is logged and counted: the stale
+    /// identity stays until an operator removes it (docs/deployment.md).
+    async fn remove_from_old_hub(&self, linked: &LinkedHubs, old_hub: &str, device_id: &str) {
+        let Some(target) = linked.target(old_hub) else {
+            return;
+        };
+        if let Err(error) = target.remove_device(device_id).await {
+            self.metrics.stale_identities.inc();
+            tracing::warn!(hub = old_hub, device_id, %error, "could not remove a moved device from its old hub");
+        }
+    }
+
+    /// Records that a call to a remote hub failed: it gets no devices until its next heartbeat.
+    async fn hub_failed(&self, target: &HubTarget) {
+        let HubTarget::Remote(remote) = target else {
+            return;
+        };
+        let name = remote.name.clone();
+        let now = crate::time::now_unix();
+        let result = blocking(&self.store, move |s| {
+            hubs::update(s, &name, |h| {
+                h.last_failure_unix = now;
+                true
+            })
+        })
+        .await;
+        if let Err(error) = result {
+            tracing::warn!(hub = %remote.name, %error, "could not record the hub failure");
+        }
     }
 
     /// `GET …/operations/{operationId}`: the outcome of a completed registration.
@@ -1178,6 +1574,8 @@ pub struct DpsMetrics {
     pub registry: prometheus::Registry,
     registrations: prometheus::IntCounterVec,
     latency: prometheus::HistogramVec,
+    /// Moved devices that could not be removed from their old hub.
+    stale_identities: prometheus::IntCounter,
 }
 
 impl DpsMetrics {
@@ -1199,13 +1597,19 @@ impl DpsMetrics {
             ]),
             &["attestation"],
         )?;
+        let stale_identities = prometheus::IntCounter::new(
+            "zerotouch_dps_stale_identities_total",
+            "Devices moved to another hub whose old identity could not be removed",
+        )?;
         let registry = prometheus::Registry::new();
         registry.register(Box::new(registrations.clone()))?;
         registry.register(Box::new(latency.clone()))?;
+        registry.register(Box::new(stale_identities.clone()))?;
         Ok(DpsMetrics {
             registry,
             registrations,
             latency,
+            stale_identities,
         })
     }
 
@@ -1250,22 +1654,6 @@ fn new_operation_id() -> String {
 pub enum Attestation {
     Accepted(Box<AttestedIdentity>, Document),
     Disabled,
-}
-
-/// A hub refusal while assigning is the device's problem (4xx, no endless retries); the hub
-/// being unavailable is transient.
-fn hub_to_api(error: crate::hub::error::HubError) -> ApiError {
-    let status = error.status();
-    if status.is_client_error() {
-        ApiError::new(
-            ErrorCode::InvalidField,
-            format!("the hub refused the device identity: {}", error.message),
-        )
-    } else if status == actix_web::http::StatusCode::SERVICE_UNAVAILABLE {
-        ApiError::new(ErrorCode::Unavailable, "the hub is unavailable; retry")
-    } else {
-        ApiError::internal(error)
-    }
 }
 
 /// Operation ids a device may still poll: this one and the last few before it (a device that

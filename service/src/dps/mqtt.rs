@@ -83,6 +83,7 @@ impl Application for DpsApplication {
                     registration_id: registration_id.to_string(),
                     evidence,
                     outbound,
+                    source: request.remote.ip(),
                 }),
                 expires_at: None,
             })
@@ -95,6 +96,8 @@ struct DpsSession {
     registration_id: String,
     evidence: Evidence,
     outbound: Outbound,
+    /// The device's address, for `geoLatency` allocation.
+    source: std::net::IpAddr,
 }
 
 fn query_value(topic: &str, key: &str) -> Option<String> {
@@ -161,7 +164,8 @@ impl Session for DpsSession {
                     )),
                 };
                 let progress = match body {
-                    Ok(body) => {
+                    Ok(mut body) => {
+                        body.source_address = Some(self.source);
                         self.dps
                             .begin(
                                 &self.registration_id,

@@ -88,7 +88,8 @@ async fn register(
     let (id_scope, registration_id) = path.into_inner();
     require_api_version(&req)?;
     let dps = dps_of(&state, &id_scope)?;
-    let body = body_of(&body)?;
+    let mut body = body_of(&body)?;
+    body.source_address = req.peer_addr().map(|a| a.ip());
     // A TPM device's first register carries no Authorization: answer the challenge.
     if let Some(tpm) = &body.tpm
         && req

@@ -49,6 +49,11 @@ pub enum ErrorCode {
     InvalidHeader,
     /// The request needs `If-Match` and has none.
     IfMatchRequired,
+    /// A PKCS#10 certificate signing request is malformed, badly signed or names another
+    /// subject than the one required.
+    InvalidCsr,
+    /// An EST re-enrollment CSR does not keep the subject of the current certificate.
+    CsrSubjectMismatch,
     /// No credentials, or credentials we cannot read.
     Unauthorized,
     /// The token has expired.
@@ -59,6 +64,12 @@ pub enum ErrorCode {
     InvalidAudience,
     /// The credentials are good but lack the right.
     InsufficientRights,
+    /// A certificate renewal outside the renewal window of its policy.
+    RenewalNotAllowed,
+    /// A hub join token that was already used once.
+    JoinTokenUsed,
+    /// The client certificate was issued here and has been revoked.
+    CertificateRevoked,
     /// No such route.
     NotFound,
     EnrollmentNotFound,
@@ -66,6 +77,10 @@ pub enum ErrorCode {
     EnrollmentGroupNotFound,
     CertificateNotFound,
     PolicyNotFound,
+    /// No linked hub with this name.
+    HubNotFound,
+    /// No certificate with this serial was issued by this service.
+    CertificateNotIssuedHere,
     /// The resource exists but not with this HTTP method.
     MethodNotAllowed,
     /// A create collided with an existing entry (PUT without `If-Match`).
@@ -74,6 +89,8 @@ pub enum ErrorCode {
     WouldLockOut,
     /// A CA certificate still referenced by an enrollment group cannot be deleted.
     CertificateInUse,
+    /// The certificate is revoked already.
+    AlreadyRevoked,
     /// `If-Match` did not match the stored etag.
     PreconditionFailed,
     /// The body is larger than we accept.
@@ -105,21 +122,29 @@ impl ErrorCode {
         ErrorCode::ApiVersionMissing,
         ErrorCode::InvalidHeader,
         ErrorCode::IfMatchRequired,
+        ErrorCode::InvalidCsr,
+        ErrorCode::CsrSubjectMismatch,
         ErrorCode::Unauthorized,
         ErrorCode::TokenExpired,
         ErrorCode::InvalidSignature,
         ErrorCode::InvalidAudience,
         ErrorCode::InsufficientRights,
+        ErrorCode::RenewalNotAllowed,
+        ErrorCode::JoinTokenUsed,
+        ErrorCode::CertificateRevoked,
         ErrorCode::NotFound,
         ErrorCode::EnrollmentNotFound,
         ErrorCode::RegistrationNotFound,
         ErrorCode::EnrollmentGroupNotFound,
         ErrorCode::CertificateNotFound,
         ErrorCode::PolicyNotFound,
+        ErrorCode::HubNotFound,
+        ErrorCode::CertificateNotIssuedHere,
         ErrorCode::MethodNotAllowed,
         ErrorCode::AlreadyExists,
         ErrorCode::WouldLockOut,
         ErrorCode::CertificateInUse,
+        ErrorCode::AlreadyRevoked,
         ErrorCode::PreconditionFailed,
         ErrorCode::PayloadTooLarge,
         ErrorCode::Throttled,
@@ -155,21 +180,31 @@ impl ErrorCode {
             ApiVersionMissing => (StatusCode::BAD_REQUEST, 400_013, "ApiVersionMissing"),
             InvalidHeader => (StatusCode::BAD_REQUEST, 400_014, "InvalidHeader"),
             IfMatchRequired => (StatusCode::BAD_REQUEST, 400_015, "IfMatchRequired"),
+            InvalidCsr => (StatusCode::BAD_REQUEST, 400_016, "InvalidCsr"),
+            CsrSubjectMismatch => (StatusCode::BAD_REQUEST, 400_017, "CsrSubjectMismatch"),
             Unauthorized => (StatusCode::UNAUTHORIZED, 401_000, "Unauthorized"),
             TokenExpired => (StatusCode::UNAUTHORIZED, 401_001, "TokenExpired"),
             InvalidSignature => (StatusCode::UNAUTHORIZED, 401_002, "InvalidSignature"),
             InvalidAudience => (StatusCode::UNAUTHORIZED, 401_003, "InvalidAudience"),
+            JoinTokenUsed => (StatusCode::UNAUTHORIZED, 401_004, "JoinTokenUsed"),
+            CertificateRevoked => (StatusCode::UNAUTHORIZED, 401_005, "CertificateRevoked"),
             InsufficientRights => (StatusCode::FORBIDDEN, 403_001, "InsufficientRights"),
+            RenewalNotAllowed => (StatusCode::FORBIDDEN, 403_002, "RenewalNotAllowed"),
             NotFound => (StatusCode::NOT_FOUND, 404_000, "NotFound"),
             EnrollmentNotFound => (StatusCode::NOT_FOUND, 404_201, "EnrollmentNotFound"),
             RegistrationNotFound => (StatusCode::NOT_FOUND, 404_202, "RegistrationNotFound"),
             EnrollmentGroupNotFound => (StatusCode::NOT_FOUND, 404_203, "EnrollmentGroupNotFound"),
             CertificateNotFound => (StatusCode::NOT_FOUND, 404_204, "CertificateNotFound"),
             PolicyNotFound => (StatusCode::NOT_FOUND, 404_205, "PolicyNotFound"),
+            HubNotFound => (StatusCode::NOT_FOUND, 404_206, "HubNotFound"),
+            CertificateNotIssuedHere => {
+                (StatusCode::NOT_FOUND, 404_207, "CertificateNotIssuedHere")
+            }
             MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, 405_001, "MethodNotAllowed"),
             AlreadyExists => (StatusCode::CONFLICT, 409_201, "AlreadyExists"),
             WouldLockOut => (StatusCode::CONFLICT, 409_202, "WouldLockOut"),
             CertificateInUse => (StatusCode::CONFLICT, 409_203, "CertificateInUse"),
+            AlreadyRevoked => (StatusCode::CONFLICT, 409_204, "AlreadyRevoked"),
             PreconditionFailed => (
                 StatusCode::PRECONDITION_FAILED,
                 412_001,
@@ -332,21 +367,29 @@ mod tests {
             (ErrorCode::ApiVersionMissing, 400, 400_013),
             (ErrorCode::InvalidHeader, 400, 400_014),
             (ErrorCode::IfMatchRequired, 400, 400_015),
+            (ErrorCode::InvalidCsr, 400, 400_016),
+            (ErrorCode::CsrSubjectMismatch, 400, 400_017),
             (ErrorCode::Unauthorized, 401, 401_000),
             (ErrorCode::TokenExpired, 401, 401_001),
             (ErrorCode::InvalidSignature, 401, 401_002),
             (ErrorCode::InvalidAudience, 401, 401_003),
+            (ErrorCode::JoinTokenUsed, 401, 401_004),
+            (ErrorCode::CertificateRevoked, 401, 401_005),
             (ErrorCode::InsufficientRights, 403, 403_001),
+            (ErrorCode::RenewalNotAllowed, 403, 403_002),
             (ErrorCode::NotFound, 404, 404_000),
             (ErrorCode::EnrollmentNotFound, 404, 404_201),
             (ErrorCode::RegistrationNotFound, 404, 404_202),
             (ErrorCode::EnrollmentGroupNotFound, 404, 404_203),
             (ErrorCode::CertificateNotFound, 404, 404_204),
             (ErrorCode::PolicyNotFound, 404, 404_205),
+            (ErrorCode::HubNotFound, 404, 404_206),
+            (ErrorCode::CertificateNotIssuedHere, 404, 404_207),
             (ErrorCode::MethodNotAllowed, 405, 405_001),
             (ErrorCode::AlreadyExists, 409, 409_201),
             (ErrorCode::WouldLockOut, 409, 409_202),
             (ErrorCode::CertificateInUse, 409, 409_203),
+            (ErrorCode::AlreadyRevoked, 409, 409_204),
             (ErrorCode::PreconditionFailed, 412, 412_001),
             (ErrorCode::PayloadTooLarge, 413, 413_001),
             (ErrorCode::Throttled, 429, 429_001),

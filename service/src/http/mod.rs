@@ -9,9 +9,12 @@ pub mod certificates;
 pub mod dps;
 pub mod enrollments;
 pub mod error;
+pub mod est;
 pub mod health;
 pub mod hub;
+pub mod hubs;
 pub mod metrics;
+pub mod pki;
 pub mod policies;
 pub mod registrations;
 
@@ -76,8 +79,12 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .configure(metrics::configure)
     .configure(enrollments::configure)
     .configure(registrations::configure)
+    // Before `certificates`: `/certificates/issued` would otherwise be a CA named "issued".
+    .configure(pki::configure)
+    .configure(est::configure)
     .configure(certificates::configure)
     .configure(policies::configure)
+    .configure(hubs::configure)
     .configure(hub::configure)
     // Last: its `/{idScope}/registrations/…` patterns would shadow nothing above, but keep the
     // fixed management paths first.

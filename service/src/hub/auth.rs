@@ -142,6 +142,8 @@ pub enum DeviceAuthFailure {
     ThumbprintMismatch,
     UntrustedCertificate,
     WrongMechanism,
+    /// The certificate was issued by this service and has been revoked.
+    Revoked,
 }
 
 impl DeviceAuthFailure {
@@ -157,6 +159,7 @@ impl DeviceAuthFailure {
             DeviceAuthFailure::ThumbprintMismatch => "thumbprint_mismatch",
             DeviceAuthFailure::UntrustedCertificate => "untrusted_certificate",
             DeviceAuthFailure::WrongMechanism => "wrong_mechanism",
+            DeviceAuthFailure::Revoked => "revoked_certificate",
         }
     }
 }

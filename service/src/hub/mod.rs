@@ -11,6 +11,7 @@ pub mod auth;
 pub mod c2d;
 pub mod device;
 pub mod error;
+pub mod join;
 pub mod methods;
 pub mod mqtt;
 
@@ -54,6 +55,12 @@ pub struct Hub {
     pub methods: methods::PendingMethods,
     pub c2d: c2d::Deliveries,
     pub metrics: HubMetrics,
+    /// CA certificates (PEM) that certificateAuthority devices may chain to, besides verified
+    /// uploads in this store: this service's own CA, or, on a joined hub, what the provisioning
+    /// service sends with each heartbeat.
+    trust_bundle: std::sync::RwLock<String>,
+    /// Live X.509 connections by certificate serial, closed when the certificate is revoked.
+    pub certificates: crate::pki::live::LiveCertificates,
 }
 
 impl std::fmt::Debug for Hub {
@@ -113,8 +120,11 @@ impl Hub {
         hostnames: Vec<String>,
         hostname: String,
         telemetry: Telemetry,
+        trust_bundle: String,
     ) -> Hub {
         Hub {
+            trust_bundle: std::sync::RwLock::new(trust_bundle),
+            certificates: Default::default(),
             store,
             hostnames,
             hostname,
@@ -123,6 +133,21 @@ impl Hub {
             methods: methods::PendingMethods::default(),
             c2d: c2d::Deliveries::default(),
             metrics: HubMetrics::default(),
+        }
+    }
+
+    /// The CA bundle trusted for certificateAuthority devices (see the field).
+    pub fn trust_bundle(&self) -> String {
+        self.trust_bundle
+            .read()
+            .map(|b| b.clone())
+            .unwrap_or_else(|poisoned| poisoned.into_inner().clone())
+    }
+
+    pub fn set_trust_bundle(&self, pem: String) {
+        match self.trust_bundle.write() {
+            Ok(mut bundle) => *bundle = pem,
+            Err(poisoned) => *poisoned.into_inner() = pem,
         }
     }
 

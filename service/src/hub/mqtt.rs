@@ -41,13 +41,11 @@ pub fn parse_username(username: &str) -> Option<(&str, &str)> {
 
 pub struct HubApplication {
     hub: Arc<Hub>,
-    /// The service's own CA bundle (trusted for certificateAuthority devices).
-    ca_bundle: String,
 }
 
 impl HubApplication {
-    pub fn new(hub: Arc<Hub>, ca_bundle: String) -> HubApplication {
-        HubApplication { hub, ca_bundle }
+    pub fn new(hub: Arc<Hub>) -> HubApplication {
+        HubApplication { hub }
     }
 
     async fn authenticate(
@@ -85,11 +83,20 @@ impl HubApplication {
             .peer_certificates
             .as_ref()
             .ok_or(DeviceAuthFailure::NoCredentials)?;
-        let bundle = self.ca_bundle.clone();
+        let bundle = self.hub.trust_bundle();
         let trusted = blocking(self.hub.store(), move |s| auth::trusted_cas(s, &bundle))
             .await
             .map_err(|_| DeviceAuthFailure::UntrustedCertificate)?;
         auth::verify_device_certificate(&device, &peer.leaf, &peer.chain, &trusted, now as i64)?;
+        let leaf = peer.leaf.clone();
+        let revoked = blocking(self.hub.store(), move |s| {
+            crate::pki::revocation_of(s, &leaf)
+        })
+        .await
+        .map_err(|_| DeviceAuthFailure::UntrustedCertificate)?;
+        if revoked.is_some() {
+            return Err(DeviceAuthFailure::Revoked);
+        }
         // The session ends when the certificate does.
         let expires = zerotouch_attestation::x509::Certificate::from_der(&peer.leaf)
             .ok()
@@ -108,6 +115,13 @@ impl Application for HubApplication {
             match self.authenticate(&request).await {
                 Ok((device_id, expires_at, method)) => {
                     tracing::info!(device_id, method, "device authenticated");
+                    if let Some(peer) = request
+                        .peer_certificates
+                        .as_ref()
+                        .filter(|_| method == "x509")
+                    {
+                        self.hub.certificates.track(&peer.leaf, outbound.clone());
+                    }
                     Ok(Accepted {
                         session_key: session_key(&device_id),
                         session: Box::new(HubSession {

@@ -39,6 +39,7 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use zerotouch_attestation::symmetric_key;
+use zerotouch_service::simulate::provision::Management;
 use zerotouch_tests::load::{
     Errors, cpu_seconds, host_without_port, now_unix, parse_connection_string, percentiles,
     random_key, require_loopback, reqwest_kind, round2, rss_kib, run_and_report,
@@ -137,41 +138,6 @@ fn client_builder(roots: &[reqwest::Certificate], timeout: u64) -> reqwest::Clie
         builder = builder.add_root_certificate(root.clone());
     }
     builder
-}
-
-/// Sends a management request; returns (status, body).
-async fn send(request: reqwest::RequestBuilder) -> anyhow::Result<(u16, Value)> {
-    let response = request.send().await?;
-    let status = response.status().as_u16();
-    let text = response.text().await?;
-    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    Ok((status, body))
-}
-
-/// PUT that creates, or replaces (`If-Match: *`) what already exists.
-async fn put_or_replace(
-    client: &reqwest::Client,
-    url: &str,
-    auth: &str,
-    body: &Value,
-) -> anyhow::Result<()> {
-    let (status, answer) = send(client.put(url).header("Authorization", auth).json(body)).await?;
-    let (status, answer) = if status == 409 {
-        send(
-            client
-                .put(url)
-                .header("Authorization", auth)
-                .header("If-Match", "*")
-                .json(body),
-        )
-        .await?
-    } else {
-        (status, answer)
-    };
-    if !(200..300).contains(&status) {
-        bail!("PUT {url} answered {status}: {answer}");
-    }
-    Ok(())
 }
 
 // ----- devices -----------------------------------------------------------------------------
@@ -296,17 +262,13 @@ async fn register_device(
 
 /// Group `load-sk` with a known key, and every device's pre-signed SAS token.
 async fn setup_symmetric(
-    mgmt: &reqwest::Client,
-    base: &str,
-    auth: &str,
+    mgmt: &Management,
     id_scope: &str,
     ids: &[String],
 ) -> anyhow::Result<Vec<(String, Option<String>)>> {
     let group_key = random_key(KEY_BYTES);
-    put_or_replace(
-        mgmt,
-        &format!("{base}/enrollmentGroups/{SK_GROUP}?api-version={API_VERSION}"),
-        auth,
+    mgmt.put_or_replace(
+        &format!("/enrollmentGroups/{SK_GROUP}"),
         &json!({
             "enrollmentGroupId": SK_GROUP,
             "attestation": {
@@ -359,24 +321,18 @@ fn leaf(issuer: &Issuer<'_, KeyPair>, cn: &str) -> anyhow::Result<(String, Strin
 
 /// Root `load-root` (uploaded verified), group `load-x509`, and every device's client identity.
 async fn setup_x509(
-    mgmt: &reqwest::Client,
-    base: &str,
-    auth: &str,
+    mgmt: &Management,
     ids: &[String],
 ) -> anyhow::Result<Vec<(String, reqwest::Identity)>> {
     let (root_pem, issuer) = root_ca()?;
-    put_or_replace(
-        mgmt,
-        &format!("{base}/certificates/{X509_ROOT}?api-version={API_VERSION}"),
-        auth,
+    mgmt.put_or_replace(
+        &format!("/certificates/{X509_ROOT}"),
         &json!({"certificate": root_pem, "isVerified": true}),
     )
     .await
     .context("uploading the root CA")?;
-    put_or_replace(
-        mgmt,
-        &format!("{base}/enrollmentGroups/{X509_GROUP}?api-version={API_VERSION}"),
-        auth,
+    mgmt.put_or_replace(
+        &format!("/enrollmentGroups/{X509_GROUP}"),
         &json!({
             "enrollmentGroupId": X509_GROUP,
             "attestation": {"type": "x509", "x509": {"caReferences": {"primary": X509_ROOT}}},
@@ -462,8 +418,11 @@ async fn run(args: Args) -> anyhow::Result<Value> {
         .with_context(|| format!("reading {}", args.ca_file.display()))?;
     let roots = reqwest::Certificate::from_pem_bundle(&ca_pem)?;
     let base = format!("https://{}", service.host);
-    let mgmt = client_builder(&roots, args.request_timeout).build()?;
-    let auth = service.service_token(TOKEN_TTL_SECS)?;
+    let management = Management {
+        http: client_builder(&roots, args.request_timeout).build()?,
+        base: base.clone(),
+        auth: service.service_token(TOKEN_TTL_SECS)?,
+    };
     let prefix = args.prefix.clone().unwrap_or_else(|| {
         let mode = match args.mode {
             Mode::Symmetric => "sk",
@@ -480,7 +439,7 @@ async fn run(args: Args) -> anyhow::Result<Value> {
     let setup = async {
         let devices: Vec<Device> = match args.mode {
             Mode::Symmetric => {
-                let tokens = setup_symmetric(&mgmt, &base, &auth, &args.id_scope, &ids).await?;
+                let tokens = setup_symmetric(&management, &args.id_scope, &ids).await?;
                 tokens
                     .into_iter()
                     .map(|(id, sas)| {
@@ -494,7 +453,7 @@ async fn run(args: Args) -> anyhow::Result<Value> {
                     })
                     .collect::<anyhow::Result<_>>()?
             }
-            Mode::X509 => setup_x509(&mgmt, &base, &auth, &ids)
+            Mode::X509 => setup_x509(&management, &ids)
                 .await?
                 .into_iter()
                 .map(|(id, identity)| {

@@ -27,6 +27,7 @@ use serde_json::{Value, json};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use zerotouch_attestation::symmetric_key;
+use zerotouch_service::simulate::mqtt::{connect, connection_error_kind, connector};
 use zerotouch_tests::load::{
     Errors, cpu_seconds, host_without_port, now_unix, parse_connection_string, percentiles,
     random_key, require_loopback, reqwest_kind, round2, rss_kib, run_and_report,
@@ -45,11 +46,16 @@ const DEVICE_KEY_BYTES: usize = 32;
 #[command(about = "Bounded MQTT telemetry load against a Zerotouch hub (loopback only)")]
 struct Args {
     /// iothubowner connection string: `HostName=IP:PORT;SharedAccessKeyName=…;SharedAccessKey=…`.
-    #[arg(long)]
-    hub_connection_string: String,
+    #[arg(long, required_unless_present = "broker")]
+    hub_connection_string: Option<String>,
     /// The server's CA bundle (PEM), trusted for HTTPS and MQTT.
-    #[arg(long)]
-    ca_file: PathBuf,
+    #[arg(long, required_unless_present = "broker")]
+    ca_file: Option<PathBuf>,
+    /// Load a plain MQTT broker instead of the hub, e.g. Mosquitto at `127.0.0.1:1883`: the
+    /// same clients, topics, QoS, rate and window, but plain TCP, no credentials and no device
+    /// creation. For comparing the hub's durable ingest with a broker's QoS 1.
+    #[arg(long, conflicts_with_all = ["hub_connection_string", "ca_file", "delete_devices"])]
+    broker: Option<String>,
     /// MQTT address to dial. Default: the HostName without its port.
     #[arg(long)]
     mqtt_host: Option<String>,
@@ -93,34 +99,6 @@ struct Args {
     /// Delete the devices again at the end.
     #[arg(long)]
     delete_devices: bool,
-}
-
-fn connection_error_kind(e: &ConnectionError) -> String {
-    match e {
-        ConnectionError::MqttState(s) => format!("mqtt_state:{}", state_error_kind(s)),
-        ConnectionError::NetworkTimeout => "network_timeout".into(),
-        ConnectionError::FlushTimeout => "flush_timeout".into(),
-        ConnectionError::Tls(_) => "tls".into(),
-        ConnectionError::Io(io) => format!("io:{:?}", io.kind()),
-        ConnectionError::ConnectionRefused(code) => format!("connack:{code:?}"),
-        ConnectionError::NotConnAck(_) => "not_connack".into(),
-        ConnectionError::RequestsDone => "requests_done".into(),
-    }
-}
-
-fn state_error_kind(e: &rumqttc::StateError) -> &'static str {
-    use rumqttc::StateError as S;
-    match e {
-        S::Io(_) => "io",
-        S::InvalidState => "invalid_state",
-        S::Unsolicited(_) => "unsolicited_ack",
-        S::AwaitPingResp => "no_pingresp",
-        S::WrongPacket => "wrong_packet",
-        S::CollisionTimeout => "collision_timeout",
-        S::EmptySubscription => "empty_subscription",
-        S::Deserialization(_) => "deserialization",
-        S::ConnectionAborted => "aborted_by_peer",
-    }
 }
 
 // ----- setup: devices through the service API -----------------------------------------------
@@ -239,7 +217,8 @@ struct Plan {
     hub_host: String,
     mqtt_host: String,
     mqtt_port: u16,
-    connector: native_tls::TlsConnector,
+    /// None: plain TCP without credentials (`--broker`).
+    connector: Option<native_tls::TlsConnector>,
     rate: f64,
     payload: Vec<u8>,
     /// Connect timeout for TCP + TLS + CONNACK, in seconds.
@@ -280,19 +259,25 @@ struct Progress {
 
 fn mqtt_options(plan: &Plan, id: &str, key: &str) -> Result<MqttOptions, String> {
     let resource = format!("{}/devices/{id}", plan.hub_host);
-    let token = symmetric_key::sign(&resource, key, now_unix() + TOKEN_TTL_SECS, None)
-        .map_err(|_| "sign:bad_key".to_string())?;
+    let token = match plan.connector {
+        Some(_) => symmetric_key::sign(&resource, key, now_unix() + TOKEN_TTL_SECS, None)
+            .map_err(|_| "sign:bad_key".to_string())?,
+        None => String::new(),
+    };
     let mut options = MqttOptions::new(id, plan.mqtt_host.clone(), plan.mqtt_port);
     options
         .set_keep_alive(Duration::from_secs(60))
-        .set_clean_session(false)
-        .set_credentials(
-            format!("{}/{id}/?api-version={MQTT_API_VERSION}", plan.hub_host),
-            token,
-        )
-        .set_transport(Transport::tls_with_config(
-            TlsConfiguration::NativeConnector(plan.connector.clone()),
-        ));
+        .set_clean_session(false);
+    if let Some(connector) = &plan.connector {
+        options
+            .set_credentials(
+                format!("{}/{id}/?api-version={MQTT_API_VERSION}", plan.hub_host),
+                token,
+            )
+            .set_transport(Transport::tls_with_config(
+                TlsConfiguration::NativeConnector(connector.clone()),
+            ));
+    }
     Ok(options)
 }
 
@@ -324,24 +309,14 @@ async fn run_device(
     eventloop.set_network_options(network);
 
     // Connect with a handshake permit held.
-    let ok = {
-        let _permit = handshakes.acquire().await;
-        let started = Instant::now();
-        match eventloop.poll().await {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                report.connect_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
-                true
-            }
-            Ok(_) => {
-                report.errors.add("connect:unexpected_event");
-                false
-            }
-            Err(e) => {
-                report
-                    .errors
-                    .add(format!("connect:{}", connection_error_kind(&e)));
-                false
-            }
+    let ok = match connect(&mut eventloop, &handshakes, "connect").await {
+        Ok(ms) => {
+            report.connect_ms = Some(ms);
+            true
+        }
+        Err(kind) => {
+            report.errors.add(kind);
+            false
         }
     };
     let _ = connected.send(ok).await;
@@ -542,58 +517,77 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(args: Args) -> anyhow::Result<Value> {
     let began = Instant::now();
-    let hub = parse_connection_string(&args.hub_connection_string)?;
-    let mqtt_host = args
-        .mqtt_host
-        .clone()
-        .unwrap_or_else(|| host_without_port(&hub.host).to_string());
-    require_loopback(host_without_port(&hub.host), TOOL)?;
-    require_loopback(&mqtt_host, TOOL)?;
     if !args.rate.is_finite() || !(0.0..=1000.0).contains(&args.rate) {
         bail!("--rate must be between 0 and 1000 messages per second per device");
     }
-    let ca_pem = std::fs::read(&args.ca_file)
-        .with_context(|| format!("reading {}", args.ca_file.display()))?;
-
-    // Setup: the devices.
     let mut errors = Errors::default();
-    let http = https_client(&ca_pem)?;
-    let base = format!("https://{}", hub.host);
-    let auth = hub.service_token(TOKEN_TTL_SECS)?;
     let ids: Vec<String> = (0..args.devices)
         .map(|n| format!("{}-{n:05}", args.prefix))
         .collect();
     let setup_started = Instant::now();
-    let devices = tokio::time::timeout(
-        Duration::from_secs(args.setup_timeout),
-        ensure_devices(
-            &http,
-            &base,
-            &auth,
-            &ids,
-            args.create_concurrency,
-            &mut errors,
-        ),
-    )
-    .await
-    .context("device setup exceeded --setup-timeout")?;
+    // The hub: devices through its service API, TLS and SAS. A plain broker: nothing to set up.
+    let (hub, mqtt_host, mqtt_port, tls, devices) =
+        match (&args.broker, &args.hub_connection_string, &args.ca_file) {
+            (Some(broker), _, _) => {
+                let (host, port) = broker
+                    .rsplit_once(':')
+                    .and_then(|(h, p)| Some((host_without_port(h).to_string(), p.parse().ok()?)))
+                    .context("--broker must be HOST:PORT")?;
+                require_loopback(&host, TOOL)?;
+                let devices: Vec<(String, String)> =
+                    ids.iter().map(|id| (id.clone(), String::new())).collect();
+                (None, host, port, None, devices)
+            }
+            (None, Some(cs), Some(ca_file)) => {
+                let hub = parse_connection_string(cs)?;
+                let mqtt_host = args
+                    .mqtt_host
+                    .clone()
+                    .unwrap_or_else(|| host_without_port(&hub.host).to_string());
+                require_loopback(host_without_port(&hub.host), TOOL)?;
+                require_loopback(&mqtt_host, TOOL)?;
+                let ca_pem = std::fs::read(ca_file)
+                    .with_context(|| format!("reading {}", ca_file.display()))?;
+                let http = https_client(&ca_pem)?;
+                let base = format!("https://{}", hub.host);
+                let auth = hub.service_token(TOKEN_TTL_SECS)?;
+                let devices = tokio::time::timeout(
+                    Duration::from_secs(args.setup_timeout),
+                    ensure_devices(
+                        &http,
+                        &base,
+                        &auth,
+                        &ids,
+                        args.create_concurrency,
+                        &mut errors,
+                    ),
+                )
+                .await
+                .context("device setup exceeded --setup-timeout")?;
+                // One native-tls connector for every connection (building one per connection
+                // reloads the trust store; building-blocks §7).
+                let tls = connector(&ca_pem, None, false)?;
+                (
+                    Some((hub.host.clone(), http, base, auth)),
+                    mqtt_host,
+                    args.mqtt_port,
+                    Some(tls),
+                    devices,
+                )
+            }
+            _ => bail!("give --hub-connection-string and --ca-file, or --broker"),
+        };
     let setup_seconds = setup_started.elapsed().as_secs_f64();
 
     // The hard deadline covers the whole MQTT phase.
     let mqtt_started = Instant::now();
     let hard_deadline = mqtt_started + Duration::from_secs(args.duration + args.deadline_slack);
 
-    // One native-tls connector for every connection (building one per connection reloads
-    // the trust store; building-blocks §7).
-    let mut tls = native_tls::TlsConnector::builder();
-    for cert in openssl::x509::X509::stack_from_pem(&ca_pem)? {
-        tls.add_root_certificate(native_tls::Certificate::from_der(&cert.to_der()?)?);
-    }
     let plan = Arc::new(Plan {
-        hub_host: hub.host.clone(),
+        hub_host: hub.as_ref().map(|h| h.0.clone()).unwrap_or_default(),
         mqtt_host,
-        mqtt_port: args.mqtt_port,
-        connector: tls.build()?,
+        mqtt_port,
+        connector: tls,
         rate: args.rate,
         payload: (0..args.payload_bytes)
             .map(|i| b'a' + (i % 26) as u8)
@@ -685,7 +679,7 @@ async fn run(args: Args) -> anyhow::Result<Value> {
         server_cpu_after = args.server_pid.and_then(cpu_seconds);
     }
 
-    if args.delete_devices {
+    if let Some((_, http, base, auth)) = hub.as_ref().filter(|_| args.delete_devices) {
         let mut set = JoinSet::new();
         let gate = Arc::new(Semaphore::new(args.create_concurrency.max(1)));
         for (id, _) in &devices {
@@ -729,6 +723,7 @@ async fn run(args: Args) -> anyhow::Result<Value> {
         by_second.pop();
     }
     let mut report = json!({
+        "target": if args.broker.is_some() { "broker" } else { "hub" },
         "devices": {"requested": args.devices, "ready": devices.len(), "connected": connected},
         "setup_seconds": round2(setup_seconds),
         "connect": {

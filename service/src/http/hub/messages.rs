@@ -80,17 +80,18 @@ async fn authenticate_device(
         return Ok("sas");
     }
     let peer = peer_certificates(req).ok_or_else(|| refused(DeviceAuthFailure::NoCredentials))?;
-    let bundle = std::fs::read_to_string(&hub_ca_bundle(req)?).map_err(HubError::internal)?;
+    let bundle = hub.trust_bundle();
     let trusted = blocking(hub.store(), move |s| auth::trusted_cas(s, &bundle)).await?;
     auth::verify_device_certificate(&device, &peer.leaf, &peer.chain, &trusted, now as i64)
         .map_err(refused)?;
+    let leaf = peer.leaf.clone();
+    if blocking(hub.store(), move |s| crate::pki::revocation_of(s, &leaf))
+        .await?
+        .is_some()
+    {
+        return Err(refused(DeviceAuthFailure::Revoked));
+    }
     Ok("x509")
-}
-
-fn hub_ca_bundle(req: &HttpRequest) -> Result<std::path::PathBuf, HubError> {
-    req.app_data::<web::Data<AppState>>()
-        .map(|s| s.instance.paths.ca_bundle.clone())
-        .ok_or_else(|| HubError::internal("no app state"))
 }
 
 /// HTTPS property names of system properties (hub-protocol §6) and their bag keys.

@@ -1,0 +1,2 @@
+DROP TABLE join_tokens;
+DROP TABLE linked_hubs;

@@ -1,0 +1,3 @@
+DROP TABLE pki_state;
+DROP TABLE audit_events;
+DROP TABLE issued_certificates;

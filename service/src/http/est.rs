@@ -1,0 +1,345 @@
+//! EST (RFC 7030) under `/.well-known/est/`: `cacerts`, `csrattrs`, `simpleenroll` and
+//! `simplereenroll`. Bodies are base64 (`Content-Transfer-Encoding: base64`); certificates go
+//! out as certs-only PKCS#7.
+//!
+//! - `simpleenroll` admits a device that DPS would admit: a TLS client certificate that
+//!   attests against an X.509 enrollment (the same `Dps::authenticate`, revocation check
+//!   included), or, for a symmetric-key device that has registered, HTTP Basic
+//!   (`registrationId:deviceKeyOrSasToken`) or `Authorization: SharedAccessSignature …`.
+//!   The CSR's CN must be the registration id.
+//! - `simplereenroll` admits the holder of a current, unrevoked certificate issued here (TLS
+//!   client certificate); the CSR keeps its subject, and the enrollment's `renewalPolicy` (or
+//!   [`RenewalPolicy::DEFAULT`]) decides whether it is time.
+//! - Labels (`/.well-known/est/{label}/…`) are accepted and ignored: there is one profile.
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use base64::Engine as _;
+use serde_json::{Value, json};
+use zerotouch_attestation::symmetric_key::{self, SasToken};
+use zerotouch_attestation::{AttestedIdentity, EnrollmentRef, Mechanism};
+use zerotouch_certs::est;
+use zerotouch_certs::renewal::{self, RenewalPolicy, RenewalRefusal};
+
+use crate::db::Collection;
+use crate::dps::{Attestation, Evidence};
+use crate::http::error::{ApiError, ErrorCode};
+use crate::http::pki::pki_of;
+use crate::http::{AppState, blocking, peer_certificates};
+use crate::pki::{Action, Pki};
+
+const CERTS_ONLY: &str = "application/pkcs7-mime; smime-type=certs-only";
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    for prefix in ["/.well-known/est", "/.well-known/est/{label}"] {
+        cfg.service(web::resource(format!("{prefix}/cacerts")).route(web::get().to(cacerts)))
+            .service(web::resource(format!("{prefix}/csrattrs")).route(web::get().to(csrattrs)))
+            .service(
+                web::resource(format!("{prefix}/simpleenroll")).route(web::post().to(simpleenroll)),
+            )
+            .service(
+                web::resource(format!("{prefix}/simplereenroll"))
+                    .route(web::post().to(simplereenroll)),
+            );
+    }
+}
+
+fn certs_only(certificates: &[Vec<u8>]) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type(CERTS_ONLY)
+        .insert_header(("content-transfer-encoding", "base64"))
+        .body(est::certs_only_body(certificates))
+}
+
+async fn cacerts(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let pki = pki_of(&req)?;
+    Ok(certs_only(pki.ca_chain_der()))
+}
+
+async fn csrattrs() -> HttpResponse {
+    if est::DEFAULT_CSR_ATTRIBUTES.is_empty() {
+        return HttpResponse::NoContent().finish();
+    }
+    HttpResponse::Ok()
+        .content_type("application/csrattrs")
+        .insert_header(("content-transfer-encoding", "base64"))
+        .body(est::csrattrs_body(est::DEFAULT_CSR_ATTRIBUTES))
+}
+
+fn unauthorized(message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorCode::Unauthorized, message)
+}
+
+fn csr_error(e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(ErrorCode::InvalidCsr, format!("the CSR is refused: {e}"))
+}
+
+/// The CSR's single CN, if it has one.
+fn csr_common_name(csr_der: &[u8]) -> Option<String> {
+    use x509_parser::prelude::FromDer as _;
+    let (_, csr) =
+        x509_parser::certification_request::X509CertificationRequest::from_der(csr_der).ok()?;
+    let mut names = csr.certification_request_info.subject.iter_common_name();
+    let cn = names.next()?.as_str().ok()?.to_string();
+    names.next().is_none().then_some(cn)
+}
+
+/// Who is enrolling: the registration id and what they present.
+fn enrollment_evidence(
+    req: &HttpRequest,
+    id_scope: &str,
+    csr_der: &[u8],
+) -> Result<(String, Evidence), ApiError> {
+    let header = req
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if let Some(header) = header {
+        if let Some(basic) = header.strip_prefix("Basic ") {
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(basic.trim())
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .ok_or_else(|| unauthorized("malformed Basic credentials"))?;
+            let (id, secret) = decoded
+                .split_once(':')
+                .ok_or_else(|| unauthorized("malformed Basic credentials"))?;
+            let token = if secret.starts_with("SharedAccessSignature ") {
+                secret.to_string()
+            } else {
+                // The device key itself: sign a short-lived token with it and attest that.
+                symmetric_key::sign(
+                    &symmetric_key::registration_resource(id_scope, id),
+                    secret,
+                    crate::time::now_unix() + 60,
+                    None,
+                )
+                .map_err(|_| unauthorized("the Basic password is neither a SAS token nor a key"))?
+            };
+            let token = SasToken::parse(&token)
+                .map_err(|e| unauthorized(format!("malformed SAS token: {e}")))?;
+            return Ok((id.to_string(), Evidence::Sas(token)));
+        }
+        let token = SasToken::parse(header)
+            .map_err(|e| unauthorized(format!("malformed SAS token: {e}")))?;
+        let id = csr_common_name(csr_der)
+            .ok_or_else(|| csr_error("the subject must have exactly one CN"))?;
+        return Ok((id, Evidence::Sas(token)));
+    }
+    let peer = peer_certificates(req).ok_or_else(|| {
+        unauthorized("present a TLS client certificate, HTTP Basic or a SAS token")
+    })?;
+    let id = crate::pki::leaf_identity(&peer.leaf)
+        .and_then(|_| zerotouch_attestation::x509::Certificate::from_der(&peer.leaf).ok())
+        .and_then(|c| c.common_name().map(String::from))
+        .ok_or_else(|| unauthorized("the client certificate has no CN"))?;
+    Ok((id, Evidence::Certificate(peer)))
+}
+
+async fn simpleenroll(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    let pki = pki_of(&req)?;
+    let dps = state
+        .dps
+        .clone()
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "this instance runs no DPS"))?;
+    let csr = est::decode_csr_body(&body).map_err(csr_error)?;
+    let (registration_id, evidence) = enrollment_evidence(&req, &dps.id_scope, &csr)?;
+    let (attested, _enrollment) = match dps.authenticate(&registration_id, &evidence).await? {
+        Attestation::Accepted(attested, enrollment) => (attested, enrollment),
+        Attestation::Disabled => return Err(unauthorized("the enrollment is disabled")),
+    };
+    if attested.mechanism == Mechanism::Tpm {
+        return Err(unauthorized("TPM devices enroll through DPS"));
+    }
+    if attested.mechanism == Mechanism::SymmetricKey {
+        // A shared key admits only a device that has provisioned.
+        let id = registration_id.clone();
+        let registered = blocking(&state, move |s| s.get(Collection::Registrations, &id)).await?;
+        let assigned = registered
+            .as_ref()
+            .and_then(|d| d.body.get("status").and_then(Value::as_str))
+            == Some("assigned");
+        if !assigned {
+            return Err(unauthorized(
+                "register with the provisioning service before enrolling over EST",
+            ));
+        }
+    }
+    let leaf = issue(
+        &pki,
+        &state,
+        &csr,
+        &registration_id,
+        &attested,
+        Action::Issue,
+        json!({"via": "est/simpleenroll"}),
+    )
+    .await?;
+    Ok(certs_only(&[leaf]))
+}
+
+async fn issue(
+    pki: &Pki,
+    state: &web::Data<AppState>,
+    csr: &[u8],
+    registration_id: &str,
+    attested: &AttestedIdentity,
+    action: Action,
+    detail: Value,
+) -> Result<Vec<u8>, ApiError> {
+    let group = match &attested.matched {
+        EnrollmentRef::Group(group) => Some(group.clone()),
+        EnrollmentRef::Individual(_) => None,
+    };
+    sign_and_record(
+        pki,
+        state,
+        csr,
+        registration_id,
+        group.as_deref(),
+        action,
+        detail,
+    )
+    .await
+}
+
+async fn sign_and_record(
+    pki: &Pki,
+    state: &web::Data<AppState>,
+    csr: &[u8],
+    registration_id: &str,
+    group: Option<&str>,
+    action: Action,
+    detail: Value,
+) -> Result<Vec<u8>, ApiError> {
+    let profile = pki.profile(state.settings.dps.certificate_validity_days);
+    let issued = pki
+        .instance()
+        .ca
+        .sign_device_csr_with(
+            csr,
+            registration_id,
+            &profile,
+            crate::time::now_unix() as i64,
+        )
+        .map_err(|e| match e {
+            zerotouch_certs::Error::InvalidCsr { .. }
+            | zerotouch_certs::Error::CsrSignatureInvalid
+            | zerotouch_certs::Error::CnMismatch { .. } => csr_error(e),
+            other => ApiError::internal(other),
+        })?;
+    let actor = format!("est:{registration_id}");
+    pki.record_issued(&issued, registration_id, group, &actor, action, detail)
+        .await?;
+    Ok(issued.certificate_der)
+}
+
+async fn simplereenroll(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    let pki = pki_of(&req)?;
+    let peer = peer_certificates(&req).ok_or_else(|| {
+        unauthorized("re-enrollment needs the current certificate as TLS client certificate")
+    })?;
+    let identity = crate::pki::leaf_identity(&peer.leaf)
+        .ok_or_else(|| unauthorized("the client certificate does not parse"))?;
+    let ours = pki
+        .instance()
+        .ca
+        .is_issuer_of(&peer.leaf_pem())
+        .unwrap_or(false);
+    if !ours {
+        return Err(unauthorized(
+            "the client certificate was not issued by this service",
+        ));
+    }
+    let serial = identity.serial.clone();
+    let record = blocking(&state, move |s| {
+        s.get(Collection::IssuedCertificates, &serial)
+    })
+    .await?
+    .ok_or_else(|| unauthorized("the client certificate was not issued by this service"))?
+    .body;
+    if record.get("status").and_then(Value::as_str) == Some("revoked") {
+        return Err(ApiError::new(
+            ErrorCode::CertificateRevoked,
+            format!(
+                "the client certificate (serial {}) has been revoked",
+                identity.serial
+            ),
+        ));
+    }
+    let registration_id = record
+        .get("registrationId")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::internal("an issued-certificate record without registrationId"))?
+        .to_string();
+    let group = record
+        .get("enrollmentGroupId")
+        .and_then(Value::as_str)
+        .map(String::from);
+
+    let csr = est::decode_csr_body(&body).map_err(csr_error)?;
+    match renewal::same_subject(&peer.leaf, &csr) {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(ApiError::new(
+                ErrorCode::CsrSubjectMismatch,
+                format!(
+                    "the CSR's subject must be the current certificate's, {}",
+                    identity.subject
+                ),
+            ));
+        }
+        Err(e) => return Err(csr_error(e)),
+    }
+
+    // The enrollment must still admit the device; its renewalPolicy decides the window.
+    let (collection, enrollment_id) = match &group {
+        Some(group) => (Collection::EnrollmentGroups, group.clone()),
+        None => (Collection::IndividualEnrollments, registration_id.clone()),
+    };
+    let enrollment = blocking(&state, move |s| s.get(collection, &enrollment_id))
+        .await?
+        .ok_or_else(|| unauthorized("the enrollment of this certificate no longer exists"))?;
+    if enrollment
+        .body
+        .get("provisioningStatus")
+        .and_then(Value::as_str)
+        == Some("disabled")
+    {
+        return Err(unauthorized("the enrollment is disabled"));
+    }
+    let policy = enrollment
+        .body
+        .get("renewalPolicy")
+        .and_then(|p| crate::pki::renewal_policy(p).ok())
+        .unwrap_or(RenewalPolicy::DEFAULT);
+    let now = crate::time::now_unix() as i64;
+    if let Err(refusal) = renewal::decide(&policy, identity.not_before, identity.not_after, now) {
+        let message = match refusal {
+            RenewalRefusal::TooEarly { opens_at_unix } => format!(
+                "renewal opens at {}",
+                crate::time::rfc3339_of_unix(u64::try_from(opens_at_unix).unwrap_or(0))
+            ),
+            other => other.to_string(),
+        };
+        return Err(ApiError::new(ErrorCode::RenewalNotAllowed, message));
+    }
+    let leaf = sign_and_record(
+        &pki,
+        &state,
+        &csr,
+        &registration_id,
+        group.as_deref(),
+        Action::Renew,
+        json!({"via": "est/simplereenroll", "previousSerial": identity.serial}),
+    )
+    .await?;
+    Ok(certs_only(&[leaf]))
+}

@@ -1,0 +1,745 @@
+//! The PKI lifecycle around the `certs` primitives: records of every certificate this service
+//! issues, the audit trail, revocation (with its enforcement), the CRL and the OCSP responder.
+//!
+//! - Storage: `issued_certificates` (one document per certificate, id = serial in upper-case
+//!   hex, parent = registration id), `audit_events` (id sorts by time, parent = registration
+//!   id) and `pki_state` (document `crl`: the current signed CRL and its number).
+//! - A revocation check is one get by serial ([`revocation_of`]); the DPS X.509 attestation,
+//!   EST and the hub's device authentication (MQTT and HTTPS) call it.
+//! - The CRL is re-signed on every revocation and when less than [`CRL_REFRESH_MARGIN`] is
+//!   left before its `nextUpdate`. Its number rises across restarts and replicas: it lives in
+//!   the database and is written with an etag condition.
+//!
+//! **Invariant:** the CA keys stay in `certs`; this module only asks `CaHierarchy` and
+//! `OcspSigner` to sign.
+
+pub mod cli;
+pub mod live;
+pub mod rotation;
+
+use std::sync::{Arc, OnceLock};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde_json::{Value, json};
+use zerotouch_certs::ocsp::{self, CertStatus, OcspFailure, OcspRequest, OcspSigner};
+use zerotouch_certs::renewal::RenewalPolicy;
+use zerotouch_certs::revocation::{CrlParams, ReasonCode, RevokedEntry};
+use zerotouch_certs::{IssuanceProfile, IssuedDeviceCertificate};
+
+use crate::bootstrap::Instance;
+use crate::db::{Collection, Document, DocumentStore, StoreError, Write};
+use crate::http::error::{ApiError, ErrorCode, store_error};
+use crate::hub::Hub;
+
+/// How long a CRL is valid (`nextUpdate - thisUpdate`).
+pub const CRL_LIFETIME_SECONDS: i64 = 24 * 3600;
+/// A CRL with less than this left before `nextUpdate` is re-signed when it is asked for.
+pub const CRL_REFRESH_MARGIN: i64 = 3600;
+/// The `pki_state` document holding the current CRL.
+const CRL_DOCUMENT: &str = "crl";
+
+/// What an audit event records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Issue,
+    Renew,
+    Revoke,
+}
+
+impl Action {
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Issue => "issue",
+            Action::Renew => "renew",
+            Action::Revoke => "revoke",
+        }
+    }
+}
+
+/// The serial and names of a certificate (DER), as they are recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeafIdentity {
+    /// Upper-case hex, no leading zero bytes: the `issued_certificates` id.
+    pub serial: String,
+    /// The issuer's distinguished name, as x509-parser prints it.
+    pub issuer: String,
+    pub subject: String,
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+/// Reads the serial, issuer and subject of a DER certificate; `None` if it does not parse.
+pub fn leaf_identity(der: &[u8]) -> Option<LeafIdentity> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(LeafIdentity {
+        serial: serial_key(&hex::encode_upper(cert.raw_serial()))?,
+        issuer: cert.issuer().to_string(),
+        subject: cert.subject().to_string(),
+        not_before: cert.validity().not_before.timestamp(),
+        not_after: cert.validity().not_after.timestamp(),
+    })
+}
+
+/// A serial in hex (colons and case ignored) as the record key: upper-case, without leading
+/// zero bytes. `None` if it is not hex of 1 to 21 bytes.
+pub fn serial_key(hex: &str) -> Option<String> {
+    let bytes = zerotouch_certs::revocation::parse_serial_hex(hex).ok()?;
+    let first = bytes
+        .iter()
+        .position(|b| *b != 0)
+        .unwrap_or(bytes.len().saturating_sub(1));
+    Some(hex::encode_upper(bytes.get(first..)?))
+}
+
+/// The record of the certificate `leaf_der` if this service issued it (same serial and
+/// issuer name) and has revoked it. One indexed get.
+pub fn revocation_of(
+    store: &dyn DocumentStore,
+    leaf_der: &[u8],
+) -> Result<Option<Value>, StoreError> {
+    let Some(identity) = leaf_identity(leaf_der) else {
+        return Ok(None);
+    };
+    Ok(store
+        .get(Collection::IssuedCertificates, &identity.serial)?
+        .map(|doc| doc.body)
+        .filter(|body| {
+            body.get("issuer").and_then(Value::as_str) == Some(identity.issuer.as_str())
+                && body.get("status").and_then(Value::as_str) == Some("revoked")
+        }))
+}
+
+/// 401 `CertificateRevoked` if the certificate `leaf_der` was issued here and revoked.
+pub async fn refuse_revoked(
+    store: &Arc<dyn DocumentStore>,
+    leaf_der: &[u8],
+) -> Result<(), ApiError> {
+    let store = store.clone();
+    let leaf = leaf_der.to_vec();
+    let revoked = tokio::task::spawn_blocking(move || revocation_of(store.as_ref(), &leaf))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(|e| store_error(e, ErrorCode::NotFound))?;
+    match revoked {
+        None => Ok(()),
+        Some(record) => Err(ApiError::new(
+            ErrorCode::CertificateRevoked,
+            format!(
+                "the client certificate (serial {}) has been revoked",
+                record.get("serial").and_then(Value::as_str).unwrap_or("?")
+            ),
+        )),
+    }
+}
+
+/// Parses an enrollment's `renewalPolicy`: `{"windowFraction": 0.0..=1.0,
+/// "graceAfterExpirySeconds": n}` (the grace is optional; absent = none).
+pub fn renewal_policy(value: &Value) -> Result<RenewalPolicy, String> {
+    let object = value.as_object().ok_or("must be an object")?;
+    if let Some(key) = object
+        .keys()
+        .find(|k| !["windowFraction", "graceAfterExpirySeconds"].contains(&k.as_str()))
+    {
+        return Err(format!("unknown field {key:?}"));
+    }
+    let window_fraction = object
+        .get("windowFraction")
+        .and_then(Value::as_f64)
+        .ok_or("windowFraction must be a number from 0 to 1")?;
+    let grace_after_expiry_seconds = match object.get("graceAfterExpirySeconds") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_u64()
+                .ok_or("graceAfterExpirySeconds must be a whole number of seconds")?,
+        ),
+    };
+    let policy = RenewalPolicy {
+        window_fraction,
+        grace_after_expiry_seconds,
+    };
+    if !policy.is_valid() {
+        return Err("windowFraction must be a number from 0 to 1".into());
+    }
+    Ok(policy)
+}
+
+/// The stored form of a [`RenewalPolicy`].
+pub fn renewal_policy_json(policy: &RenewalPolicy) -> Value {
+    json!({
+        "windowFraction": policy.window_fraction,
+        "graceAfterExpirySeconds": policy.grace_after_expiry_seconds,
+    })
+}
+
+/// A time-sortable unique id: microseconds since the epoch (16 hex digits) and 8 random ones.
+fn audit_id() -> String {
+    let micros = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000;
+    let random = uuid::Uuid::new_v4().simple().to_string();
+    format!(
+        "{:016x}{}",
+        micros.max(0),
+        random.get(..8).unwrap_or_default()
+    )
+}
+
+/// Who asked for a certificate operation and what it was about, for the audit trail.
+#[derive(Debug, Clone)]
+pub struct AuditEntry<'a> {
+    pub action: Action,
+    pub actor: &'a str,
+    pub serial: &'a str,
+    pub registration_id: Option<&'a str>,
+    pub reason: Option<&'a str>,
+    pub detail: Value,
+}
+
+/// Appends one audit event.
+pub fn audit(store: &dyn DocumentStore, entry: &AuditEntry<'_>) -> Result<(), StoreError> {
+    let id = audit_id();
+    let body = json!({
+        "id": id,
+        "at": crate::time::now_rfc3339(),
+        "actor": entry.actor,
+        "action": entry.action.name(),
+        "serial": entry.serial,
+        "registrationId": entry.registration_id,
+        "reason": entry.reason,
+        "detail": entry.detail,
+    });
+    store
+        .put(
+            Collection::AuditEvents,
+            &id,
+            entry.registration_id,
+            &body,
+            Write::Create,
+        )
+        .map(drop)
+}
+
+/// The PKI of one process: issuance profile, revocation, CRL and OCSP.
+pub struct Pki {
+    store: Arc<dyn DocumentStore>,
+    instance: Arc<Instance>,
+    signer: OcspSigner,
+    /// The intermediate's subject, as recorded in `issuer`.
+    issuer: String,
+    /// DER of the intermediate and the root (for EST `/cacerts`).
+    ca_chain_der: Vec<Vec<u8>>,
+    /// `host` of the CRL and OCSP URLs (first of `service.hostnames`, IPv6 in brackets).
+    host: String,
+    /// The public HTTPS port, known once the listener is bound.
+    port: OnceLock<u16>,
+    hub: Option<Arc<Hub>>,
+    /// One CRL re-signing at a time in this process (replicas are ordered by the etag).
+    crl_lock: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Pki {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pki")
+            .field("issuer", &self.issuer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pki {
+    pub fn new(
+        store: Arc<dyn DocumentStore>,
+        instance: Arc<Instance>,
+        hostname: &str,
+        hub: Option<Arc<Hub>>,
+    ) -> anyhow::Result<Pki> {
+        let signer = instance.ca.ocsp_signer()?;
+        let der_of = |pem: &str| -> anyhow::Result<Vec<u8>> {
+            let (_, block) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+                .map_err(|e| anyhow::anyhow!("CA certificate PEM: {e}"))?;
+            Ok(block.contents)
+        };
+        let intermediate = der_of(instance.ca.intermediate_cert_pem())?;
+        let root = der_of(instance.ca.root_cert_pem())?;
+        let issuer = leaf_identity(&intermediate)
+            .map(|i| i.subject)
+            .ok_or_else(|| anyhow::anyhow!("the intermediate certificate does not parse"))?;
+        let host = if hostname.contains(':') {
+            format!("[{hostname}]")
+        } else {
+            hostname.to_string()
+        };
+        Ok(Pki {
+            store,
+            instance,
+            signer,
+            issuer,
+            ca_chain_der: vec![intermediate, root],
+            host,
+            port: OnceLock::new(),
+            hub,
+            crl_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Sets the public HTTPS port once the listener is bound (first call wins).
+    pub fn set_public_port(&self, port: u16) {
+        let _ = self.port.set(port);
+    }
+
+    /// `https://{host}:{port}`, once the port is known.
+    pub fn base_url(&self) -> Option<String> {
+        self.port.get().map(|port| match port {
+            443 => format!("https://{}", self.host),
+            port => format!("https://{}:{port}", self.host),
+        })
+    }
+
+    /// The device profile: `validity_days`, with the CRL distribution point and OCSP URLs.
+    pub fn profile(&self, validity_days: u32) -> IssuanceProfile {
+        let mut profile = IssuanceProfile::new(validity_days);
+        if let Some(base) = self.base_url() {
+            profile.crl_distribution_point = url::Url::parse(&format!("{base}/crl")).ok();
+            profile.ocsp_responder = url::Url::parse(&format!("{base}/ocsp")).ok();
+        }
+        profile
+    }
+
+    pub fn instance(&self) -> &Instance {
+        &self.instance
+    }
+
+    pub fn store(&self) -> &Arc<dyn DocumentStore> {
+        &self.store
+    }
+
+    /// The intermediate and root certificates (DER).
+    pub fn ca_chain_der(&self) -> &[Vec<u8>] {
+        &self.ca_chain_der
+    }
+
+    async fn blocking<T, F>(&self, not_found: ErrorCode, f: F) -> Result<T, ApiError>
+    where
+        F: FnOnce(&dyn DocumentStore) -> Result<T, StoreError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(store.as_ref()))
+            .await
+            .map_err(ApiError::internal)?
+            .map_err(|e| store_error(e, not_found))
+    }
+
+    /// Records a certificate this service just issued, and its audit event.
+    pub async fn record_issued(
+        &self,
+        issued: &IssuedDeviceCertificate,
+        registration_id: &str,
+        enrollment_group_id: Option<&str>,
+        actor: &str,
+        action: Action,
+        detail: Value,
+    ) -> Result<(), ApiError> {
+        let serial = serial_key(&issued.serial_hex)
+            .ok_or_else(|| ApiError::internal("issued a certificate with an unusable serial"))?;
+        let body = json!({
+            "serial": serial,
+            "subject": issued.subject,
+            "registrationId": registration_id,
+            "enrollmentGroupId": enrollment_group_id,
+            "notBefore": issued.not_before_unix,
+            "notAfter": issued.not_after_unix,
+            "issuer": self.issuer,
+            "status": "good",
+            "revokedAt": null,
+            "reason": null,
+        });
+        let registration_id = registration_id.to_string();
+        let actor = actor.to_string();
+        self.blocking(ErrorCode::NotFound, move |s| {
+            s.put(
+                Collection::IssuedCertificates,
+                &serial,
+                Some(&registration_id),
+                &body,
+                Write::Create,
+            )?;
+            audit(
+                s,
+                &AuditEntry {
+                    action,
+                    actor: &actor,
+                    serial: &serial,
+                    registration_id: Some(&registration_id),
+                    reason: None,
+                    detail,
+                },
+            )
+        })
+        .await
+    }
+
+    /// Revokes one certificate issued here. 404 `CertificateNotIssuedHere` if there is no
+    /// record of it, 409 `AlreadyRevoked` if it is revoked already.
+    pub async fn revoke(
+        &self,
+        serial: &str,
+        reason: ReasonCode,
+        actor: &str,
+    ) -> Result<Value, ApiError> {
+        let key = serial_key(serial).ok_or_else(|| {
+            ApiError::field(
+                ErrorCode::InvalidField,
+                "serial",
+                "is not a hex serial number",
+            )
+        })?;
+        let actor = actor.to_string();
+        let record = self
+            .blocking(ErrorCode::CertificateNotIssuedHere, move |s| {
+                revoke_record(s, &key, reason, &actor)
+            })
+            .await?;
+        match record {
+            Revoked::Now(record) => {
+                self.after_revocation(std::slice::from_ref(&record)).await?;
+                Ok(record)
+            }
+            Revoked::Already => Err(ApiError::new(
+                ErrorCode::AlreadyRevoked,
+                "the certificate is already revoked",
+            )),
+            Revoked::Missing => Err(ApiError::new(
+                ErrorCode::CertificateNotIssuedHere,
+                "no certificate with this serial was issued by this service",
+            )),
+        }
+    }
+
+    /// Revokes every unrevoked certificate of a registration (`group` = None) or of an
+    /// enrollment group (`registration_id` = None); returns the records revoked now.
+    pub async fn revoke_all(
+        &self,
+        registration_id: Option<String>,
+        group: Option<String>,
+        reason: ReasonCode,
+        actor: &str,
+    ) -> Result<Vec<Value>, ApiError> {
+        let actor = actor.to_string();
+        let revoked = self
+            .blocking(ErrorCode::NotFound, move |s| {
+                let registrations: Vec<String> = match (&registration_id, &group) {
+                    (Some(id), _) => vec![id.clone()],
+                    (None, Some(group)) => s
+                        .list_all(Collection::Registrations, Some(group))?
+                        .into_iter()
+                        .map(|d| d.id)
+                        .collect(),
+                    (None, None) => Vec::new(),
+                };
+                let mut revoked = Vec::new();
+                for id in registrations {
+                    for doc in s.list_all(Collection::IssuedCertificates, Some(&id))? {
+                        let in_group = match &group {
+                            None => true,
+                            Some(g) => doc
+                                .body
+                                .get("enrollmentGroupId")
+                                .and_then(Value::as_str)
+                                .is_some_and(|x| x.eq_ignore_ascii_case(g)),
+                        };
+                        if !in_group {
+                            continue;
+                        }
+                        if let Revoked::Now(record) = revoke_record(s, &doc.id, reason, &actor)? {
+                            revoked.push(record);
+                        }
+                    }
+                }
+                Ok(revoked)
+            })
+            .await?;
+        if !revoked.is_empty() {
+            self.after_revocation(&revoked).await?;
+        }
+        Ok(revoked)
+    }
+
+    /// Re-signs the CRL and closes hub sessions of the revoked certificates.
+    async fn after_revocation(&self, records: &[Value]) -> Result<(), ApiError> {
+        if let Some(hub) = &self.hub {
+            for record in records {
+                if let Some(serial) = record.get("serial").and_then(Value::as_str) {
+                    let closed = hub.certificates.close(serial);
+                    if closed > 0 {
+                        tracing::info!(
+                            serial,
+                            closed,
+                            "closed connections of a revoked certificate"
+                        );
+                    }
+                }
+            }
+        }
+        self.crl(true).await.map(drop)
+    }
+
+    /// The current CRL (DER), re-signed if `force`, if there is none, or if its `nextUpdate`
+    /// is less than [`CRL_REFRESH_MARGIN`] away.
+    pub async fn crl(&self, force: bool) -> Result<Vec<u8>, ApiError> {
+        let _one_at_a_time = self.crl_lock.lock().await;
+        for _ in 0..8 {
+            let now = crate::time::now_unix() as i64;
+            let current = self
+                .blocking(ErrorCode::NotFound, |s| {
+                    s.get(Collection::PkiState, CRL_DOCUMENT)
+                })
+                .await?;
+            let stored = current.as_ref().and_then(|doc| {
+                let next = doc.body.get("nextUpdate").and_then(Value::as_i64)?;
+                let der = doc.body.get("der").and_then(Value::as_str)?;
+                let issuer = doc.body.get("issuer").and_then(Value::as_str)?;
+                Some((next, B64.decode(der).ok()?, issuer == self.issuer))
+            });
+            if let Some((next, der, same_issuer)) = &stored
+                && !force
+                && *same_issuer
+                && next - now > CRL_REFRESH_MARGIN
+            {
+                return Ok(der.clone());
+            }
+            let number = current
+                .as_ref()
+                .and_then(|d| d.body.get("crlNumber").and_then(Value::as_u64))
+                .unwrap_or(0)
+                .saturating_add(1);
+            let revoked = self
+                .blocking(ErrorCode::NotFound, |s| {
+                    Ok(s.list_all(Collection::IssuedCertificates, None)?
+                        .into_iter()
+                        .filter_map(|d| revoked_entry(&d))
+                        .collect::<Vec<_>>())
+                })
+                .await?;
+            let signed = self
+                .instance
+                .ca
+                .sign_crl(&CrlParams {
+                    crl_number: number,
+                    this_update_unix: now,
+                    next_update_unix: now + CRL_LIFETIME_SECONDS,
+                    revoked,
+                })
+                .map_err(ApiError::internal)?;
+            let body = json!({
+                "crlNumber": number,
+                "thisUpdate": now,
+                "nextUpdate": now + CRL_LIFETIME_SECONDS,
+                "issuer": self.issuer,
+                "der": B64.encode(&signed.der),
+            });
+            let write = match &current {
+                Some(doc) => Write::IfMatch(doc.etag.clone()),
+                None => Write::Create,
+            };
+            let written = self
+                .blocking(ErrorCode::NotFound, move |s| {
+                    match s.put(Collection::PkiState, CRL_DOCUMENT, None, &body, write) {
+                        Ok(_) => Ok(true),
+                        // Another replica signed one in between: read it and decide again.
+                        Err(
+                            StoreError::PreconditionFailed
+                            | StoreError::Conflict
+                            | StoreError::NotFound,
+                        ) => Ok(false),
+                        Err(other) => Err(other),
+                    }
+                })
+                .await?;
+            if written {
+                tracing::info!(crl_number = number, "signed a new CRL");
+                return Ok(signed.der);
+            }
+        }
+        Err(ApiError::internal(
+            "the CRL kept changing while it was re-signed",
+        ))
+    }
+
+    /// Answers a DER OCSP request with a DER OCSP response (never an error: failures are
+    /// OCSP error statuses).
+    pub async fn ocsp(&self, request_der: &[u8]) -> Vec<u8> {
+        let request = match OcspRequest::parse(request_der) {
+            Ok(request) => request,
+            Err(e) => {
+                tracing::info!(error = %e, "malformed OCSP request");
+                return OcspFailure::MalformedRequest.to_der();
+            }
+        };
+        let ours: Vec<Option<String>> = request
+            .cert_ids
+            .iter()
+            .map(|id| {
+                id.matches_issuer(self.signer.issuer())
+                    .then(|| serial_key(&id.serial_hex()))
+                    .flatten()
+            })
+            .collect();
+        let lookups = ours.clone();
+        let records = self
+            .blocking(ErrorCode::NotFound, move |s| {
+                lookups
+                    .iter()
+                    .map(|serial| match serial {
+                        Some(serial) => s.get(Collection::IssuedCertificates, serial),
+                        None => Ok(None),
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await;
+        let records = match records {
+            Ok(records) => records,
+            Err(e) => {
+                tracing::warn!(error = %e, "OCSP lookup failed");
+                return OcspFailure::TryLater.to_der();
+            }
+        };
+        let responses: Vec<_> = request
+            .cert_ids
+            .iter()
+            .zip(&records)
+            .map(|(id, record)| {
+                let status = match record.as_ref().map(|d| &d.body) {
+                    None => CertStatus::Unknown,
+                    Some(body)
+                        if body.get("issuer").and_then(Value::as_str) != Some(&self.issuer) =>
+                    {
+                        CertStatus::Unknown
+                    }
+                    Some(body) => match body.get("status").and_then(Value::as_str) {
+                        Some("revoked") => CertStatus::Revoked {
+                            revoked_at_unix: body
+                                .get("revokedAt")
+                                .and_then(Value::as_i64)
+                                .unwrap_or_default(),
+                            reason: body
+                                .get("reason")
+                                .and_then(Value::as_str)
+                                .and_then(|r| r.parse().ok()),
+                        },
+                        _ => CertStatus::Good,
+                    },
+                };
+                (id.clone(), status)
+            })
+            .collect();
+        let now = crate::time::now_unix() as i64;
+        match ocsp::build_response(
+            &self.signer,
+            &responses,
+            request.nonce.as_deref(),
+            now,
+            None,
+        ) {
+            Ok(der) => der,
+            Err(e) => {
+                tracing::error!(error = %e, "signing an OCSP response failed");
+                OcspFailure::InternalError.to_der()
+            }
+        }
+    }
+}
+
+pub(crate) enum Revoked {
+    Now(Value),
+    Already,
+    Missing,
+}
+
+/// Marks one record revoked (conditioned on its etag; retried if it changed) and audits it.
+pub(crate) fn revoke_record(
+    store: &dyn DocumentStore,
+    serial: &str,
+    reason: ReasonCode,
+    actor: &str,
+) -> Result<Revoked, StoreError> {
+    for _ in 0..8 {
+        let Some(doc) = store.get(Collection::IssuedCertificates, serial)? else {
+            return Ok(Revoked::Missing);
+        };
+        if doc.body.get("status").and_then(Value::as_str) == Some("revoked") {
+            return Ok(Revoked::Already);
+        }
+        let mut body = doc.body.clone();
+        body["status"] = json!("revoked");
+        body["revokedAt"] = json!(crate::time::now_unix());
+        body["reason"] = json!(reason.name());
+        match store.put(
+            Collection::IssuedCertificates,
+            &doc.id,
+            doc.parent.as_deref(),
+            &body,
+            Write::IfMatch(doc.etag.clone()),
+        ) {
+            Ok(_) => {
+                let registration_id = body.get("registrationId").and_then(Value::as_str);
+                audit(
+                    store,
+                    &AuditEntry {
+                        action: Action::Revoke,
+                        actor,
+                        serial: &doc.id,
+                        registration_id,
+                        reason: Some(reason.name()),
+                        detail: Value::Null,
+                    },
+                )?;
+                return Ok(Revoked::Now(body));
+            }
+            Err(StoreError::PreconditionFailed) => continue,
+            Err(StoreError::NotFound) => return Ok(Revoked::Missing),
+            Err(other) => return Err(other),
+        }
+    }
+    Err(StoreError::Backend(
+        "the certificate record kept changing during revocation".into(),
+    ))
+}
+
+/// The CRL entry of a revoked record; `None` for good ones (and unreadable ones).
+fn revoked_entry(doc: &Document) -> Option<RevokedEntry> {
+    let body = &doc.body;
+    if body.get("status").and_then(Value::as_str) != Some("revoked") {
+        return None;
+    }
+    Some(RevokedEntry {
+        serial: zerotouch_certs::revocation::parse_serial_hex(body.get("serial")?.as_str()?)
+            .ok()?,
+        revoked_at_unix: body.get("revokedAt").and_then(Value::as_i64)?,
+        reason: body
+            .get("reason")
+            .and_then(Value::as_str)
+            .and_then(|r| r.parse().ok()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serial_keys_are_normalised() {
+        assert_eq!(serial_key("00:ab:CD").as_deref(), Some("ABCD"));
+        assert_eq!(serial_key("7F01").as_deref(), Some("7F01"));
+        assert_eq!(serial_key("00").as_deref(), Some("00"));
+        assert_eq!(serial_key("xyz"), None);
+        assert_eq!(serial_key(""), None);
+    }
+
+    #[test]
+    fn audit_ids_sort_by_time() {
+        let a = audit_id();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let b = audit_id();
+        assert!(a < b, "{a} {b}");
+        assert_eq!(a.len(), 24);
+    }
+}
