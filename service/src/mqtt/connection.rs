@@ -798,7 +798,8 @@ async fn write_loop(
     let mut out = Outgoing {
         inflight: HashMap::new(),
         next_pkid: 0,
-        buf: BytesMut::with_capacity(4096),
+        // Small to start: most connections are idle most of the time; it grows on demand.
+        buf: BytesMut::with_capacity(512),
     };
     loop {
         let retransmit_at = out.retransmit_at(limits.retransmit_after);
@@ -876,7 +877,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     fn new(io: R, max_packet_bytes: usize) -> Self {
         FrameReader {
             io,
-            buf: BytesMut::with_capacity(4096),
+            // Small to start (see `write_loop`); `read_buf` reserves more for large packets.
+            buf: BytesMut::with_capacity(1024),
             max_packet_bytes,
         }
     }
@@ -888,8 +890,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 return Ok(Some(packet));
             }
             // The decoder refuses oversize frames from their header, so the buffer stays below
-            // one maximal packet plus one read.
-            self.buf.reserve(8 * 1024);
+            // one maximal packet plus one read. A small reserve keeps idle connections small
+            // (the buffer is held while waiting); large packets still grow it geometrically.
+            self.buf.reserve(1024);
             if self.io.read_buf(&mut self.buf).await? == 0 {
                 return Ok(None);
             }
