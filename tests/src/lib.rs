@@ -236,6 +236,46 @@ impl TestServer {
         }
     }
 
+    /// `PUT …/register` with `body` through `client`, then polls the operation until it is
+    /// `assigned`; returns the registrationState.
+    pub fn register_and_poll(
+        &self,
+        client: &Client,
+        id: &str,
+        sas: Option<&str>,
+        body: &Value,
+    ) -> Value {
+        let path = format!("/{}/registrations/{id}/register", self.id_scope);
+        let (status, accepted, _) = send(
+            self.dps_request(client, Method::PUT, &path, sas)
+                .header("Content-Type", "application/json")
+                .body(body.to_string()),
+        );
+        assert_eq!(status, 202, "{accepted}");
+        let operation = accepted["operationId"]
+            .as_str()
+            .expect("operationId")
+            .to_string();
+        for _ in 0..50 {
+            let (status, polled, _) = send(self.dps_request(
+                client,
+                Method::GET,
+                &format!(
+                    "/{}/registrations/{id}/operations/{operation}",
+                    self.id_scope
+                ),
+                sas,
+            ));
+            assert_eq!(status, 200, "{polled}");
+            if polled["status"] == "assigned" {
+                return polled["registrationState"].clone();
+            }
+            assert_eq!(polled["status"], "assigning", "{polled}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("{id} was never assigned");
+    }
+
     /// A DPS device API request (`api-version` as the C SDK sends it) carrying `sas` as its
     /// `Authorization` header, through `client` (the server's, or one with a client identity).
     pub fn dps_request(

@@ -21,39 +21,7 @@ fn now() -> u64 {
 
 /// `PUT …/register` with `body`, polled until assigned; the registrationState.
 fn register_and_poll(s: &TestServer, client: &Client, id: &str, sas: Option<&str>) -> Value {
-    register_body(s, client, id, sas, &json!({"registrationId": id}))
-}
-
-fn register_body(
-    s: &TestServer,
-    client: &Client,
-    id: &str,
-    sas: Option<&str>,
-    body: &Value,
-) -> Value {
-    let path = format!("/{}/registrations/{id}/register", s.id_scope);
-    let (status, accepted, _) = send(
-        s.dps_request(client, Method::PUT, &path, sas)
-            .header("Content-Type", "application/json")
-            .body(body.to_string()),
-    );
-    assert_eq!(status, 202, "{accepted}");
-    let operation = accepted["operationId"].as_str().unwrap().to_string();
-    for _ in 0..50 {
-        let (status, polled, _) = send(s.dps_request(
-            client,
-            Method::GET,
-            &format!("/{}/registrations/{id}/operations/{operation}", s.id_scope),
-            sas,
-        ));
-        assert_eq!(status, 200, "{polled}");
-        if polled["status"] == "assigned" {
-            return polled["registrationState"].clone();
-        }
-        assert_eq!(polled["status"], "assigning", "{polled}");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    panic!("{id} was never assigned");
+    s.register_and_poll(client, id, sas, &json!({"registrationId": id}))
 }
 
 /// A symmetric-key device registers with a CSR: (leaf + intermediate PEM, key PEM).
@@ -69,8 +37,7 @@ fn certificate_by_csr(s: &TestServer, id: &str) -> (String, String) {
         .to_string();
     let token = c_sdk_device_sas(&s.id_scope, id, &key, now() + 600);
     let (csr, device_key) = pki::csr(id);
-    let state = register_body(
-        s,
+    let state = s.register_and_poll(
         &s.client,
         id,
         Some(&token),

@@ -54,7 +54,7 @@ fn register_with_csr(s: &TestServer, id: &str, key: &str) -> (String, String, St
     let token = c_sdk_device_sas(&s.id_scope, id, key, now() + 600);
     let (csr, device_key) = pki::csr(id);
     let body = json!({"registrationId": id, "csr": B64.encode(&csr)});
-    let state = register_and_poll(s, &s.client, id, Some(&token), &body);
+    let state = s.register_and_poll(&s.client, id, Some(&token), &body);
     let chain: Vec<String> = state["issuedCertificateChain"]
         .as_array()
         .unwrap_or_else(|| panic!("no issuedCertificateChain: {state}"))
@@ -66,39 +66,6 @@ fn register_with_csr(s: &TestServer, id: &str, key: &str) -> (String, String, St
         chain[1].clone(),
         device_key.serialize_pem(),
     )
-}
-
-/// `PUT …/register`, then polls until the operation is done; returns the registrationState.
-fn register_and_poll(
-    s: &TestServer,
-    client: &Client,
-    id: &str,
-    sas: Option<&str>,
-    body: &Value,
-) -> Value {
-    let path = format!("/{}/registrations/{id}/register", s.id_scope);
-    let (status, accepted, _) = send(
-        s.dps_request(client, Method::PUT, &path, sas)
-            .header("Content-Type", "application/json")
-            .body(body.to_string()),
-    );
-    assert_eq!(status, 202, "{accepted}");
-    let operation = accepted["operationId"].as_str().unwrap().to_string();
-    for _ in 0..50 {
-        let (status, polled, _) = send(s.dps_request(
-            client,
-            Method::GET,
-            &format!("/{}/registrations/{id}/operations/{operation}", s.id_scope),
-            sas,
-        ));
-        assert_eq!(status, 200, "{polled}");
-        if polled["status"] == "assigned" {
-            return polled["registrationState"].clone();
-        }
-        assert_eq!(polled["status"], "assigning", "{polled}");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    panic!("{id} was never assigned");
 }
 
 /// The X.509 register of `id` with `client`: the HTTP status and body of the `PUT`.
@@ -371,7 +338,7 @@ fn issued_certificates_are_recorded_checked_and_revoked() {
             &s.ca_bundle(),
             Some((&format!("{leaf}{intermediate}"), &device_key)),
         );
-        let state = register_and_poll(s, &device, id, None, &json!({"registrationId": id}));
+        let state = s.register_and_poll(&device, id, None, &json!({"registrationId": id}));
         assert_eq!(state["status"], "assigned");
         let mut live = mqtt_connect(s, id, &format!("{leaf}{intermediate}"), &device_key)
             .expect("CONNACK 0 before revocation");
@@ -797,13 +764,7 @@ fn est_enroll_and_reenroll_with_curl_and_openssl() {
             (401, Some(401_000))
         );
         let token = c_sdk_device_sas(&s.id_scope, id, &key, now() + 600);
-        register_and_poll(
-            s,
-            &s.client,
-            id,
-            Some(&token),
-            &json!({"registrationId": id}),
-        );
+        s.register_and_poll(&s.client, id, Some(&token), &json!({"registrationId": id}));
         assert_eq!(issued_count(s), 0);
 
         // Refusals: wrong key, malformed PKCS#10, CN mismatch. Nothing is issued.
@@ -919,13 +880,7 @@ fn est_enroll_and_reenroll_with_curl_and_openssl() {
         let id = "est-dev-02";
         let key = enroll_symmetric(s, id);
         let token = c_sdk_device_sas(&s.id_scope, id, &key, now() + 600);
-        register_and_poll(
-            s,
-            &s.client,
-            id,
-            Some(&token),
-            &json!({"registrationId": id}),
-        );
+        s.register_and_poll(&s.client, id, Some(&token), &json!({"registrationId": id}));
         openssl_csr(d, "third", &format!("/CN={id}"));
         let basic = format!("{id}:{token}");
         let (status, body) = curl(
