@@ -88,6 +88,11 @@ pub enum Error {
     /// ECDSA P-256/P-384, RSA PKCS#1 v1.5 SHA-256/384/512 and Ed25519 keys).
     #[error("the issuing key's algorithm is not supported for OCSP signing")]
     UnsupportedSigningKey,
+    /// The PKCS#11 token holding the intermediate key failed or refused (library not found,
+    /// no token with that label, wrong PIN, no such key, a signing error). The text names the
+    /// operation and the library's return value; never the PIN.
+    #[error("PKCS#11: {0}")]
+    Pkcs11(String),
     /// A certificate (DER) could not be parsed.
     #[error("invalid certificate: {reason}")]
     InvalidCertificate {

@@ -4,7 +4,8 @@ use std::fmt;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
+    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType, SerialNumber,
+    SignatureAlgorithm, SigningKey,
 };
 use ring::rand::{SecureRandom as _, SystemRandom};
 use time::{Duration, OffsetDateTime};
@@ -12,6 +13,7 @@ use x509_parser::certificate::X509Certificate;
 
 use crate::device::{self, IssuanceProfile, IssuedDeviceCertificate};
 use crate::hostname::{self, Host};
+use crate::pkcs11::Pkcs11Key;
 use crate::{Error, SecretPem, pem};
 
 /// Root validity: 20 years (with leap days).
@@ -35,13 +37,48 @@ pub struct CaHierarchy {
     root_key: Option<SecretPem>,
     intermediate_cert_pem: String,
     pub(crate) intermediate_der: Vec<u8>,
+    /// Empty when the key is in a PKCS#11 token (`token_key`).
     intermediate_key: SecretPem,
+    /// The intermediate key in a PKCS#11 token, when it is there instead of in memory.
+    token_key: Option<Pkcs11Key>,
     intermediate_not_after: OffsetDateTime,
     /// Earlier intermediates (PEM, newest first) that are still trusted during a rotation's
     /// overlap: in the trust bundle, never used to sign.
     previous_intermediates: Vec<String>,
     /// The intermediate as rcgen's signer: certificates and CRLs are signed through it.
-    pub(crate) issuer: Issuer<'static, KeyPair>,
+    pub(crate) issuer: Issuer<'static, CaKey>,
+}
+
+/// A CA signing key: in memory, or in a PKCS#11 token. Both are rcgen signers, so
+/// certificates, CRLs and OCSP responses are signed the same way with either.
+pub(crate) enum CaKey {
+    Software(Box<KeyPair>),
+    Token(Pkcs11Key),
+}
+
+impl PublicKeyData for CaKey {
+    fn der_bytes(&self) -> &[u8] {
+        match self {
+            CaKey::Software(key) => key.der_bytes(),
+            CaKey::Token(key) => key.der_bytes(),
+        }
+    }
+
+    fn algorithm(&self) -> &'static SignatureAlgorithm {
+        match self {
+            CaKey::Software(key) => PublicKeyData::algorithm(key.as_ref()),
+            CaKey::Token(key) => key.algorithm(),
+        }
+    }
+}
+
+impl SigningKey for CaKey {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        match self {
+            CaKey::Software(key) => key.sign(msg),
+            CaKey::Token(key) => key.sign(msg),
+        }
+    }
 }
 
 /// A certificate freshly issued together with its new private key.
@@ -109,6 +146,45 @@ impl CaHierarchy {
         intermediate_cert: &str,
         intermediate_key: &SecretPem,
     ) -> Result<CaHierarchy, Error> {
+        let key = parse_key(intermediate_key, "intermediate key")?;
+        Self::build(
+            root_cert,
+            root_key,
+            intermediate_cert,
+            CaKey::Software(Box::new(key)),
+            intermediate_key.clone(),
+        )
+    }
+
+    /// Rebuilds a hierarchy like [`CaHierarchy::from_pem`], with the intermediate's private
+    /// key in a PKCS#11 token: the key signs in the token and never enters this process.
+    /// Checks that the token key's public key is the intermediate certificate's.
+    ///
+    /// Such a hierarchy issues certificates, signs CRLs and OCSP responses as usual;
+    /// [`CaHierarchy::intermediate_key_pem`] is empty and
+    /// [`CaHierarchy::intermediate_key_in_token`] is true.
+    pub fn from_pem_with_token_key(
+        root_cert: &str,
+        root_key: Option<&SecretPem>,
+        intermediate_cert: &str,
+        intermediate_key: Pkcs11Key,
+    ) -> Result<CaHierarchy, Error> {
+        Self::build(
+            root_cert,
+            root_key,
+            intermediate_cert,
+            CaKey::Token(intermediate_key),
+            SecretPem::new(String::new()),
+        )
+    }
+
+    fn build(
+        root_cert: &str,
+        root_key: Option<&SecretPem>,
+        intermediate_cert: &str,
+        key: CaKey,
+        intermediate_key: SecretPem,
+    ) -> Result<CaHierarchy, Error> {
         let root_der = pem::single_certificate(root_cert, "root certificate")?;
         let root = pem::parse_der(&root_der, "root certificate")?;
         check_ca(&root, "root certificate")?;
@@ -121,8 +197,11 @@ impl CaHierarchy {
             pem::single_certificate(intermediate_cert, "intermediate certificate")?;
         let intermediate = pem::parse_der(&intermediate_der, "intermediate certificate")?;
         check_ca(&intermediate, "intermediate certificate")?;
-        let key = parse_key(intermediate_key, "intermediate key")?;
         check_key_matches(&key, &intermediate, "intermediate")?;
+        let token_key = match &key {
+            CaKey::Token(key) => Some(key.clone()),
+            CaKey::Software(_) => None,
+        };
 
         if intermediate.issuer().as_raw() != root.subject().as_raw()
             || intermediate
@@ -142,7 +221,8 @@ impl CaHierarchy {
             root_key: root_key.cloned(),
             intermediate_cert_pem: pem::encode("CERTIFICATE", &intermediate_der),
             intermediate_der,
-            intermediate_key: intermediate_key.clone(),
+            intermediate_key,
+            token_key,
             intermediate_not_after,
             issuer,
         })
@@ -163,9 +243,21 @@ impl CaHierarchy {
         &self.intermediate_cert_pem
     }
 
-    /// The intermediate private key.
+    /// The intermediate private key. Empty when the key is in a PKCS#11 token (see
+    /// [`CaHierarchy::intermediate_key_in_token`]): it never leaves the token.
     pub fn intermediate_key_pem(&self) -> &SecretPem {
         &self.intermediate_key
+    }
+
+    /// Whether the intermediate key is in a PKCS#11 token
+    /// ([`CaHierarchy::from_pem_with_token_key`]).
+    pub fn intermediate_key_in_token(&self) -> bool {
+        self.token_key.is_some()
+    }
+
+    /// The intermediate key in its token, if it is in one.
+    pub(crate) fn token_key(&self) -> Option<&Pkcs11Key> {
+        self.token_key.as_ref()
     }
 
     /// The trust bundle devices and clients install: root, the current intermediate, then
@@ -427,6 +519,7 @@ impl fmt::Debug for CaHierarchy {
         f.debug_struct("CaHierarchy")
             .field("root_key", &self.root_key)
             .field("intermediate_key", &self.intermediate_key)
+            .field("token_key", &self.token_key)
             .field("intermediate_not_after", &self.intermediate_not_after)
             .finish_non_exhaustive()
     }
@@ -505,11 +598,10 @@ fn parse_key(key: &SecretPem, what: &'static str) -> Result<KeyPair, Error> {
 }
 
 fn check_key_matches(
-    key: &KeyPair,
+    key: &impl PublicKeyData,
     cert: &X509Certificate<'_>,
     what: &'static str,
 ) -> Result<(), Error> {
-    use rcgen::PublicKeyData as _;
     if key.subject_public_key_info() == cert.public_key().raw {
         Ok(())
     } else {

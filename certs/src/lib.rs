@@ -17,12 +17,16 @@
 //! - [`renewal`]: when a certificate may be renewed, and whether a CSR keeps its key and
 //!   subject.
 //! - [`sealed`]: CA private keys encrypted at rest under a key-encryption key (AES-256-GCM).
+//! - [`pkcs11`]: the intermediate key inside a PKCS#11 token (HSM, SoftHSM2), signing through
+//!   `C_Sign` ([`CaHierarchy::from_pem_with_token_key`]).
 //!
 //! These are pure: the caller passes "now", the revoked serials and the request bytes in, and
 //! gets bytes back; only key generation reads the random number generator.
 //!
 //! What this crate must never do:
-//! - No I/O: no files, no network, no database, no environment. Callers pass PEM text in and
+//! - No I/O: no files, no network, no database, no environment. The one exception is
+//!   [`pkcs11`], which loads the operator's PKCS#11 library and talks to a token through it.
+//!   Callers pass PEM text in and
 //!   store the PEM text that comes out; the only outside input is the system clock (in
 //!   [`CaHierarchy::generate`] and [`CaHierarchy::issue_server_certificate`]) and the RNG.
 //! - Never print a private key: keys travel as [`SecretPem`], whose `Debug` and `Display`
@@ -38,6 +42,7 @@ mod hierarchy;
 mod hostname;
 pub mod ocsp;
 mod pem;
+pub mod pkcs11;
 pub mod renewal;
 pub mod revocation;
 pub mod sealed;

@@ -26,6 +26,7 @@ use yasna::Tag;
 use yasna::models::ObjectIdentifier;
 
 use crate::der::{self, Element, Malformed, Reader};
+use crate::hierarchy::CaKey;
 use crate::revocation::ReasonCode;
 use crate::{CaHierarchy, Error, SecretPem, pem};
 
@@ -392,7 +393,7 @@ impl OcspFailure {
 
 /// Signs OCSP responses with an issuing CA's key.
 pub struct OcspSigner {
-    key: KeyPair,
+    key: CaKey,
     algorithm_der: Vec<u8>,
     responder_key_hash: Vec<u8>,
     certificate_der: Vec<u8>,
@@ -415,11 +416,15 @@ impl OcspSigner {
     /// signature algorithm follows the key: ecdsa-with-SHA256 for the P-256 keys
     /// [`CaHierarchy::generate`] makes, sha256WithRSAEncryption for an imported RSA key.
     pub fn from_pem(issuer_cert_pem: &str, key: &SecretPem) -> Result<OcspSigner, Error> {
-        let certificate_der = pem::single_certificate(issuer_cert_pem, "issuer certificate")?;
         let key = KeyPair::from_pem(key.expose()).map_err(|e| Error::InvalidPem {
             what: "issuer key",
             reason: e.to_string(),
         })?;
+        Self::with_key(issuer_cert_pem, CaKey::Software(Box::new(key)))
+    }
+
+    fn with_key(issuer_cert_pem: &str, key: CaKey) -> Result<OcspSigner, Error> {
+        let certificate_der = pem::single_certificate(issuer_cert_pem, "issuer certificate")?;
         let cert = pem::parse_der(&certificate_der, "issuer certificate")?;
         if key.subject_public_key_info() != cert.public_key().raw {
             return Err(Error::KeyMismatch { what: "issuer" });
@@ -448,8 +453,12 @@ impl OcspSigner {
 
 impl CaHierarchy {
     /// The OCSP signer for certificates issued by the intermediate (every device and server
-    /// certificate).
+    /// certificate). With the intermediate key in a PKCS#11 token, responses are signed in
+    /// the token.
     pub fn ocsp_signer(&self) -> Result<OcspSigner, Error> {
+        if let Some(key) = self.token_key() {
+            return OcspSigner::with_key(self.intermediate_cert_pem(), CaKey::Token(key.clone()));
+        }
         OcspSigner::from_pem(self.intermediate_cert_pem(), self.intermediate_key_pem())
     }
 }

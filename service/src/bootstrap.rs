@@ -18,11 +18,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use serde_json::Value;
 use zerotouch_attestation::symmetric_key;
+use zerotouch_certs::pkcs11::{Pkcs11Key, Token};
 use zerotouch_certs::sealed::{self, Kek};
 use zerotouch_certs::{CaHierarchy, SecretPem};
 
 use crate::auth::{self, AuthorizationPolicy, OWNER_POLICY, Rights};
-use crate::config::{CA_KEK_ENV, Settings};
+use crate::config::{CA_KEK_ENV, Pkcs11Settings, Settings};
 use crate::db::{Collection, DocumentStore, StoreError, Write};
 
 const ID_SCOPE_KEY: &str = "id_scope";
@@ -107,7 +108,10 @@ pub fn bootstrap(settings: &Settings, store: &dyn DocumentStore) -> anyhow::Resu
     crate::hub::auth::ensure_policies(store).context("creating the hub policies")?;
 
     let kek = settings.ca_kek()?;
-    let ca = load_or_create_ca(&paths, &id_scope, kek.as_ref())?;
+    let ca = match &settings.ca.pkcs11 {
+        Some(p11) => load_ca_with_token_key(&paths, p11, kek.as_ref())?,
+        None => load_or_create_ca(&paths, &id_scope, kek.as_ref())?,
+    };
     write_public(&paths.ca_bundle, &ca.trust_bundle_pem())?;
     ensure_server_certificate(&paths, &ca, &settings.service.hostnames)?;
 
@@ -287,6 +291,78 @@ fn load_or_create_ca(
     }
     tracing::info!(path = %paths.root_cert.display(), "created a new CA hierarchy");
     Ok(ca)
+}
+
+/// Loads the CA from `ca/` with the intermediate key in the PKCS#11 token of `ca.pkcs11`:
+/// `ca/intermediate.key` is not read (and should not exist). Never creates a CA: the first
+/// start runs without `ca.pkcs11`, then `zerotouch ca import-to-pkcs11` moves the key.
+fn load_ca_with_token_key(
+    paths: &Paths,
+    p11: &Pkcs11Settings,
+    kek: Option<&Kek>,
+) -> anyhow::Result<CaHierarchy> {
+    if !paths.intermediate_cert.exists() {
+        bail!(
+            "ca.pkcs11 is set but {} does not exist: start once without ca.pkcs11 to create the \
+             CA, then run `zerotouch ca import-to-pkcs11`",
+            paths.intermediate_cert.display()
+        );
+    }
+    if paths.intermediate_key.exists() {
+        tracing::warn!(
+            path = %paths.intermediate_key.display(),
+            "ca.pkcs11 is set: the intermediate key in the token is used; delete this key file"
+        );
+    }
+    let root_cert = read(&paths.root_cert)?;
+    let root_key = if paths.root_key.exists() {
+        Some(read_ca_key(&paths.root_key, kek)?.0)
+    } else {
+        None
+    };
+    let intermediate_cert = read(&paths.intermediate_cert)?;
+    let key = open_token_key(p11)?;
+    CaHierarchy::from_pem_with_token_key(&root_cert, root_key.as_ref(), &intermediate_cert, key)
+        .with_context(|| {
+            format!(
+                "loading the CA from {} with the intermediate key in the PKCS#11 token",
+                paths.root_cert.display()
+            )
+        })?
+        .with_previous_intermediates(&read_previous_intermediates(paths)?)
+        .with_context(|| {
+            format!(
+                "loading the previous intermediates from {}",
+                paths.previous_intermediates.display()
+            )
+        })
+}
+
+/// The `Token` of `ca.pkcs11`, with its PIN, handed to `f`.
+pub(crate) fn with_token<T>(
+    p11: &Pkcs11Settings,
+    f: impl FnOnce(Token<'_>) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let pin = p11.pin()?;
+    f(Token {
+        module: &p11.module,
+        token_label: &p11.token_label,
+        pin: pin.expose(),
+    })
+}
+
+/// Opens the intermediate key `ca.pkcs11.key_label` in its token.
+fn open_token_key(p11: &Pkcs11Settings) -> anyhow::Result<Pkcs11Key> {
+    with_token(p11, |token| {
+        Pkcs11Key::open(token, &p11.key_label).with_context(|| {
+            format!(
+                "opening the intermediate key {:?} in PKCS#11 token {:?} ({})",
+                p11.key_label,
+                p11.token_label,
+                p11.module.display()
+            )
+        })
+    })
 }
 
 fn ensure_server_certificate(

@@ -393,6 +393,17 @@ pub enum CaCommand {
         #[command(flatten)]
         local: Local,
     },
+    /// Move the intermediate key (ca/intermediate.key) into the PKCS#11 token of
+    /// `ca.pkcs11` as a non-extractable key, then delete the file (local). Restart every
+    /// replica afterwards, with `ca.pkcs11` set.
+    #[command(name = "import-to-pkcs11")]
+    ImportToPkcs11 {
+        #[command(flatten)]
+        local: Local,
+        /// Move the key file here instead of deleting it (e.g. to offline storage).
+        #[arg(long)]
+        move_key_to: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -992,6 +1003,9 @@ fn ca(command: CaCommand) -> anyhow::Result<()> {
         ),
         CaCommand::RetireIntermediate { local } => print_json(
             &crate::pki::rotation::retire_intermediate(&local.settings()?)?,
+        ),
+        CaCommand::ImportToPkcs11 { local, move_key_to } => print_json(
+            &crate::pki::token::import_to_pkcs11(&local.settings()?, move_key_to.as_deref())?,
         ),
         CaCommand::Upload {
             remote,

@@ -42,6 +42,82 @@ pub struct CaSettings {
     /// 32`). When a KEK is set (here or in `ZEROTOUCH_CA_KEK`), the CA keys in `ca/` are
     /// stored encrypted under it. Keep it outside the data dir.
     pub kek_file: Option<PathBuf>,
+    /// Keep the intermediate CA key in a PKCS#11 token (an HSM; SoftHSM2 for testing) instead
+    /// of `ca/intermediate.key`. Import it once with `zerotouch ca import-to-pkcs11`.
+    pub pkcs11: Option<Pkcs11Settings>,
+}
+
+/// The environment variable that may hold the PKCS#11 user PIN, instead of `ca.pkcs11.pin_file`.
+pub const CA_PKCS11_PIN_ENV: &str = "ZEROTOUCH_CA_PKCS11_PIN";
+
+/// `[ca.pkcs11]`: where the intermediate key lives when it is in a token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pkcs11Settings {
+    /// The PKCS#11 library, e.g. `/usr/lib/softhsm/libsofthsm2.so`.
+    pub module: PathBuf,
+    /// The label of the token that holds the key.
+    pub token_label: String,
+    /// The `CKA_LABEL` of the key in the token.
+    #[serde(default = "default_pkcs11_key_label")]
+    pub key_label: String,
+    /// A file holding the user PIN (trailing whitespace ignored). Unset: the PIN comes from
+    /// `ZEROTOUCH_CA_PKCS11_PIN`.
+    pub pin_file: Option<PathBuf>,
+}
+
+fn default_pkcs11_key_label() -> String {
+    "zerotouch-intermediate".into()
+}
+
+/// A PKCS#11 user PIN; `Debug` prints `[redacted]`.
+#[derive(Clone)]
+pub struct Pkcs11Pin(String);
+
+impl Pkcs11Pin {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Pkcs11Pin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl Pkcs11Settings {
+    /// The user PIN, from `pin_file` or `ZEROTOUCH_CA_PKCS11_PIN` (exactly one of them).
+    pub fn pin(&self) -> Result<Pkcs11Pin, ConfigError> {
+        self.pin_from(std::env::var(CA_PKCS11_PIN_ENV).ok())
+    }
+
+    fn pin_from(&self, env: Option<String>) -> Result<Pkcs11Pin, ConfigError> {
+        let env = env.filter(|v| !v.trim().is_empty());
+        let pin = match (&self.pin_file, env) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Invalid(format!(
+                    "ca.pkcs11.pin_file and {CA_PKCS11_PIN_ENV} are both set: set one"
+                )));
+            }
+            (Some(file), None) => std::fs::read_to_string(file)
+                .map_err(|e| {
+                    ConfigError::Invalid(format!("ca.pkcs11.pin_file {}: {e}", file.display()))
+                })?
+                .trim_end()
+                .to_owned(),
+            (None, Some(value)) => value.trim_end().to_owned(),
+            (None, None) => {
+                return Err(ConfigError::Invalid(format!(
+                    "ca.pkcs11 needs a PIN: set ca.pkcs11.pin_file or {CA_PKCS11_PIN_ENV}"
+                )));
+            }
+        };
+        if pin.is_empty() {
+            return Err(ConfigError::Invalid("the PKCS#11 PIN is empty".into()));
+        }
+        Ok(Pkcs11Pin(pin))
+    }
 }
 
 /// Which parts of the service run in this process.
@@ -692,6 +768,36 @@ mod tests {
             assert_eq!(settings.listen.mqtt.port(), 18883);
             Ok(())
         });
+    }
+
+    #[test]
+    fn ca_pkcs11_settings_parse_and_the_pin_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let pin_file = dir.path().join("pin");
+        std::fs::write(&pin_file, "1234\n").unwrap();
+        let text = format!(
+            "[ca.pkcs11]\nmodule = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"zt\"\npin_file = {:?}\n",
+            pin_file.display().to_string()
+        );
+        let parsed = Settings::from_toml(&text).unwrap();
+        let p11 = parsed.ca.pkcs11.clone().unwrap();
+        assert_eq!(p11.key_label, "zerotouch-intermediate");
+        assert_eq!(p11.token_label, "zt");
+        let pin = p11.pin_from(None).unwrap();
+        assert_eq!(pin.expose(), "1234");
+        assert_eq!(format!("{pin:?}"), "[redacted]");
+        assert!(p11.pin_from(Some("9".into())).is_err(), "both set");
+        let mut from_env = p11.clone();
+        from_env.pin_file = None;
+        assert_eq!(from_env.pin_from(Some("9".into())).unwrap().expose(), "9");
+        let err = from_env.pin_from(None).unwrap_err().to_string();
+        assert!(err.contains(CA_PKCS11_PIN_ENV), "{err}");
+        assert!(
+            Settings::from_toml(
+                "[ca.pkcs11]\nmodule = \"/x.so\"\ntoken_label = \"zt\"\nslot = 1\n"
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@
 pub mod cli;
 pub mod live;
 pub mod rotation;
+pub mod token;
 
 use std::sync::{Arc, OnceLock};
 

@@ -59,6 +59,12 @@ fn describe(pem: &str) -> anyhow::Result<(String, String)> {
 
 /// `zerotouch ca rotate-intermediate`: see the module docs. Returns what was done, as JSON.
 pub fn rotate_intermediate(settings: &Settings) -> anyhow::Result<Value> {
+    if settings.ca.pkcs11.is_some() {
+        bail!(
+            "ca.pkcs11 is set: rotating an intermediate whose key is in a PKCS#11 token is not \
+             supported yet (docs/pki.md, \"PKCS#11\")"
+        );
+    }
     let (_store, instance) = open(settings)?;
     let paths = &instance.paths;
     if !paths.root_key.exists() {
