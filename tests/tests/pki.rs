@@ -340,6 +340,22 @@ fn issued_certificates_are_recorded_checked_and_revoked() {
         );
         let state = s.register_and_poll(&device, id, None, &json!({"registrationId": id}));
         assert_eq!(state["status"], "assigned");
+        // Presenting this certificate with a new CSR is a renewal: the default window (from
+        // 2/3 of the lifetime) has not opened, so DPS refuses it as EST would, issuing nothing.
+        let issued_before = issued_count(s);
+        let (renewal_csr, _) = pki::csr(id);
+        let response = send(
+            s.dps_request(
+                &device,
+                Method::PUT,
+                &format!("/{}/registrations/{id}/register", s.id_scope),
+                None,
+            )
+            .header("Content-Type", "application/json")
+            .body(json!({"registrationId": id, "csr": B64.encode(&renewal_csr)}).to_string()),
+        );
+        assert_code(&response, 403, 403_002);
+        assert_eq!(issued_count(s), issued_before);
         let mut live = mqtt_connect(s, id, &format!("{leaf}{intermediate}"), &device_key)
             .expect("CONNACK 0 before revocation");
 

@@ -878,6 +878,17 @@ impl Dps {
                 let der = B64.decode(csr.trim()).map_err(|_| {
                     ApiError::field(ErrorCode::InvalidCertificate, "csr", "is not base64 DER")
                 })?;
+                // A device that presents a certificate we issued and sends a new CSR is
+                // renewing it: the enrollment's renewal window applies, as for EST.
+                let renewing = self.renewing(evidence).await?;
+                if let Some(current) = &renewing {
+                    crate::pki::check_renewal(
+                        e,
+                        current.not_before,
+                        current.not_after,
+                        crate::time::now_unix() as i64,
+                    )?;
+                }
                 let profile = match self.pki.get() {
                     Some(pki) => pki.profile(self.certificate_days),
                     None => zerotouch_certs::IssuanceProfile::new(self.certificate_days),
@@ -898,8 +909,17 @@ impl Dps {
                         registration_id,
                         group_id.as_deref(),
                         "dps",
-                        crate::pki::Action::Issue,
-                        Value::Null,
+                        if renewing.is_some() {
+                            crate::pki::Action::Renew
+                        } else {
+                            crate::pki::Action::Issue
+                        },
+                        match &renewing {
+                            Some(current) => {
+                                json!({"via": "dps", "previousSerial": current.serial})
+                            }
+                            None => Value::Null,
+                        },
                     )
                     .await?;
                 }
@@ -1468,6 +1488,27 @@ impl Dps {
             self.metrics.stale_identities.inc();
             tracing::warn!(hub = old_hub, device_id, %error, "could not remove a moved device from its old hub");
         }
+    }
+
+    /// The certificate the device authenticated with, if this service issued it (a renewal
+    /// when the device also sends a CSR).
+    async fn renewing(
+        &self,
+        evidence: &Evidence,
+    ) -> Result<Option<crate::pki::LeafIdentity>, ApiError> {
+        let Evidence::Certificate(peer) = evidence else {
+            return Ok(None);
+        };
+        let Some(identity) = crate::pki::leaf_identity(&peer.leaf) else {
+            return Ok(None);
+        };
+        let (serial, issuer) = (identity.serial.clone(), identity.issuer.clone());
+        let ours = blocking(&self.store, move |s| {
+            Ok(s.get(Collection::IssuedCertificates, &serial)?
+                .is_some_and(|d| d.body.get("issuer").and_then(Value::as_str) == Some(&issuer)))
+        })
+        .await?;
+        Ok(ours.then_some(identity))
     }
 
     /// Records that a call to a remote hub failed: it gets no devices until its next heartbeat.

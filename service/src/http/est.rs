@@ -9,7 +9,7 @@
 //!   The CSR's CN must be the registration id.
 //! - `simplereenroll` admits the holder of a current, unrevoked certificate issued here (TLS
 //!   client certificate); the CSR keeps its subject, and the enrollment's `renewalPolicy` (or
-//!   [`RenewalPolicy::DEFAULT`]) decides whether it is time.
+//!   the default policy) decides whether it is time (`pki::check_renewal`).
 //! - Labels (`/.well-known/est/{label}/…`) are accepted and ignored: there is one profile.
 
 use actix_web::{HttpRequest, HttpResponse, web};
@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use zerotouch_attestation::symmetric_key::{self, SasToken};
 use zerotouch_attestation::{AttestedIdentity, EnrollmentRef, Mechanism};
 use zerotouch_certs::est;
-use zerotouch_certs::renewal::{self, RenewalPolicy, RenewalRefusal};
+use zerotouch_certs::renewal;
 
 use crate::db::Collection;
 use crate::dps::{Attestation, Evidence};
@@ -315,22 +315,12 @@ async fn simplereenroll(
     {
         return Err(unauthorized("the enrollment is disabled"));
     }
-    let policy = enrollment
-        .body
-        .get("renewalPolicy")
-        .and_then(|p| crate::pki::renewal_policy(p).ok())
-        .unwrap_or(RenewalPolicy::DEFAULT);
-    let now = crate::time::now_unix() as i64;
-    if let Err(refusal) = renewal::decide(&policy, identity.not_before, identity.not_after, now) {
-        let message = match refusal {
-            RenewalRefusal::TooEarly { opens_at_unix } => format!(
-                "renewal opens at {}",
-                crate::time::rfc3339_of_unix(u64::try_from(opens_at_unix).unwrap_or(0))
-            ),
-            other => other.to_string(),
-        };
-        return Err(ApiError::new(ErrorCode::RenewalNotAllowed, message));
-    }
+    crate::pki::check_renewal(
+        &enrollment.body,
+        identity.not_before,
+        identity.not_after,
+        crate::time::now_unix() as i64,
+    )?;
     let leaf = sign_and_record(
         &pki,
         &state,

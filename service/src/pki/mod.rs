@@ -134,6 +134,32 @@ pub async fn refuse_revoked(
     }
 }
 
+/// The renewal window of `enrollment` (its `renewalPolicy`, else [`RenewalPolicy::DEFAULT`])
+/// for a certificate valid from `not_before` to `not_after` (unix seconds): 403002
+/// `RenewalNotAllowed` outside it. EST re-enrollment and a DPS re-registration that presents a
+/// certificate of ours with a new `csr` both go through here, so they follow one policy.
+pub fn check_renewal(
+    enrollment: &Value,
+    not_before: i64,
+    not_after: i64,
+    now: i64,
+) -> Result<(), ApiError> {
+    let policy = enrollment
+        .get("renewalPolicy")
+        .and_then(|p| renewal_policy(p).ok())
+        .unwrap_or(RenewalPolicy::DEFAULT);
+    zerotouch_certs::renewal::decide(&policy, not_before, not_after, now).map_err(|refusal| {
+        let message = match refusal {
+            zerotouch_certs::renewal::RenewalRefusal::TooEarly { opens_at_unix } => format!(
+                "renewal opens at {}",
+                crate::time::rfc3339_of_unix(u64::try_from(opens_at_unix).unwrap_or(0))
+            ),
+            other => other.to_string(),
+        };
+        ApiError::new(ErrorCode::RenewalNotAllowed, message)
+    })
+}
+
 /// Parses an enrollment's `renewalPolicy`: `{"windowFraction": 0.0..=1.0,
 /// "graceAfterExpirySeconds": n}` (the grace is optional; absent = none).
 pub fn renewal_policy(value: &Value) -> Result<RenewalPolicy, String> {
