@@ -448,6 +448,11 @@ impl RemoteHub {
             409 => Err(HubCallError::AlreadyExists),
             // A precondition race: the caller re-reads and retries.
             412 => Err(HubCallError::NotFound),
+            // The hub no longer accepts our credential (its policy was rotated or removed):
+            // the hub's problem, not the device's; allocation goes elsewhere.
+            401 | 403 => Err(HubCallError::Unreachable(format!(
+                "the hub refused the provisioning credential: {message}"
+            ))),
             429 => Err(HubCallError::Unreachable(message)),
             s if s >= 500 => Err(HubCallError::Unreachable(message)),
             _ => Err(HubCallError::Refused(message)),
