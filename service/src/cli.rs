@@ -516,7 +516,13 @@ fn print_json(value: &Value) -> anyhow::Result<()> {
 
 fn open_local(settings: &Settings) -> anyhow::Result<(db::Database, bootstrap::Instance)> {
     bootstrap::prepare_data_dir(settings)?;
-    let store = db::open(&settings.database_url()?).context("opening the database")?;
+    // No background connections: this process exits right after its command.
+    let options = db::Options {
+        keep_warm: false,
+        ..db::Options::default()
+    };
+    let store =
+        db::open_with(&settings.database_url()?, &options).context("opening the database")?;
     let instance = bootstrap::bootstrap(settings, &store)?;
     Ok((store, instance))
 }

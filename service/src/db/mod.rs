@@ -250,6 +250,11 @@ pub struct Options {
     /// How long a call waits for a pooled connection, and the PostgreSQL connect timeout,
     /// before failing with [`StoreError::Unavailable`].
     pub connection_timeout: Duration,
+    /// Keep one connection open in the background (a server). Short-lived CLI processes turn
+    /// it off: a background connect still running when the process exits races the TLS
+    /// library's exit-time cleanup inside libpq, which can crash the process (seen as
+    /// SIGSEGV in `zerotouch credentials` on PostgreSQL, about 1 run in 30).
+    pub keep_warm: bool,
 }
 
 impl Default for Options {
@@ -257,6 +262,7 @@ impl Default for Options {
         Options {
             max_connections: None,
             connection_timeout: Duration::from_secs(10),
+            keep_warm: true,
         }
     }
 }

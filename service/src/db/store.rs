@@ -251,7 +251,7 @@ impl Database {
         let pool = Pool::builder()
             .max_size(max_size.max(1))
             // One warm connection; the rest are opened on demand and closed when idle.
-            .min_idle(Some(1))
+            .min_idle(Some(u32::from(options.keep_warm)))
             .connection_timeout(options.connection_timeout)
             .build_unchecked(Manager { target });
         let sqlite_writer = (backend == Backend::Sqlite).then(|| std::sync::Mutex::new(()));

@@ -642,8 +642,8 @@ fn unknown_scheme_is_a_typed_error() {
 #[test]
 fn unreachable_postgres_is_unavailable() {
     let options = Options {
-        max_connections: None,
         connection_timeout: Duration::from_secs(2),
+        ..Options::default()
     };
     // Port 1 on loopback refuses connections at once.
     match open_with("postgres://postgres@127.0.0.1:1/zt", &options) {
