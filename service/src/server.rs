@@ -122,6 +122,9 @@ pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev:
     };
     if let Some(dps) = &dps {
         let _ = dps.pki.set(pki.clone());
+        actix_web::rt::spawn(dps.clone().sweep_stale_identities_every(
+            std::time::Duration::from_secs(settings.dps.hub_heartbeat_seconds),
+        ));
     }
     let mqtt_app: Arc<dyn mqtt::Application> = Arc::new(crate::dps::mqtt::Router {
         dps: dps.clone().map(crate::dps::mqtt::DpsApplication::new),

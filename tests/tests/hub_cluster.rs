@@ -156,6 +156,35 @@ fn hub_api(hub: &Node, cluster: &Cluster) -> Api {
     )
 }
 
+/// The warning lines of a node's log (for assertion messages).
+fn warnings(node: &Node) -> String {
+    node.log_text()
+        .lines()
+        .filter(|line| line.contains("WARN") || line.contains("ERROR"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Waits until a moved device is gone from its old hub: at once, or when the provisioning
+/// service's retry of a failed removal gets through (every heartbeat interval, 1 s here).
+fn wait_gone(api: &Api, id: &str, hub: &str, cluster: &Cluster) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, answer, _) =
+            zerotouch_tests::send(api.request(Method::GET, &format!("/devices/{id}"), HUB_API));
+        if status == 404 {
+            return;
+        }
+        assert_eq!(status, 200, "{answer}");
+        assert!(
+            Instant::now() < deadline,
+            "{id} is still on its old hub {hub}; provisioning service warnings:\n{}",
+            warnings(&cluster.dps)
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 fn assigned_hub(state: &Value) -> String {
     assert_eq!(state["status"], "assigned", "{state}");
     state["assignedHub"]
@@ -243,12 +272,7 @@ fn hashed_allocation_follows_weights_and_a_new_hub_takes_only_its_share() {
     let mut tagged_moves = 0;
     for id in &moved {
         let old = assigned_hub(&first[*id]);
-        let (status, _, _) = zerotouch_tests::send(apis[&old].request(
-            Method::GET,
-            &format!("/devices/{id}"),
-            HUB_API,
-        ));
-        assert_eq!(status, 404, "{id} is still on its old hub {old}");
+        wait_gone(&apis[&old], id, &old, &cluster);
         let (status, twin, _) =
             zerotouch_tests::send(new_api.request(Method::GET, &format!("/twins/{id}"), HUB_API));
         assert_eq!(status, 200, "{id} is not on the new hub: {twin}");
@@ -291,6 +315,24 @@ fn a_killed_hub_gets_no_devices_until_it_is_back() {
     assert_eq!(cluster.hub_health(&second.ip), "unhealthy");
     let later = cluster.register_group(&key, &batch(200, 30), 8);
     assert_eq!(count_on(&later, &first), 30);
+    // Half the dead hub's devices register again and move: their old identities cannot be
+    // removed now, so the provisioning service keeps the removals pending.
+    let on_second: Vec<String> = before
+        .iter()
+        .filter(|(_, s)| assigned_hub(s) == second.ip)
+        .map(|(id, _)| id.clone())
+        .collect();
+    let (moving, staying) = on_second.split_at(on_second.len() / 2);
+    assert!(!moving.is_empty(), "{on_second:?}");
+    let moved = cluster.register_group(&key, moving, 4);
+    assert_eq!(count_on(&moved, &first), moving.len(), "{moved:?}");
+    let (status, view, _) = zerotouch_tests::send(cluster.api.request(
+        Method::GET,
+        &format!("/hubs/{}", second.ip),
+        DPS_API,
+    ));
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(view["pendingRemovalCount"], json!(moving.len()), "{view}");
 
     // Back (same data dir, no token needed): heartbeats make it healthy, devices come again.
     second.spawn();
@@ -305,15 +347,22 @@ fn a_killed_hub_gets_no_devices_until_it_is_back() {
         count_on(&after, &second) > 0,
         "the restarted hub gets no device"
     );
-    // Its devices survived the kill.
+    // Its devices survived the kill; those that moved meanwhile are removed from it now.
     let api = hub_api(&second, &cluster);
-    for (id, state) in &before {
-        if assigned_hub(state) == second.ip {
-            let (status, _, _) =
-                zerotouch_tests::send(api.request(Method::GET, &format!("/devices/{id}"), HUB_API));
-            assert_eq!(status, 200, "{id} was lost");
-        }
+    for id in staying {
+        let (status, _, _) =
+            zerotouch_tests::send(api.request(Method::GET, &format!("/devices/{id}"), HUB_API));
+        assert_eq!(status, 200, "{id} was lost");
     }
+    for id in moving {
+        wait_gone(&api, id, &second.ip, &cluster);
+    }
+    let (_, view, _) = zerotouch_tests::send(cluster.api.request(
+        Method::GET,
+        &format!("/hubs/{}", second.ip),
+        DPS_API,
+    ));
+    assert_eq!(view["pendingRemovalCount"], 0, "{view}");
 }
 
 /// A webhook on its own address: answers by path, records what it was sent.

@@ -59,10 +59,13 @@ pub enum Collection {
     AuditEvents,
     /// PKI state shared by replicas: the current signed CRL and its number (see `pki`).
     PkiState,
+    /// Moved devices' identities still to be removed from their old hub, keyed
+    /// `{hub lower-cased}/{device id}`; `parent` is the hub's lower-cased name (see `dps`).
+    StaleIdentities,
 }
 
 impl Collection {
-    pub const ALL: [Collection; 15] = [
+    pub const ALL: [Collection; 16] = [
         Collection::IndividualEnrollments,
         Collection::EnrollmentGroups,
         Collection::Registrations,
@@ -78,6 +81,7 @@ impl Collection {
         Collection::IssuedCertificates,
         Collection::AuditEvents,
         Collection::PkiState,
+        Collection::StaleIdentities,
     ];
 
     /// The table that holds this collection (for logs).
@@ -98,6 +102,7 @@ impl Collection {
             Collection::IssuedCertificates => "issued_certificates",
             Collection::AuditEvents => "audit_events",
             Collection::PkiState => "pki_state",
+            Collection::StaleIdentities => "stale_identities",
         }
     }
 
@@ -110,6 +115,7 @@ impl Collection {
                 | Collection::Twins
                 | Collection::MqttSessions
                 | Collection::C2dMessages
+                | Collection::StaleIdentities
         )
     }
 }

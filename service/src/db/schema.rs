@@ -204,3 +204,16 @@ diesel::table! {
         updated_at -> BigInt,
     }
 }
+
+diesel::table! {
+    stale_identities (id_key) {
+        id_key -> Text,
+        id -> Text,
+        parent_key -> Nullable<Text>,
+        parent -> Nullable<Text>,
+        body -> Text,
+        etag -> Text,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+    }
+}

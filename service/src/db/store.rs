@@ -84,6 +84,10 @@ macro_rules! with_table {
                 use $crate::db::schema::pki_state as $t;
                 $body
             }
+            Collection::StaleIdentities => {
+                use $crate::db::schema::stale_identities as $t;
+                $body
+            }
         }
     };
 }

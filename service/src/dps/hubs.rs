@@ -325,6 +325,71 @@ pub fn update(
     ))
 }
 
+/// A moved device's identity that could not be removed from its old hub when it moved. The
+/// provisioning service retries the removal until it succeeds ([`Collection::StaleIdentities`]);
+/// a device that comes back to that hub first cancels it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StaleIdentity {
+    pub hub: String,
+    pub device_id: String,
+    pub registration_id: String,
+    pub since_unix: u64,
+    pub attempts: u32,
+    pub last_error: String,
+}
+
+impl StaleIdentity {
+    /// The document id: the hub's lower-cased name and the (case-sensitive) device id.
+    pub fn key(hub: &str, device_id: &str) -> String {
+        format!("{}/{device_id}", hub.to_ascii_lowercase())
+    }
+}
+
+/// Records (or updates) a removal still to be done.
+pub fn save_stale(store: &dyn DocumentStore, stale: &StaleIdentity) -> Result<(), StoreError> {
+    let body = serde_json::to_value(stale).map_err(|e| StoreError::Backend(e.to_string()))?;
+    store
+        .put(
+            Collection::StaleIdentities,
+            &StaleIdentity::key(&stale.hub, &stale.device_id),
+            Some(&stale.hub.to_ascii_lowercase()),
+            &body,
+            Write::Upsert,
+        )
+        .map(drop)
+}
+
+/// Forgets a removal (done, or no longer wanted). Already gone is fine.
+pub fn forget_stale(
+    store: &dyn DocumentStore,
+    hub: &str,
+    device_id: &str,
+) -> Result<(), StoreError> {
+    match store.delete(
+        Collection::StaleIdentities,
+        &StaleIdentity::key(hub, device_id),
+        None,
+    ) {
+        Ok(_) | Err(StoreError::NotFound) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Removals still to be done, on one hub or on all.
+pub fn load_stale(
+    store: &dyn DocumentStore,
+    hub: Option<&str>,
+) -> Result<Vec<StaleIdentity>, StoreError> {
+    let parent = hub.map(str::to_ascii_lowercase);
+    store
+        .list_all(Collection::StaleIdentities, parent.as_deref())?
+        .into_iter()
+        .map(|d| serde_json::from_value::<StaleIdentity>(d.body))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| StoreError::Backend(format!("stale identity record: {e}")))
+}
+
 /// Why a call to a hub did not do what was asked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HubCallError {
@@ -353,6 +418,8 @@ fn from_local(error: crate::hub::error::HubError) -> HubCallError {
     match error.code {
         HubErrorCode::DeviceAlreadyExists => HubCallError::AlreadyExists,
         HubErrorCode::DeviceNotFound => HubCallError::NotFound,
+        // As from a remote hub: the identity changed under the caller.
+        HubErrorCode::PreconditionFailed => HubCallError::NotFound,
         _ if error.status().is_server_error() => HubCallError::Unreachable(error.message),
         _ => HubCallError::Refused(error.message),
     }
@@ -583,11 +650,40 @@ impl HubTarget {
         }
     }
 
-    /// Removes a device (after it moved to another hub). Already gone is fine.
-    pub async fn remove_device(&self, device_id: &str) -> Result<(), HubCallError> {
+    /// The etag of a device identity, `None` when it is not there.
+    pub async fn device_etag(&self, device_id: &str) -> Result<Option<String>, HubCallError> {
+        match self {
+            HubTarget::Local(hub) => hub
+                .device(device_id)
+                .await
+                .map(|found| found.map(|(_, etag)| etag))
+                .map_err(from_local),
+            HubTarget::Remote(remote) => match remote
+                .call(
+                    reqwest::Method::GET,
+                    &format!("devices/{}", encode_id(device_id)),
+                    None,
+                    None,
+                )
+                .await
+            {
+                Ok(device) => Ok(device
+                    .as_ref()
+                    .and_then(|d| d.get("etag"))
+                    .and_then(Value::as_str)
+                    .map(String::from)),
+                Err(HubCallError::NotFound) => Ok(None),
+                Err(e) => Err(e),
+            },
+        }
+    }
+
+    /// Removes a device (after it moved to another hub), only if its etag is still `if_match`
+    /// (`*`: any). Already gone, or changed since (someone wrote it again), is fine.
+    pub async fn remove_device(&self, device_id: &str, if_match: &str) -> Result<(), HubCallError> {
         let result = match self {
             HubTarget::Local(hub) => hub
-                .delete_device(device_id, Some("*".into()))
+                .delete_device(device_id, Some(if_match.to_string()))
                 .await
                 .map(drop)
                 .map_err(from_local),
@@ -596,7 +692,7 @@ impl HubTarget {
                     reqwest::Method::DELETE,
                     &format!("devices/{}", encode_id(device_id)),
                     None,
-                    Some("*"),
+                    Some(if_match),
                 )
                 .await
                 .map(drop),

@@ -1087,7 +1087,7 @@ impl Dps {
                 .is_some_and(|h| linked.target(h).is_some());
         let mut excluded: Vec<String> = Vec::new();
         let mut old_twin: Option<Option<Value>> = None;
-        let (assigned_hub, substatus, webhook_payload) = loop {
+        let (assigned_hub, substatus, webhook_payload, moved) = loop {
             let (chosen, webhook_twin, webhook_payload) = if keep_current && excluded.is_empty() {
                 (previous_hub.clone().unwrap_or_default(), None, None)
             } else {
@@ -1184,19 +1184,13 @@ impl Dps {
                     None => (Some(initial), "deviceDataReset"),
                 }
             };
+            // A removal still pending on this hub (the device left it earlier) no longer is.
+            self.cancel_stale(&chosen, &device_id).await?;
             match self
                 .apply_on_hub(&target, &device_id, &identity, twin.as_ref())
                 .await
             {
-                Ok(()) => {
-                    if moved
-                        && let (Some(old), Some(old_device)) =
-                            (previous_hub.as_deref(), previous_device.as_deref())
-                    {
-                        self.remove_from_old_hub(&linked, old, old_device).await;
-                    }
-                    break (chosen, substatus, webhook_payload);
-                }
+                Ok(()) => break (chosen, substatus, webhook_payload, moved),
                 Err(HubCallError::Unreachable(message)) => {
                     tracing::warn!(hub = %chosen, %message, "hub unreachable; allocating again without it");
                     self.hub_failed(&target).await;
@@ -1322,6 +1316,14 @@ impl Dps {
         state["etag"] = json!(crate::hub::bare_etag(&doc.etag));
         if let Some(map) = state.as_object_mut() {
             map.remove("operationIds");
+        }
+        // Only now that the new assignment is stored does the old hub lose the device.
+        if moved
+            && let (Some(old), Some(old_device)) =
+                (previous_hub.as_deref(), previous_device.as_deref())
+        {
+            self.remove_from_old_hub(&linked, old, old_device, registration_id)
+                .await;
         }
         Ok(Outcome {
             operation_id,
@@ -1478,16 +1480,151 @@ impl Dps {
         }
     }
 
-    /// Removes a moved device from its old hub. A failure is logged and counted: the stale
-    /// identity stays until an operator removes it (docs/deployment.md).
-    async fn remove_from_old_hub(&self, linked: &LinkedHubs, old_hub: &str, device_id: &str) {
+    /// Removes a moved device from its old hub, retrying briefly. When that fails the removal
+    /// is recorded and [`Dps::sweep_stale_identities`] retries it until it succeeds.
+    async fn remove_from_old_hub(
+        &self,
+        linked: &LinkedHubs,
+        old_hub: &str,
+        device_id: &str,
+        registration_id: &str,
+    ) {
         let Some(target) = linked.target(old_hub) else {
             return;
         };
-        if let Err(error) = target.remove_device(device_id).await {
-            self.metrics.stale_identities.inc();
-            tracing::warn!(hub = old_hub, device_id, %error, "could not remove a moved device from its old hub");
+        let mut attempt = 0;
+        let error = loop {
+            match target.remove_device(device_id, "*").await {
+                Ok(()) => return,
+                Err(HubCallError::Unreachable(_)) if attempt < 2 && target.is_remote() => {
+                    attempt += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
+                }
+                Err(error) => break error,
+            }
+        };
+        self.metrics.stale_identities.inc();
+        tracing::warn!(hub = old_hub, device_id, %error, "could not remove a moved device from its old hub; will retry");
+        let stale = hubs::StaleIdentity {
+            hub: target.name().to_string(),
+            device_id: device_id.to_string(),
+            registration_id: registration_id.to_string(),
+            since_unix: crate::time::now_unix(),
+            attempts: 1,
+            last_error: error.to_string(),
+        };
+        if let Err(error) = blocking(&self.store, move |s| hubs::save_stale(s, &stale)).await {
+            tracing::error!(hub = old_hub, device_id, %error, "could not record a pending removal; the old identity stays until removed by hand");
         }
+    }
+
+    /// Drops a pending removal of `device_id` from `hub` (the device is going back there).
+    async fn cancel_stale(&self, hub: &str, device_id: &str) -> Result<(), ApiError> {
+        let key = hubs::StaleIdentity::key(hub, device_id);
+        let (hub, device_id) = (hub.to_string(), device_id.to_string());
+        blocking(&self.store, move |s| {
+            // A read first: almost always there is nothing to cancel, and reads are cheap.
+            if s.get(Collection::StaleIdentities, &key)?.is_some() {
+                hubs::forget_stale(s, &hub, &device_id)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Retries every pending removal of a moved device from its old hub; returns how many
+    /// are still pending. Safe against a device moving back at the same time: the identity is
+    /// removed only under the etag read before checking that the device is still elsewhere
+    /// and the removal still wanted, and registration cancels the removal before it writes
+    /// the identity again.
+    pub async fn sweep_stale_identities(&self) -> Result<usize, ApiError> {
+        let pending = blocking(&self.store, |s| hubs::load_stale(s, None)).await?;
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        let linked = self.linked_hubs().await?;
+        let mut left = 0;
+        for mut stale in pending {
+            match self.retry_stale(&linked, &stale).await {
+                Ok(()) => {
+                    let (hub, device) = (stale.hub.clone(), stale.device_id.clone());
+                    blocking(&self.store, move |s| hubs::forget_stale(s, &hub, &device)).await?;
+                }
+                Err(error) => {
+                    left += 1;
+                    stale.attempts = stale.attempts.saturating_add(1);
+                    stale.last_error = error.to_string();
+                    // Written only if the record is still there: a registration may have
+                    // cancelled it meanwhile.
+                    blocking(&self.store, move |s| {
+                        let key = hubs::StaleIdentity::key(&stale.hub, &stale.device_id);
+                        match s.get(Collection::StaleIdentities, &key)? {
+                            Some(_) => hubs::save_stale(s, &stale),
+                            None => Ok(()),
+                        }
+                    })
+                    .await?;
+                }
+            }
+        }
+        Ok(left)
+    }
+
+    /// Runs [`Dps::sweep_stale_identities`] every `every`, for as long as the server runs.
+    pub async fn sweep_stale_identities_every(self: Arc<Self>, every: std::time::Duration) {
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            match self.sweep_stale_identities().await {
+                Ok(0) => {}
+                Ok(left) => tracing::debug!(left, "moved devices still to remove from old hubs"),
+                Err(error) => tracing::warn!(%error, "cannot retry pending removals"),
+            }
+        }
+    }
+
+    /// One pending removal: `Ok` when nothing is left to do.
+    async fn retry_stale(
+        &self,
+        linked: &LinkedHubs,
+        stale: &hubs::StaleIdentity,
+    ) -> Result<(), HubCallError> {
+        // A hub no longer linked is out of our hands (docs/deployment.md).
+        let Some(target) = linked.target(&stale.hub) else {
+            return Ok(());
+        };
+        let Some(etag) = target.device_etag(&stale.device_id).await? else {
+            return Ok(());
+        };
+        let (registration, key) = (
+            stale.registration_id.clone(),
+            hubs::StaleIdentity::key(&stale.hub, &stale.device_id),
+        );
+        let (current, wanted) = blocking(&self.store, move |s| {
+            Ok((
+                s.get(Collection::Registrations, &registration)?,
+                s.get(Collection::StaleIdentities, &key)?.is_some(),
+            ))
+        })
+        .await
+        .map_err(|e| HubCallError::Unreachable(e.message))?;
+        let back_there = current.is_some_and(|doc| {
+            doc.body.get("status").and_then(Value::as_str) == Some("assigned")
+                && doc
+                    .body
+                    .get("assignedHub")
+                    .and_then(Value::as_str)
+                    .is_some_and(|h| h.eq_ignore_ascii_case(&stale.hub))
+                && doc.body.get("deviceId").and_then(Value::as_str)
+                    == Some(stale.device_id.as_str())
+        });
+        if back_there || !wanted {
+            return Ok(());
+        }
+        target.remove_device(&stale.device_id, &etag).await?;
+        tracing::info!(hub = %stale.hub, device_id = %stale.device_id, attempts = stale.attempts, "removed a moved device from its old hub");
+        Ok(())
     }
 
     /// The certificate the device authenticated with, if this service issued it (a renewal

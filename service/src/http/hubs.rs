@@ -92,7 +92,25 @@ async fn get(
         return Ok(HttpResponse::Ok().json(view));
     }
     let hub = load(&state, name.into_inner()).await?;
-    Ok(HttpResponse::Ok().json(hub.view(crate::time::now_unix(), timeout(&state))))
+    let mut view = hub.view(crate::time::now_unix(), timeout(&state));
+    let name = hub.name.clone();
+    // Moved devices still to be removed from this hub (the provisioning service retries).
+    let pending = blocking(&state, move |s| hubs::load_stale(s, Some(&name))).await?;
+    view["pendingRemovals"] = json!(
+        pending
+            .iter()
+            .take(100)
+            .map(|p| json!({
+                "deviceId": p.device_id,
+                "registrationId": p.registration_id,
+                "sinceUnix": p.since_unix,
+                "attempts": p.attempts,
+                "lastError": p.last_error,
+            }))
+            .collect::<Vec<_>>()
+    );
+    view["pendingRemovalCount"] = json!(pending.len());
+    Ok(HttpResponse::Ok().json(view))
 }
 
 async fn set_state(
