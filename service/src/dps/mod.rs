@@ -1471,11 +1471,20 @@ impl Dps {
         device_id: Option<&str>,
     ) -> Option<Value> {
         let target = linked.target(old_hub?)?;
-        match target.twin(device_id?).await {
-            Ok(twin) => twin,
-            Err(error) => {
-                tracing::warn!(hub = target.name(), %error, "cannot read the twin to migrate; resetting it");
-                None
+        let device_id = device_id?;
+        let mut attempt = 0;
+        loop {
+            match target.twin(device_id).await {
+                Ok(twin) => return twin,
+                // A hiccup must not cost the device its twin: retry briefly, as for writes.
+                Err(HubCallError::Unreachable(_)) if attempt < 2 && target.is_remote() => {
+                    attempt += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
+                }
+                Err(error) => {
+                    tracing::warn!(hub = target.name(), %error, "cannot read the twin to migrate; resetting it");
+                    return None;
+                }
             }
         }
     }
