@@ -83,7 +83,7 @@ async fn run(
     tcp: TcpStream,
     remote: SocketAddr,
     shared: Arc<Shared>,
-    commands: mpsc::Receiver<Message>,
+    commands: mpsc::Receiver<Box<Message>>,
 ) {
     let established = tokio::select! {
         established = establish(&engine, tcp, remote, &shared) => established,
@@ -254,7 +254,7 @@ async fn session(
     engine: &Engine,
     established: Established,
     shared: Arc<Shared>,
-    mut commands: mpsc::Receiver<Message>,
+    mut commands: mpsc::Receiver<Box<Message>>,
 ) {
     let Established {
         mut reader,
@@ -311,7 +311,7 @@ impl Live<'_> {
         &self,
         reader: &mut FrameReader<ReadSide>,
         writer: &mut WriteSide,
-        commands: &mut mpsc::Receiver<Message>,
+        commands: &mut mpsc::Receiver<Box<Message>>,
     ) -> CloseReason {
         let engine = self.engine;
         if !engine.rate.attempt(self.key) {
@@ -375,6 +375,8 @@ impl Live<'_> {
         );
         self.session.ready();
 
+        // Items are boxed: a channel allocates its first 32-slot block up front, so unboxed
+        // slots (64–80 bytes) cost every idle connection about 6 KB (docs/performance.md).
         let (control_tx, mut control_rx) = mpsc::channel(CONTROL_QUEUE);
         let (work_tx, mut work_rx) = mpsc::channel(WORK_QUEUE);
         let keep_alive = (self.connect.keep_alive > 0)
@@ -453,8 +455,8 @@ async fn until<T>(deadline: Option<Instant>, future: impl Future<Output = T>) ->
 
 async fn read_loop(
     reader: &mut FrameReader<ReadSide>,
-    control: mpsc::Sender<Control>,
-    work: mpsc::Sender<Work>,
+    control: mpsc::Sender<Box<Control>>,
+    work: mpsc::Sender<Box<Work>>,
     keep_alive: Option<Duration>,
 ) -> CloseReason {
     let mut last_packet = Instant::now();
@@ -481,13 +483,15 @@ async fn read_loop(
         let sent = match packet {
             ClientPacket::PingReq => until(
                 deadline,
-                control.send(Control::Packet(ServerPacket::PingResp)),
+                control.send(Box::new(Control::Packet(ServerPacket::PingResp))),
             )
             .await
             .map(|r| r.is_ok()),
-            ClientPacket::PubAck(pkid) => until(deadline, control.send(Control::Acked(pkid)))
-                .await
-                .map(|r| r.is_ok()),
+            ClientPacket::PubAck(pkid) => {
+                until(deadline, control.send(Box::new(Control::Acked(pkid))))
+                    .await
+                    .map(|r| r.is_ok())
+            }
             ClientPacket::Publish(publish) => {
                 if publish.qos > 1 {
                     tracing::info!("QoS 2 PUBLISH; closing");
@@ -497,20 +501,21 @@ async fn read_loop(
                     tracing::info!(topic = %publish.topic, "PUBLISH to an invalid topic name; closing");
                     return CloseReason::ProtocolError("invalid topic name".into());
                 }
-                until(deadline, work.send(Work::Publish(publish)))
+                until(deadline, work.send(Box::new(Work::Publish(publish))))
                     .await
                     .map(|r| r.is_ok())
             }
             ClientPacket::Subscribe(subscribe) => {
-                until(deadline, work.send(Work::Subscribe(subscribe)))
+                until(deadline, work.send(Box::new(Work::Subscribe(subscribe))))
                     .await
                     .map(|r| r.is_ok())
             }
-            ClientPacket::Unsubscribe(unsubscribe) => {
-                until(deadline, work.send(Work::Unsubscribe(unsubscribe)))
-                    .await
-                    .map(|r| r.is_ok())
-            }
+            ClientPacket::Unsubscribe(unsubscribe) => until(
+                deadline,
+                work.send(Box::new(Work::Unsubscribe(unsubscribe))),
+            )
+            .await
+            .map(|r| r.is_ok()),
             ClientPacket::Disconnect => return CloseReason::ClientDisconnect,
             ClientPacket::Connect(_) => {
                 return CloseReason::ProtocolError("a second CONNECT".into());
@@ -541,11 +546,11 @@ impl Worker<'_> {
     /// `None` once the queue is closed and empty.
     async fn run(
         &self,
-        work: &mut mpsc::Receiver<Work>,
-        control: mpsc::Sender<Control>,
+        work: &mut mpsc::Receiver<Box<Work>>,
+        control: mpsc::Sender<Box<Control>>,
     ) -> Option<CloseReason> {
         while let Some(item) = work.recv().await {
-            let reply = match item {
+            let reply = match *item {
                 Work::Publish(publish) => {
                     let (qos, pkid) = (publish.qos, publish.pkid);
                     let wire_qos = if qos == 0 {
@@ -575,7 +580,10 @@ impl Worker<'_> {
                 Work::Unsubscribe(unsubscribe) => Some(self.unsubscribe(unsubscribe).await),
             };
             if let Some(reply) = reply
-                && control.send(Control::Packet(reply)).await.is_err()
+                && control
+                    .send(Box::new(Control::Packet(reply)))
+                    .await
+                    .is_err()
             {
                 return None;
             }
@@ -790,8 +798,8 @@ async fn sleep_until_some(at: Option<Instant>) {
 
 async fn write_loop(
     writer: &mut WriteSide,
-    control: &mut mpsc::Receiver<Control>,
-    commands: &mut mpsc::Receiver<Message>,
+    control: &mut mpsc::Receiver<Box<Control>>,
+    commands: &mut mpsc::Receiver<Box<Message>>,
     limits: &super::listener::MqttLimits,
 ) -> CloseReason {
     let window = limits.max_inflight_outbound.clamp(1, 65_000);
@@ -805,25 +813,25 @@ async fn write_loop(
         let retransmit_at = out.retransmit_at(limits.retransmit_after);
         tokio::select! {
             next = control.recv() => match next {
-                Some(next) => out.control(next),
+                Some(next) => out.control(*next),
                 // Both the reader and the worker are gone: the connection is ending anyway.
                 None => return CloseReason::ConnectionLost,
             },
             message = commands.recv(), if out.inflight.len() < window => match message {
-                Some(message) => out.message(message),
+                Some(message) => out.message(*message),
                 None => return CloseReason::ConnectionLost,
             },
             () = sleep_until_some(retransmit_at) => out.retransmit(limits.retransmit_after),
         }
         while out.buf.len() < WRITE_BATCH {
             match control.try_recv() {
-                Ok(next) => out.control(next),
+                Ok(next) => out.control(*next),
                 Err(_) => break,
             }
         }
         while out.buf.len() < WRITE_BATCH && out.inflight.len() < window {
             match commands.try_recv() {
-                Ok(message) => out.message(message),
+                Ok(message) => out.message(*message),
                 Err(_) => break,
             }
         }

@@ -22,7 +22,7 @@ pub(crate) struct Message {
 /// State of one connection shared between its task and the application's [`Outbound`] handles.
 pub(crate) struct Shared {
     pub id: u64,
-    commands: mpsc::Sender<Message>,
+    commands: mpsc::Sender<Box<Message>>,
     subscriptions: Mutex<BTreeMap<String, QoS>>,
     closed: AtomicBool,
     close_request: Mutex<Option<CloseReason>>,
@@ -39,7 +39,7 @@ static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
 impl Shared {
     /// A new connection with a process-wide unique id, and the receiving end of its queue.
     /// Must be called on the runtime the connection runs on.
-    pub fn new(queue: usize) -> (Arc<Shared>, mpsc::Receiver<Message>) {
+    pub fn new(queue: usize) -> (Arc<Shared>, mpsc::Receiver<Box<Message>>) {
         let (commands, receiver) = mpsc::channel(queue.max(1));
         let shared = Shared {
             id: NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed),
@@ -139,12 +139,12 @@ impl Outbound {
             }
             QoS::AtMostOnce => (None, None),
         };
-        let message = Message {
+        let message = Box::new(Message {
             topic,
             payload,
             qos,
             acked,
-        };
+        });
         self.shared
             .commands
             .send(message)
@@ -161,12 +161,12 @@ impl Outbound {
     /// message waits in a task of its own, so messages sent that way may overtake each other.
     pub fn send(&self, topic: String, payload: Bytes, qos: QoS) -> Result<(), Closed> {
         self.shared.check(&topic)?;
-        let message = Message {
+        let message = Box::new(Message {
             topic,
             payload,
             qos,
             acked: None,
-        };
+        });
         match self.shared.commands.try_send(message) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(Closed),
