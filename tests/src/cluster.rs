@@ -46,12 +46,25 @@ pub struct Node {
     pub dir: TempDir,
     child: Option<Child>,
     args: Vec<String>,
+    /// Extra environment for every process of this node (server and CLI).
+    env: Vec<(String, String)>,
 }
 
 impl Node {
     /// Writes `config` (TOML, appended to the node's listen/service sections) and starts
     /// `zerotouch serve` with `args`; returns once HTTPS accepts connections.
     pub fn start(ip: &str, role: &str, config: &str, args: &[&str]) -> Node {
+        Node::start_with_env(ip, role, config, args, &[])
+    }
+
+    /// [`Node::start`] with extra environment variables for the node's processes.
+    pub fn start_with_env(
+        ip: &str,
+        role: &str,
+        config: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Node {
         let dir = tempfile::tempdir().expect("tempdir");
         let text = format!(
             "[listen]\nhttps = \"{ip}:{HTTPS_PORT}\"\nmqtt = \"{ip}:8883\"\n\n\
@@ -64,6 +77,10 @@ impl Node {
             dir,
             child: None,
             args: args.iter().map(|a| a.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         node.spawn();
         node
@@ -94,6 +111,7 @@ impl Node {
             .arg(self.config())
             .args(&self.args)
             .env("RUST_LOG", "warn,zerotouch_service=info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::from(log.try_clone().expect("log")))
             .stderr(Stdio::from(log))
             .spawn()
@@ -135,14 +153,27 @@ impl Node {
         }
     }
 
-    /// The node's own CLI (`zerotouch <args> --config <its config>`); returns stdout.
-    pub fn cli(&self, args: &[&str]) -> String {
-        let output = Command::new(program())
+    /// Appends TOML to the node's config (takes effect at the next start or CLI call).
+    pub fn append_config(&self, text: &str) {
+        let mut config = std::fs::read_to_string(self.config()).expect("config");
+        config.push_str(text);
+        std::fs::write(self.config(), config).expect("config");
+    }
+
+    /// The node's own CLI, whatever its outcome.
+    pub fn cli_output(&self, args: &[&str]) -> std::process::Output {
+        Command::new(program())
             .args(args)
             .arg("--config")
             .arg(self.config())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .output()
-            .expect("run zerotouch");
+            .expect("run zerotouch")
+    }
+
+    /// The node's own CLI (`zerotouch <args> --config <its config>`); returns stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let output = self.cli_output(args);
         assert!(
             output.status.success(),
             "zerotouch {args:?} failed: {}",

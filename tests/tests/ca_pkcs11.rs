@@ -3,10 +3,9 @@
 //! a device registering with a CSR gets a certificate that `openssl verify` accepts, and the
 //! CRL (signed in the token) verifies too.
 //!
-//! SoftHSM2 finds its token directory through `SOFTHSM2_CONF`, read by the library in this
-//! process (the server runs in-process). The crates forbid `unsafe` code, so the environment
-//! of this process cannot be changed: the test runs the real work in a child process (this
-//! same test executable, running the ignored `token_issuance_in_child`) with the variable set.
+//! SoftHSM2 finds its token directory through `SOFTHSM2_CONF`, which the library reads from
+//! the environment of the process that loads it: the server and the CLI run as real
+//! `zerotouch` processes (`cluster::Node`) with the variable set.
 
 use std::fs;
 use std::path::Path;
@@ -15,12 +14,11 @@ use std::process::Command;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use reqwest::Method;
-use serde_json::json;
-use zerotouch_service::config::Pkcs11Settings;
-use zerotouch_tests::{Backend, TestServer, c_sdk_device_sas, pki, send};
+use serde_json::{Value, json};
+use zerotouch_tests::cluster::{Api, Node, address, address_block, register};
+use zerotouch_tests::pki;
 
 const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
-const CHILD_MARKER: &str = "ZEROTOUCH_TEST_PKCS11_CHILD";
 
 #[test]
 fn issuance_works_with_the_intermediate_key_in_softhsm2() {
@@ -56,66 +54,53 @@ fn issuance_works_with_the_intermediate_key_in_softhsm2() {
     let pin_file = dir.path().join("pin");
     fs::write(&pin_file, "1234\n").unwrap();
 
-    let output = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "token_issuance_in_child",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-        ])
-        .env("SOFTHSM2_CONF", &conf)
-        .env(CHILD_MARKER, &pin_file)
-        .output()
-        .unwrap();
-    let log = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(output.status.success(), "the token test failed:\n{log}");
-    assert!(
-        log.contains("1 passed"),
-        "the token test did not run:\n{log}"
-    );
-}
-
-/// Run by [`issuance_works_with_the_intermediate_key_in_softhsm2`] with `SOFTHSM2_CONF` set.
-#[test]
-#[ignore = "runs as a child of issuance_works_with_the_intermediate_key_in_softhsm2"]
-fn token_issuance_in_child() {
-    let pin_file = std::env::var_os(CHILD_MARKER)
-        .expect("run through issuance_works_with_the_intermediate_key_in_softhsm2");
-    let p11 = Pkcs11Settings {
-        module: MODULE.into(),
-        token_label: "zt".into(),
-        key_label: "zerotouch-intermediate".into(),
-        pin_file: Some(pin_file.into()),
-    };
-
     // First start: a plain CA with the key in ca/intermediate.key.
-    let mut s = TestServer::start(Backend::Sqlite);
-    let paths = s.running().bound.instance.paths.clone();
-    assert!(paths.intermediate_key.exists());
-    let bundle_before = fs::read_to_string(s.ca_bundle()).unwrap();
+    let conf = conf.display().to_string();
+    let mut node = Node::start_with_env(
+        &address(address_block(), 1),
+        "all",
+        "",
+        &[],
+        &[("SOFTHSM2_CONF", &conf)],
+    );
+    let key_file = node.data_dir().join("ca/intermediate.key");
+    assert!(key_file.exists());
+    let bundle_before = fs::read_to_string(node.ca_bundle()).unwrap();
 
     // Without ca.pkcs11 the import refuses; with it, the key goes into the token and the
     // file goes away.
-    assert!(zerotouch_service::pki::token::import_to_pkcs11(&s.settings, None).is_err());
-    s.settings.ca.pkcs11 = Some(p11);
-    let report = zerotouch_service::pki::token::import_to_pkcs11(&s.settings, None).unwrap();
+    node.kill();
+    let refused = node.cli_output(&["ca", "import-to-pkcs11"]);
+    assert!(!refused.status.success(), "imported without ca.pkcs11");
+    node.append_config(&format!(
+        "\n[ca.pkcs11]\nmodule = \"{MODULE}\"\ntoken_label = \"zt\"\n\
+         key_label = \"zerotouch-intermediate\"\npin_file = \"{}\"\n",
+        pin_file.display()
+    ));
+    let report: Value = serde_json::from_str(&node.cli(&["ca", "import-to-pkcs11"])).unwrap();
     assert_eq!(report["keyLabel"], "zerotouch-intermediate", "{report}");
-    assert!(!paths.intermediate_key.exists(), "the key file is deleted");
+    assert!(!key_file.exists(), "the key file is deleted");
     // A second import has nothing to import.
-    assert!(zerotouch_service::pki::token::import_to_pkcs11(&s.settings, None).is_err());
+    assert!(
+        !node
+            .cli_output(&["ca", "import-to-pkcs11"])
+            .status
+            .success()
+    );
     // Restart with the key in the token only.
-    s.restart();
-    assert!(s.running().bound.instance.ca.intermediate_key_in_token());
-    assert_eq!(fs::read_to_string(s.ca_bundle()).unwrap(), bundle_before);
+    node.spawn();
+    assert_eq!(fs::read_to_string(node.ca_bundle()).unwrap(), bundle_before);
+    assert!(!key_file.exists(), "the server wrote the key back");
 
     // A device registers with a CSR and gets a certificate signed in the token.
+    let credentials = node.credentials();
+    let api = Api::new(
+        credentials["dpsConnectionString"].as_str().unwrap(),
+        &node.ca_bundle(),
+    );
     let id = "p11-device";
-    let (status, body, _) = send(
-        s.request(Method::PUT, &format!("/enrollments/{id}"))
+    let (status, body, _) = zerotouch_tests::send(
+        api.request(Method::PUT, &format!("/enrollments/{id}"), "2021-10-01")
             .json(&json!({"attestation": {"type": "symmetricKey"}})),
     );
     assert_eq!(status, 200, "{body}");
@@ -123,15 +108,17 @@ fn token_issuance_in_child() {
         .as_str()
         .unwrap()
         .to_string();
-    let token = c_sdk_device_sas(
-        &s.id_scope,
+    let client = zerotouch_tests::client_trusting(&node.ca_bundle(), None);
+    let (csr, _device_key) = pki::csr(id);
+    let state = register(
+        &client,
+        &node.url(""),
+        credentials["idScope"].as_str().unwrap(),
         id,
         &key,
-        zerotouch_service::time::now_unix() + 600,
+        Some(&json!({"csr": B64.encode(&csr)})),
     );
-    let (csr, _device_key) = pki::csr(id);
-    let request = json!({"registrationId": id, "csr": B64.encode(&csr)});
-    let state = s.register_and_poll(&s.client, id, Some(&token), &request);
+    assert_eq!(state["status"], "assigned", "{state}");
     let chain = state["issuedCertificateChain"]
         .as_array()
         .unwrap_or_else(|| panic!("no issuedCertificateChain: {state}"));
@@ -143,7 +130,7 @@ fn token_issuance_in_child() {
     let verify = Command::new("openssl")
         .arg("verify")
         .arg("-CAfile")
-        .arg(s.ca_bundle())
+        .arg(node.ca_bundle())
         .arg(&leaf_file)
         .output()
         .unwrap();
@@ -155,12 +142,8 @@ fn token_issuance_in_child() {
     );
 
     // The CRL is signed in the token as well.
-    let crl = s
-        .client
-        .get(format!(
-            "https://localhost:{}/crl?format=pem",
-            s.https_port()
-        ))
+    let crl = client
+        .get(node.url("/crl?format=pem"))
         .send()
         .unwrap()
         .text()
@@ -171,7 +154,7 @@ fn token_issuance_in_child() {
         .args(["crl", "-noout", "-in"])
         .arg(&crl_file)
         .arg("-CAfile")
-        .arg(s.ca_bundle())
+        .arg(node.ca_bundle())
         .output()
         .unwrap();
     let crl_out = format!(
