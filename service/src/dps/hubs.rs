@@ -650,6 +650,25 @@ impl HubTarget {
         }
     }
 
+    /// Runs `call`; on a remote hub, a transport failure or 5xx is retried twice, 100 and
+    /// 200 ms later (a hiccup should neither fail a registration nor lose a device's data).
+    pub async fn retrying<T, F, Fut>(&self, call: F) -> Result<T, HubCallError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, HubCallError>>,
+    {
+        let mut attempt = 0;
+        loop {
+            match call().await {
+                Err(HubCallError::Unreachable(_)) if attempt < 2 && self.is_remote() => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// The etag of a device identity, `None` when it is not there.
     pub async fn device_etag(&self, device_id: &str) -> Result<Option<String>, HubCallError> {
         match self {

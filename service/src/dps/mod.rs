@@ -1435,9 +1435,8 @@ impl Dps {
         identity: &Value,
         twin: Option<&Value>,
     ) -> Result<(), HubCallError> {
-        let mut attempt = 0;
-        loop {
-            let result = async {
+        target
+            .retrying(|| async move {
                 target.ensure_device(device_id, identity).await?;
                 if let Some(twin) = twin {
                     let body = json!({
@@ -1450,16 +1449,8 @@ impl Dps {
                     target.replace_twin(device_id, &body).await?;
                 }
                 Ok(())
-            }
-            .await;
-            match result {
-                Err(HubCallError::Unreachable(_)) if attempt < 2 && target.is_remote() => {
-                    attempt += 1;
-                    tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
-                }
-                other => return other,
-            }
-        }
+            })
+            .await
     }
 
     /// The twin (tags, desired) a moving device has on its old hub; `None` when the old hub is
@@ -1472,19 +1463,11 @@ impl Dps {
     ) -> Option<Value> {
         let target = linked.target(old_hub?)?;
         let device_id = device_id?;
-        let mut attempt = 0;
-        loop {
-            match target.twin(device_id).await {
-                Ok(twin) => return twin,
-                // A hiccup must not cost the device its twin: retry briefly, as for writes.
-                Err(HubCallError::Unreachable(_)) if attempt < 2 && target.is_remote() => {
-                    attempt += 1;
-                    tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
-                }
-                Err(error) => {
-                    tracing::warn!(hub = target.name(), %error, "cannot read the twin to migrate; resetting it");
-                    return None;
-                }
+        match target.retrying(|| target.twin(device_id)).await {
+            Ok(twin) => twin,
+            Err(error) => {
+                tracing::warn!(hub = target.name(), %error, "cannot read the twin to migrate; resetting it");
+                None
             }
         }
     }
@@ -1501,16 +1484,11 @@ impl Dps {
         let Some(target) = linked.target(old_hub) else {
             return;
         };
-        let mut attempt = 0;
-        let error = loop {
-            match target.remove_device(device_id, "*").await {
-                Ok(()) => return,
-                Err(HubCallError::Unreachable(_)) if attempt < 2 && target.is_remote() => {
-                    attempt += 1;
-                    tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
-                }
-                Err(error) => break error,
-            }
+        let Err(error) = target
+            .retrying(|| target.remove_device(device_id, "*"))
+            .await
+        else {
+            return;
         };
         self.metrics.stale_identities.inc();
         tracing::warn!(hub = old_hub, device_id, %error, "could not remove a moved device from its old hub; will retry");
