@@ -1185,7 +1185,11 @@ impl Dps {
                 }
             };
             // A removal still pending on this hub (the device left it earlier) no longer is.
-            self.cancel_stale(&chosen, &device_id).await?;
+            // Only a device coming to this hub can have one: a move, or a first registration
+            // after its record was deleted. Re-registering on the same hub skips the read.
+            if moved || previously_assigned.is_none() {
+                self.cancel_stale(&chosen, &device_id).await?;
+            }
             match self
                 .apply_on_hub(&target, &device_id, &identity, twin.as_ref())
                 .await
