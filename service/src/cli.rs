@@ -485,7 +485,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 settings.hub.join_token = Some(token);
             }
             settings.validate()?;
-            crate::logging::init(&settings.log);
+            // Held until the server stops, so the last lines are flushed.
+            let _log = crate::logging::init(&settings.log);
             crate::server::serve(settings)
         }
         Command::Credentials { local, json: _ } => {

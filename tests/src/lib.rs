@@ -15,6 +15,8 @@ use zerotouch_service::config::Settings;
 use zerotouch_service::server::Running;
 
 pub mod cluster;
+/// A tmpfs that tests fill up, for the storage fault tests.
+pub mod disk;
 pub mod load;
 /// swtpm + tpm2-tools for the TPM tests, and the device script `tpm/device.sh`.
 pub mod swtpm;
@@ -47,10 +49,14 @@ pub struct TempPostgres {
     pub url: String,
 }
 
+/// The URL tests create their PostgreSQL databases through (`ZEROTOUCH_TEST_PG_URL`).
+pub fn postgres_admin_url() -> String {
+    std::env::var("ZEROTOUCH_TEST_PG_URL").unwrap_or_else(|_| DEFAULT_PG_URL.to_string())
+}
+
 impl TempPostgres {
     pub fn create() -> anyhow::Result<TempPostgres> {
-        let admin_url =
-            std::env::var("ZEROTOUCH_TEST_PG_URL").unwrap_or_else(|_| DEFAULT_PG_URL.to_string());
+        let admin_url = postgres_admin_url();
         let mut conn = PgConnection::establish(&admin_url)
             .with_context(|| format!("PostgreSQL at {admin_url} is unreachable"))?;
         let name = format!("zt_it_{}", hex::encode(rand::random::<[u8; 6]>()));
@@ -290,6 +296,19 @@ impl TestServer {
             Some(token) => request.header("Authorization", token),
             None => request,
         }
+    }
+
+    /// Creates an individual symmetric-key enrollment; returns its primary key.
+    pub fn enroll_symmetric(&self, registration_id: &str) -> String {
+        let (status, created, _) = send(
+            self.request(Method::PUT, &format!("/enrollments/{registration_id}"))
+                .json(&serde_json::json!({"attestation": {"type": "symmetricKey"}})),
+        );
+        assert_eq!(status, 200, "{created}");
+        created["attestation"]["symmetricKey"]["primaryKey"]
+            .as_str()
+            .expect("primary key")
+            .to_string()
     }
 
     /// A device SAS token as the Python SDK builds it (upper-case `%2F`, no `skn`).

@@ -18,6 +18,7 @@
 mod connection;
 mod continuation;
 mod etag;
+mod health;
 mod schema;
 mod store;
 pub mod telemetry;
@@ -179,6 +180,21 @@ pub enum StoreError {
     /// The database cannot be reached or is busy; worth retrying later.
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// The disk (or the database's quota) is full: nothing was written. Worth retrying once
+    /// space is freed. The text is for the logs.
+    #[error("storage full: {0}")]
+    Full(String),
+}
+
+impl StoreError {
+    /// Whether the error says the storage itself fails (rather than something about the
+    /// document, such as a conflict): these make the store degraded in `/healthz`.
+    pub fn is_storage_fault(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Backend(_) | StoreError::Unavailable(_) | StoreError::Full(_)
+        )
+    }
 }
 
 /// Documents and settings. Synchronous: callers wrap calls in `web::block` / `spawn_blocking`.
@@ -227,6 +243,12 @@ pub trait DocumentStore: Send + Sync + 'static {
 
     /// Checks that the database answers (for readiness probes).
     fn ping(&self) -> Result<(), StoreError>;
+
+    /// Checks that the database takes writes: the latest storage fault while writes keep
+    /// failing (see `health.rs`), otherwise `Ok`. When no write committed lately it writes a
+    /// probe (the setting `health_probe`), so a store recovers by itself once the fault is
+    /// gone.
+    fn check_writable(&self) -> Result<(), StoreError>;
 
     /// Every document of a collection (optionally of one parent), in list order: all pages.
     /// For collections an instance keeps small (policies, CA certificates, groups).
@@ -297,6 +319,13 @@ impl From<diesel::result::Error> for StoreError {
             Error::DatabaseError(_, info) if is_sqlite_busy(info.message()) => {
                 StoreError::Unavailable(info.message().to_owned())
             }
+            Error::DatabaseError(_, info) if is_out_of_space(info.message()) => {
+                StoreError::Full(info.message().to_owned())
+            }
+            // SQLITE_IOERR, SQLITE_READONLY: the file cannot be written right now.
+            Error::DatabaseError(_, info) if is_sqlite_io(info.message()) => {
+                StoreError::Unavailable(info.message().to_owned())
+            }
             other => StoreError::Backend(other.to_string()),
         }
     }
@@ -305,4 +334,15 @@ impl From<diesel::result::Error> for StoreError {
 /// SQLITE_BUSY / SQLITE_LOCKED messages (sqlite3_errstr).
 fn is_sqlite_busy(message: &str) -> bool {
     message.starts_with("database is locked") || message.starts_with("database table is locked")
+}
+
+/// SQLITE_FULL ("database or disk is full"), and PostgreSQL's ENOSPC errors ("could not extend
+/// file …: No space left on device", SQLSTATE 53100, which diesel does not expose).
+fn is_out_of_space(message: &str) -> bool {
+    message.starts_with("database or disk is full") || message.contains("No space left on device")
+}
+
+/// SQLITE_IOERR and SQLITE_READONLY messages.
+fn is_sqlite_io(message: &str) -> bool {
+    message.starts_with("disk I/O error") || message.starts_with("attempt to write a readonly")
 }

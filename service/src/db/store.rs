@@ -11,6 +11,7 @@ use diesel::prelude::*;
 use diesel::r2d2::{Pool, PooledConnection, R2D2Connection as _};
 
 use super::connection::{self, AnyConnection, Backend, Manager, Target};
+use super::health::{Check, WriteHealth};
 use super::schema::settings;
 use super::{
     Collection, Document, DocumentStore, Options, Page, StoreError, Write, continuation, etag,
@@ -226,6 +227,8 @@ pub struct Database {
     /// the write. Queueing document writers here instead lets each start the moment the
     /// previous one commits. `None` on PostgreSQL (row locks, many writers).
     sqlite_writer: Option<std::sync::Mutex<()>>,
+    /// Whether writes commit (see `health.rs`).
+    health: WriteHealth,
 }
 
 impl fmt::Debug for Database {
@@ -263,6 +266,7 @@ impl Database {
             pool,
             backend,
             sqlite_writer,
+            health: WriteHealth::default(),
         })
     }
 
@@ -279,6 +283,13 @@ impl Database {
         self.sqlite_writer
             .as_ref()
             .map(|m| m.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+    }
+
+    /// The outcome of a write transaction, recorded for `/healthz`.
+    fn written<T>(&self, result: QueryResult<T>) -> Result<T, StoreError> {
+        let result = result.map_err(StoreError::from);
+        self.health.record(&result);
+        result
     }
 }
 
@@ -316,45 +327,59 @@ impl DocumentStore for Database {
         };
         let mut conn = self.connection()?;
         let _writer = self.writer();
+        // Every write is an explicit transaction, a single statement too: in SQLite's
+        // autocommit mode `INSERT … RETURNING` commits when the statement is reset, after the
+        // row was read back, and a commit that fails there (a full disk) goes unreported, so
+        // the caller would confirm a row that is gone. An explicit COMMIT reports its failure.
         match write {
             Write::Create => {
-                let row = with_table!(collection, t => with_backend!(&mut *conn, conn => {
-                    diesel::insert_into(t::table)
-                        .values(insert_values!(t, new))
-                        .returning(row_columns!(t))
-                        .get_result::<Row>(conn)
-                }))?;
+                let row = self.written(
+                    with_table!(collection, t => with_backend!(&mut *conn, conn => {
+                        conn.transaction(|conn| {
+                            diesel::insert_into(t::table)
+                                .values(insert_values!(t, new))
+                                .returning(row_columns!(t))
+                                .get_result::<Row>(conn)
+                        })
+                    })),
+                )?;
                 row.into_document()
             }
             Write::Upsert => {
-                let row = with_table!(collection, t => with_backend!(&mut *conn, conn => {
-                    diesel::insert_into(t::table)
-                        .values(insert_values!(t, new))
-                        .on_conflict(t::id_key)
-                        .do_update()
-                        .set(update_values!(t, new))
-                        .returning(row_columns!(t))
-                        .get_result::<Row>(conn)
-                }))?;
+                let row = self.written(
+                    with_table!(collection, t => with_backend!(&mut *conn, conn => {
+                        conn.transaction(|conn| {
+                            diesel::insert_into(t::table)
+                                .values(insert_values!(t, new))
+                                .on_conflict(t::id_key)
+                                .do_update()
+                                .set(update_values!(t, new))
+                                .returning(row_columns!(t))
+                                .get_result::<Row>(conn)
+                        })
+                    })),
+                )?;
                 row.into_document()
             }
             Write::IfMatch(tag) => {
                 let expected = (!etag::is_any(&tag)).then(|| etag::stored_form(&tag));
-                let outcome = with_table!(collection, t => with_backend!(&mut *conn, conn => {
-                    conn.transaction(|conn| {
-                        let mut update = diesel::update(t::table.find(&new.id_key))
-                            .set(update_values!(t, new))
-                            .into_boxed();
-                        if let Some(expected) = &expected {
-                            update = update.filter(t::etag.eq(expected));
-                        }
-                        let row = update
-                            .returning(row_columns!(t))
-                            .get_result::<Row>(conn)
-                            .optional()?;
-                        Conditional::settle(row, || exists!(t, conn, &new.id_key))
-                    })
-                }))?;
+                let outcome = self.written(
+                    with_table!(collection, t => with_backend!(&mut *conn, conn => {
+                        conn.transaction(|conn| {
+                            let mut update = diesel::update(t::table.find(&new.id_key))
+                                .set(update_values!(t, new))
+                                .into_boxed();
+                            if let Some(expected) = &expected {
+                                update = update.filter(t::etag.eq(expected));
+                            }
+                            let row = update
+                                .returning(row_columns!(t))
+                                .get_result::<Row>(conn)
+                                .optional()?;
+                            Conditional::settle(row, || exists!(t, conn, &new.id_key))
+                        })
+                    })),
+                )?;
                 outcome.into_document()
             }
         }
@@ -372,19 +397,21 @@ impl DocumentStore for Database {
             .map(etag::stored_form);
         let mut conn = self.connection()?;
         let _writer = self.writer();
-        let outcome = with_table!(collection, t => with_backend!(&mut *conn, conn => {
-            conn.transaction(|conn| {
-                let mut delete = diesel::delete(t::table.find(&key)).into_boxed();
-                if let Some(expected) = &expected {
-                    delete = delete.filter(t::etag.eq(expected));
-                }
-                let row = delete
-                    .returning(row_columns!(t))
-                    .get_result::<Row>(conn)
-                    .optional()?;
-                Conditional::settle(row, || exists!(t, conn, &key))
-            })
-        }))?;
+        let outcome = self.written(
+            with_table!(collection, t => with_backend!(&mut *conn, conn => {
+                conn.transaction(|conn| {
+                    let mut delete = diesel::delete(t::table.find(&key)).into_boxed();
+                    if let Some(expected) = &expected {
+                        delete = delete.filter(t::etag.eq(expected));
+                    }
+                    let row = delete
+                        .returning(row_columns!(t))
+                        .get_result::<Row>(conn)
+                        .optional()?;
+                    Conditional::settle(row, || exists!(t, conn, &key))
+                })
+            })),
+        )?;
         outcome.into_document()
     }
 
@@ -434,22 +461,22 @@ impl DocumentStore for Database {
 
     fn setting_init(&self, key: &str, value: &str) -> Result<String, StoreError> {
         let mut conn = self.connection()?;
-        let stored = with_backend!(&mut *conn, conn => {
+        let _writer = self.writer();
+        self.written(with_backend!(&mut *conn, conn => {
             // Insert-if-absent then read: a concurrent initialiser either wins the insert or
             // waits for it (PostgreSQL) / is serialised (SQLite), so both read the same value.
-            diesel::insert_into(settings::table)
-                .values((settings::key.eq(key), settings::value.eq(value)))
-                .on_conflict(settings::key)
-                .do_nothing()
-                .execute(conn)
-                .and_then(|_| {
-                    settings::table
-                        .find(key)
-                        .select(settings::value)
-                        .first::<String>(conn)
-                })
-        })?;
-        Ok(stored)
+            conn.transaction(|conn| {
+                diesel::insert_into(settings::table)
+                    .values((settings::key.eq(key), settings::value.eq(value)))
+                    .on_conflict(settings::key)
+                    .do_nothing()
+                    .execute(conn)?;
+                settings::table
+                    .find(key)
+                    .select(settings::value)
+                    .first::<String>(conn)
+            })
+        }))
     }
 
     fn setting_get(&self, key: &str) -> Result<Option<String>, StoreError> {
@@ -466,14 +493,17 @@ impl DocumentStore for Database {
 
     fn setting_set(&self, key: &str, value: &str) -> Result<(), StoreError> {
         let mut conn = self.connection()?;
-        with_backend!(&mut *conn, conn => {
-            diesel::insert_into(settings::table)
-                .values((settings::key.eq(key), settings::value.eq(value)))
-                .on_conflict(settings::key)
-                .do_update()
-                .set(settings::value.eq(value))
-                .execute(conn)
-        })?;
+        let _writer = self.writer();
+        self.written(with_backend!(&mut *conn, conn => {
+            conn.transaction(|conn| {
+                diesel::insert_into(settings::table)
+                    .values((settings::key.eq(key), settings::value.eq(value)))
+                    .on_conflict(settings::key)
+                    .do_update()
+                    .set(settings::value.eq(value))
+                    .execute(conn)
+            })
+        }))?;
         Ok(())
     }
 
@@ -481,6 +511,14 @@ impl DocumentStore for Database {
         let mut conn = self.connection()?;
         conn.ping()?;
         Ok(())
+    }
+
+    fn check_writable(&self) -> Result<(), StoreError> {
+        match self.health.check() {
+            Check::Writable => Ok(()),
+            Check::Failing(fault) => Err(fault),
+            Check::Probe => self.setting_set("health_probe", &crate::time::now_rfc3339()),
+        }
     }
 }
 

@@ -282,6 +282,9 @@ impl Dps {
         body: RegisterBody,
         wait: std::time::Duration,
     ) -> Result<Progress, ApiError> {
+        // While writes fail (a full disk), a registration could be answered 202 and then never
+        // recorded: refuse it at once, with a retry hint the SDKs follow.
+        blocking(&self.store, |store| store.check_writable()).await?;
         let operation_id = new_operation_id();
         self.lock_pending()
             .insert(operation_id.clone(), registration_id.to_ascii_lowercase());

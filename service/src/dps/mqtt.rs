@@ -122,7 +122,10 @@ impl DpsSession {
 
     fn respond_error(&self, rid: &str, error: &ApiError) {
         let (status, code, _) = error.code.wire();
-        let retry = (status.as_u16() >= 429).then_some(2);
+        let retry = error
+            .code
+            .retry_after()
+            .or_else(|| (status.as_u16() >= 429).then_some(2));
         self.respond(
             status.as_u16(),
             rid,

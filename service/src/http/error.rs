@@ -101,6 +101,8 @@ pub enum ErrorCode {
     Internal,
     /// The database cannot be reached right now; the client may retry.
     Unavailable,
+    /// The service's storage is full: nothing was written; the client may retry later.
+    StorageFull,
 }
 
 impl ErrorCode {
@@ -150,6 +152,7 @@ impl ErrorCode {
         ErrorCode::Throttled,
         ErrorCode::Internal,
         ErrorCode::Unavailable,
+        ErrorCode::StorageFull,
     ];
 
     /// (HTTP status, six-digit code, name).
@@ -218,6 +221,17 @@ impl ErrorCode {
                 503_001,
                 "ServiceUnavailable",
             ),
+            StorageFull => (StatusCode::SERVICE_UNAVAILABLE, 503_002, "StorageFull"),
+        }
+    }
+
+    /// Seconds for `Retry-After`, on the answers a client should retry.
+    pub fn retry_after(self) -> Option<u32> {
+        match self {
+            ErrorCode::Throttled | ErrorCode::Unavailable => Some(1),
+            // Space rarely comes back within a second; spare the disk a retry storm.
+            ErrorCode::StorageFull => Some(5),
+            _ => None,
         }
     }
 }
@@ -286,8 +300,8 @@ impl ApiError {
             CONTENT_TYPE,
             HeaderValue::from_static("application/json; charset=utf-8"),
         ));
-        if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
-            response.insert_header(("retry-after", "1"));
+        if let Some(seconds) = self.code.retry_after() {
+            response.insert_header(("retry-after", seconds.to_string()));
         }
         response.body(body.to_string())
     }
@@ -334,6 +348,14 @@ pub fn store_error(error: StoreError, not_found: ErrorCode) -> ApiError {
             let mut error = ApiError::new(
                 ErrorCode::Unavailable,
                 "the database is unavailable; retry later",
+            );
+            error.internal = Some(detail);
+            error
+        }
+        StoreError::Full(detail) => {
+            let mut error = ApiError::new(
+                ErrorCode::StorageFull,
+                "the service's storage is full and nothing was written; retry later",
             );
             error.internal = Some(detail);
             error
@@ -395,6 +417,7 @@ mod tests {
             (ErrorCode::Throttled, 429, 429_001),
             (ErrorCode::Internal, 500, 500_000),
             (ErrorCode::Unavailable, 503, 503_001),
+            (ErrorCode::StorageFull, 503, 503_002),
         ];
         assert_eq!(expected.len(), ErrorCode::ALL.len());
         let mut numbers = HashSet::new();

@@ -69,6 +69,16 @@ impl Metrics {
             .encode(&families, &mut buffer)
             .map_err(ApiError::internal)?;
         let mut text = String::from_utf8(buffer).map_err(ApiError::internal)?;
+        {
+            use std::fmt::Write as _;
+            let _ = writeln!(
+                text,
+                "# HELP zerotouch_log_lines_dropped_total Log lines lost because the log could not \
+                 be written or kept up\n# TYPE zerotouch_log_lines_dropped_total counter\n\
+                 zerotouch_log_lines_dropped_total {}",
+                crate::logging::dropped_lines()
+            );
+        }
         if let Some(hub) = hub {
             render_hub(hub, &mut text);
         }

@@ -190,6 +190,11 @@ impl HubError {
                 message: "the database is unavailable; retry later".into(),
                 internal: Some(detail),
             },
+            StoreError::Full(detail) => HubError {
+                code: HubErrorCode::ServiceUnavailable,
+                message: "the hub's storage is full and nothing was written; retry later".into(),
+                internal: Some(detail),
+            },
             other => HubError::internal(other),
         }
     }
