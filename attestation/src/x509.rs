@@ -156,13 +156,16 @@ impl Certificate {
         self.not_after
     }
 
-    /// Whether `now_unix` lies within `notBefore..=notAfter`.
-    /// Whether the certificate may authenticate a TLS client: no extended key usage at all, or
-    /// one that lists clientAuth (or anyExtendedKeyUsage), as path validation judges it.
+    /// The one rule for a device's client certificate, wherever a device presents one (DPS,
+    /// the hub over MQTT and HTTPS, EST): no extended key usage extension at all, or one that
+    /// lists clientAuth. anyExtendedKeyUsage alone is not enough, and neither is an empty
+    /// extension. This is the rule rustls-webpki applies to group chains
+    /// (`KeyUsage::client_auth`, "required if present"); a test in `attestor/tests.rs` pins
+    /// that the two agree.
     pub fn allows_client_auth(&self) -> bool {
         match x509_parser::parse_x509_certificate(&self.der) {
             Ok((_, cert)) => match cert.extended_key_usage() {
-                Ok(Some(eku)) => eku.value.client_auth || eku.value.any,
+                Ok(Some(eku)) => eku.value.client_auth,
                 Ok(None) => true,
                 Err(_) => false,
             },
@@ -170,6 +173,7 @@ impl Certificate {
         }
     }
 
+    /// Whether `now_unix` lies within `notBefore..=notAfter`.
     pub fn is_valid_at(&self, now_unix: i64) -> bool {
         (self.not_before..=self.not_after).contains(&now_unix)
     }

@@ -18,6 +18,8 @@ pub mod cluster;
 /// A tmpfs that tests fill up, for the storage fault tests.
 pub mod disk;
 pub mod load;
+/// A blocking MQTT device (hub and DPS topics) for tests.
+pub mod mqtt;
 /// swtpm + tpm2-tools for the TPM tests, and the device script `tpm/device.sh`.
 pub mod swtpm;
 

@@ -248,6 +248,15 @@ async fn simplereenroll(
     })?;
     let identity = crate::pki::leaf_identity(&peer.leaf)
         .ok_or_else(|| unauthorized("the client certificate does not parse"))?;
+    // The rule DPS and the hub apply too: a server-only certificate (such as a joined hub's
+    // TLS certificate, issued by the same CA) renews nothing.
+    let client_auth = zerotouch_attestation::x509::Certificate::from_der(&peer.leaf)
+        .is_ok_and(|leaf| leaf.allows_client_auth());
+    if !client_auth {
+        return Err(unauthorized(
+            "the client certificate's extended key usage does not allow client authentication",
+        ));
+    }
     let ours = pki
         .instance()
         .ca

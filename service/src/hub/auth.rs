@@ -141,6 +141,8 @@ pub enum DeviceAuthFailure {
     NoCredentials,
     ThumbprintMismatch,
     UntrustedCertificate,
+    /// The certificate's extended key usage does not allow TLS client authentication.
+    NotForClientAuth,
     WrongMechanism,
     /// The certificate was issued by this service and has been revoked.
     Revoked,
@@ -158,6 +160,7 @@ impl DeviceAuthFailure {
             DeviceAuthFailure::NoCredentials => "no_credentials",
             DeviceAuthFailure::ThumbprintMismatch => "thumbprint_mismatch",
             DeviceAuthFailure::UntrustedCertificate => "untrusted_certificate",
+            DeviceAuthFailure::NotForClientAuth => "not_for_client_auth",
             DeviceAuthFailure::WrongMechanism => "wrong_mechanism",
             DeviceAuthFailure::Revoked => "revoked_certificate",
         }
@@ -228,6 +231,10 @@ pub fn verify_device_certificate(
         .map_err(|_| DeviceAuthFailure::UntrustedCertificate)?;
     if !leaf.is_valid_at(now_unix) {
         return Err(DeviceAuthFailure::UntrustedCertificate);
+    }
+    // The rule DPS and EST apply too: a server-only certificate is no device credential.
+    if !leaf.allows_client_auth() {
+        return Err(DeviceAuthFailure::NotForClientAuth);
     }
     match device.authentication_type {
         AuthenticationType::SelfSigned => {

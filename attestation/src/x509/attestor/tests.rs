@@ -766,3 +766,47 @@ fn individual_enrollment_refuses_a_server_only_certificate() {
         Err(X509AttestationError::Chain(ChainError::RequiredEkuNotFound))
     );
 }
+
+/// One EKU rule everywhere: what `Certificate::allows_client_auth` says (the hub and EST use
+/// it) is what an individual enrollment and a group's path validation decide.
+#[test]
+fn the_eku_rule_is_the_same_for_individuals_groups_and_the_hub() {
+    use ExtendedKeyUsagePurpose::{Any, ClientAuth, ServerAuth};
+    let pki = Pki::new();
+    let group = groups(&pki, vec![signing_group("root", &pki.root, true)]);
+    for (ekus, allowed) in [
+        (vec![], true),
+        (vec![ClientAuth], true),
+        (vec![ServerAuth, ClientAuth], true),
+        (vec![ServerAuth], false),
+        (vec![Any], false),
+    ] {
+        let mut p = device_params(DEVICE);
+        p.extended_key_usages = ekus.clone();
+        let leaf_der = pki.intermediate.issue(p);
+        let individual = X509Attestor {
+            individual: Some(X509Enrollment {
+                primary: Some(ClientCertificate::Der(leaf_der.clone())),
+                secondary: None,
+                enabled: true,
+            }),
+            groups: vec![],
+            verified_cas: vec![],
+        };
+        let evidence = pki.evidence(leaf_der.clone());
+        let rule = Certificate::from_der(&leaf_der)
+            .unwrap()
+            .allows_client_auth();
+        assert_eq!(rule, allowed, "allows_client_auth for {ekus:?}");
+        assert_eq!(
+            group.attest(&evidence, NOW).is_ok(),
+            allowed,
+            "group path validation for {ekus:?}"
+        );
+        assert_eq!(
+            individual.attest(&evidence, NOW).is_ok(),
+            allowed,
+            "individual enrollment for {ekus:?}"
+        );
+    }
+}
