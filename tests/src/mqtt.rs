@@ -2,6 +2,7 @@
 //! server's CA bundle, with its own single-threaded runtime. It speaks for the device side of
 //! the hub (`{host}/{deviceId}/?api-version=…`) and of DPS (`{idScope}/registrations/{id}/…`).
 
+use std::collections::VecDeque;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -35,6 +36,9 @@ pub struct Device {
     runtime: tokio::runtime::Runtime,
     client: AsyncClient,
     events: EventLoop,
+    /// PUBLISHes that arrived while waiting for something else (a reply often comes before
+    /// the PUBACK of its request).
+    received: VecDeque<(String, Vec<u8>)>,
 }
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -79,6 +83,7 @@ pub fn connect(port: u16, ca_bundle: &Path, login: &Login<'_>) -> Result<Device,
             runtime,
             client,
             events,
+            received: VecDeque::new(),
         }),
         code => Err(ConnectFailure::Refused(code)),
     }
@@ -101,6 +106,7 @@ impl Device {
             runtime,
             client,
             events,
+            received,
         } = self;
         runtime.block_on(async {
             client
@@ -111,6 +117,9 @@ impl Device {
                 loop {
                     match events.poll().await {
                         Ok(Event::Incoming(Packet::PubAck(_))) => return Ok(()),
+                        Ok(Event::Incoming(Packet::Publish(p))) => {
+                            received.push_back((p.topic, p.payload.to_vec()));
+                        }
                         Ok(_) => {}
                         Err(e) => return Err(e.to_string()),
                     }
@@ -127,6 +136,7 @@ impl Device {
             runtime,
             client,
             events,
+            received,
         } = self;
         runtime.block_on(async {
             client
@@ -137,6 +147,9 @@ impl Device {
                 loop {
                     match events.poll().await {
                         Ok(Event::Incoming(Packet::SubAck(_))) => return Ok(()),
+                        Ok(Event::Incoming(Packet::Publish(p))) => {
+                            received.push_back((p.topic, p.payload.to_vec()));
+                        }
                         Ok(_) => {}
                         Err(e) => return Err(e.to_string()),
                     }
@@ -149,6 +162,13 @@ impl Device {
 
     /// The next PUBLISH from the server whose topic starts with `prefix`.
     pub fn receive(&mut self, prefix: &str) -> Result<(String, Vec<u8>), String> {
+        if let Some(at) = self
+            .received
+            .iter()
+            .position(|(t, _)| t.starts_with(prefix))
+        {
+            return Ok(self.received.remove(at).expect("position is in range"));
+        }
         let deadline = Instant::now() + WAIT;
         let Device {
             runtime, events, ..

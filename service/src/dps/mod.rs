@@ -193,6 +193,18 @@ where
         .map_err(|e| crate::http::error::store_error(e, ErrorCode::NotFound))
 }
 
+/// A group member registering under another spelling of an id that is registered already.
+fn spelling_taken(registration_id: &str, registered_as: &str) -> ApiError {
+    ApiError::new(
+        ErrorCode::RegistrationIdConflict,
+        format!(
+            "registration ids are case-insensitive and `{registration_id}` is registered as \
+             `{registered_as}`: register with that spelling, or delete the registration record \
+             to register under another one"
+        ),
+    )
+}
+
 fn unauthorized(message: impl Into<String>) -> ApiError {
     ApiError::new(ErrorCode::InvalidSignature, message)
 }
@@ -868,6 +880,14 @@ impl Dps {
                 .map(|p| p.id.clone())
                 .unwrap_or_else(|| registration_id.to_string()),
         };
+        // A group member's credential depends on how it spells its id (the key derived from
+        // it, the certificate's CN), so another spelling of a registered id is another device:
+        // it must not take over the identity of the one that registered first.
+        if group_id.is_some()
+            && let Some(first) = previous.as_ref().filter(|p| p.id != registration_id)
+        {
+            return Err(spelling_taken(registration_id, &first.id));
+        }
         let device_id = e
             .get("deviceId")
             .and_then(Value::as_str)
@@ -1275,11 +1295,16 @@ impl Dps {
         let id = registration_id.to_string();
         let parent = group_id.clone();
         let this_operation = operation_id.clone();
+        let spelling_matters = group_id.is_some();
         // Read-merge-write guarded by the etag: concurrent registrations of one device all keep
-        // their operation ids pollable, and the first creation time survives.
-        let doc = blocking(&self.store, move |s| {
+        // their operation ids pollable, and the first creation time survives. The record also
+        // decides which spelling of a group member's id was first, when two raced.
+        let written = blocking(&self.store, move |s| {
             for _ in 0..16 {
                 let current = s.get(Collection::Registrations, &id)?;
+                if spelling_matters && let Some(first) = current.as_ref().filter(|c| c.id != id) {
+                    return Ok(Err(first.id.clone()));
+                }
                 let mut record = record.clone();
                 record["operationIds"] = recent_operations(current.as_ref(), &this_operation);
                 if let Some(created) = current
@@ -1299,7 +1324,7 @@ impl Dps {
                     &record,
                     write,
                 ) {
-                    Ok(doc) => return Ok(doc),
+                    Ok(doc) => return Ok(Ok(doc)),
                     Err(
                         StoreError::PreconditionFailed
                         | StoreError::Conflict
@@ -1315,6 +1340,19 @@ impl Dps {
             ))
         })
         .await?;
+        let doc = match written {
+            Ok(doc) => doc,
+            Err(first) => {
+                // Another spelling registered at the same moment and was recorded first: the
+                // identity written for this one goes again (its name differs, hub ids being
+                // case-sensitive), so one registration id never becomes two devices.
+                if device_id != first {
+                    self.remove_from_old_hub(&linked, &assigned_hub, &device_id, registration_id)
+                        .await;
+                }
+                return Err(spelling_taken(registration_id, &first));
+            }
+        };
         state["createdDateTimeUtc"] = doc
             .body
             .get("createdDateTimeUtc")

@@ -91,6 +91,9 @@ pub enum ErrorCode {
     CertificateInUse,
     /// The certificate is revoked already.
     AlreadyRevoked,
+    /// A group member registers under another spelling of a registration id that is
+    /// registered already (ids are case-insensitive; the first spelling keeps it).
+    RegistrationIdConflict,
     /// `If-Match` did not match the stored etag.
     PreconditionFailed,
     /// The body is larger than we accept.
@@ -147,6 +150,7 @@ impl ErrorCode {
         ErrorCode::WouldLockOut,
         ErrorCode::CertificateInUse,
         ErrorCode::AlreadyRevoked,
+        ErrorCode::RegistrationIdConflict,
         ErrorCode::PreconditionFailed,
         ErrorCode::PayloadTooLarge,
         ErrorCode::Throttled,
@@ -208,6 +212,7 @@ impl ErrorCode {
             WouldLockOut => (StatusCode::CONFLICT, 409_202, "WouldLockOut"),
             CertificateInUse => (StatusCode::CONFLICT, 409_203, "CertificateInUse"),
             AlreadyRevoked => (StatusCode::CONFLICT, 409_204, "AlreadyRevoked"),
+            RegistrationIdConflict => (StatusCode::CONFLICT, 409_205, "RegistrationIdConflict"),
             PreconditionFailed => (
                 StatusCode::PRECONDITION_FAILED,
                 412_001,
@@ -412,6 +417,7 @@ mod tests {
             (ErrorCode::WouldLockOut, 409, 409_202),
             (ErrorCode::CertificateInUse, 409, 409_203),
             (ErrorCode::AlreadyRevoked, 409, 409_204),
+            (ErrorCode::RegistrationIdConflict, 409, 409_205),
             (ErrorCode::PreconditionFailed, 412, 412_001),
             (ErrorCode::PayloadTooLarge, 413, 413_001),
             (ErrorCode::Throttled, 429, 429_001),
