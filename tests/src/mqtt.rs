@@ -43,8 +43,18 @@ pub struct Device {
 
 const WAIT: Duration = Duration::from_secs(15);
 
-/// Connects to `127.0.0.1:port` (TLS name `localhost`) and waits for CONNACK.
+/// Connects to `localhost:port` and waits for CONNACK.
 pub fn connect(port: u16, ca_bundle: &Path, login: &Login<'_>) -> Result<Device, ConnectFailure> {
+    connect_to("localhost", port, ca_bundle, login)
+}
+
+/// Connects to `host:port` (also the TLS name) and waits for CONNACK.
+pub fn connect_to(
+    host: &str,
+    port: u16,
+    ca_bundle: &Path,
+    login: &Login<'_>,
+) -> Result<Device, ConnectFailure> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -55,7 +65,7 @@ pub fn connect(port: u16, ca_bundle: &Path, login: &Login<'_>) -> Result<Device,
         .map(|(chain, key)| (chain.as_bytes(), key.as_bytes()));
     let connector =
         zerotouch_service::simulate::mqtt::connector(&ca, identity, false).expect("connector");
-    let mut options = MqttOptions::new(login.client_id, "localhost", port);
+    let mut options = MqttOptions::new(login.client_id, host, port);
     options
         .set_keep_alive(Duration::from_secs(30))
         .set_clean_session(login.clean_session)

@@ -1,19 +1,18 @@
 //! Storage faults, on SQLite and PostgreSQL: a full disk never loses a write that was
 //! confirmed, every refused write is a 503 with a stable code and `Retry-After` (never a 500),
 //! `/healthz` says the store is degraded and recovers by itself, and registrations are refused
-//! with a retry hint instead of being accepted and then lost. A log that cannot be written
-//! never stops the server from answering.
+//! with a retry hint instead of being accepted and then lost. (A log that cannot be written is
+//! in `logs.rs`.)
 //!
 //! The disk is a small tmpfs the test fills (`zerotouch_tests::disk`): SQLite keeps its data
 //! dir there, PostgreSQL a tablespace. Mounting needs root, which CI has.
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
 use serde_json::{Value, json};
 use zerotouch_tests::disk::{PostgresOnSmallDisk, SmallDisk};
-use zerotouch_tests::{Backend, TestServer, backends, client_trusting, cluster, send};
+use zerotouch_tests::{Backend, TestServer, backends, send};
 
 /// The disk a server's storage lives on, kept alive (and mounted) as long as the server.
 enum Storage {
@@ -205,110 +204,4 @@ fn a_full_disk_refuses_writes_with_503_and_loses_none_it_confirmed() {
         drop(s);
         drop(storage);
     }
-}
-
-/// A `zerotouch serve` process whose stderr is `stderr`, on an address of its own.
-struct LoggingServer {
-    child: std::process::Child,
-    ip: String,
-    dir: tempfile::TempDir,
-}
-
-impl LoggingServer {
-    fn start(stderr: Stdio) -> LoggingServer {
-        let ip = cluster::address(cluster::address_block(), 1);
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config = dir.path().join("zerotouch.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[listen]\nhttps = \"{ip}:{port}\"\nmqtt = \"{ip}:8883\"\n[service]\n\
-                 hostnames = [\"{ip}\"]\ndata_dir = \"{}\"\n",
-                dir.path().join("data").display(),
-                port = cluster::HTTPS_PORT,
-            ),
-        )
-        .expect("config");
-        let child = Command::new(cluster::program())
-            .args(["serve", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("start zerotouch");
-        let server = LoggingServer { child, ip, dir };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !server.dir.path().join("data/ca/bundle.pem").exists()
-            || std::net::TcpStream::connect((server.ip.as_str(), cluster::HTTPS_PORT)).is_err()
-        {
-            assert!(Instant::now() < deadline, "the server did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        server
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("https://{}:{}{path}", self.ip, cluster::HTTPS_PORT)
-    }
-
-    /// Sends `count` requests, each of which logs a line, and fails if any goes unanswered.
-    fn hammer(&self, count: usize) {
-        let client = client_trusting(&self.dir.path().join("data/ca/bundle.pem"), None);
-        for i in 0..count {
-            let response = client
-                .get(self.url(&format!("/no/such/route/{i}")))
-                .timeout(Duration::from_secs(10))
-                .send();
-            assert!(
-                response.is_ok_and(|r| r.status() == 404),
-                "request {i} went unanswered: the log wedged the server"
-            );
-        }
-    }
-
-    fn dropped_lines(&self) -> u64 {
-        let client = client_trusting(&self.dir.path().join("data/ca/bundle.pem"), None);
-        let text = client
-            .get(self.url("/metrics"))
-            .send()
-            .and_then(|r| r.text())
-            .expect("metrics");
-        text.lines()
-            .find_map(|line| line.strip_prefix("zerotouch_log_lines_dropped_total "))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no zerotouch_log_lines_dropped_total in\n{text}"))
-    }
-}
-
-impl Drop for LoggingServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-#[test]
-fn a_log_on_a_full_disk_drops_lines_and_the_server_keeps_answering() {
-    let full = std::fs::OpenOptions::new()
-        .write(true)
-        .open("/dev/full")
-        .expect("/dev/full");
-    let server = LoggingServer::start(Stdio::from(full));
-    server.hammer(300);
-    assert!(
-        server.dropped_lines() > 0,
-        "lines that could not be written were not counted"
-    );
-}
-
-#[test]
-fn a_log_pipe_nobody_reads_never_blocks_requests() {
-    // The read end stays open and unread: once the pipe's buffer (64 KiB) is full, a
-    // synchronous write to stderr would block the worker that logs.
-    let (read_end, write_end) = std::io::pipe().expect("pipe");
-    let server = LoggingServer::start(Stdio::from(write_end));
-    server.hammer(1500);
-    drop(server);
-    drop(read_end);
 }
