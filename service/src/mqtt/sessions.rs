@@ -197,14 +197,21 @@ pub(crate) async fn save(
 }
 
 /// Deletes the stored session of `key`, if any.
+///
+/// Most CleanSession=1 clients have no stored session, so it reads first: a read never waits
+/// for a writer, while a delete (even of nothing) queues behind every write in flight, which
+/// on SQLite under telemetry load held clean-session CONNECTs for up to seconds.
 pub(crate) async fn delete(store: Arc<dyn DocumentStore>, key: &str) -> Result<(), SessionError> {
     let id = key.to_owned();
-    blocking(
-        move || match store.delete(Collection::MqttSessions, &id, None) {
+    blocking(move || {
+        if store.get(Collection::MqttSessions, &id)?.is_none() {
+            return Ok(());
+        }
+        match store.delete(Collection::MqttSessions, &id, None) {
             Ok(_) | Err(StoreError::NotFound) => Ok(()),
             Err(e) => Err(e),
-        },
-    )
+        }
+    })
     .await
 }
 

@@ -926,6 +926,30 @@ async fn persistent_subscriptions_survive_reconnects_and_restarts() {
     listener.shutdown();
 }
 
+/// A CleanSession=1 CONNECT with no stored session writes nothing, so it does not queue behind
+/// the database's writers: it used to delete the (absent) session on every connect, which on
+/// SQLite under telemetry load held CONNACKs for up to seconds. Here another connection holds
+/// SQLite's write lock through the whole connect.
+#[tokio::test]
+async fn a_clean_connect_without_a_stored_session_needs_no_write() {
+    use diesel::connection::SimpleConnection as _;
+    let h = Harness::new(MqttLimits::default()).await;
+    let path = h._dir.path().join("t.db");
+    let mut writer =
+        <diesel::SqliteConnection as diesel::Connection>::establish(&path.display().to_string())
+            .unwrap();
+    writer.batch_execute("BEGIN IMMEDIATE").unwrap();
+    // Well inside SQLite's 5 s busy timeout: a connect that waits for the lock cannot make it.
+    let connected = tokio::time::timeout(
+        Duration::from_secs(3),
+        Client::connect(h.addr(), "clean-1", true),
+    )
+    .await;
+    writer.batch_execute("ROLLBACK").unwrap();
+    let (_client, present) = connected.expect("CONNACK while another writer holds the lock");
+    assert!(!present);
+}
+
 #[tokio::test]
 async fn a_second_connection_takes_the_session_over() {
     let h = Harness::new(MqttLimits::default()).await;

@@ -9,6 +9,10 @@
 //! Everything is bounded: setup has its own timeout, the MQTT phase ends after
 //! `--duration` + `--deadline-slack` seconds whatever happens, and only loopback addresses are
 //! accepted as targets. See docs/performance.md for how it is run and what it measured.
+//!
+//! With `--probe-connects N`, N more devices connect and disconnect again and again through
+//! the telemetry window, alternating CleanSession=1 and 0, and the report gives their
+//! CONNECT→CONNACK latency under that load.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -99,6 +103,13 @@ struct Args {
     /// Delete the devices again at the end.
     #[arg(long)]
     delete_devices: bool,
+    /// Devices that reconnect through the telemetry window (hub only), for connect latency
+    /// under load.
+    #[arg(long, default_value_t = 0)]
+    probe_connects: usize,
+    /// Milliseconds between two probe connects.
+    #[arg(long, default_value_t = 100)]
+    probe_interval_ms: u64,
 }
 
 // ----- setup: devices through the service API -----------------------------------------------
@@ -257,7 +268,12 @@ struct Progress {
     closed: AtomicBool,
 }
 
-fn mqtt_options(plan: &Plan, id: &str, key: &str) -> Result<MqttOptions, String> {
+fn mqtt_options(
+    plan: &Plan,
+    id: &str,
+    key: &str,
+    clean_session: bool,
+) -> Result<MqttOptions, String> {
     let resource = format!("{}/devices/{id}", plan.hub_host);
     let token = match plan.connector {
         Some(_) => symmetric_key::sign(&resource, key, now_unix() + TOKEN_TTL_SECS, None)
@@ -267,7 +283,7 @@ fn mqtt_options(plan: &Plan, id: &str, key: &str) -> Result<MqttOptions, String>
     let mut options = MqttOptions::new(id, plan.mqtt_host.clone(), plan.mqtt_port);
     options
         .set_keep_alive(Duration::from_secs(60))
-        .set_clean_session(false);
+        .set_clean_session(clean_session);
     if let Some(connector) = &plan.connector {
         options
             .set_credentials(
@@ -292,7 +308,7 @@ async fn run_device(
     window: watch::Receiver<Option<Window>>,
 ) -> DeviceReport {
     let mut report = DeviceReport::default();
-    let options = match mqtt_options(&plan, &id, &key) {
+    let options = match mqtt_options(&plan, &id, &key, false) {
         Ok(o) => o,
         Err(kind) => {
             report.errors.add(kind);
@@ -455,6 +471,69 @@ async fn publish(
     errors
 }
 
+/// Connect latencies of the probe devices through the window: (CleanSession=1, =0).
+#[derive(Default)]
+struct Probes {
+    clean_ms: Vec<f64>,
+    persistent_ms: Vec<f64>,
+    errors: Errors,
+}
+
+/// Connects the probe devices one after another, every `interval`, alternating
+/// CleanSession=1 and 0, until the window ends; each connection is closed once it is up.
+async fn probe_connects(
+    plan: Arc<Plan>,
+    probes: Vec<(String, String)>,
+    window: Window,
+    interval: Duration,
+) -> Probes {
+    let mut report = Probes::default();
+    if probes.is_empty() {
+        return report;
+    }
+    tokio::time::sleep_until(window.start.into()).await;
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for n in 0.. {
+        if ticks.tick().await.into_std() >= window.end {
+            break;
+        }
+        let (id, key) = &probes[n % probes.len()];
+        let clean = n % 2 == 0;
+        let options = match mqtt_options(&plan, id, key, clean) {
+            Ok(o) => o,
+            Err(kind) => {
+                report.errors.add(kind);
+                continue;
+            }
+        };
+        let (client, mut eventloop) = AsyncClient::new(options, 4);
+        let mut network = rumqttc::NetworkOptions::new();
+        network.set_tcp_nodelay(true);
+        network.set_connection_timeout(plan.connect_timeout);
+        eventloop.set_network_options(network);
+        let started = Instant::now();
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                let ms = started.elapsed().as_secs_f64() * 1000.0;
+                if clean {
+                    report.clean_ms.push(ms);
+                } else {
+                    report.persistent_ms.push(ms);
+                }
+            }
+            Ok(_) => report.errors.add("probe:unexpected_event"),
+            Err(e) => report
+                .errors
+                .add(format!("probe:{}", connection_error_kind(&e))),
+        }
+        // Send the DISCONNECT, then let the connection go.
+        let _ = client.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_secs(2), eventloop.poll()).await;
+    }
+    report
+}
+
 // ----- reporting -------------------------------------------------------------------------
 
 fn print_text(report: &Value) {
@@ -495,6 +574,15 @@ fn print_text(report: &Value) {
         r["telemetry"]["ack_latency_ms"]["max"]
     );
     println!("  acked by second: {}", r["telemetry"]["acked_by_second"]);
+    if let Some(probes) = r.get("probe_connects") {
+        for kind in ["clean_session", "persistent_session"] {
+            let ms = &probes[kind]["latency_ms"];
+            println!(
+                "  probe connects under load, {kind}: n {} p50 {} p99 {} max {} ms",
+                probes[kind]["count"], ms["p50"], ms["p99"], ms["max"]
+            );
+        }
+    }
     if let Some(server) = r.get("server") {
         println!(
             "  server RSS KiB: before {} after {} => {} KiB per connection; CPU s in window {}",
@@ -524,9 +612,15 @@ async fn run(args: Args) -> anyhow::Result<Value> {
     let ids: Vec<String> = (0..args.devices)
         .map(|n| format!("{}-{n:05}", args.prefix))
         .collect();
+    let probe_ids: Vec<String> = (0..args.probe_connects)
+        .map(|n| format!("{}-probe-{n:03}", args.prefix))
+        .collect();
+    if !probe_ids.is_empty() && args.broker.is_some() {
+        bail!("--probe-connects needs the hub (its devices are created through its API)");
+    }
     let setup_started = Instant::now();
     // The hub: devices through its service API, TLS and SAS. A plain broker: nothing to set up.
-    let (hub, mqtt_host, mqtt_port, tls, devices) =
+    let (hub, mqtt_host, mqtt_port, tls, devices, probes) =
         match (&args.broker, &args.hub_connection_string, &args.ca_file) {
             (Some(broker), _, _) => {
                 let (host, port) = broker
@@ -536,7 +630,7 @@ async fn run(args: Args) -> anyhow::Result<Value> {
                 require_loopback(&host, TOOL)?;
                 let devices: Vec<(String, String)> =
                     ids.iter().map(|id| (id.clone(), String::new())).collect();
-                (None, host, port, None, devices)
+                (None, host, port, None, devices, Vec::new())
             }
             (None, Some(cs), Some(ca_file)) => {
                 let hub = parse_connection_string(cs)?;
@@ -564,6 +658,15 @@ async fn run(args: Args) -> anyhow::Result<Value> {
                 )
                 .await
                 .context("device setup exceeded --setup-timeout")?;
+                let probes = ensure_devices(
+                    &http,
+                    &base,
+                    &auth,
+                    &probe_ids,
+                    args.create_concurrency,
+                    &mut errors,
+                )
+                .await;
                 // One native-tls connector for every connection (building one per connection
                 // reloads the trust store; building-blocks §7).
                 let tls = connector(&ca_pem, None, false)?;
@@ -573,6 +676,7 @@ async fn run(args: Args) -> anyhow::Result<Value> {
                     args.mqtt_port,
                     Some(tls),
                     devices,
+                    probes,
                 )
             }
             _ => bail!("give --hub-connection-string and --ca-file, or --broker"),
@@ -647,6 +751,12 @@ async fn run(args: Args) -> anyhow::Result<Value> {
         drain_until: end + Duration::from_secs(args.drain),
     };
     let _ = window_tx.send(Some(window));
+    let prober = tokio::spawn(probe_connects(
+        plan.clone(),
+        probes,
+        window,
+        Duration::from_millis(args.probe_interval_ms.max(1)),
+    ));
 
     // Collect until the hard deadline; what is not back by then is abandoned.
     let mut connect_ms = Vec::new();
@@ -678,6 +788,18 @@ async fn run(args: Args) -> anyhow::Result<Value> {
     if server_cpu_after.is_none() {
         server_cpu_after = args.server_pid.and_then(cpu_seconds);
     }
+    let probes = match tokio::time::timeout_at(hard_deadline.into(), prober).await {
+        Ok(Ok(probes)) => probes,
+        Ok(Err(_)) => {
+            errors.add("probe:task_panicked");
+            Probes::default()
+        }
+        Err(_) => {
+            errors.add("deadline:probes");
+            Probes::default()
+        }
+    };
+    errors.merge(probes.errors);
 
     if let Some((_, http, base, auth)) = hub.as_ref().filter(|_| args.delete_devices) {
         let mut set = JoinSet::new();
@@ -750,6 +872,20 @@ async fn run(args: Args) -> anyhow::Result<Value> {
         "errors": errors.0,
         "elapsed_seconds": round2(began.elapsed().as_secs_f64()),
     });
+    if args.probe_connects > 0 {
+        report["probe_connects"] = json!({
+            "devices": args.probe_connects,
+            "interval_ms": args.probe_interval_ms,
+            "clean_session": {
+                "count": probes.clean_ms.len(),
+                "latency_ms": percentiles(probes.clean_ms),
+            },
+            "persistent_session": {
+                "count": probes.persistent_ms.len(),
+                "latency_ms": percentiles(probes.persistent_ms),
+            },
+        });
+    }
     if let (Some(pid), Some(before), Some(after)) =
         (args.server_pid, server_rss_before, server_rss_connected)
     {
