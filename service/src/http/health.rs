@@ -6,11 +6,14 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use serde_json::json;
 
 use crate::http::error::{ApiError, ErrorCode};
+use crate::http::routes;
 use crate::http::{AppState, blocking, peer_certificates};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/healthz", web::get().to(healthz))
-        .route("/tls/client-certificate", web::get().to(client_certificate));
+    cfg.route(routes::HEALTHZ, web::get().to(healthz)).route(
+        routes::TLS_CLIENT_CERTIFICATE,
+        web::get().to(client_certificate),
+    );
 }
 
 async fn healthz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {

@@ -13,6 +13,7 @@ use zerotouch_attestation::symmetric_key::SasToken;
 
 use super::{authorize, hub_of};
 use crate::auth::Rights;
+use crate::http::routes;
 use crate::http::{AppState, peer_certificates};
 use crate::hub::auth::{self, DeviceAuthFailure};
 use crate::hub::c2d::OutgoingMessage;
@@ -21,11 +22,9 @@ use crate::hub::mqtt::telemetry_message;
 use crate::hub::{Hub, HubMetrics, blocking};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(web::resource("/devices/{id}/messages/events").route(web::post().to(device_event)))
-        .service(
-            web::resource("/devices/{id}/messages/deviceBound").route(web::post().to(send_c2d)),
-        )
-        .service(web::resource("/messages/events").route(web::get().to(read_events)));
+    cfg.service(web::resource(routes::DEVICE_EVENTS).route(web::post().to(device_event)))
+        .service(web::resource(routes::DEVICE_BOUND).route(web::post().to(send_c2d)))
+        .service(web::resource(routes::MESSAGES_EVENTS).route(web::get().to(read_events)));
 }
 
 /// Longest a consumer may wait for new messages in one request.
