@@ -137,14 +137,44 @@ fn properties_from_headers(req: &HttpRequest) -> Vec<(String, Option<String>)> {
     bag
 }
 
+/// Property-bag entries: name and value (`None`: a key without a value).
+type PropertyBag = Vec<(String, Option<String>)>;
+
+/// One message of a batch (`application/vnd.microsoft.iothub.json`, hub-protocol §6).
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct BatchItem {
+    /// Base64 of the message bytes, unless `base64Encoded` is `false`.
     body: String,
-    #[serde(default)]
-    base64_encoded: bool,
+    /// The Java SDK sends `true`; the Node and C SDKs send base64 without the flag. Only an
+    /// explicit `false` makes the body literal text (docs/dev/decisions.md 34).
+    base64_encoded: Option<bool>,
     #[serde(default)]
     properties: std::collections::BTreeMap<String, String>,
+}
+
+impl BatchItem {
+    /// The message bytes and its property bag.
+    fn into_message(self) -> Result<(Vec<u8>, PropertyBag), HubError> {
+        let payload = if self.base64_encoded.unwrap_or(true) {
+            B64.decode(self.body.trim()).map_err(|_| {
+                HubError::new(
+                    HubErrorCode::ArgumentInvalid,
+                    "a batch body is not base64 (send base64Encoded: false for text)",
+                )
+            })?
+        } else {
+            self.body.into_bytes()
+        };
+        // System and `iothub-app-*` names as the single-message headers; anything else (the
+        // Node SDK's `dt-subject`) as it is.
+        let bag = self
+            .properties
+            .into_iter()
+            .map(|(k, v)| bag_entry(&k, v.clone()).unwrap_or((k, Some(v))))
+            .collect();
+        Ok((payload, bag))
+    }
 }
 
 async fn device_event(
@@ -163,24 +193,7 @@ async fn device_event(
             HubError::new(HubErrorCode::ArgumentInvalid, format!("batch body: {e}"))
         })?;
         for item in items {
-            let payload = if item.base64_encoded {
-                B64.decode(&item.body).map_err(|_| {
-                    HubError::new(HubErrorCode::ArgumentInvalid, "a batch body is not base64")
-                })?
-            } else {
-                item.body.into_bytes()
-            };
-            let bag = item
-                .properties
-                .into_iter()
-                .map(|(k, v)| {
-                    (
-                        k.strip_prefix("iothub-app-").unwrap_or(&k).to_string(),
-                        Some(v),
-                    )
-                })
-                .collect();
-            messages.push((payload, bag));
+            messages.push(item.into_message()?);
         }
     } else {
         messages.push((body.to_vec(), properties_from_headers(&req)));
