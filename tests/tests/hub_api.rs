@@ -380,3 +380,135 @@ fn telemetry_batches_as_the_sdks_send_them() {
         assert_eq!(messages[2]["systemProperties"]["message-id"], "m-3");
     }
 }
+
+/// C2D over HTTPS as the Node and C device SDKs use it (hub-protocol §6): receive locks the
+/// oldest message and counts the delivery, complete and reject remove it, abandon makes it
+/// available again; a lost lock is 412 DeviceMessageLockLost; nothing waiting is 204.
+#[test]
+fn c2d_over_https_receive_complete_reject_abandon() {
+    for backend in backends() {
+        let s = TestServer::start(backend);
+        let device = create(&s, "poller");
+        let token = device_token(&s, &device);
+        let receive = || {
+            let response = s
+                .client
+                .get(s.url("/devices/poller/messages/devicebound"))
+                .header("Authorization", &token)
+                .send()
+                .expect("receive");
+            let status = response.status().as_u16();
+            let headers = response.headers().clone();
+            (status, headers, response.bytes().expect("body").to_vec())
+        };
+        let header = |headers: &reqwest::header::HeaderMap, name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(String::from)
+        };
+        let settle = |method: Method, path: String| {
+            send(
+                s.client
+                    .request(method, s.url(&path))
+                    .header("Authorization", &token)
+                    .header("If-Match", path.rsplit('/').next().unwrap_or_default()),
+            )
+        };
+        assert_eq!(receive().0, 204, "an empty queue");
+        for (i, body) in ["one", "two"].iter().enumerate() {
+            let (status, err, _) = send(
+                s.hub_request(Method::POST, "/devices/poller/messages/deviceBound")
+                    .header("iothub-messageid", format!("m-{i}"))
+                    .header("iothub-correlationid", "corr")
+                    .header("iothub-ack", "full")
+                    .header("iothub-expiry", "2999-01-01T00:00:00Z")
+                    .header("iothub-app-color", "red")
+                    .body(*body),
+            );
+            assert_eq!(status, 204, "{err}");
+        }
+        let (status, first, body) = receive();
+        assert_eq!((status, body.as_slice()), (200, b"one".as_slice()));
+        let lock = header(&first, "etag").expect("ETag");
+        assert!(lock.starts_with('"') && lock.ends_with('"'), "{lock}");
+        let lock = lock.trim_matches('"').to_string();
+        assert_eq!(header(&first, "iothub-messageid").as_deref(), Some("m-0"));
+        assert_eq!(
+            header(&first, "iothub-correlationid").as_deref(),
+            Some("corr")
+        );
+        assert_eq!(
+            header(&first, "iothub-to").as_deref(),
+            Some("/devices/poller/messages/deviceBound")
+        );
+        assert_eq!(header(&first, "iothub-deliverycount").as_deref(), Some("1"));
+        assert_eq!(header(&first, "iothub-ack").as_deref(), Some("full"));
+        assert_eq!(
+            header(&first, "iothub-expiry").as_deref(),
+            Some("2999-01-01T00:00:00Z")
+        );
+        assert_eq!(header(&first, "iothub-app-color").as_deref(), Some("red"));
+        assert!(header(&first, "iothub-enqueuedtime").is_some());
+        // The first is locked: the next receive gets the second, then nothing.
+        let (status, second, body) = receive();
+        assert_eq!((status, body.as_slice()), (200, b"two".as_slice()));
+        let second_lock = header(&second, "etag").expect("ETag");
+        let second_lock = second_lock.trim_matches('"');
+        assert_eq!(receive().0, 204, "both are locked");
+        // Abandon (the Node SDK's spelling): available again, the delivery counted.
+        let (status, err, _) = settle(
+            Method::POST,
+            format!("/devices/poller/messages/devicebound/{second_lock}/abandon"),
+        );
+        assert_eq!(status, 204, "{err}");
+        let (status, again, body) = receive();
+        assert_eq!((status, body.as_slice()), (200, b"two".as_slice()));
+        assert_eq!(header(&again, "iothub-deliverycount").as_deref(), Some("2"));
+        let again_lock = header(&again, "etag").expect("ETag");
+        let again_lock = again_lock.trim_matches('"');
+        // The abandoned lock is gone.
+        let (status, err, headers) = settle(
+            Method::DELETE,
+            format!("/devices/poller/messages/deviceBound/{second_lock}"),
+        );
+        assert_eq!((status, hub_code(&err)), (412, 412_002), "{err}");
+        assert_eq!(headers["iothub-errorcode"], "DeviceMessageLockLost");
+        // Complete removes the first; completing twice is a lost lock.
+        let path = format!("/devices/poller/messages/deviceBound/{lock}");
+        let (status, err, _) = settle(Method::DELETE, path.clone());
+        assert_eq!(status, 204, "{err}");
+        let (status, err, _) = settle(Method::DELETE, path);
+        assert_eq!((status, hub_code(&err)), (412, 412_002), "{err}");
+        // Reject removes the second (dead-lettered: there is no feedback endpoint).
+        let (status, err, _) = settle(
+            Method::DELETE,
+            format!("/devices/poller/messages/deviceBound/{again_lock}?reject"),
+        );
+        assert_eq!(status, 204, "{err}");
+        assert_eq!(receive().0, 204);
+        let (_, device, _) = send(s.hub_request(Method::GET, "/devices/poller"));
+        assert_eq!(device["cloudToDeviceMessageCount"], 0, "{device}");
+
+        // Another device's token receives nothing of this queue; an unknown device is 404.
+        let other = create(&s, "other");
+        send(
+            s.hub_request(Method::POST, "/devices/poller/messages/deviceBound")
+                .body("private"),
+        );
+        let (status, _, _) = send(
+            s.client
+                .get(s.url("/devices/poller/messages/deviceBound"))
+                .header("Authorization", device_token(&s, &other)),
+        );
+        assert_eq!(status, 401);
+        let (status, err, _) = send(
+            s.client
+                .get(s.url("/devices/ghost/messages/deviceBound"))
+                .header("Authorization", &token),
+        );
+        assert_eq!((status, hub_code(&err)), (404, 404_001), "{err}");
+        let (status, _, body) = receive();
+        assert_eq!((status, body.as_slice()), (200, b"private".as_slice()));
+    }
+}

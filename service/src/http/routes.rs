@@ -74,6 +74,8 @@ pub const HUB: &str = "/hubs/{name}";
 pub const DEVICES_QUERY: &str = "/devices/query";
 pub const DEVICE_EVENTS: &str = "/devices/{id}/messages/events";
 pub const DEVICE_BOUND: &str = "/devices/{id}/messages/deviceBound";
+pub const DEVICE_BOUND_LOCK: &str = "/devices/{id}/messages/deviceBound/{lock_token}";
+pub const DEVICE_BOUND_ABANDON: &str = "/devices/{id}/messages/deviceBound/{lock_token}/abandon";
 pub const MESSAGES_EVENTS: &str = "/messages/events";
 pub const TWIN_METHODS: &str = "/twins/{id}/methods";
 pub const TWIN: &str = "/twins/{id}";
@@ -138,6 +140,8 @@ pub const ALL: &[&str] = &[
     DEVICES_QUERY,
     DEVICE_EVENTS,
     DEVICE_BOUND,
+    DEVICE_BOUND_LOCK,
+    DEVICE_BOUND_ABANDON,
     MESSAGES_EVENTS,
     TWIN_METHODS,
     TWIN,
@@ -266,6 +270,10 @@ mod tests {
         assert_eq!(
             normalize("/devices/Dev1/messages/devicebound").as_deref(),
             Some("/devices/Dev1/messages/deviceBound")
+        );
+        assert_eq!(
+            normalize("/DEVICES/Dev%201/Messages/DeviceBound/AbC-1/ABANDON").as_deref(),
+            Some("/devices/Dev%201/messages/deviceBound/AbC-1/abandon")
         );
         assert_eq!(
             normalize("/0NE00AB12/Registrations/Dev-1/Register").as_deref(),

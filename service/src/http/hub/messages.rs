@@ -1,6 +1,8 @@
 //! Messages: device telemetry over HTTPS (`POST /devices/{id}/messages/events`, hub-protocol
-//! §6), cloud-to-device sends (`POST /devices/{id}/messages/deviceBound`), and the telemetry
-//! consumer (`GET /messages/events`, by offset, with long-polling).
+//! §6), cloud-to-device sends (`POST /devices/{id}/messages/deviceBound`), the device's HTTPS
+//! C2D receive, complete, reject and abandon (`GET …/deviceBound`, `DELETE …/{lockToken}`,
+//! `POST …/{lockToken}/abandon`), and the telemetry consumer (`GET /messages/events`, by
+//! offset, with long-polling).
 
 use std::time::Duration;
 
@@ -16,14 +18,20 @@ use crate::auth::Rights;
 use crate::http::routes;
 use crate::http::{AppState, peer_certificates};
 use crate::hub::auth::{self, DeviceAuthFailure};
-use crate::hub::c2d::OutgoingMessage;
+use crate::hub::c2d::{OutgoingMessage, Settlement};
 use crate::hub::error::{HubError, HubErrorCode};
 use crate::hub::mqtt::telemetry_message;
 use crate::hub::{Hub, HubMetrics, blocking};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource(routes::DEVICE_EVENTS).route(web::post().to(device_event)))
-        .service(web::resource(routes::DEVICE_BOUND).route(web::post().to(send_c2d)))
+        .service(
+            web::resource(routes::DEVICE_BOUND)
+                .route(web::post().to(send_c2d))
+                .route(web::get().to(receive_c2d)),
+        )
+        .service(web::resource(routes::DEVICE_BOUND_LOCK).route(web::delete().to(complete_c2d)))
+        .service(web::resource(routes::DEVICE_BOUND_ABANDON).route(web::post().to(abandon_c2d)))
         .service(web::resource(routes::MESSAGES_EVENTS).route(web::get().to(read_events)));
 }
 
@@ -255,6 +263,99 @@ async fn send_c2d(
     Ok(HttpResponse::NoContent()
         .insert_header(("iothub-messageid", message_id))
         .finish())
+}
+
+/// `GET /devices/{id}/messages/deviceBound`: the oldest waiting message, locked for
+/// `c2d::LOCK_TIMEOUT`, with IoT Hub's headers (`ETag` is the lock token); 204 when none waits.
+async fn receive_c2d(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, HubError> {
+    let hub = hub_of(&state)?;
+    authenticate_device(&req, &hub, &id).await?;
+    hub.touch(&id);
+    let Some(locked) = hub.receive_c2d(&id).await? else {
+        return Ok(HttpResponse::NoContent().finish());
+    };
+    let message = &locked.message;
+    let mut response = HttpResponse::Ok();
+    response
+        .insert_header(("ETag", format!("\"{}\"", locked.lock_token())))
+        .insert_header(("iothub-messageid", message.message_id.clone()))
+        .insert_header(("iothub-to", format!("/devices/{id}/messages/deviceBound")))
+        .insert_header(("iothub-deliverycount", message.delivery_count.to_string()))
+        .insert_header(("iothub-enqueuedtime", message.enqueued_time_utc.clone()))
+        .content_type(
+            message
+                .content_type
+                .clone()
+                .unwrap_or_else(|| "application/octet-stream".to_string()),
+        );
+    let optional = [
+        ("iothub-correlationid", &message.correlation_id),
+        ("iothub-userid", &message.user_id),
+        ("iothub-contenttype", &message.content_type),
+        ("iothub-contentencoding", &message.content_encoding),
+        ("iothub-expiry", &message.expiry_time_utc),
+        ("iothub-ack", &message.ack),
+    ];
+    for (name, value) in optional {
+        if let Some(value) = value {
+            response.insert_header((name, value.clone()));
+        }
+    }
+    for (name, value) in &message.properties {
+        // A property that cannot be a header (a name that is not a token, a value with control
+        // characters) is left out rather than failing the receive.
+        let header = actix_web::http::header::HeaderName::try_from(format!("iothub-app-{name}"));
+        let value =
+            actix_web::http::header::HeaderValue::from_str(value.as_deref().unwrap_or_default());
+        if let (Ok(header), Ok(value)) = (header, value) {
+            response.append_header((header, value));
+        }
+    }
+    Ok(response.body(message.body_bytes()))
+}
+
+/// The lock token of a settle path (`…/deviceBound/{lockToken}`), without the quotes an
+/// `ETag` value carries.
+fn lock_token_of(path: &(String, String)) -> &str {
+    path.1.trim().trim_matches('"')
+}
+
+/// `DELETE /devices/{id}/messages/deviceBound/{lockToken}`: complete, or reject with `?reject`.
+async fn complete_c2d(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, HubError> {
+    let hub = hub_of(&state)?;
+    authenticate_device(&req, &hub, &path.0).await?;
+    let reject = req
+        .query_string()
+        .split('&')
+        .any(|pair| pair == "reject" || pair.starts_with("reject="));
+    let how = if reject {
+        Settlement::Reject
+    } else {
+        Settlement::Complete
+    };
+    hub.settle_c2d(&path.0, lock_token_of(&path), how).await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// `POST /devices/{id}/messages/deviceBound/{lockToken}/abandon`.
+async fn abandon_c2d(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, HubError> {
+    let hub = hub_of(&state)?;
+    authenticate_device(&req, &hub, &path.0).await?;
+    hub.settle_c2d(&path.0, lock_token_of(&path), Settlement::Abandon)
+        .await?;
+    Ok(HttpResponse::NoContent().finish())
 }
 
 #[derive(Deserialize)]
