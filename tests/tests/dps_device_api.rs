@@ -1157,3 +1157,141 @@ fn concurrent_registrations_of_one_device_converge() {
         );
     });
 }
+
+/// A failed registration (here 400208: the enrollment names no linked hub) is kept as DPS keeps
+/// it: its operation can be polled (200 `failed` with the real errorCode, after a restart too),
+/// the management API shows the failed state, and an assigned device that fails to re-register
+/// stays assigned where it was. A disabled enrollment's operation polls as `disabled`.
+#[test]
+fn failed_registrations_are_kept_and_their_operations_polled() {
+    for backend in backends() {
+        let mut server = TestServer::start(backend);
+        let s = &server;
+        let id = "fails-first";
+        let (key, _) = enroll_symmetric(s, id, json!({"iotHubs": ["elsewhere.example.com"]}));
+        let sas = c_sdk_device_sas(&s.id_scope, id, &key, now() + 3600);
+        let (status, failed, _) =
+            register(s, &s.client, id, Some(&sas), &json!({"registrationId": id}));
+        assert_eq!(status, 200, "{failed}");
+        assert_eq!(failed["status"], "failed", "{failed}");
+        assert_eq!(
+            failed["registrationState"]["errorCode"], 400_208,
+            "{failed}"
+        );
+        let operation_id = failed["operationId"]
+            .as_str()
+            .expect("operationId")
+            .to_string();
+        let check = |s: &TestServer| {
+            let (status, polled, _) = poll(s, &s.client, id, &operation_id, Some(&sas));
+            assert_eq!(
+                status, 200,
+                "the failed operation must stay pollable: {polled}"
+            );
+            assert_eq!(polled["status"], "failed", "{polled}");
+            let state = &polled["registrationState"];
+            assert_eq!(state["status"], "failed", "{polled}");
+            assert_eq!(state["errorCode"], 400_208, "{polled}");
+            assert!(
+                state["errorMessage"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("no hub")),
+                "{polled}"
+            );
+            let (status, record, _) = send(s.request(Method::GET, &format!("/registrations/{id}")));
+            assert_eq!(status, 200, "{record}");
+            assert_eq!(record["status"], "failed", "{record}");
+            assert_eq!(record["errorCode"], 400_208, "{record}");
+            for field in ["createdDateTimeUtc", "lastUpdatedDateTimeUtc", "etag"] {
+                assert!(record[field].is_string(), "no {field}: {record}");
+            }
+            assert!(record.get("operationIds").is_none(), "{record}");
+        };
+        check(s);
+        // The record is in the database, not in this process.
+        server.restart();
+        let s = &server;
+        check(s);
+
+        // Fixed enrollment: the next registration is an initial assignment.
+        let (status, enrollment, _) = send(s.request(Method::GET, &format!("/enrollments/{id}")));
+        assert_eq!(status, 200);
+        let etag = enrollment["etag"].as_str().expect("etag").to_string();
+        let mut fixed = enrollment.clone();
+        fixed.as_object_mut().expect("object").remove("iotHubs");
+        fixed["attestation"]["symmetricKey"] = json!({"primaryKey": key});
+        let (status, body, _) = send(
+            s.request(Method::PUT, &format!("/enrollments/{id}"))
+                .header("If-Match", etag)
+                .json(&fixed),
+        );
+        assert_eq!(status, 200, "{body}");
+        let state = register_and_poll(s, &s.client, id, Some(&sas), &json!({"registrationId": id}));
+        assert_eq!(state["substatus"], "initialAssignment", "{state}");
+        let hub = state["assignedHub"].clone();
+
+        // An assigned device whose re-registration fails keeps its assignment in the record,
+        // and the next success migrates it rather than starting over.
+        let (_, enrollment, _) = send(s.request(Method::GET, &format!("/enrollments/{id}")));
+        let mut broken = enrollment.clone();
+        broken["iotHubs"] = json!(["elsewhere.example.com"]);
+        broken["attestation"]["symmetricKey"] = json!({"primaryKey": key});
+        let (status, body, _) = send(
+            s.request(Method::PUT, &format!("/enrollments/{id}"))
+                .header("If-Match", enrollment["etag"].as_str().expect("etag"))
+                .json(&broken),
+        );
+        assert_eq!(status, 200, "{body}");
+        let (status, failed, _) =
+            register(s, &s.client, id, Some(&sas), &json!({"registrationId": id}));
+        assert_eq!(
+            (status, failed["status"].clone()),
+            (200, json!("failed")),
+            "{failed}"
+        );
+        let (_, record, _) = send(s.request(Method::GET, &format!("/registrations/{id}")));
+        assert_eq!(record["status"], "failed", "{record}");
+        assert_eq!(record["assignedHub"], hub, "{record}");
+        assert_eq!(record["deviceId"], id, "{record}");
+        let (status, device, _) = send(s.hub_request(Method::GET, &format!("/devices/{id}")));
+        assert_eq!(status, 200, "the device keeps its hub identity: {device}");
+        let (_, enrollment, _) = send(s.request(Method::GET, &format!("/enrollments/{id}")));
+        let (status, _, _) = send(
+            s.request(Method::PUT, &format!("/enrollments/{id}"))
+                .header("If-Match", enrollment["etag"].as_str().expect("etag"))
+                .json(&fixed),
+        );
+        assert_eq!(status, 200);
+        let state = register_and_poll(s, &s.client, id, Some(&sas), &json!({"registrationId": id}));
+        assert_eq!(state["substatus"], "deviceDataMigrated", "{state}");
+
+        // A disabled enrollment: the register answers `disabled`, and so does its poll.
+        let off = "disabled-one";
+        let (key, _) = enroll_symmetric(s, off, json!({"provisioningStatus": "disabled"}));
+        let sas = c_sdk_device_sas(&s.id_scope, off, &key, now() + 3600);
+        let (status, answer, _) = register(
+            s,
+            &s.client,
+            off,
+            Some(&sas),
+            &json!({"registrationId": off}),
+        );
+        assert_eq!(
+            (status, answer["status"].clone()),
+            (200, json!("disabled")),
+            "{answer}"
+        );
+        let operation_id = answer["operationId"].as_str().expect("operationId");
+        let (status, polled, _) = poll(s, &s.client, off, operation_id, Some(&sas));
+        assert_eq!(
+            (status, polled["status"].clone()),
+            (200, json!("disabled")),
+            "{polled}"
+        );
+        assert_eq!(
+            polled["registrationState"]["errorCode"], 401_003,
+            "{polled}"
+        );
+        assert_nothing_stored(s, off);
+    }
+}

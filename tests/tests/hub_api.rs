@@ -2,6 +2,8 @@
 //! offline devices, C2D queue limits, roles and metrics. The full device flows are proven with
 //! the real Azure SDKs in tests/python/test_hub_sdk.py.
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
 use reqwest::Method;
 use serde_json::{Value, json};
 use zerotouch_service::config::Role;
@@ -299,4 +301,214 @@ fn roles_choose_what_runs() {
     assert_eq!((status, err["errorCode"].as_u64()), (404, Some(404_201)));
     let (status, _, _) = send(dps_only.hub_request(Method::GET, "/devices/h1"));
     assert_eq!(status, 404);
+}
+
+/// A device SAS token for the hub (`{host}/devices/{id}`), from the device's primary key.
+fn device_token(s: &TestServer, device: &Value) -> String {
+    let id = device["deviceId"].as_str().expect("deviceId");
+    let key = device["authentication"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .expect("key");
+    zerotouch_attestation::symmetric_key::sign(
+        &format!("{}/devices/{id}", s.host()),
+        key,
+        zerotouch_service::time::now_unix() + 600,
+        None,
+    )
+    .expect("sign")
+}
+
+/// Batches as the SDKs send them (hub-protocol §6): the Node and C SDKs send base64 bodies
+/// without `base64Encoded`, Java sends `"base64Encoded": true`; only `false` means text.
+#[test]
+fn telemetry_batches_as_the_sdks_send_them() {
+    for backend in backends() {
+        let s = TestServer::start(backend);
+        let device = create(&s, "batcher");
+        let token = device_token(&s, &device);
+        let batch = |body: String| {
+            send(
+                s.client
+                    .post(s.url("/devices/batcher/messages/events"))
+                    .header("Authorization", &token)
+                    .header("Content-Type", "application/vnd.microsoft.iothub.json")
+                    .body(body),
+            )
+        };
+        // Byte for byte what azure-iot-device-http 1.14 builds (`constructBatchBody`).
+        let node = format!(
+            "[{{\"body\": \"{}\", \"properties\":{{\"iothub-app-color\":\"red\",\"dt-subject\":\"thermostat1\"}}}},{{\"body\": \"{}\"}}]",
+            B64.encode("first"),
+            B64.encode([0u8, 159, 146, 150])
+        );
+        let (status, body, _) = batch(node);
+        assert_eq!(status, 204, "{body}");
+        let java = json!([
+            {"body": B64.encode("third"), "base64Encoded": true,
+             "properties": {"iothub-app-k": "v", "iothub-messageid": "m-3"}},
+            {"body": "fourth, as text", "base64Encoded": false},
+        ]);
+        let (status, body, _) = batch(java.to_string());
+        assert_eq!(status, 204, "{body}");
+        // Not base64 without the flag: refused, nothing stored.
+        let (status, err, _) = batch(json!([{"body": "not base64!"}]).to_string());
+        assert_eq!((status, hub_code(&err)), (400, 400_004), "{err}");
+        let (status, page, _) = send(s.hub_request(
+            Method::GET,
+            "/messages/events?from=0&limit=10&deviceId=batcher",
+        ));
+        assert_eq!(status, 200, "{page}");
+        let messages = page["messages"].as_array().expect("messages");
+        let bodies: Vec<Vec<u8>> = messages
+            .iter()
+            .map(|m| {
+                B64.decode(m["body"].as_str().expect("body"))
+                    .expect("base64")
+            })
+            .collect();
+        assert_eq!(
+            bodies,
+            vec![
+                b"first".to_vec(),
+                vec![0u8, 159, 146, 150],
+                b"third".to_vec(),
+                b"fourth, as text".to_vec()
+            ]
+        );
+        assert_eq!(messages[0]["properties"]["color"], "red", "{}", messages[0]);
+        assert_eq!(messages[2]["properties"], json!({"k": "v"}));
+        assert_eq!(messages[2]["systemProperties"]["message-id"], "m-3");
+    }
+}
+
+/// C2D over HTTPS as the Node and C device SDKs use it (hub-protocol §6): receive locks the
+/// oldest message and counts the delivery, complete and reject remove it, abandon makes it
+/// available again; a lost lock is 412 DeviceMessageLockLost; nothing waiting is 204.
+#[test]
+fn c2d_over_https_receive_complete_reject_abandon() {
+    for backend in backends() {
+        let s = TestServer::start(backend);
+        let device = create(&s, "poller");
+        let token = device_token(&s, &device);
+        let receive = || {
+            let response = s
+                .client
+                .get(s.url("/devices/poller/messages/devicebound"))
+                .header("Authorization", &token)
+                .send()
+                .expect("receive");
+            let status = response.status().as_u16();
+            let headers = response.headers().clone();
+            (status, headers, response.bytes().expect("body").to_vec())
+        };
+        let header = |headers: &reqwest::header::HeaderMap, name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(String::from)
+        };
+        let settle = |method: Method, path: String| {
+            send(
+                s.client
+                    .request(method, s.url(&path))
+                    .header("Authorization", &token)
+                    .header("If-Match", path.rsplit('/').next().unwrap_or_default()),
+            )
+        };
+        assert_eq!(receive().0, 204, "an empty queue");
+        for (i, body) in ["one", "two"].iter().enumerate() {
+            let (status, err, _) = send(
+                s.hub_request(Method::POST, "/devices/poller/messages/deviceBound")
+                    .header("iothub-messageid", format!("m-{i}"))
+                    .header("iothub-correlationid", "corr")
+                    .header("iothub-ack", "full")
+                    .header("iothub-expiry", "2999-01-01T00:00:00Z")
+                    .header("iothub-app-color", "red")
+                    .body(*body),
+            );
+            assert_eq!(status, 204, "{err}");
+        }
+        let (status, first, body) = receive();
+        assert_eq!((status, body.as_slice()), (200, b"one".as_slice()));
+        let lock = header(&first, "etag").expect("ETag");
+        assert!(lock.starts_with('"') && lock.ends_with('"'), "{lock}");
+        let lock = lock.trim_matches('"').to_string();
+        assert_eq!(header(&first, "iothub-messageid").as_deref(), Some("m-0"));
+        assert_eq!(
+            header(&first, "iothub-correlationid").as_deref(),
+            Some("corr")
+        );
+        assert_eq!(
+            header(&first, "iothub-to").as_deref(),
+            Some("/devices/poller/messages/deviceBound")
+        );
+        assert_eq!(header(&first, "iothub-deliverycount").as_deref(), Some("1"));
+        assert_eq!(header(&first, "iothub-ack").as_deref(), Some("full"));
+        assert_eq!(
+            header(&first, "iothub-expiry").as_deref(),
+            Some("2999-01-01T00:00:00Z")
+        );
+        assert_eq!(header(&first, "iothub-app-color").as_deref(), Some("red"));
+        assert!(header(&first, "iothub-enqueuedtime").is_some());
+        // The first is locked: the next receive gets the second, then nothing.
+        let (status, second, body) = receive();
+        assert_eq!((status, body.as_slice()), (200, b"two".as_slice()));
+        let second_lock = header(&second, "etag").expect("ETag");
+        let second_lock = second_lock.trim_matches('"');
+        assert_eq!(receive().0, 204, "both are locked");
+        // Abandon (the Node SDK's spelling): available again, the delivery counted.
+        let (status, err, _) = settle(
+            Method::POST,
+            format!("/devices/poller/messages/devicebound/{second_lock}/abandon"),
+        );
+        assert_eq!(status, 204, "{err}");
+        let (status, again, body) = receive();
+        assert_eq!((status, body.as_slice()), (200, b"two".as_slice()));
+        assert_eq!(header(&again, "iothub-deliverycount").as_deref(), Some("2"));
+        let again_lock = header(&again, "etag").expect("ETag");
+        let again_lock = again_lock.trim_matches('"');
+        // The abandoned lock is gone.
+        let (status, err, headers) = settle(
+            Method::DELETE,
+            format!("/devices/poller/messages/deviceBound/{second_lock}"),
+        );
+        assert_eq!((status, hub_code(&err)), (412, 412_002), "{err}");
+        assert_eq!(headers["iothub-errorcode"], "DeviceMessageLockLost");
+        // Complete removes the first; completing twice is a lost lock.
+        let path = format!("/devices/poller/messages/deviceBound/{lock}");
+        let (status, err, _) = settle(Method::DELETE, path.clone());
+        assert_eq!(status, 204, "{err}");
+        let (status, err, _) = settle(Method::DELETE, path);
+        assert_eq!((status, hub_code(&err)), (412, 412_002), "{err}");
+        // Reject removes the second (dead-lettered: there is no feedback endpoint).
+        let (status, err, _) = settle(
+            Method::DELETE,
+            format!("/devices/poller/messages/deviceBound/{again_lock}?reject"),
+        );
+        assert_eq!(status, 204, "{err}");
+        assert_eq!(receive().0, 204);
+        let (_, device, _) = send(s.hub_request(Method::GET, "/devices/poller"));
+        assert_eq!(device["cloudToDeviceMessageCount"], 0, "{device}");
+
+        // Another device's token receives nothing of this queue; an unknown device is 404.
+        let other = create(&s, "other");
+        send(
+            s.hub_request(Method::POST, "/devices/poller/messages/deviceBound")
+                .body("private"),
+        );
+        let (status, _, _) = send(
+            s.client
+                .get(s.url("/devices/poller/messages/deviceBound"))
+                .header("Authorization", device_token(&s, &other)),
+        );
+        assert_eq!(status, 401);
+        let (status, err, _) = send(
+            s.client
+                .get(s.url("/devices/ghost/messages/deviceBound"))
+                .header("Authorization", &token),
+        );
+        assert_eq!((status, hub_code(&err)), (404, 404_001), "{err}");
+        let (status, _, body) = receive();
+        assert_eq!((status, body.as_slice()), (200, b"private".as_slice()));
+    }
 }

@@ -193,6 +193,13 @@ where
         .map_err(|e| crate::http::error::store_error(e, ErrorCode::NotFound))
 }
 
+/// What [`Dps::record_registration`] did.
+enum Recorded {
+    Written(Document),
+    /// Nothing: the record belongs to another spelling of the id (the one given).
+    SpelledFirstAs(String),
+}
+
 /// A group member registering under another spelling of an id that is registered already.
 fn spelling_taken(registration_id: &str, registered_as: &str) -> ApiError {
     ApiError::new(
@@ -379,32 +386,133 @@ impl Dps {
             ));
         }
         match self.authenticate(registration_id, &evidence).await? {
-            Attestation::Disabled => Ok(Outcome {
-                operation_id,
-                status: "disabled",
-                registration_state: json!({
-                    "registrationId": registration_id,
-                    "status": "disabled",
-                    "errorCode": 401_003,
-                    "errorMessage": "the enrollment is disabled",
-                    "lastUpdatedDateTimeUtc": crate::time::now_rfc3339(),
-                }),
-            }),
+            Attestation::Disabled => Ok(disabled(operation_id, registration_id)),
             Attestation::Accepted(attested, enrollment) => {
                 if attested.mechanism == Mechanism::Tpm {
                     self.consume_challenge(registration_id)?;
                 }
-                self.assign(
-                    registration_id,
-                    &attested,
-                    &enrollment,
-                    &evidence,
-                    body,
-                    operation_id,
-                )
-                .await
+                let group_id = match &attested.matched {
+                    EnrollmentRef::Group(g) => Some(g.clone()),
+                    EnrollmentRef::Individual(_) => None,
+                };
+                let outcome = self
+                    .assign(
+                        registration_id,
+                        &attested,
+                        &enrollment,
+                        &evidence,
+                        body,
+                        operation_id,
+                    )
+                    .await?;
+                if outcome.status == "failed" {
+                    return self.keep_failed(outcome, group_id).await;
+                }
+                Ok(outcome)
             }
         }
+    }
+
+    /// Records a failed registration as DPS does (status `failed`, `errorCode`, `errorMessage`),
+    /// so that its operation can be polled from any replica and the management API shows why.
+    /// A device that was assigned before stays where it is: the record keeps that assignment.
+    async fn keep_failed(
+        &self,
+        mut outcome: Outcome,
+        group_id: Option<String>,
+    ) -> Result<Outcome, ApiError> {
+        let id = outcome
+            .registration_state
+            .get("registrationId")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        outcome.registration_state["createdDateTimeUtc"] = outcome
+            .registration_state
+            .get("lastUpdatedDateTimeUtc")
+            .cloned()
+            .unwrap_or_else(|| json!(crate::time::now_rfc3339()));
+        let recorded = self
+            .record_registration(
+                &id,
+                group_id,
+                outcome.registration_state.clone(),
+                &outcome.operation_id,
+            )
+            .await?;
+        match recorded {
+            Recorded::Written(doc) => {
+                outcome.registration_state = device_view(&doc);
+                Ok(outcome)
+            }
+            Recorded::SpelledFirstAs(first) => Err(spelling_taken(&id, &first)),
+        }
+    }
+
+    /// Writes a registration record, keeping the first creation time and the operation ids a
+    /// device may still poll (read-merge-write guarded by the etag: concurrent registrations of
+    /// one device all stay pollable). A `failed` record keeps the hub and device id of the
+    /// assignment before it, where the device's identity still is. For a group member (`parent`)
+    /// the record also decides which spelling of its id came first when two raced: a record
+    /// spelled otherwise is left alone.
+    async fn record_registration(
+        &self,
+        registration_id: &str,
+        parent: Option<String>,
+        record: Value,
+        operation_id: &str,
+    ) -> Result<Recorded, ApiError> {
+        let id = registration_id.to_string();
+        let this_operation = operation_id.to_string();
+        blocking(&self.store, move |s| {
+            for _ in 0..16 {
+                let current = s.get(Collection::Registrations, &id)?;
+                if parent.is_some()
+                    && let Some(first) = current.as_ref().filter(|c| c.id != id)
+                {
+                    return Ok(Recorded::SpelledFirstAs(first.id.clone()));
+                }
+                let mut record = record.clone();
+                record["operationIds"] = recent_operations(current.as_ref(), &this_operation);
+                if let Some(current) = &current {
+                    if let Some(created) = current.body.get("createdDateTimeUtc") {
+                        record["createdDateTimeUtc"] = created.clone();
+                    }
+                    if record.get("status").and_then(Value::as_str) == Some("failed") {
+                        for field in ["assignedHub", "deviceId"] {
+                            if let Some(value) = current.body.get(field) {
+                                record[field] = value.clone();
+                            }
+                        }
+                    }
+                }
+                let write = match &current {
+                    Some(c) => Write::IfMatch(c.etag.clone()),
+                    None => Write::Create,
+                };
+                match s.put(
+                    Collection::Registrations,
+                    &id,
+                    parent.as_deref(),
+                    &record,
+                    write,
+                ) {
+                    Ok(doc) => return Ok(Recorded::Written(doc)),
+                    Err(
+                        StoreError::PreconditionFailed
+                        | StoreError::Conflict
+                        | StoreError::NotFound,
+                    ) => {
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(StoreError::Unavailable(
+                "the registration record is contended".into(),
+            ))
+        })
+        .await
     }
 
     /// Checks the device's evidence against its enrollment (individual, then groups).
@@ -1059,9 +1167,10 @@ impl Dps {
             .and_then(|r| r.get("migrateDeviceData"))
             .and_then(Value::as_bool)
             .unwrap_or(true);
+        // A failed record keeps the assignment before it (`keep_failed`): the device is there.
         let previously_assigned = previous
             .as_ref()
-            .filter(|p| p.body.get("status").and_then(Value::as_str) == Some("assigned"));
+            .filter(|p| p.body.get("assignedHub").is_some());
         let previous_hub = previously_assigned
             .and_then(|p| p.body.get("assignedHub"))
             .and_then(Value::as_str)
@@ -1291,58 +1400,17 @@ impl Dps {
                     .collect::<Vec<_>>()
             );
         }
-        let record = state.clone();
-        let id = registration_id.to_string();
-        let parent = group_id.clone();
-        let this_operation = operation_id.clone();
-        let spelling_matters = group_id.is_some();
-        // Read-merge-write guarded by the etag: concurrent registrations of one device all keep
-        // their operation ids pollable, and the first creation time survives. The record also
-        // decides which spelling of a group member's id was first, when two raced.
-        let written = blocking(&self.store, move |s| {
-            for _ in 0..16 {
-                let current = s.get(Collection::Registrations, &id)?;
-                if spelling_matters && let Some(first) = current.as_ref().filter(|c| c.id != id) {
-                    return Ok(Err(first.id.clone()));
-                }
-                let mut record = record.clone();
-                record["operationIds"] = recent_operations(current.as_ref(), &this_operation);
-                if let Some(created) = current
-                    .as_ref()
-                    .and_then(|c| c.body.get("createdDateTimeUtc"))
-                {
-                    record["createdDateTimeUtc"] = created.clone();
-                }
-                let write = match &current {
-                    Some(c) => Write::IfMatch(c.etag.clone()),
-                    None => Write::Create,
-                };
-                match s.put(
-                    Collection::Registrations,
-                    &id,
-                    parent.as_deref(),
-                    &record,
-                    write,
-                ) {
-                    Ok(doc) => return Ok(Ok(doc)),
-                    Err(
-                        StoreError::PreconditionFailed
-                        | StoreError::Conflict
-                        | StoreError::NotFound,
-                    ) => {
-                        continue;
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            Err(StoreError::Unavailable(
-                "the registration record is contended".into(),
-            ))
-        })
-        .await?;
-        let doc = match written {
-            Ok(doc) => doc,
-            Err(first) => {
+        let doc = match self
+            .record_registration(
+                registration_id,
+                group_id.clone(),
+                state.clone(),
+                &operation_id,
+            )
+            .await?
+        {
+            Recorded::Written(doc) => doc,
+            Recorded::SpelledFirstAs(first) => {
                 // Another spelling registered at the same moment and was recorded first: the
                 // identity written for this one goes again (its name differs, hub ids being
                 // case-sensitive), so one registration id never becomes two devices.
@@ -1641,13 +1709,12 @@ impl Dps {
         })
         .await
         .map_err(|e| HubCallError::Unreachable(e.message))?;
+        // Assigned there, or failed since with that assignment kept.
         let back_there = current.is_some_and(|doc| {
-            doc.body.get("status").and_then(Value::as_str) == Some("assigned")
-                && doc
-                    .body
-                    .get("assignedHub")
-                    .and_then(Value::as_str)
-                    .is_some_and(|h| h.eq_ignore_ascii_case(&stale.hub))
+            doc.body
+                .get("assignedHub")
+                .and_then(Value::as_str)
+                .is_some_and(|h| h.eq_ignore_ascii_case(&stale.hub))
                 && doc.body.get("deviceId").and_then(Value::as_str)
                     == Some(stale.device_id.as_str())
         });
@@ -1706,7 +1773,9 @@ impl Dps {
         evidence: &Evidence,
         operation_id: &str,
     ) -> Result<Outcome, ApiError> {
-        self.authenticate(registration_id, evidence).await?;
+        if let Attestation::Disabled = self.authenticate(registration_id, evidence).await? {
+            return Ok(disabled(operation_id.to_string(), registration_id));
+        }
         let running = self
             .lock_pending()
             .get(operation_id)
@@ -1844,6 +1913,21 @@ impl DpsMetrics {
 enum Refused {
     Disabled,
     Unauthorized(String),
+}
+
+/// The answer to a device whose enrollment is disabled, on register and on poll.
+fn disabled(operation_id: String, registration_id: &str) -> Outcome {
+    Outcome {
+        operation_id,
+        status: "disabled",
+        registration_state: json!({
+            "registrationId": registration_id,
+            "status": "disabled",
+            "errorCode": 401_003,
+            "errorMessage": "the enrollment is disabled",
+            "lastUpdatedDateTimeUtc": crate::time::now_rfc3339(),
+        }),
+    }
 }
 
 /// Where a registration stands when its requester stops waiting.

@@ -13,19 +13,20 @@ use zerotouch_attestation::x509;
 use crate::auth::Rights;
 use crate::db::{Collection, Document, Write};
 use crate::http::error::{ApiError, ErrorCode};
+use crate::http::routes;
 use crate::http::{
     AppState, authorize, blocking, blocking_for, if_match, required_body, write_mode,
 };
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(web::resource("/certificates").route(web::get().to(list)))
+    cfg.service(web::resource(routes::CERTIFICATES).route(web::get().to(list)))
         .service(
-            web::resource("/certificates/{name}/generateVerificationCode")
+            web::resource(routes::CERTIFICATE_VERIFICATION_CODE)
                 .route(web::post().to(generate_verification_code)),
         )
-        .service(web::resource("/certificates/{name}/verify").route(web::post().to(verify)))
+        .service(web::resource(routes::CERTIFICATE_VERIFY).route(web::post().to(verify)))
         .service(
-            web::resource("/certificates/{name}")
+            web::resource(routes::CERTIFICATE)
                 .route(web::get().to(get))
                 .route(web::put().to(put))
                 .route(web::delete().to(delete)),

@@ -6,6 +6,7 @@ use serde_json::Value;
 use zerotouch_attestation::symmetric_key::SasToken;
 
 use crate::dps::{Dps, Evidence, Progress, RegisterBody};
+use crate::http::routes;
 
 /// How long a register over HTTPS waits for its outcome before answering 202 anyway.
 const HTTPS_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -13,17 +14,9 @@ use crate::http::error::{ApiError, ErrorCode};
 use crate::http::{AppState, json_body, peer_certificates, require_api_version};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(
-        web::resource("/{id_scope}/registrations/{registration_id}/register")
-            .route(web::put().to(register)),
-    )
-    .service(
-        web::resource("/{id_scope}/registrations/{registration_id}/operations/{operation_id}")
-            .route(web::get().to(operation)),
-    )
-    .service(
-        web::resource("/{id_scope}/registrations/{registration_id}").route(web::post().to(status)),
-    );
+    cfg.service(web::resource(routes::DPS_REGISTER).route(web::put().to(register)))
+        .service(web::resource(routes::DPS_OPERATION).route(web::get().to(operation)))
+        .service(web::resource(routes::DPS_STATUS).route(web::post().to(status)));
 }
 
 fn dps_of<'a>(

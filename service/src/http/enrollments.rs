@@ -10,6 +10,7 @@ use crate::auth::Rights;
 use crate::db::{Collection, Document, Write};
 use crate::enrollment::{self, Kind};
 use crate::http::error::{ApiError, ErrorCode};
+use crate::http::routes;
 use crate::http::{
     AppState, authorize, blocking, blocking_for, if_match, json_body, page_response, paging,
     with_metadata, write_mode,
@@ -19,26 +20,45 @@ use crate::http::{
 pub const MAX_BULK_ITEMS: usize = 10;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    for kind in [Kind::Individual, Kind::Group] {
-        let base = base_path(kind);
+    let kinds = [
+        (
+            Kind::Individual,
+            [
+                routes::ENROLLMENTS_QUERY,
+                routes::ENROLLMENTS,
+                routes::ENROLLMENT_ATTESTATION,
+                routes::ENROLLMENT,
+            ],
+        ),
+        (
+            Kind::Group,
+            [
+                routes::GROUPS_QUERY,
+                routes::GROUPS,
+                routes::GROUP_ATTESTATION,
+                routes::GROUP,
+            ],
+        ),
+    ];
+    for (kind, [query_path, collection, mechanism, one]) in kinds {
         let k = web::Data::new(kind);
         cfg.service(
-            web::resource(format!("{base}/query"))
+            web::resource(query_path)
                 .app_data(k.clone())
                 .route(web::post().to(query)),
         )
         .service(
-            web::resource(base)
+            web::resource(collection)
                 .app_data(k.clone())
                 .route(web::post().to(bulk)),
         )
         .service(
-            web::resource(format!("{base}/{{id}}/attestationmechanism"))
+            web::resource(mechanism)
                 .app_data(k.clone())
                 .route(web::post().to(attestation_mechanism)),
         )
         .service(
-            web::resource(format!("{base}/{{id}}"))
+            web::resource(one)
                 .app_data(k)
                 .route(web::get().to(get))
                 .route(web::put().to(put))
@@ -49,8 +69,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 
 fn base_path(kind: Kind) -> &'static str {
     match kind {
-        Kind::Individual => "/enrollments",
-        Kind::Group => "/enrollmentGroups",
+        Kind::Individual => routes::ENROLLMENTS,
+        Kind::Group => routes::GROUPS,
     }
 }
 

@@ -24,22 +24,32 @@ use crate::db::Collection;
 use crate::dps::{Attestation, Evidence};
 use crate::http::error::{ApiError, ErrorCode};
 use crate::http::pki::pki_of;
+use crate::http::routes;
 use crate::http::{AppState, blocking, peer_certificates};
 use crate::pki::{Action, Pki};
 
 const CERTS_ONLY: &str = "application/pkcs7-mime; smime-type=certs-only";
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    for prefix in ["/.well-known/est", "/.well-known/est/{label}"] {
-        cfg.service(web::resource(format!("{prefix}/cacerts")).route(web::get().to(cacerts)))
-            .service(web::resource(format!("{prefix}/csrattrs")).route(web::get().to(csrattrs)))
-            .service(
-                web::resource(format!("{prefix}/simpleenroll")).route(web::post().to(simpleenroll)),
-            )
-            .service(
-                web::resource(format!("{prefix}/simplereenroll"))
-                    .route(web::post().to(simplereenroll)),
-            );
+    let paths = [
+        [
+            routes::EST_CACERTS,
+            routes::EST_CSRATTRS,
+            routes::EST_SIMPLEENROLL,
+            routes::EST_SIMPLEREENROLL,
+        ],
+        [
+            routes::EST_LABEL_CACERTS,
+            routes::EST_LABEL_CSRATTRS,
+            routes::EST_LABEL_SIMPLEENROLL,
+            routes::EST_LABEL_SIMPLEREENROLL,
+        ],
+    ];
+    for [ca, attributes, enroll, reenroll] in paths {
+        cfg.service(web::resource(ca).route(web::get().to(cacerts)))
+            .service(web::resource(attributes).route(web::get().to(csrattrs)))
+            .service(web::resource(enroll).route(web::post().to(simpleenroll)))
+            .service(web::resource(reenroll).route(web::post().to(simplereenroll)));
     }
 }
 

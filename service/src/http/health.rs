@@ -8,11 +8,14 @@ use serde_json::json;
 
 use crate::db::StoreError;
 use crate::http::error::ApiError;
+use crate::http::routes;
 use crate::http::{AppState, peer_certificates};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/healthz", web::get().to(healthz))
-        .route("/tls/client-certificate", web::get().to(client_certificate));
+    cfg.route(routes::HEALTHZ, web::get().to(healthz)).route(
+        routes::TLS_CLIENT_CERTIFICATE,
+        web::get().to(client_certificate),
+    );
 }
 
 /// The store must answer and take writes: a database that reads but cannot write (a full

@@ -15,18 +15,19 @@ use crate::auth::{Credential, Rights};
 use crate::db::{Collection, Write};
 use crate::dps::hubs::{self, HubCredential, HubState, LinkedHub};
 use crate::http::error::{ApiError, ErrorCode};
+use crate::http::routes;
 use crate::http::{AppState, authorize, blocking, blocking_for, required_body};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(web::resource("/hubs").route(web::get().to(list)))
-        .service(web::resource("/hubs/joinTokens").route(web::post().to(join_token)))
-        .service(web::resource("/hubs/join").route(web::post().to(join)))
-        .service(web::resource("/hubs/trustBundle").route(web::get().to(trust_bundle)))
-        .service(web::resource("/hubs/{name}/heartbeat").route(web::post().to(heartbeat)))
-        .service(web::resource("/hubs/{name}/drain").route(web::post().to(drain)))
-        .service(web::resource("/hubs/{name}/activate").route(web::post().to(activate)))
+    cfg.service(web::resource(routes::HUBS).route(web::get().to(list)))
+        .service(web::resource(routes::HUB_JOIN_TOKENS).route(web::post().to(join_token)))
+        .service(web::resource(routes::HUB_JOIN).route(web::post().to(join)))
+        .service(web::resource(routes::HUB_TRUST_BUNDLE).route(web::get().to(trust_bundle)))
+        .service(web::resource(routes::HUB_HEARTBEAT).route(web::post().to(heartbeat)))
+        .service(web::resource(routes::HUB_DRAIN).route(web::post().to(drain)))
+        .service(web::resource(routes::HUB_ACTIVATE).route(web::post().to(activate)))
         .service(
-            web::resource("/hubs/{name}")
+            web::resource(routes::HUB)
                 .route(web::get().to(get))
                 .route(web::delete().to(remove)),
         );

@@ -10,6 +10,7 @@ use prometheus::{
 
 use crate::http::AppState;
 use crate::http::error::ApiError;
+use crate::http::routes;
 use crate::hub::Hub;
 
 /// Request counters and latency histograms, by route pattern (never by raw path, which would
@@ -154,7 +155,7 @@ fn render_hub(hub: &Hub, out: &mut String) {
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/metrics", web::get().to(metrics));
+    cfg.route(routes::METRICS, web::get().to(metrics));
 }
 
 async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod pki;
 pub mod policies;
 pub mod registrations;
+pub mod routes;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -112,12 +113,37 @@ fn json_error(e: actix_web::error::JsonPayloadError) -> ApiError {
     }
 }
 
+/// Rewrites the request's path to the spelling its route is registered with
+/// ([`routes::normalize`]: fixed words in another case, a trailing slash), before routing.
+fn respell_path(req: &mut ServiceRequest) {
+    let Some(path) = routes::normalize(req.path()) else {
+        return;
+    };
+    let path_and_query = match req.query_string() {
+        "" => path,
+        query => format!("{path}?{query}"),
+    };
+    let mut parts = req.head().uri.clone().into_parts();
+    let Ok(path_and_query) = path_and_query.parse() else {
+        return;
+    };
+    parts.path_and_query = Some(path_and_query);
+    // Only the path changed, so the URI stays valid; keep the original if it somehow is not.
+    let Ok(uri) = actix_web::http::Uri::from_parts(parts) else {
+        return;
+    };
+    req.match_info_mut().get_mut().update(&uri);
+    req.head_mut().uri = uri;
+}
+
 /// Request id, span, metrics, and the final rendering of API errors.
 pub async fn observe(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
     let started = Instant::now();
+    let mut req = req;
+    respell_path(&mut req);
     let request_id = uuid::Uuid::new_v4().to_string();
     req.extensions_mut().insert(RequestId(request_id.clone()));
     let method = req.method().to_string();

@@ -10,27 +10,22 @@ use zerotouch_certs::revocation::ReasonCode;
 use crate::auth::{Caller, Rights};
 use crate::db::{Collection, Document};
 use crate::http::error::{ApiError, ErrorCode};
+use crate::http::routes;
 use crate::http::{AppState, authorize, blocking, json_body, page_response, paging, with_metadata};
 use crate::pki::Pki;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(web::resource("/certificates/issued").route(web::get().to(list_issued)))
+    cfg.service(web::resource(routes::ISSUED_CERTIFICATES).route(web::get().to(list_issued)))
+        .service(web::resource(routes::ISSUED_CERTIFICATE_REVOKE).route(web::post().to(revoke)))
+        .service(web::resource(routes::ISSUED_CERTIFICATE).route(web::get().to(get_issued)))
         .service(
-            web::resource("/certificates/issued/{serial}/revoke").route(web::post().to(revoke)),
+            web::resource(routes::REGISTRATION_REVOKE).route(web::post().to(revoke_registration)),
         )
-        .service(web::resource("/certificates/issued/{serial}").route(web::get().to(get_issued)))
-        .service(
-            web::resource("/registrations/{id}/revokeCertificates")
-                .route(web::post().to(revoke_registration)),
-        )
-        .service(
-            web::resource("/enrollmentGroups/{id}/revokeCertificates")
-                .route(web::post().to(revoke_group)),
-        )
-        .service(web::resource("/audit").route(web::get().to(list_audit)))
-        .service(web::resource("/crl").route(web::get().to(crl)))
-        .service(web::resource("/ocsp").route(web::post().to(ocsp_post)))
-        .service(web::resource("/ocsp/{request:.*}").route(web::get().to(ocsp_get)));
+        .service(web::resource(routes::GROUP_REVOKE).route(web::post().to(revoke_group)))
+        .service(web::resource(routes::AUDIT).route(web::get().to(list_audit)))
+        .service(web::resource(routes::CRL).route(web::get().to(crl)))
+        .service(web::resource(routes::OCSP).route(web::post().to(ocsp_post)))
+        .service(web::resource(routes::OCSP_GET).route(web::get().to(ocsp_get)));
 }
 
 /// The process's PKI (registered as app data by `server::start`).

@@ -11,18 +11,16 @@ use crate::auth::{AuthorizationPolicy, Rights};
 use crate::bootstrap::policy_from_doc;
 use crate::db::{Collection, Document, DocumentStore, StoreError, Write};
 use crate::http::error::{ApiError, ErrorCode};
+use crate::http::routes;
 use crate::http::{
     AppState, authorize, blocking, blocking_for, if_match, required_body, write_mode,
 };
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(web::resource("/authorizationPolicies").route(web::get().to(list)))
+    cfg.service(web::resource(routes::POLICIES).route(web::get().to(list)))
+        .service(web::resource(routes::POLICY_REGENERATE_KEY).route(web::post().to(regenerate_key)))
         .service(
-            web::resource("/authorizationPolicies/{name}/regenerateKey")
-                .route(web::post().to(regenerate_key)),
-        )
-        .service(
-            web::resource("/authorizationPolicies/{name}")
+            web::resource(routes::POLICY)
                 .route(web::get().to(get))
                 .route(web::put().to(put))
                 .route(web::delete().to(delete)),

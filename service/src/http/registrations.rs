@@ -7,14 +7,15 @@ use serde_json::Value;
 use crate::auth::Rights;
 use crate::db::{Collection, Document};
 use crate::http::error::{ApiError, ErrorCode};
+use crate::http::routes;
 use crate::http::{
     AppState, authorize, blocking, blocking_for, if_match, page_response, paging, with_metadata,
 };
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(web::resource("/registrations/{id}/query").route(web::post().to(query)))
+    cfg.service(web::resource(routes::REGISTRATIONS_QUERY).route(web::post().to(query)))
         .service(
-            web::resource("/registrations/{id}")
+            web::resource(routes::REGISTRATION)
                 .route(web::get().to(get))
                 .route(web::delete().to(delete)),
         );

@@ -1,23 +1,41 @@
-//! Cloud-to-device messages (hub-protocol §2.3): queued durably per device, delivered over
-//! MQTT at QoS 1 in enqueue order, removed when the device acknowledges (PUBACK = complete).
+//! Cloud-to-device messages (hub-protocol §2.3, §6): queued durably per device, delivered
+//! over MQTT at QoS 1 or received over HTTPS, in enqueue order.
+//!
+//! One queue and one life cycle for both transports, as in IoT Hub: a delivered message is
+//! locked (invisible) for [`LOCK_TIMEOUT`] and its delivery count goes up. Completing it (an
+//! MQTT PUBACK, or HTTPS `DELETE …/deviceBound/{lockToken}`) removes it; rejecting it (HTTPS
+//! `…?reject`) dead-letters it, which here means it is removed too (there is no feedback
+//! endpoint); abandoning it (HTTPS `POST …/{lockToken}/abandon`, or an MQTT connection lost
+//! before its PUBACK) makes it available again at once. A lock that expires does the same. A
+//! message delivered [`MAX_DELIVERY_COUNT`] times without completion, or past its expiry, is
+//! dead-lettered instead of delivered. Every change is a conditional write on the message's
+//! etag, so two deliveries (MQTT and HTTPS, or two replicas) never hold one message at once.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 
 use super::error::{HubError, HubErrorCode};
 use super::{Hub, blocking};
-use crate::db::{Collection, DocumentStore, StoreError, Write};
+use crate::db::{Collection, Document, DocumentStore, StoreError, Write};
 use crate::mqtt::QoS;
 
 /// Most messages waiting for one device, as in IoT Hub.
 pub const MAX_PENDING: usize = 50;
 /// Largest C2D body.
 pub const MAX_BODY: usize = 64 * 1024;
+/// How long a delivered message stays locked, as in IoT Hub (one minute, not configurable).
+pub const LOCK_TIMEOUT: Duration = Duration::from_secs(60);
+/// Deliveries without completion after which a message is dead-lettered (IoT Hub's default
+/// `maxDeliveryCount`).
+pub const MAX_DELIVERY_COUNT: u32 = 10;
+/// Messages read per pass over a device's queue (the queue holds about [`MAX_PENDING`]).
+const PAGE: usize = 1000;
 
 /// Property-bag encoding: everything but unreserved characters, so no raw `/ & =` appears.
 const BAG: &AsciiSet = &NON_ALPHANUMERIC
@@ -38,6 +56,221 @@ pub struct OutgoingMessage {
     pub expiry_time_utc: Option<String>,
     pub ack: Option<String>,
     pub properties: Vec<(String, Option<String>)>,
+}
+
+/// A queued message as stored in `c2d_messages` (one document per message, `parent` = the
+/// device id, keys sorting in enqueue order).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QueuedMessage {
+    pub message_id: String,
+    #[serde(default)]
+    pub correlation_id: Option<String>,
+    #[serde(default)]
+    pub user_id: Option<String>,
+    #[serde(default)]
+    pub content_type: Option<String>,
+    #[serde(default)]
+    pub content_encoding: Option<String>,
+    #[serde(default)]
+    pub expiry_time_utc: Option<String>,
+    #[serde(default)]
+    pub ack: Option<String>,
+    #[serde(default)]
+    pub properties: Vec<(String, Option<String>)>,
+    /// Base64 of the body.
+    pub body: String,
+    pub enqueued_time_utc: String,
+    /// Deliveries so far (MQTT publishes and HTTPS receives), this one included once locked.
+    #[serde(default)]
+    pub delivery_count: u32,
+    /// The lock of the delivery in progress, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_token: Option<String>,
+    /// Unix microseconds until which that lock holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locked_until: Option<i64>,
+}
+
+impl QueuedMessage {
+    fn locked_at(&self, now: i64) -> bool {
+        self.lock_token.is_some() && self.locked_until.is_some_and(|until| until > now)
+    }
+
+    fn expired_at(&self, now: i64) -> bool {
+        self.expiry_time_utc
+            .as_deref()
+            .and_then(|t| {
+                time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+            })
+            .is_some_and(|t| t.unix_timestamp_nanos() / 1000 < i128::from(now))
+    }
+
+    /// The body bytes (a stored body that is not base64 is empty: we wrote it, so it is).
+    pub fn body_bytes(&self) -> Vec<u8> {
+        B64.decode(&self.body).unwrap_or_default()
+    }
+}
+
+/// A message locked for one delivery.
+#[derive(Debug, Clone)]
+pub struct Locked {
+    /// The document key.
+    key: String,
+    /// The etag of the locked document: settling is conditional on it.
+    etag: String,
+    pub message: QueuedMessage,
+}
+
+impl Locked {
+    pub fn lock_token(&self) -> &str {
+        self.message.lock_token.as_deref().unwrap_or_default()
+    }
+}
+
+/// How a device settles a message it received over HTTPS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement {
+    Complete,
+    Reject,
+    Abandon,
+}
+
+fn now_micros() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64
+}
+
+fn queued(doc: &Document) -> Option<QueuedMessage> {
+    serde_json::from_value(doc.body.clone()).ok()
+}
+
+fn to_body(message: &QueuedMessage) -> Result<serde_json::Value, StoreError> {
+    serde_json::to_value(message).map_err(|e| StoreError::Backend(e.to_string()))
+}
+
+/// Removes a message that will not be delivered (completed, rejected, expired, or delivered
+/// too often), if it is still the version `etag` names.
+fn remove(s: &dyn DocumentStore, key: &str, etag: &str) -> Result<bool, StoreError> {
+    match s.delete(Collection::C2dMessages, key, Some(etag)) {
+        Ok(_) => Ok(true),
+        Err(StoreError::NotFound | StoreError::PreconditionFailed) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Locks the oldest deliverable message of a device for `lock_for` and counts the delivery.
+/// Expired messages and messages delivered [`MAX_DELIVERY_COUNT`] times are dead-lettered on
+/// the way; locked ones are skipped. `None`: nothing to deliver now.
+pub fn lock_next(
+    s: &dyn DocumentStore,
+    device_id: &str,
+    now: i64,
+    lock_for: Duration,
+) -> Result<Option<Locked>, StoreError> {
+    // A lost race (another delivery locked the same message) moves on to the next message; a
+    // pass that lost one is repeated, since that message may be free again.
+    for _ in 0..8 {
+        let page = s.list(Collection::C2dMessages, Some(device_id), PAGE, None)?;
+        let mut contended = false;
+        for doc in page.items {
+            let Some(mut message) = queued(&doc) else {
+                tracing::warn!(device_id, key = %doc.id, "dropping an unreadable C2D message");
+                remove(s, &doc.id, &doc.etag)?;
+                continue;
+            };
+            if message.locked_at(now) {
+                continue;
+            }
+            if message.expired_at(now) || message.delivery_count >= MAX_DELIVERY_COUNT {
+                tracing::info!(device_id, message_id = %message.message_id, deliveries = message.delivery_count, "C2D message dead-lettered");
+                remove(s, &doc.id, &doc.etag)?;
+                continue;
+            }
+            message.delivery_count += 1;
+            message.lock_token = Some(uuid::Uuid::new_v4().to_string());
+            message.locked_until = Some(now + lock_for.as_micros() as i64);
+            match s.put(
+                Collection::C2dMessages,
+                &doc.id,
+                Some(device_id),
+                &to_body(&message)?,
+                Write::IfMatch(doc.etag.clone()),
+            ) {
+                Ok(written) => {
+                    return Ok(Some(Locked {
+                        key: doc.id,
+                        etag: written.etag,
+                        message,
+                    }));
+                }
+                Err(StoreError::PreconditionFailed | StoreError::NotFound) => contended = true,
+                Err(e) => return Err(e),
+            }
+        }
+        if !contended {
+            return Ok(None);
+        }
+    }
+    Ok(None)
+}
+
+/// Ends a delivery: complete and reject remove the message, abandon makes it available again
+/// (or dead-letters it once it was delivered [`MAX_DELIVERY_COUNT`] times). `false`: the lock
+/// was lost (it expired and the message was delivered again, or the message is gone).
+fn settle_locked(
+    s: &dyn DocumentStore,
+    device_id: &str,
+    locked: &Locked,
+    how: Settlement,
+) -> Result<bool, StoreError> {
+    match how {
+        Settlement::Complete | Settlement::Reject => remove(s, &locked.key, &locked.etag),
+        Settlement::Abandon if locked.message.delivery_count >= MAX_DELIVERY_COUNT => {
+            remove(s, &locked.key, &locked.etag)
+        }
+        Settlement::Abandon => {
+            let mut message = locked.message.clone();
+            message.lock_token = None;
+            message.locked_until = None;
+            match s.put(
+                Collection::C2dMessages,
+                &locked.key,
+                Some(device_id),
+                &to_body(&message)?,
+                Write::IfMatch(locked.etag.clone()),
+            ) {
+                Ok(_) => Ok(true),
+                Err(StoreError::PreconditionFailed | StoreError::NotFound) => Ok(false),
+                Err(e) => Err(e),
+            }
+        }
+    }
+}
+
+/// Settles the message whose lock is `lock_token`, if that lock still holds at `now`.
+/// `false`: no message holds that lock (unknown token, expired lock, already settled).
+pub fn settle(
+    s: &dyn DocumentStore,
+    device_id: &str,
+    lock_token: &str,
+    how: Settlement,
+    now: i64,
+) -> Result<bool, StoreError> {
+    let page = s.list(Collection::C2dMessages, Some(device_id), PAGE, None)?;
+    let held = page.items.into_iter().find_map(|doc| {
+        let message = queued(&doc)?;
+        (message.lock_token.as_deref() == Some(lock_token) && message.locked_at(now)).then_some({
+            Locked {
+                key: doc.id,
+                etag: doc.etag,
+                message,
+            }
+        })
+    });
+    match held {
+        Some(locked) => settle_locked(s, device_id, &locked, how),
+        None => Ok(false),
+    }
 }
 
 /// One delivery at a time per device, so order holds and nothing is sent twice at once.
@@ -85,36 +318,27 @@ pub fn purge(store: &dyn DocumentStore, device_id: &str) -> Result<(), StoreErro
 }
 
 /// The topic a device receives a message on, with its property bag.
-pub fn topic_for(device_id: &str, message: &Value) -> String {
+pub fn topic_for(device_id: &str, message: &QueuedMessage) -> String {
     let mut bag: Vec<(String, Option<String>)> = Vec::new();
     let system = [
-        ("$.mid", "messageId"),
-        ("$.cid", "correlationId"),
-        ("$.uid", "userId"),
-        ("$.ct", "contentType"),
-        ("$.ce", "contentEncoding"),
-        ("$.exp", "expiryTimeUtc"),
-        ("iothub-ack", "ack"),
+        ("$.mid", Some(&message.message_id)),
+        ("$.cid", message.correlation_id.as_ref()),
+        ("$.uid", message.user_id.as_ref()),
+        ("$.ct", message.content_type.as_ref()),
+        ("$.ce", message.content_encoding.as_ref()),
+        ("$.exp", message.expiry_time_utc.as_ref()),
+        ("iothub-ack", message.ack.as_ref()),
     ];
-    for (key, field) in system {
-        if let Some(value) = message.get(field).and_then(Value::as_str) {
-            bag.push((key.to_string(), Some(value.to_string())));
+    for (key, value) in system {
+        if let Some(value) = value {
+            bag.push((key.to_string(), Some(value.clone())));
         }
     }
     bag.push((
         "$.to".to_string(),
         Some(format!("/devices/{device_id}/messages/deviceBound")),
     ));
-    if let Some(properties) = message.get("properties").and_then(Value::as_array) {
-        for pair in properties {
-            if let Some(key) = pair.get(0).and_then(Value::as_str) {
-                bag.push((
-                    key.to_string(),
-                    pair.get(1).and_then(Value::as_str).map(String::from),
-                ));
-            }
-        }
-    }
+    bag.extend(message.properties.iter().cloned());
     let encoded: Vec<String> = bag
         .iter()
         .map(|(k, v)| {
@@ -158,18 +382,22 @@ impl Hub {
             .message_id
             .clone()
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        let doc = json!({
-            "messageId": message_id,
-            "correlationId": message.correlation_id,
-            "userId": message.user_id,
-            "contentType": message.content_type,
-            "contentEncoding": message.content_encoding,
-            "expiryTimeUtc": message.expiry_time_utc,
-            "ack": message.ack,
-            "properties": message.properties.iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>(),
-            "body": B64.encode(&message.body),
-            "enqueuedTimeUtc": crate::time::rfc3339(now),
-        });
+        let queued = QueuedMessage {
+            message_id: message_id.clone(),
+            correlation_id: message.correlation_id,
+            user_id: message.user_id,
+            content_type: message.content_type,
+            content_encoding: message.content_encoding,
+            expiry_time_utc: message.expiry_time_utc,
+            ack: message.ack,
+            properties: message.properties,
+            body: B64.encode(&message.body),
+            enqueued_time_utc: crate::time::rfc3339(now),
+            delivery_count: 0,
+            lock_token: None,
+            locked_until: None,
+        };
+        let doc = to_body(&queued).map_err(HubError::store)?;
         let device = device_id.to_string();
         blocking(self.store(), move |s| {
             s.put(
@@ -181,14 +409,21 @@ impl Hub {
             )
         })
         .await?;
-        let hub = self.clone();
-        let device = device_id.to_string();
-        tokio::spawn(async move { hub.deliver_c2d(&device).await });
+        self.start_c2d_delivery(device_id);
         Ok(message_id)
     }
 
-    /// Sends every queued message to the device, oldest first, each removed once acknowledged.
-    /// Stops at the first failure (the device went away); the rest waits for its next session.
+    /// Delivers over MQTT in the background, if the device is connected and subscribed.
+    pub fn start_c2d_delivery(self: &Arc<Self>, device_id: &str) {
+        let hub = self.clone();
+        let device = device_id.to_string();
+        tokio::spawn(async move { hub.deliver_c2d(&device).await });
+    }
+
+    /// Sends every deliverable message to the device over MQTT, oldest first: each is locked
+    /// and counted, then removed once acknowledged (PUBACK = complete). Messages locked by an
+    /// HTTPS receive are skipped. Stops at the first failure (the device went away): that
+    /// message is available again at once and the rest waits for the next session.
     pub async fn deliver_c2d(&self, device_id: &str) {
         let lock = self.c2d.lock_for(device_id);
         let _guard = lock.lock().await;
@@ -201,63 +436,74 @@ impl Hub {
                 return;
             }
             let id = device_id.to_string();
-            let page = match blocking(self.store(), move |s| {
-                s.list(Collection::C2dMessages, Some(&id), 10, None)
+            let locked = match blocking(self.store(), move |s| {
+                lock_next(s, &id, now_micros(), LOCK_TIMEOUT)
             })
             .await
             {
-                Ok(page) => page,
+                Ok(Some(locked)) => locked,
+                Ok(None) => return,
                 Err(e) => {
-                    tracing::warn!(device_id, "listing C2D messages failed: {e}");
+                    tracing::warn!(device_id, "reading the C2D queue failed: {e}");
                     return;
                 }
             };
-            if page.items.is_empty() {
+            let topic = topic_for(device_id, &locked.message);
+            let body = locked.message.body_bytes();
+            let delivered = outbound
+                .publish(topic, body.into(), QoS::AtLeastOnce)
+                .await
+                .is_ok();
+            let how = if delivered {
+                Settlement::Complete
+            } else {
+                Settlement::Abandon
+            };
+            let id = device_id.to_string();
+            let settled =
+                blocking(self.store(), move |s| settle_locked(s, &id, &locked, how)).await;
+            if let Err(e) = &settled {
+                tracing::warn!(device_id, "settling a delivered C2D message failed: {e}");
+            }
+            if !delivered || settled.is_err() {
                 return;
             }
-            for doc in page.items {
-                let expired = doc
-                    .body
-                    .get("expiryTimeUtc")
-                    .and_then(Value::as_str)
-                    .and_then(|t| {
-                        time::OffsetDateTime::parse(
-                            t,
-                            &time::format_description::well_known::Rfc3339,
-                        )
-                        .ok()
-                    })
-                    .is_some_and(|t| t < time::OffsetDateTime::now_utc());
-                if !expired {
-                    let body = doc
-                        .body
-                        .get("body")
-                        .and_then(Value::as_str)
-                        .and_then(|b| B64.decode(b).ok())
-                        .unwrap_or_default();
-                    let topic = topic_for(device_id, &doc.body);
-                    if outbound
-                        .publish(topic, body.into(), QoS::AtLeastOnce)
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-                let key = doc.id.clone();
-                let removed = blocking(self.store(), move |s| {
-                    match s.delete(Collection::C2dMessages, &key, None) {
-                        Ok(_) | Err(StoreError::NotFound) => Ok(()),
-                        Err(e) => Err(e),
-                    }
-                })
-                .await;
-                if let Err(e) = removed {
-                    tracing::warn!(device_id, "removing a delivered C2D message failed: {e}");
-                    return;
-                }
-            }
         }
+    }
+
+    /// HTTPS receive (`GET /devices/{id}/messages/deviceBound`): the oldest deliverable
+    /// message, locked for [`LOCK_TIMEOUT`]; `None` when nothing is waiting.
+    pub async fn receive_c2d(&self, device_id: &str) -> Result<Option<Locked>, HubError> {
+        let id = device_id.to_string();
+        blocking(self.store(), move |s| {
+            lock_next(s, &id, now_micros(), LOCK_TIMEOUT)
+        })
+        .await
+    }
+
+    /// HTTPS complete, reject or abandon of the message locked by `lock_token`. An abandoned
+    /// message goes to the device's MQTT connection, if it has one.
+    pub async fn settle_c2d(
+        self: &Arc<Self>,
+        device_id: &str,
+        lock_token: &str,
+        how: Settlement,
+    ) -> Result<(), HubError> {
+        let (id, token) = (device_id.to_string(), lock_token.to_string());
+        let settled = blocking(self.store(), move |s| {
+            settle(s, &id, &token, how, now_micros())
+        })
+        .await?;
+        if !settled {
+            return Err(HubError::new(
+                HubErrorCode::DeviceMessageLockLost,
+                "no message of this device holds that lock token (unknown, expired or settled)",
+            ));
+        }
+        if how == Settlement::Abandon {
+            self.start_c2d_delivery(device_id);
+        }
+        Ok(())
     }
 }
 
@@ -265,14 +511,33 @@ impl Hub {
 mod tests {
     use super::*;
 
+    fn message(id: &str) -> QueuedMessage {
+        QueuedMessage {
+            message_id: id.to_string(),
+            correlation_id: None,
+            user_id: None,
+            content_type: None,
+            content_encoding: None,
+            expiry_time_utc: None,
+            ack: None,
+            properties: Vec::new(),
+            body: B64.encode(id),
+            enqueued_time_utc: "2026-01-01T00:00:00Z".to_string(),
+            delivery_count: 0,
+            lock_token: None,
+            locked_until: None,
+        }
+    }
+
     #[test]
     fn property_bags_have_no_raw_separators() {
-        let message = json!({
-            "messageId": "m/1",
-            "ack": "full",
-            "properties": [["color", "red&blue=x"], ["flag", null]],
-        });
-        let topic = topic_for("dev1", &message);
+        let mut m = message("m/1");
+        m.ack = Some("full".into());
+        m.properties = vec![
+            ("color".into(), Some("red&blue=x".into())),
+            ("flag".into(), None),
+        ];
+        let topic = topic_for("dev1", &m);
         let bag = topic
             .strip_prefix("devices/dev1/messages/devicebound/")
             .unwrap();
@@ -285,5 +550,171 @@ mod tests {
             bag.contains("%24.to=%2Fdevices%2Fdev1%2Fmessages%2FdeviceBound"),
             "{bag}"
         );
+    }
+
+    /// Messages written before delivery counts and locks existed still read.
+    #[test]
+    fn stored_messages_without_lock_fields_read() {
+        let old = serde_json::json!({
+            "messageId": "m1", "correlationId": null, "userId": null, "contentType": null,
+            "contentEncoding": null, "expiryTimeUtc": null, "ack": null,
+            "properties": [["k", "v"], ["flag", null]], "body": "aGk=",
+            "enqueuedTimeUtc": "2026-01-01T00:00:00Z",
+        });
+        let m: QueuedMessage = serde_json::from_value(old).unwrap();
+        assert_eq!(
+            (m.delivery_count, m.lock_token.clone(), m.body_bytes()),
+            (0, None, b"hi".to_vec())
+        );
+        assert_eq!(m.properties[1], ("flag".to_string(), None));
+    }
+
+    /// The life cycle against a real store, with the clock passed in: locks hide a message,
+    /// expire, count deliveries, and dead-letter at the limit.
+    fn life_cycle(store: &dyn DocumentStore) {
+        let put = |key: &str, m: &QueuedMessage| {
+            store
+                .put(
+                    Collection::C2dMessages,
+                    key,
+                    Some("dev"),
+                    &to_body(m).unwrap(),
+                    Write::Create,
+                )
+                .unwrap();
+        };
+        put("001", &message("first"));
+        put("002", &message("second"));
+        let minute = LOCK_TIMEOUT.as_micros() as i64;
+        let t0 = 1_000_000_000_000;
+        let a = lock_next(store, "dev", t0, LOCK_TIMEOUT).unwrap().unwrap();
+        assert_eq!(
+            (a.message.message_id.as_str(), a.message.delivery_count),
+            ("first", 1)
+        );
+        // Locked: the next receive gets the second message, then nothing.
+        let b = lock_next(store, "dev", t0, LOCK_TIMEOUT).unwrap().unwrap();
+        assert_eq!(b.message.message_id, "second");
+        assert!(
+            lock_next(store, "dev", t0 + 1, LOCK_TIMEOUT)
+                .unwrap()
+                .is_none()
+        );
+        // Another device's queue is its own.
+        assert!(lock_next(store, "Dev", t0, LOCK_TIMEOUT).unwrap().is_none());
+        // Abandon: available again at once, counted.
+        assert!(settle(store, "dev", b.lock_token(), Settlement::Abandon, t0 + 2).unwrap());
+        let again = lock_next(store, "dev", t0 + 3, LOCK_TIMEOUT)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (
+                again.message.message_id.as_str(),
+                again.message.delivery_count
+            ),
+            ("second", 2)
+        );
+        // The lock of `first` expires: delivered again, counted; its old token is lost.
+        let expired = lock_next(store, "dev", t0 + minute + 1, LOCK_TIMEOUT)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (
+                expired.message.message_id.as_str(),
+                expired.message.delivery_count
+            ),
+            ("first", 2)
+        );
+        assert!(
+            !settle(
+                store,
+                "dev",
+                a.lock_token(),
+                Settlement::Complete,
+                t0 + minute + 2
+            )
+            .unwrap()
+        );
+        // Complete removes; a second complete finds nothing; reject removes too.
+        assert!(
+            settle(
+                store,
+                "dev",
+                expired.lock_token(),
+                Settlement::Complete,
+                t0 + minute + 2
+            )
+            .unwrap()
+        );
+        assert!(
+            !settle(
+                store,
+                "dev",
+                expired.lock_token(),
+                Settlement::Complete,
+                t0 + minute + 3
+            )
+            .unwrap()
+        );
+        assert!(settle(store, "dev", again.lock_token(), Settlement::Reject, t0 + 4).unwrap());
+        assert!(
+            store
+                .list(Collection::C2dMessages, Some("dev"), 10, None)
+                .unwrap()
+                .items
+                .is_empty()
+        );
+        // Delivered MAX_DELIVERY_COUNT times without completion: dead-lettered, not delivered.
+        put("003", &message("doomed"));
+        let mut now = t0 + 10 * minute;
+        for round in 1..=MAX_DELIVERY_COUNT {
+            let l = lock_next(store, "dev", now, LOCK_TIMEOUT).unwrap().unwrap();
+            assert_eq!(l.message.delivery_count, round);
+            assert!(settle(store, "dev", l.lock_token(), Settlement::Abandon, now + 1).unwrap());
+            now += 2;
+        }
+        assert!(
+            lock_next(store, "dev", now, LOCK_TIMEOUT)
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            store
+                .list(Collection::C2dMessages, Some("dev"), 10, None)
+                .unwrap()
+                .items
+                .is_empty()
+        );
+        // An expired message is dropped, not delivered.
+        let mut old = message("stale");
+        old.expiry_time_utc = Some("1970-01-01T00:00:01Z".into());
+        put("004", &old);
+        assert!(
+            lock_next(store, "dev", now, LOCK_TIMEOUT)
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            store
+                .list(Collection::C2dMessages, Some("dev"), 10, None)
+                .unwrap()
+                .items
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn life_cycle_on_sqlite() {
+        let empty = crate::db::telemetry::TestDatabase::sqlite().unwrap();
+        life_cycle(&crate::db::open(&empty.url).unwrap());
+    }
+
+    #[test]
+    fn life_cycle_on_postgres() {
+        if let Some(empty) = crate::db::telemetry::TestDatabase::postgres() {
+            let db = crate::db::open(&empty.url).unwrap();
+            life_cycle(&db);
+            drop(db);
+        }
     }
 }

@@ -29,6 +29,8 @@ pub enum HubErrorCode {
     MethodNotAllowed,
     DeviceAlreadyExists,
     PreconditionFailed,
+    /// A C2D lock token that is unknown or whose lock expired (complete, reject, abandon).
+    DeviceMessageLockLost,
     MessageTooLarge,
     ServerError,
     ServiceUnavailable,
@@ -49,6 +51,7 @@ impl HubErrorCode {
         HubErrorCode::MethodNotAllowed,
         HubErrorCode::DeviceAlreadyExists,
         HubErrorCode::PreconditionFailed,
+        HubErrorCode::DeviceMessageLockLost,
         HubErrorCode::MessageTooLarge,
         HubErrorCode::ServerError,
         HubErrorCode::ServiceUnavailable,
@@ -81,6 +84,11 @@ impl HubErrorCode {
                 StatusCode::PRECONDITION_FAILED,
                 412_001,
                 "PreconditionFailed",
+            ),
+            DeviceMessageLockLost => (
+                StatusCode::PRECONDITION_FAILED,
+                412_002,
+                "DeviceMessageLockLost",
             ),
             MessageTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, 413_001, "MessageTooLarge"),
             ServerError => (StatusCode::INTERNAL_SERVER_ERROR, 500_001, "ServerError"),
@@ -290,6 +298,12 @@ mod tests {
                 412,
                 412_001,
                 "PreconditionFailed",
+            ),
+            (
+                HubErrorCode::DeviceMessageLockLost,
+                412,
+                412_002,
+                "DeviceMessageLockLost",
             ),
             (
                 HubErrorCode::MessageTooLarge,

@@ -8,20 +8,25 @@ use super::{authorize, if_match, json_body};
 use crate::auth::Rights;
 use crate::db::Collection;
 use crate::http::AppState;
+use crate::http::routes;
 use crate::hub::blocking;
 use crate::hub::device::DeviceStatus;
 use crate::hub::error::HubError;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(web::resource("/devices").route(web::get().to(list)))
+    cfg.service(web::resource(routes::DEVICES).route(web::get().to(list)))
         .service(
-            web::resource("/devices/{id}")
+            web::resource(routes::DEVICE)
                 .route(web::get().to(get))
                 .route(web::put().to(put))
                 .route(web::delete().to(delete)),
         )
-        .service(web::resource("/statistics/devices").route(web::get().to(registry_statistics)))
-        .service(web::resource("/statistics/service").route(web::get().to(service_statistics)));
+        .service(
+            web::resource(routes::STATISTICS_DEVICES).route(web::get().to(registry_statistics)),
+        )
+        .service(
+            web::resource(routes::STATISTICS_SERVICE).route(web::get().to(service_statistics)),
+        );
 }
 
 async fn get(

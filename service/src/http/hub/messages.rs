@@ -1,6 +1,8 @@
 //! Messages: device telemetry over HTTPS (`POST /devices/{id}/messages/events`, hub-protocol
-//! §6), cloud-to-device sends (`POST /devices/{id}/messages/deviceBound`), and the telemetry
-//! consumer (`GET /messages/events`, by offset, with long-polling).
+//! §6), cloud-to-device sends (`POST /devices/{id}/messages/deviceBound`), the device's HTTPS
+//! C2D receive, complete, reject and abandon (`GET …/deviceBound`, `DELETE …/{lockToken}`,
+//! `POST …/{lockToken}/abandon`), and the telemetry consumer (`GET /messages/events`, by
+//! offset, with long-polling).
 
 use std::time::Duration;
 
@@ -13,19 +15,24 @@ use zerotouch_attestation::symmetric_key::SasToken;
 
 use super::{authorize, hub_of};
 use crate::auth::Rights;
+use crate::http::routes;
 use crate::http::{AppState, peer_certificates};
 use crate::hub::auth::{self, DeviceAuthFailure};
-use crate::hub::c2d::OutgoingMessage;
+use crate::hub::c2d::{OutgoingMessage, Settlement};
 use crate::hub::error::{HubError, HubErrorCode};
 use crate::hub::mqtt::telemetry_message;
 use crate::hub::{Hub, HubMetrics, blocking};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(web::resource("/devices/{id}/messages/events").route(web::post().to(device_event)))
+    cfg.service(web::resource(routes::DEVICE_EVENTS).route(web::post().to(device_event)))
         .service(
-            web::resource("/devices/{id}/messages/deviceBound").route(web::post().to(send_c2d)),
+            web::resource(routes::DEVICE_BOUND)
+                .route(web::post().to(send_c2d))
+                .route(web::get().to(receive_c2d)),
         )
-        .service(web::resource("/messages/events").route(web::get().to(read_events)));
+        .service(web::resource(routes::DEVICE_BOUND_LOCK).route(web::delete().to(complete_c2d)))
+        .service(web::resource(routes::DEVICE_BOUND_ABANDON).route(web::post().to(abandon_c2d)))
+        .service(web::resource(routes::MESSAGES_EVENTS).route(web::get().to(read_events)));
 }
 
 /// Longest a consumer may wait for new messages in one request.
@@ -138,14 +145,44 @@ fn properties_from_headers(req: &HttpRequest) -> Vec<(String, Option<String>)> {
     bag
 }
 
+/// Property-bag entries: name and value (`None`: a key without a value).
+type PropertyBag = Vec<(String, Option<String>)>;
+
+/// One message of a batch (`application/vnd.microsoft.iothub.json`, hub-protocol §6).
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct BatchItem {
+    /// Base64 of the message bytes, unless `base64Encoded` is `false`.
     body: String,
-    #[serde(default)]
-    base64_encoded: bool,
+    /// The Java SDK sends `true`; the Node and C SDKs send base64 without the flag. Only an
+    /// explicit `false` makes the body literal text (docs/dev/decisions.md 36).
+    base64_encoded: Option<bool>,
     #[serde(default)]
     properties: std::collections::BTreeMap<String, String>,
+}
+
+impl BatchItem {
+    /// The message bytes and its property bag.
+    fn into_message(self) -> Result<(Vec<u8>, PropertyBag), HubError> {
+        let payload = if self.base64_encoded.unwrap_or(true) {
+            B64.decode(self.body.trim()).map_err(|_| {
+                HubError::new(
+                    HubErrorCode::ArgumentInvalid,
+                    "a batch body is not base64 (send base64Encoded: false for text)",
+                )
+            })?
+        } else {
+            self.body.into_bytes()
+        };
+        // System and `iothub-app-*` names as the single-message headers; anything else (the
+        // Node SDK's `dt-subject`) as it is.
+        let bag = self
+            .properties
+            .into_iter()
+            .map(|(k, v)| bag_entry(&k, v.clone()).unwrap_or((k, Some(v))))
+            .collect();
+        Ok((payload, bag))
+    }
 }
 
 async fn device_event(
@@ -164,24 +201,7 @@ async fn device_event(
             HubError::new(HubErrorCode::ArgumentInvalid, format!("batch body: {e}"))
         })?;
         for item in items {
-            let payload = if item.base64_encoded {
-                B64.decode(&item.body).map_err(|_| {
-                    HubError::new(HubErrorCode::ArgumentInvalid, "a batch body is not base64")
-                })?
-            } else {
-                item.body.into_bytes()
-            };
-            let bag = item
-                .properties
-                .into_iter()
-                .map(|(k, v)| {
-                    (
-                        k.strip_prefix("iothub-app-").unwrap_or(&k).to_string(),
-                        Some(v),
-                    )
-                })
-                .collect();
-            messages.push((payload, bag));
+            messages.push(item.into_message()?);
         }
     } else {
         messages.push((body.to_vec(), properties_from_headers(&req)));
@@ -243,6 +263,99 @@ async fn send_c2d(
     Ok(HttpResponse::NoContent()
         .insert_header(("iothub-messageid", message_id))
         .finish())
+}
+
+/// `GET /devices/{id}/messages/deviceBound`: the oldest waiting message, locked for
+/// `c2d::LOCK_TIMEOUT`, with IoT Hub's headers (`ETag` is the lock token); 204 when none waits.
+async fn receive_c2d(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, HubError> {
+    let hub = hub_of(&state)?;
+    authenticate_device(&req, &hub, &id).await?;
+    hub.touch(&id);
+    let Some(locked) = hub.receive_c2d(&id).await? else {
+        return Ok(HttpResponse::NoContent().finish());
+    };
+    let message = &locked.message;
+    let mut response = HttpResponse::Ok();
+    response
+        .insert_header(("ETag", format!("\"{}\"", locked.lock_token())))
+        .insert_header(("iothub-messageid", message.message_id.clone()))
+        .insert_header(("iothub-to", format!("/devices/{id}/messages/deviceBound")))
+        .insert_header(("iothub-deliverycount", message.delivery_count.to_string()))
+        .insert_header(("iothub-enqueuedtime", message.enqueued_time_utc.clone()))
+        .content_type(
+            message
+                .content_type
+                .clone()
+                .unwrap_or_else(|| "application/octet-stream".to_string()),
+        );
+    let optional = [
+        ("iothub-correlationid", &message.correlation_id),
+        ("iothub-userid", &message.user_id),
+        ("iothub-contenttype", &message.content_type),
+        ("iothub-contentencoding", &message.content_encoding),
+        ("iothub-expiry", &message.expiry_time_utc),
+        ("iothub-ack", &message.ack),
+    ];
+    for (name, value) in optional {
+        if let Some(value) = value {
+            response.insert_header((name, value.clone()));
+        }
+    }
+    for (name, value) in &message.properties {
+        // A property that cannot be a header (a name that is not a token, a value with control
+        // characters) is left out rather than failing the receive.
+        let header = actix_web::http::header::HeaderName::try_from(format!("iothub-app-{name}"));
+        let value =
+            actix_web::http::header::HeaderValue::from_str(value.as_deref().unwrap_or_default());
+        if let (Ok(header), Ok(value)) = (header, value) {
+            response.append_header((header, value));
+        }
+    }
+    Ok(response.body(message.body_bytes()))
+}
+
+/// The lock token of a settle path (`…/deviceBound/{lockToken}`), without the quotes an
+/// `ETag` value carries.
+fn lock_token_of(path: &(String, String)) -> &str {
+    path.1.trim().trim_matches('"')
+}
+
+/// `DELETE /devices/{id}/messages/deviceBound/{lockToken}`: complete, or reject with `?reject`.
+async fn complete_c2d(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, HubError> {
+    let hub = hub_of(&state)?;
+    authenticate_device(&req, &hub, &path.0).await?;
+    let reject = req
+        .query_string()
+        .split('&')
+        .any(|pair| pair == "reject" || pair.starts_with("reject="));
+    let how = if reject {
+        Settlement::Reject
+    } else {
+        Settlement::Complete
+    };
+    hub.settle_c2d(&path.0, lock_token_of(&path), how).await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// `POST /devices/{id}/messages/deviceBound/{lockToken}/abandon`.
+async fn abandon_c2d(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, HubError> {
+    let hub = hub_of(&state)?;
+    authenticate_device(&req, &hub, &path.0).await?;
+    hub.settle_c2d(&path.0, lock_token_of(&path), Settlement::Abandon)
+        .await?;
+    Ok(HttpResponse::NoContent().finish())
 }
 
 #[derive(Deserialize)]

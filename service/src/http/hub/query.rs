@@ -12,12 +12,13 @@ use super::{authorize, json_body};
 use crate::auth::Rights;
 use crate::db::Collection;
 use crate::http::AppState;
+use crate::http::routes;
 use crate::hub::device::Device;
 use crate::hub::error::{HubError, HubErrorCode};
 use crate::hub::{Hub, bare_etag, blocking};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(web::resource("/devices/query").route(web::post().to(query)));
+    cfg.service(web::resource(routes::DEVICES_QUERY).route(web::post().to(query)));
 }
 
 const DEFAULT_PAGE: usize = 100;

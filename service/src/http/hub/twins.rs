@@ -6,13 +6,14 @@ use serde_json::json;
 use super::{authorize, if_match, json_body};
 use crate::auth::Rights;
 use crate::http::AppState;
+use crate::http::routes;
 use crate::hub::error::{HubError, HubErrorCode};
 use crate::hub::methods::MethodRequest;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(web::resource("/twins/{id}/methods").route(web::post().to(invoke)))
+    cfg.service(web::resource(routes::TWIN_METHODS).route(web::post().to(invoke)))
         .service(
-            web::resource("/twins/{id}")
+            web::resource(routes::TWIN)
                 .route(web::get().to(get))
                 .route(web::patch().to(patch))
                 .route(web::put().to(put)),
