@@ -18,6 +18,7 @@
 mod connection;
 mod continuation;
 mod etag;
+mod process;
 mod schema;
 mod store;
 pub mod telemetry;
@@ -28,6 +29,7 @@ mod tests;
 use std::time::Duration;
 
 pub use connection::Backend;
+pub use process::{HubLock, HubLockError, has_setting};
 pub use store::Database;
 
 /// A kind of stored document. Each collection is a table of its own.

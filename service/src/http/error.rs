@@ -91,6 +91,8 @@ pub enum ErrorCode {
     CertificateInUse,
     /// The certificate is revoked already.
     AlreadyRevoked,
+    /// The built-in hub of a process that runs both roles cannot be drained or removed.
+    HubIsBuiltIn,
     /// `If-Match` did not match the stored etag.
     PreconditionFailed,
     /// The body is larger than we accept.
@@ -145,6 +147,7 @@ impl ErrorCode {
         ErrorCode::WouldLockOut,
         ErrorCode::CertificateInUse,
         ErrorCode::AlreadyRevoked,
+        ErrorCode::HubIsBuiltIn,
         ErrorCode::PreconditionFailed,
         ErrorCode::PayloadTooLarge,
         ErrorCode::Throttled,
@@ -205,6 +208,7 @@ impl ErrorCode {
             WouldLockOut => (StatusCode::CONFLICT, 409_202, "WouldLockOut"),
             CertificateInUse => (StatusCode::CONFLICT, 409_203, "CertificateInUse"),
             AlreadyRevoked => (StatusCode::CONFLICT, 409_204, "AlreadyRevoked"),
+            HubIsBuiltIn => (StatusCode::CONFLICT, 409_205, "HubIsBuiltIn"),
             PreconditionFailed => (
                 StatusCode::PRECONDITION_FAILED,
                 412_001,
@@ -390,6 +394,7 @@ mod tests {
             (ErrorCode::WouldLockOut, 409, 409_202),
             (ErrorCode::CertificateInUse, 409, 409_203),
             (ErrorCode::AlreadyRevoked, 409, 409_204),
+            (ErrorCode::HubIsBuiltIn, 409, 409_205),
             (ErrorCode::PreconditionFailed, 412, 412_001),
             (ErrorCode::PayloadTooLarge, 413, 413_001),
             (ErrorCode::Throttled, 429, 429_001),

@@ -69,10 +69,25 @@ impl Metrics {
             .encode(&families, &mut buffer)
             .map_err(ApiError::internal)?;
         let mut text = String::from_utf8(buffer).map_err(ApiError::internal)?;
+        render_process(&mut text);
         if let Some(hub) = hub {
             render_hub(hub, &mut text);
         }
         Ok(text)
+    }
+}
+
+/// Figures of the process: the open file limit `serve` raised at start (each connection is a
+/// file descriptor).
+fn render_process(out: &mut String) {
+    use std::fmt::Write as _;
+    if let Some(limit) = crate::server::open_file_limit() {
+        let _ = writeln!(
+            out,
+            "# HELP zerotouch_process_max_fds Soft limit on open file descriptors (RLIMIT_NOFILE)"
+        );
+        let _ = writeln!(out, "# TYPE zerotouch_process_max_fds gauge");
+        let _ = writeln!(out, "zerotouch_process_max_fds {limit}");
     }
 }
 

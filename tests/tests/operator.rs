@@ -1,0 +1,289 @@
+//! What an operator meets running `zerotouch` (issue 12): one server per data dir and one hub
+//! per PostgreSQL database, CLI verbs that never create an instance, the open file limit, and
+//! errors that name the cause and the fix. Every test runs real `zerotouch` processes.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use serde_json::Value;
+use zerotouch_tests::cluster::{Node, address, address_block, program, run_bounded};
+use zerotouch_tests::{Backend, TempPostgres, backends};
+
+/// How long a `serve` that must refuse to start may take to do so.
+const REFUSAL: Duration = Duration::from_secs(30);
+
+/// `[database]` for a node on `backend` (SQLite: none, the data dir's file).
+fn database_config(pg: Option<&TempPostgres>) -> String {
+    match pg {
+        Some(pg) => format!("[database]\nurl = \"{}\"\n", pg.url),
+        None => String::new(),
+    }
+}
+
+fn temp_postgres(backend: Backend) -> Option<TempPostgres> {
+    (backend == Backend::Postgres).then(|| TempPostgres::create().expect("PostgreSQL database"))
+}
+
+/// A config file for a second server at `ip` (its own listeners, `data_dir`), in `dir`.
+fn write_config(dir: &Path, ip: &str, data_dir: &Path, extra: &str) -> PathBuf {
+    let path = dir.join(format!("zerotouch-{ip}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "[listen]\nhttps = \"{ip}:18443\"\nmqtt = \"{ip}:8883\"\n\n[service]\nhostnames = \
+             [\"{ip}\"]\ndata_dir = \"{}\"\n\n{extra}\n",
+            data_dir.display()
+        ),
+    )
+    .expect("config");
+    path
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+// Item 5: one server per data dir, on either backend. The lock dies with its holder.
+#[test]
+fn a_second_server_on_a_data_dir_is_refused_with_the_holders_pid() {
+    for backend in backends() {
+        let pg = temp_postgres(backend);
+        let db = database_config(pg.as_ref());
+        let block = address_block();
+        let mut first = Node::start(&address(block, 1), "all", &db, &[]);
+        let pid = first.pid().expect("pid");
+
+        // Another port, same data dir: refused, naming the holder's pid.
+        let other = tempfile::tempdir().expect("tempdir");
+        let config = write_config(other.path(), &address(block, 2), &first.data_dir(), &db);
+        let refused = run_bounded(
+            Command::new(program())
+                .args(["serve", "--config"])
+                .arg(&config)
+                .env("RUST_LOG", "warn"),
+            REFUSAL,
+        );
+        assert!(
+            !refused.status.success(),
+            "{backend:?}: a second server ran"
+        );
+        let message = stderr(&refused);
+        assert!(
+            message.contains(&format!("pid {pid}")) && message.contains("in use"),
+            "{backend:?}: {message}"
+        );
+        assert!(message.contains("--data-dir"), "{backend:?}: {message}");
+
+        // SIGKILL frees the data dir: a server on another address starts on it at once.
+        first.kill();
+        let data_dir = first.data_dir();
+        let second = Node::start(
+            &address(block, 3),
+            "all",
+            &db,
+            &["--data-dir", &data_dir.display().to_string()],
+        );
+        let lock = std::fs::read_to_string(data_dir.join("serve.lock")).expect("lock file");
+        assert_eq!(
+            lock.trim(),
+            second.pid().expect("pid").to_string(),
+            "{backend:?}"
+        );
+        drop(second);
+        drop(first);
+    }
+}
+
+// Item 5, PostgreSQL: one hub per database; provisioning-only processes may join it.
+#[test]
+fn a_second_hub_on_one_postgres_database_is_refused() {
+    if !backends().contains(&Backend::Postgres) {
+        return;
+    }
+    let pg = TempPostgres::create().expect("PostgreSQL database");
+    let db = database_config(Some(&pg));
+    let block = address_block();
+    let mut hub = Node::start(&address(block, 1), "all", &db, &[]);
+    let pid = hub.pid().expect("pid");
+
+    for role in ["all", "hub"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = write_config(
+            dir.path(),
+            &address(block, 2),
+            &dir.path().join("data"),
+            &db,
+        );
+        let refused = run_bounded(
+            Command::new(program())
+                .args(["serve", "--role", role, "--config"])
+                .arg(&config)
+                .env("RUST_LOG", "warn"),
+            REFUSAL,
+        );
+        assert!(!refused.status.success(), "a second hub ran ({role})");
+        let message = stderr(&refused);
+        assert!(
+            message.contains("already runs the hub") && message.contains("not supported yet"),
+            "{message}"
+        );
+        assert!(message.contains(&format!("pid {pid}")), "{message}");
+        assert!(message.contains("--role dps"), "{message}");
+    }
+
+    // A provisioning-only process shares the database with the hub.
+    let dps = Node::start(&address(block, 3), "dps", &db, &[]);
+    assert!(dps.credentials()["idScope"].is_string());
+
+    // The lock goes with its holder: after SIGKILL another process may run the hub.
+    hub.kill();
+    let next = Node::start(&address(block, 4), "all", &db, &[]);
+    assert!(next.credentials()["hubConnectionString"].is_string());
+}
+
+// Item 7: `serve` raises its soft open file limit to the hard limit, and says so.
+#[test]
+fn serve_raises_the_open_file_limit_to_the_hard_limit() {
+    let node = Node::start_under(
+        &["prlimit", "--nofile=1024:4096", "--"],
+        &address(address_block(), 1),
+        "all",
+        "",
+        &[],
+        &[],
+    );
+    let ca = node.ca_bundle();
+    let metrics = zerotouch_tests::client_trusting(&ca, None)
+        .get(node.url("/metrics"))
+        .send()
+        .expect("metrics")
+        .text()
+        .expect("text");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "zerotouch_process_max_fds 4096"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("max_fds"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let log = node.log_text();
+    assert!(
+        log.contains("open file limit") && log.contains("limit=4096"),
+        "{log}"
+    );
+}
+
+/// `uid` of this process (0 when root), from /proc.
+fn current_uid() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .expect("/proc/self/status")
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .and_then(|uid| uid.parse().ok())
+        .expect("Uid line")
+}
+
+// Item 15: binding a privileged port without the privilege fails before the data dir exists,
+// naming an unprivileged port and CAP_NET_BIND_SERVICE.
+#[test]
+fn a_privileged_port_without_privileges_fails_with_the_fix_and_creates_nothing() {
+    let first_unprivileged: u16 =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(1024);
+    assert!(
+        first_unprivileged > 443,
+        "every port is unprivileged on this machine (net.ipv4.ip_unprivileged_port_start = \
+         {first_unprivileged}): this test needs 443 to be privileged"
+    );
+    // A directory the unprivileged user may write into, so only the bind can stop it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .expect("chmod");
+    let ip = address(address_block(), 1);
+    let data_dir = dir.path().join("data");
+    let config = dir.path().join("zerotouch.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[listen]\nhttps = \"{ip}:443\"\nmqtt = \"{ip}:8883\"\n\n[service]\nhostnames = \
+             [\"{ip}\"]\ndata_dir = \"{}\"\n",
+            data_dir.display()
+        ),
+    )
+    .expect("config");
+    std::fs::set_permissions(&config, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .expect("chmod");
+    // As root (CI), drop to nobody without capabilities; otherwise run as this user.
+    let mut command = if current_uid() == 0 {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--",
+        ])
+        .arg(program());
+        c
+    } else {
+        Command::new(program())
+    };
+    command
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn");
+    let output = run_bounded(&mut command, REFUSAL);
+    assert!(
+        !output.status.success(),
+        "serve bound 443 without privileges"
+    );
+    let message = stderr(&output);
+    assert!(
+        message.contains(":443") && message.contains("CAP_NET_BIND_SERVICE"),
+        "{message}"
+    );
+    assert!(message.contains("8443"), "{message}");
+    assert!(
+        !data_dir.exists(),
+        "the data dir was created before failing"
+    );
+}
+
+// Item 15: `hub drain` / `hub remove` of the built-in hub are refused with a stable code and
+// the reason; `hub activate` shows it (always active).
+#[test]
+fn the_built_in_hub_cannot_be_drained_or_removed() {
+    let node = Node::start(&address(address_block(), 1), "all", "", &[]);
+    let list: Value = serde_json::from_str(&node.cli(&["hub", "list"])).expect("JSON");
+    let built_in = &list["value"][0];
+    assert_eq!(built_in["builtIn"], true, "{list}");
+    let name = built_in["name"].as_str().expect("name");
+    for (verb, action) in [("drain", "drained"), ("remove", "removed")] {
+        let output = node.cli_output(&["hub", verb, name]);
+        assert!(!output.status.success(), "hub {verb} of the built-in hub");
+        let message = stderr(&output);
+        assert!(message.contains("409205"), "{message}");
+        assert!(
+            message.contains("built-in hub") && message.contains(&format!("cannot be {action}")),
+            "{message}"
+        );
+        assert!(message.contains("--role hub"), "{message}");
+    }
+    let shown: Value = serde_json::from_str(&node.cli(&["hub", "activate", name])).expect("JSON");
+    assert_eq!(shown["state"], "active");
+    assert_eq!(shown["builtIn"], true);
+    // Still listed, still active.
+    let list: Value = serde_json::from_str(&node.cli(&["hub", "list"])).expect("JSON");
+    assert_eq!(list["value"][0]["state"], "active");
+}
