@@ -514,17 +514,9 @@ fn print_json(value: &Value) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The local instance, as `serve` created it; creates nothing (see `bootstrap::open_existing`).
 fn open_local(settings: &Settings) -> anyhow::Result<(db::Database, bootstrap::Instance)> {
-    bootstrap::prepare_data_dir(settings)?;
-    // No background connections: this process exits right after its command.
-    let options = db::Options {
-        keep_warm: false,
-        ..db::Options::default()
-    };
-    let store =
-        db::open_with(&settings.database_url()?, &options).context("opening the database")?;
-    let instance = bootstrap::bootstrap(settings, &store)?;
-    Ok((store, instance))
+    bootstrap::open_existing(settings)
 }
 
 /// The operator contract of `zerotouch credentials --json`.
@@ -534,8 +526,9 @@ pub fn credentials(settings: &Settings) -> anyhow::Result<Value> {
     let hub_owner = bootstrap::hub_owner_policy(&store)?;
     // A joined hub presents a certificate from its provisioning service's CA: clients trust
     // the bundle that service handed over, not this data dir's own CA.
+    // Whatever the configured role: `serve --role hub` may have overridden it.
     let join = crate::hub::join::JoinPaths::new(&settings.service.data_dir);
-    let bundle_path = if settings.service.role == crate::config::Role::Hub && join.state.exists() {
+    let bundle_path = if join.state.exists() {
         join.trust_bundle
     } else {
         instance.paths.ca_bundle.clone()

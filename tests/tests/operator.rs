@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use diesel::{Connection, PgConnection, RunQueryDsl};
 use serde_json::Value;
 use zerotouch_tests::cluster::{Node, address, address_block, program, run_bounded};
 use zerotouch_tests::{Backend, TempPostgres, backends};
@@ -42,6 +43,17 @@ fn write_config(dir: &Path, ip: &str, data_dir: &Path, extra: &str) -> PathBuf {
 
 fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// `zerotouch <args>` (no config unless `args` has one), run from `cwd`.
+fn cli_in(cwd: &Path, args: &[impl AsRef<std::ffi::OsStr>], env: &[(&str, &str)]) -> Output {
+    Command::new(program())
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("ZEROTOUCH_CONFIG")
+        .envs(env.iter().copied())
+        .output()
+        .expect("run zerotouch")
 }
 
 // Item 5: one server per data dir, on either backend. The lock dies with its holder.
@@ -140,6 +152,196 @@ fn a_second_hub_on_one_postgres_database_is_refused() {
     hub.kill();
     let next = Node::start(&address(block, 4), "all", &db, &[]);
     assert!(next.credentials()["hubConnectionString"].is_string());
+}
+
+/// Whether the PostgreSQL database at `url` has any table of ours.
+fn has_tables(url: &str) -> bool {
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let mut conn = PgConnection::establish(url).expect("connect");
+    diesel::sql_query(
+        "SELECT COUNT(*) AS n FROM information_schema.tables WHERE table_schema = 'public'",
+    )
+    .get_result::<Count>(&mut conn)
+    .expect("count")
+    .n > 0
+}
+
+/// Every file under `dir`, with its contents.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read dir").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if !path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("zerotouch.db"))
+            {
+                out.push((path.clone(), std::fs::read(&path).unwrap_or_default()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn with_data_dir(verb: &[&str], dir: &Path) -> Vec<String> {
+    let mut args: Vec<String> = verb.iter().map(|a| a.to_string()).collect();
+    args.push("--data-dir".into());
+    args.push(dir.display().to_string());
+    args
+}
+
+/// The CLI verbs that read the local data dir and database.
+const LOCAL_VERBS: &[&[&str]] = &[
+    &["credentials"],
+    &["token", "create", "--rights", "EnrollmentRead"],
+    &["token", "rotate-secret"],
+    &["hub", "join-token"],
+    &["ca", "rotate-intermediate"],
+    &["ca", "retire-intermediate"],
+    // Without --connection-string, the management clients sign with the local owner policy.
+    &["enrollment", "list"],
+    &["cert", "list"],
+];
+
+// Item 6: no command but `serve` creates a data dir, a database, a CA or a key.
+#[test]
+fn local_verbs_never_create_an_instance() {
+    for backend in backends() {
+        let pg = temp_postgres(backend);
+        let db = database_config(pg.as_ref());
+        let node = Node::start(&address(address_block(), 1), "all", &db, &[]);
+        let scratch = tempfile::tempdir().expect("tempdir");
+        let missing = scratch.path().join("missing");
+        let empty = scratch.path().join("empty");
+        std::fs::create_dir(&empty).expect("dir");
+        let data_dir = node.data_dir();
+        let before = snapshot(&data_dir);
+
+        for verb in LOCAL_VERBS {
+            // No data dir: refused, naming the path and `serve`; nothing created.
+            let missing_arg = missing.display().to_string();
+            let output = cli_in(scratch.path(), &with_data_dir(verb, &missing), &[]);
+            let message = stderr(&output);
+            assert!(!output.status.success(), "{verb:?} succeeded");
+            assert!(
+                message.contains(&missing_arg) && message.contains("zerotouch serve"),
+                "{verb:?}: {message}"
+            );
+            assert!(!missing.exists(), "{verb:?} created {missing:?}");
+
+            // A data dir without a database: refused, naming zerotouch.db and --config.
+            let output = cli_in(scratch.path(), &with_data_dir(verb, &empty), &[]);
+            let message = stderr(&output);
+            assert!(!output.status.success(), "{verb:?} succeeded");
+            assert!(
+                message.contains(&empty.join("zerotouch.db").display().to_string())
+                    && message.contains("--config"),
+                "{verb:?}: {message}"
+            );
+            assert_eq!(
+                std::fs::read_dir(&empty).expect("dir").count(),
+                0,
+                "{verb:?}"
+            );
+        }
+
+        // The server's data dir without its --config (which names the database).
+        let data_dir_arg = data_dir.display().to_string();
+        let output = cli_in(
+            scratch.path(),
+            &["credentials", "--data-dir", &data_dir_arg],
+            &[],
+        );
+        match backend {
+            Backend::Postgres => {
+                let message = stderr(&output);
+                assert!(!output.status.success(), "credentials bootstrapped SQLite");
+                assert!(
+                    message.contains("zerotouch.db") && message.contains("--config"),
+                    "{message}"
+                );
+                assert!(!data_dir.join("zerotouch.db").exists());
+
+                // A PostgreSQL database without an instance: refused, left without tables.
+                let empty_db = TempPostgres::create().expect("PostgreSQL database");
+                let output = cli_in(
+                    scratch.path(),
+                    &["credentials", "--data-dir", &data_dir_arg],
+                    &[("ZEROTOUCH__DATABASE__URL", &empty_db.url)],
+                );
+                let message = stderr(&output);
+                assert!(!output.status.success(), "credentials on an empty database");
+                assert!(message.contains("holds no Zerotouch instance"), "{message}");
+                assert!(
+                    !has_tables(&empty_db.url),
+                    "the CLI migrated an empty database"
+                );
+            }
+            Backend::Sqlite => {
+                // Default settings (hostnames = localhost) read the instance but rewrite
+                // nothing: the server certificate stays the one `serve` issued.
+                assert!(output.status.success(), "{}", stderr(&output));
+                let printed: Value = serde_json::from_slice(&output.stdout).expect("JSON");
+                assert_eq!(printed["idScope"], node.credentials()["idScope"]);
+            }
+        }
+        // With the server's config every verb works, and none rewrote a file.
+        assert!(node.credentials()["idScope"].is_string());
+        node.cli(&["token", "create", "--rights", "EnrollmentRead"]);
+        node.cli(&["hub", "join-token"]);
+        assert_eq!(
+            snapshot(&data_dir),
+            before,
+            "{backend:?}: the CLI rewrote files"
+        );
+    }
+}
+
+// Item 6: a joined hub's `credentials` print the bundle it serves with, whatever the role in
+// its configuration (here `all`, overridden by `serve --role hub`).
+#[test]
+fn credentials_of_a_joined_hub_name_its_trust_bundle_whatever_the_configured_role() {
+    let block = address_block();
+    let dps = Node::start(&address(block, 1), "dps", "", &[]);
+    let token = dps.cli(&["hub", "join-token", "--ttl", "5m"]);
+    let hub = Node::start(
+        &address(block, 2),
+        "all",
+        "",
+        &[
+            "--role",
+            "hub",
+            "--dps-url",
+            &dps.url(""),
+            "--join-token",
+            token.trim(),
+        ],
+    );
+    let credentials = hub.credentials();
+    let bundle = PathBuf::from(credentials["caBundlePath"].as_str().expect("path"));
+    assert_eq!(
+        bundle,
+        hub.data_dir()
+            .join("join/trust.pem")
+            .canonicalize()
+            .expect("trust.pem")
+    );
+    // That bundle is what verifies the hub's HTTPS certificate.
+    let client = zerotouch_tests::client_trusting(&bundle, None);
+    let status = client
+        .get(hub.url("/healthz"))
+        .send()
+        .expect("healthz")
+        .status();
+    assert_eq!(status, 200);
 }
 
 // Item 7: `serve` raises its soft open file limit to the hard limit, and says so.
