@@ -380,6 +380,53 @@ fn serve_raises_the_open_file_limit_to_the_hard_limit() {
     );
 }
 
+// Item 15: a management call without --ca-file to a server whose CA the client does not trust
+// says so once, with the fix, instead of OpenSSL's line twice.
+#[test]
+fn an_untrusted_server_certificate_names_ca_file_once() {
+    let node = Node::start(&address(address_block(), 1), "all", "", &[]);
+    let cs = node.credentials()["dpsConnectionString"]
+        .as_str()
+        .expect("cs")
+        .to_string();
+    let cwd = tempfile::tempdir().expect("tempdir");
+    let output = cli_in(
+        cwd.path(),
+        &["enrollment", "list", "--connection-string", &cs],
+        &[],
+    );
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert_eq!(message.trim().lines().count(), 1, "{message}");
+    assert!(
+        message.contains("not trusted") && message.contains("--ca-file"),
+        "{message}"
+    );
+    assert!(
+        message.matches("certificate verify failed").count() <= 1,
+        "{message}"
+    );
+    assert!(
+        !message.contains("error:0A"),
+        "raw OpenSSL codes: {message}"
+    );
+
+    // With the fix it names, the same call works.
+    let ok = cli_in(
+        cwd.path(),
+        &[
+            "enrollment",
+            "list",
+            "--connection-string",
+            &cs,
+            "--ca-file",
+            &node.ca_bundle().display().to_string(),
+        ],
+        &[],
+    );
+    assert!(ok.status.success(), "{}", stderr(&ok));
+}
+
 /// `uid` of this process (0 when root), from /proc.
 fn current_uid() -> u32 {
     std::fs::read_to_string("/proc/self/status")
@@ -488,4 +535,59 @@ fn the_built_in_hub_cannot_be_drained_or_removed() {
     // Still listed, still active.
     let list: Value = serde_json::from_str(&node.cli(&["hub", "list"])).expect("JSON");
     assert_eq!(list["value"][0]["state"], "active");
+}
+
+// Item 15: `ca upload` of an existing name says how to replace it with the CLI (--etag).
+#[test]
+fn ca_upload_of_an_existing_name_points_at_etag() {
+    let node = Node::start(&address(address_block(), 1), "all", "", &[]);
+    let files = tempfile::tempdir().expect("tempdir");
+    let first = files.path().join("first.pem");
+    let second = files.path().join("second.pem");
+    std::fs::write(
+        &first,
+        zerotouch_tests::pki::TestCa::new("first CA").cert_pem,
+    )
+    .expect("pem");
+    std::fs::write(
+        &second,
+        zerotouch_tests::pki::TestCa::new("second CA").cert_pem,
+    )
+    .expect("pem");
+    let upload = |file: &Path, extra: &[&str]| {
+        let mut args = vec!["ca", "upload", "line-ca", "--certificate"];
+        let file = file.display().to_string();
+        args.push(&file);
+        args.extend_from_slice(extra);
+        node.cli_output(&args)
+    };
+    let created = upload(&first, &[]);
+    assert!(created.status.success(), "{}", stderr(&created));
+
+    let refused = upload(&second, &[]);
+    assert!(!refused.status.success());
+    let message = stderr(&refused);
+    assert!(
+        message.contains("already exists") && message.contains("--etag"),
+        "{message}"
+    );
+    assert!(!message.contains("If-Match"), "{message}");
+
+    // A stale etag is refused (412), `*` replaces.
+    let stale = upload(&second, &["--etag", "\"not-the-etag\""]);
+    assert!(!stale.status.success());
+    assert!(stderr(&stale).contains("412001"), "{}", stderr(&stale));
+    let replaced = upload(&second, &["--etag", "*"]);
+    assert!(replaced.status.success(), "{}", stderr(&replaced));
+    let shown: Value = serde_json::from_str(&node.cli(&["ca", "show", "line-ca"])).expect("JSON");
+    assert!(
+        shown["properties"]["subject"]
+            .as_str()
+            .is_some_and(|s| s.contains("second CA")),
+        "{shown}"
+    );
+    // And with the etag `ca show` prints.
+    let etag = shown["etag"].as_str().expect("etag").to_string();
+    let again = upload(&first, &["--etag", &etag]);
+    assert!(again.status.success(), "{}", stderr(&again));
 }
