@@ -348,7 +348,7 @@ pub enum RegistrationCommand {
         #[arg(long)]
         group: String,
     },
-    /// Delete a registration state (the device registers afresh next time).
+    /// Delete the registration state of one device.
     Delete {
         #[command(flatten)]
         remote: Remote,
