@@ -21,7 +21,16 @@ pub const LOCK_FILE: &str = "serve.lock";
 #[derive(Debug)]
 pub struct DataDirLock {
     path: PathBuf,
-    _file: File,
+    file: File,
+}
+
+impl Drop for DataDirLock {
+    /// Unlocks explicitly before the file closes: a child process forked by another thread of
+    /// this process (between its fork and its exec) holds a copy of the descriptor, which would
+    /// keep an flock alive after our close, and a restart in this process would be refused.
+    fn drop(&mut self) {
+        let _ = self.file.unlock();
+    }
 }
 
 impl DataDirLock {
@@ -63,7 +72,7 @@ impl DataDirLock {
             .and_then(|()| writeln!(file, "{}", std::process::id()))
             .and_then(|()| file.sync_all())
             .with_context(|| format!("writing {}", path.display()))?;
-        Ok(DataDirLock { path, _file: file })
+        Ok(DataDirLock { path, file })
     }
 
     pub fn path(&self) -> &Path {
@@ -99,5 +108,17 @@ mod tests {
         drop(first);
         let again = DataDirLock::acquire(dir.path()).unwrap();
         assert!(again.path().ends_with(LOCK_FILE));
+    }
+
+    #[test]
+    fn a_copy_of_the_descriptor_does_not_outlive_the_lock() {
+        // What a child forked by another thread holds between its fork and its exec.
+        let dir = tempfile::tempdir().unwrap();
+        let lock = DataDirLock::acquire(dir.path()).unwrap();
+        let copy = lock.file.try_clone().unwrap();
+        drop(lock);
+        let again = DataDirLock::acquire(dir.path());
+        drop(copy);
+        assert!(again.is_ok(), "{:#}", again.unwrap_err());
     }
 }

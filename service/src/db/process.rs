@@ -27,7 +27,17 @@ const HUB_LOCK: i64 = 0x0000_7a74_2d68_7562;
 /// The hub lock of a PostgreSQL database, held until dropped.
 pub struct HubLock {
     // A connection is Send, not Sync; the mutex lets the lock sit in shared state.
-    _conn: Mutex<PgConnection>,
+    conn: Mutex<PgConnection>,
+}
+
+impl Drop for HubLock {
+    /// Unlocks explicitly before the connection closes: a child process forked by another
+    /// thread (between its fork and its exec) may hold a copy of the socket for a moment, which
+    /// would keep the session, and the lock, alive after our close.
+    fn drop(&mut self) {
+        let conn = self.conn.get_mut().unwrap_or_else(|p| p.into_inner());
+        let _ = diesel::sql_query(format!("SELECT pg_advisory_unlock({HUB_LOCK})")).execute(conn);
+    }
 }
 
 impl std::fmt::Debug for HubLock {
@@ -91,7 +101,7 @@ impl HubLock {
             });
         }
         Ok(Some(HubLock {
-            _conn: Mutex::new(conn),
+            conn: Mutex::new(conn),
         }))
     }
 }
