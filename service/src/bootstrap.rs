@@ -123,6 +123,82 @@ pub fn bootstrap(settings: &Settings, store: &dyn DocumentStore) -> anyhow::Resu
     })
 }
 
+/// The instance `serve` created in the data dir and database of `settings`, for the CLI's local
+/// verbs (`credentials`, `token`, `hub join-token`, `ca rotate-intermediate`, …): only `serve`
+/// creates a data dir, a database, a CA or a key. This creates nothing and rewrites no file;
+/// what is missing is an error naming the path looked at and the likely fix (usually the
+/// server's `--config`). Pending migrations are applied to an existing instance's database, as
+/// after an upgrade. The pool keeps no background connection (a short-lived process).
+pub fn open_existing(settings: &Settings) -> anyhow::Result<(crate::db::Database, Instance)> {
+    let dir = &settings.service.data_dir;
+    const START: &str = "create the instance by starting the server once with `zerotouch serve`";
+    if !dir.is_dir() {
+        bail!(
+            "no Zerotouch data dir at {}: pass the --config (or --data-dir) the server runs \
+             with, or {START}",
+            dir.display()
+        );
+    }
+    let url = settings.database_url()?;
+    let options = crate::db::Options {
+        keep_warm: false,
+        ..crate::db::Options::default()
+    };
+    let found = crate::db::has_setting(&url, ID_SCOPE_KEY, options.connection_timeout)
+        .context("opening the database")?;
+    if !found {
+        let configured = settings.database.url.is_some() || settings.database.url_file.is_some();
+        match url.strip_prefix("sqlite://") {
+            Some(path) if !configured => bail!(
+                "no Zerotouch database at {path} (the default when database.url is unset): if the \
+                 server keeps its database elsewhere (database.url, e.g. PostgreSQL), pass its \
+                 --config or set ZEROTOUCH__DATABASE__URL; otherwise {START}"
+            ),
+            Some(path) => bail!(
+                "no Zerotouch instance in the SQLite database {path} (database.url): check \
+                 database.url against the server's configuration, or {START}"
+            ),
+            None => bail!(
+                "the PostgreSQL database of database.url holds no Zerotouch instance (no ID \
+                 scope): check database.url against the server's configuration, or {START}"
+            ),
+        }
+    }
+    let store = crate::db::open_with(&url, &options).context("opening the database")?;
+    let instance = load_existing(settings, &store)?;
+    Ok((store, instance))
+}
+
+/// Loads what [`bootstrap`] created, creating and rewriting nothing.
+fn load_existing(settings: &Settings, store: &dyn DocumentStore) -> anyhow::Result<Instance> {
+    let paths = Paths::new(&settings.service.data_dir);
+    let id_scope = store
+        .setting_get(ID_SCOPE_KEY)?
+        .context("the database holds no ID scope: start the server once with `zerotouch serve`")?;
+    let token_secret = store.setting_get(TOKEN_SECRET_KEY)?.context(
+        "the database holds no token secret: start the server once with `zerotouch serve`",
+    )?;
+    if !paths.intermediate_cert.exists() {
+        bail!(
+            "no CA at {}: the data dir {} does not belong to this database's instance (pass the \
+             --config or --data-dir the server runs with), or restore the CA files",
+            paths.intermediate_cert.display(),
+            paths.data_dir.display()
+        );
+    }
+    let kek = settings.ca_kek()?;
+    let ca = match &settings.ca.pkcs11 {
+        Some(p11) => load_ca_with_token_key(&paths, p11, kek.as_ref())?,
+        None => load_ca(&paths, kek.as_ref())?.ca,
+    };
+    Ok(Instance {
+        id_scope,
+        token_secret,
+        ca,
+        paths,
+    })
+}
+
 /// Creates the data dir readable by its owner only, before anything (the database) writes
 /// into it. An existing data dir is tightened to 0700: it holds the database with every key.
 pub fn prepare_data_dir(settings: &Settings) -> anyhow::Result<()> {
@@ -203,44 +279,18 @@ fn load_or_create_ca(
     kek: Option<&Kek>,
 ) -> anyhow::Result<CaHierarchy> {
     if paths.intermediate_cert.exists() {
-        let root_cert = read(&paths.root_cert)?;
-        let root_key = if paths.root_key.exists() {
-            Some(read_ca_key(&paths.root_key, kek)?)
-        } else {
-            None
-        };
-        let intermediate_cert = read(&paths.intermediate_cert)?;
-        let intermediate_key = read_ca_key(&paths.intermediate_key, kek)?;
-        let ca = CaHierarchy::from_pem(
-            &root_cert,
-            root_key.as_ref().map(|(key, _)| key),
-            &intermediate_cert,
-            &intermediate_key.0,
-        )
-        .with_context(|| format!("loading the CA from {}", paths.root_cert.display()))?
-        .with_previous_intermediates(&read_previous_intermediates(paths)?)
-        .with_context(|| {
-            format!(
-                "loading the previous intermediates from {}",
-                paths.previous_intermediates.display()
-            )
-        })?;
+        let loaded = load_ca(paths, kek)?;
         if let Some(kek) = kek {
-            for (path, key) in [
-                (&paths.root_key, root_key.as_ref()),
-                (&paths.intermediate_key, Some(&intermediate_key)),
-            ] {
-                if let Some((key, false)) = key {
-                    write_ca_key(path, key, Some(kek))?;
-                    tracing::info!(
-                        path = %path.display(),
-                        kek_id = %kek.id(),
-                        "encrypted a plaintext CA key under the key-encryption key"
-                    );
-                }
+            for (path, key) in &loaded.plaintext_keys {
+                write_ca_key(path, key, Some(kek))?;
+                tracing::info!(
+                    path = %path.display(),
+                    kek_id = %kek.id(),
+                    "encrypted a plaintext CA key under the key-encryption key"
+                );
             }
         }
-        return Ok(ca);
+        return Ok(loaded.ca);
     }
     let ca_dir = paths
         .root_cert
@@ -291,6 +341,50 @@ fn load_or_create_ca(
     }
     tracing::info!(path = %paths.root_cert.display(), "created a new CA hierarchy");
     Ok(ca)
+}
+
+/// A CA read from `ca/`, and its keys found in plaintext although a KEK is configured.
+struct LoadedCa {
+    ca: CaHierarchy,
+    plaintext_keys: Vec<(PathBuf, SecretPem)>,
+}
+
+/// Reads the CA from `ca/` (keys opened with the KEK when sealed); writes nothing.
+fn load_ca(paths: &Paths, kek: Option<&Kek>) -> anyhow::Result<LoadedCa> {
+    let root_cert = read(&paths.root_cert)?;
+    let root_key = if paths.root_key.exists() {
+        Some(read_ca_key(&paths.root_key, kek)?)
+    } else {
+        None
+    };
+    let intermediate_cert = read(&paths.intermediate_cert)?;
+    let intermediate_key = read_ca_key(&paths.intermediate_key, kek)?;
+    let ca = CaHierarchy::from_pem(
+        &root_cert,
+        root_key.as_ref().map(|(key, _)| key),
+        &intermediate_cert,
+        &intermediate_key.0,
+    )
+    .with_context(|| format!("loading the CA from {}", paths.root_cert.display()))?
+    .with_previous_intermediates(&read_previous_intermediates(paths)?)
+    .with_context(|| {
+        format!(
+            "loading the previous intermediates from {}",
+            paths.previous_intermediates.display()
+        )
+    })?;
+    let mut plaintext_keys = Vec::new();
+    if kek.is_some() {
+        for (path, key) in [
+            (&paths.root_key, root_key),
+            (&paths.intermediate_key, Some(intermediate_key)),
+        ] {
+            if let Some((key, false)) = key {
+                plaintext_keys.push((path.clone(), key));
+            }
+        }
+    }
+    Ok(LoadedCa { ca, plaintext_keys })
 }
 
 /// Loads the CA from `ca/` with the intermediate key in the PKCS#11 token of `ca.pkcs11`:

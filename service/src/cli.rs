@@ -175,24 +175,28 @@ pub enum HubCommand {
     Show {
         #[command(flatten)]
         remote: Remote,
+        /// Host name of the hub, as `hub list` shows it.
         name: String,
     },
     /// Stop sending new devices to a hub (its devices stay).
     Drain {
         #[command(flatten)]
         remote: Remote,
+        /// Host name of the hub, as `hub list` shows it.
         name: String,
     },
     /// Send new devices to a drained hub again.
     Activate {
         #[command(flatten)]
         remote: Remote,
+        /// Host name of the hub, as `hub list` shows it.
         name: String,
     },
     /// Unlink a hub. Its devices are not moved; they move when they re-register.
     Remove {
         #[command(flatten)]
         remote: Remote,
+        /// Host name of the hub, as `hub list` shows it.
         name: String,
     },
 }
@@ -203,6 +207,7 @@ pub enum TokenCommand {
     Create {
         #[command(flatten)]
         local: Local,
+        /// Comma-separated rights the token carries (see `zerotouch policy add --rights`).
         #[arg(long)]
         rights: String,
         /// Lifetime: seconds, or with a unit (30m, 1h, 7d).
@@ -232,11 +237,13 @@ pub struct EnrollmentFields {
     /// Symmetric keys (base64); generated when omitted.
     #[arg(long)]
     pub primary_key: Option<String>,
+    /// Secondary symmetric key (base64); generated when omitted.
     #[arg(long)]
     pub secondary_key: Option<String>,
     /// X.509: the device certificate (individual) or signing CA certificate (group), PEM file.
     #[arg(long)]
     pub certificate: Option<PathBuf>,
+    /// X.509: the secondary device or signing CA certificate, PEM file.
     #[arg(long)]
     pub secondary_certificate: Option<PathBuf>,
     /// X.509 group: name of an uploaded CA certificate (devices are admitted once it is verified).
@@ -245,16 +252,19 @@ pub struct EnrollmentFields {
     /// TPM: endorsement key, base64 TPM2B_PUBLIC.
     #[arg(long)]
     pub endorsement_key: Option<String>,
+    /// TPM: storage root key, base64 TPM2B_PUBLIC (optional).
     #[arg(long)]
     pub storage_root_key: Option<String>,
     /// Device id on the hub (individual only).
     #[arg(long)]
     pub device_id: Option<String>,
+    /// Provisioning status: a disabled enrollment refuses its devices.
     #[arg(long, value_parser = ["enabled", "disabled"])]
     pub status: Option<String>,
     /// Hubs this enrollment may be assigned to, comma-separated.
     #[arg(long, value_delimiter = ',')]
     pub iot_hubs: Option<Vec<String>>,
+    /// How a hub is chosen among --iot-hubs (default: the service's dps.allocation_policy).
     #[arg(long, value_parser = ["hashed", "geoLatency", "static", "custom"])]
     pub allocation_policy: Option<String>,
     /// Initial twin tags, JSON object.
@@ -286,6 +296,7 @@ pub enum EnrollmentCommand {
     Show {
         #[command(flatten)]
         remote: Remote,
+        /// Registration id (individual) or enrollment group id (group).
         id: String,
         /// Include keys and certificates.
         #[arg(long)]
@@ -300,6 +311,7 @@ pub enum EnrollmentCommand {
     Update {
         #[command(flatten)]
         remote: Remote,
+        /// Registration id (individual) or enrollment group id (group).
         id: String,
         /// Only update if the stored etag is this one.
         #[arg(long)]
@@ -307,10 +319,13 @@ pub enum EnrollmentCommand {
         #[command(flatten)]
         fields: EnrollmentFields,
     },
+    /// Delete one (its registrations and hub devices stay).
     Delete {
         #[command(flatten)]
         remote: Remote,
+        /// Registration id (individual) or enrollment group id (group).
         id: String,
+        /// Only delete if the stored etag is this one.
         #[arg(long)]
         etag: Option<String>,
     },
@@ -318,22 +333,28 @@ pub enum EnrollmentCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum RegistrationCommand {
+    /// Show the registration state of one device.
     Show {
         #[command(flatten)]
         remote: Remote,
+        /// Registration id of the device.
         id: String,
     },
     /// Registrations of an enrollment group.
     List {
         #[command(flatten)]
         remote: Remote,
+        /// Enrollment group id.
         #[arg(long)]
         group: String,
     },
+    /// Delete the registration state of one device.
     Delete {
         #[command(flatten)]
         remote: Remote,
+        /// Registration id of the device.
         id: String,
+        /// Only delete if the stored etag is this one.
         #[arg(long)]
         etag: Option<String>,
     },
@@ -341,43 +362,58 @@ pub enum RegistrationCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum CaCommand {
-    /// Upload a CA certificate (PEM file).
+    /// Upload a CA certificate (PEM file). Fails if the name exists, unless --etag is given.
     Upload {
         #[command(flatten)]
         remote: Remote,
+        /// Name of the CA certificate (enrollment groups refer to it by this name).
         name: String,
+        /// The CA certificate, PEM file.
         #[arg(long)]
         certificate: PathBuf,
         /// Trust it without proof of possession.
         #[arg(long)]
         verified: bool,
+        /// Replace the existing entry of this name if its etag is this one (`*`: whatever it
+        /// is). Without it, an existing name is refused (409201).
+        #[arg(long)]
+        etag: Option<String>,
     },
+    /// List the uploaded CA certificates.
     List {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Show one uploaded CA certificate.
     Show {
         #[command(flatten)]
         remote: Remote,
+        /// Name of the CA certificate.
         name: String,
     },
     /// Get a code to put in the CN of a certificate signed by the CA's key.
     VerificationCode {
         #[command(flatten)]
         remote: Remote,
+        /// Name of the CA certificate.
         name: String,
     },
     /// Prove possession with that certificate (PEM file).
     Verify {
         #[command(flatten)]
         remote: Remote,
+        /// Name of the CA certificate.
         name: String,
+        /// The verification certificate (CN = the verification code, signed by the CA's key),
+        /// PEM file.
         #[arg(long)]
         certificate: PathBuf,
     },
+    /// Delete an uploaded CA certificate (refused while an enrollment group refers to it).
     Delete {
         #[command(flatten)]
         remote: Remote,
+        /// Name of the CA certificate.
         name: String,
     },
     /// Sign a new issuing intermediate with the root key (local: needs ca/root.key). The
@@ -408,6 +444,7 @@ pub enum CaCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
+    /// List the authorization policies, with their keys.
     List {
         #[command(flatten)]
         remote: Remote,
@@ -416,6 +453,7 @@ pub enum PolicyCommand {
     Add {
         #[command(flatten)]
         remote: Remote,
+        /// Name of the policy (`SharedAccessKeyName`).
         name: String,
         /// e.g. EnrollmentRead,RegistrationStatusRead
         #[arg(long)]
@@ -425,13 +463,17 @@ pub enum PolicyCommand {
     Rotate {
         #[command(flatten)]
         remote: Remote,
+        /// Name of the policy.
         name: String,
+        /// Which key to replace.
         #[arg(long, value_parser = ["primary", "secondary"], default_value = "secondary")]
         key: String,
     },
+    /// Delete a policy (refused for the last one that can manage policies).
     Remove {
         #[command(flatten)]
         remote: Remote,
+        /// Name of the policy.
         name: String,
     },
 }
@@ -515,17 +557,9 @@ fn print_json(value: &Value) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The local instance, as `serve` created it; creates nothing (see `bootstrap::open_existing`).
 fn open_local(settings: &Settings) -> anyhow::Result<(db::Database, bootstrap::Instance)> {
-    bootstrap::prepare_data_dir(settings)?;
-    // No background connections: this process exits right after its command.
-    let options = db::Options {
-        keep_warm: false,
-        ..db::Options::default()
-    };
-    let store =
-        db::open_with(&settings.database_url()?, &options).context("opening the database")?;
-    let instance = bootstrap::bootstrap(settings, &store)?;
-    Ok((store, instance))
+    bootstrap::open_existing(settings)
 }
 
 /// The operator contract of `zerotouch credentials --json`.
@@ -535,8 +569,9 @@ pub fn credentials(settings: &Settings) -> anyhow::Result<Value> {
     let hub_owner = bootstrap::hub_owner_policy(&store)?;
     // A joined hub presents a certificate from its provisioning service's CA: clients trust
     // the bundle that service handed over, not this data dir's own CA.
+    // Whatever the configured role: `serve --role hub` may have overridden it.
     let join = crate::hub::join::JoinPaths::new(&settings.service.data_dir);
-    let bundle_path = if settings.service.role == crate::config::Role::Hub && join.state.exists() {
+    let bundle_path = if join.state.exists() {
         join.trust_bundle
     } else {
         instance.paths.ca_bundle.clone()
@@ -669,6 +704,36 @@ fn hub(command: HubCommand) -> anyhow::Result<()> {
     }
 }
 
+/// An error answer of the management API: its status and body (Azure error JSON).
+#[derive(Debug)]
+pub struct ApiFailure {
+    pub status: reqwest::StatusCode,
+    pub body: Value,
+}
+
+impl ApiFailure {
+    /// The six-digit `errorCode` of the body, if it has one.
+    pub fn code(&self) -> Option<u64> {
+        self.body.get("errorCode").and_then(Value::as_u64)
+    }
+
+    /// The six-digit code of `error` when it is an API answer.
+    pub fn code_of(error: &anyhow::Error) -> Option<u64> {
+        error
+            .downcast_ref::<ApiFailure>()
+            .and_then(ApiFailure::code)
+    }
+}
+
+impl std::fmt::Display for ApiFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let body = serde_json::to_string_pretty(&self.body).unwrap_or_default();
+        write!(f, "{}: {body}", self.status)
+    }
+}
+
+impl std::error::Error for ApiFailure {}
+
 /// A signed client for the management API.
 pub struct ApiClient {
     base: String,
@@ -747,7 +812,9 @@ impl ApiClient {
         if let Some(body) = body {
             request = request.json(body);
         }
-        let response = request.send().with_context(|| format!("calling {url}"))?;
+        let response = request
+            .send()
+            .map_err(|e| anyhow::anyhow!(describe_send_error(&self.host, &e)))?;
         let status = response.status();
         let headers = response.headers().clone();
         let text = response.text()?;
@@ -757,7 +824,11 @@ impl ApiClient {
             serde_json::from_str(&text).unwrap_or(Value::String(text))
         };
         if !status.is_success() {
-            bail!("{status}: {}", serde_json::to_string_pretty(&value)?);
+            return Err(ApiFailure {
+                status,
+                body: value,
+            }
+            .into());
         }
         Ok((value, headers))
     }
@@ -789,6 +860,39 @@ impl ApiClient {
             }
         }
     }
+}
+
+/// A failed request in one line: the cause and, for an untrusted server certificate, the fix.
+/// reqwest's error chain repeats OpenSSL's message at several levels; each is printed once.
+fn describe_send_error(host: &str, error: &reqwest::Error) -> String {
+    let mut chain: Vec<String> = Vec::new();
+    let mut source: Option<&dyn std::error::Error> = Some(error);
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !chain.iter().any(|seen| seen.contains(&text)) {
+            chain.push(text);
+        }
+        source = e.source();
+    }
+    let full = chain.join(": ");
+    if let Some(at) = full.find("certificate verify failed") {
+        // OpenSSL puts the verify result in parentheses after the reason.
+        let reason = full[at..]
+            .split_once('(')
+            .and_then(|(_, rest)| rest.split_once(')'))
+            .map(|(reason, _)| reason.to_string())
+            .unwrap_or_else(|| "certificate verify failed".to_string());
+        let fix = if reason.to_ascii_lowercase().contains("hostname mismatch") {
+            "connect with a host name the server's certificate covers (its service.hostnames, \
+             as in the HostName of its connection strings)"
+        } else {
+            "pass --ca-file with the CA bundle the server presents (`caBundlePath` of `zerotouch \
+             credentials` on the server: ca/bundle.pem in its data dir, or join/trust.pem on a \
+             joined hub)"
+        };
+        return format!("TLS: the server certificate of {host} is not trusted ({reason}): {fix}");
+    }
+    full
 }
 
 /// Every certificate in a PEM bundle (root and intermediate, typically).
@@ -1019,18 +1123,28 @@ fn ca(command: CaCommand) -> anyhow::Result<()> {
             name,
             certificate,
             verified,
+            etag,
         } => {
             let body = json!({"certificate": read_text(&certificate)?, "isVerified": verified});
-            print_json(
-                &ApiClient::new(&remote)?
-                    .call(
-                        reqwest::Method::PUT,
-                        &format!("/certificates/{}", encode(&name)),
-                        Some(&body),
-                        &[],
-                    )?
-                    .0,
-            )
+            let headers: Vec<(&str, &str)> =
+                etag.iter().map(|e| ("If-Match", e.as_str())).collect();
+            let answer = ApiClient::new(&remote)?
+                .call(
+                    reqwest::Method::PUT,
+                    &format!("/certificates/{}", encode(&name)),
+                    Some(&body),
+                    &headers,
+                )
+                .map_err(|e| match ApiFailure::code_of(&e) {
+                    // The API's own hint (send If-Match) means --etag here.
+                    Some(409_201) => anyhow::anyhow!(
+                        "a CA certificate named {name:?} already exists: pass --etag ETAG (the \
+                         etag `zerotouch ca show {name}` prints) or --etag '*' to replace it, \
+                         or upload under another name"
+                    ),
+                    _ => e,
+                })?;
+            print_json(&answer.0)
         }
         CaCommand::List { remote } => print_json(&ApiClient::new(&remote)?.get("/certificates")?),
         CaCommand::Show { remote, name } => {
@@ -1143,6 +1257,29 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    /// Every verb and every flag says what it is for in `--help` (issue 12, item 16).
+    #[test]
+    fn every_verb_and_flag_has_help() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for sub in command.get_subcommands() {
+                let path = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() {
+                    missing.push(format!("verb `{path}`"));
+                }
+                for arg in sub.get_arguments() {
+                    let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                    if !builtin && arg.get_help().is_none() && arg.get_long_help().is_none() {
+                        missing.push(format!("`{path}` argument `{}`", arg.get_id()));
+                    }
+                }
+                walk(sub, &path, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "zerotouch", &mut missing);
+        assert!(missing.is_empty(), "no help text:\n{}", missing.join("\n"));
     }
 
     #[test]

@@ -24,12 +24,33 @@ pub struct Bound {
     pub mqtt_listener: mqtt::listener::MqttListener,
     /// The hub, when this process runs one.
     pub hub: Option<Arc<crate::hub::Hub>>,
+    /// This process's lock on the data dir (one server per data dir), held while this lives.
+    pub data_dir_lock: Arc<crate::lock::DataDirLock>,
+    /// The hub lock of a PostgreSQL database (one hub per database), when this process runs
+    /// the hub there; held while this lives.
+    pub hub_lock: Option<Arc<db::HubLock>>,
 }
 
 /// Opens storage, bootstraps, binds both listeners. Returns the bound addresses and the future
 /// that runs the HTTPS server until it is stopped. Must run inside an actix system.
 pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev::Server)> {
+    // Before anything is created: a port this user may not bind fails here, with the fix.
+    check_bind_permission("listen.https", settings.listen.https)?;
+    check_bind_permission("listen.mqtt", settings.listen.mqtt)?;
     bootstrap::prepare_data_dir(&settings)?;
+    let data_dir_lock = Arc::new(crate::lock::DataDirLock::acquire(
+        &settings.service.data_dir,
+    )?);
+    let hub_lock = if settings.service.role.runs_hub() {
+        let url = settings.database_url()?;
+        let timeout = db::Options::default().connection_timeout;
+        web::block(move || db::HubLock::acquire(&url, timeout))
+            .await
+            .context("taking the hub lock")??
+            .map(Arc::new)
+    } else {
+        None
+    };
     let url = settings.database_url()?;
     let store = web::block(move || db::open(&url))
         .await
@@ -184,9 +205,28 @@ pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev:
             instance,
             mqtt_listener,
             hub,
+            data_dir_lock,
+            hub_lock,
         },
         server,
     ))
+}
+
+/// Fails with the cause and the fix when this process may not bind `addr` (a port below 1024
+/// without root or `CAP_NET_BIND_SERVICE`). Other bind failures (the address is in use, not
+/// local) are left to the real bind, which names the address too.
+fn check_bind_permission(key: &str, addr: SocketAddr) -> anyhow::Result<()> {
+    match std::net::TcpListener::bind(addr) {
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => anyhow::bail!(
+            "{key} = {addr}: this user may not bind port {} ({e}). Ports below 1024 need root \
+             or the CAP_NET_BIND_SERVICE capability (e.g. `setcap cap_net_bind_service=+ep` on \
+             the zerotouch binary, or AmbientCapabilities=CAP_NET_BIND_SERVICE in a systemd \
+             unit); or listen on an unprivileged port such as {} and forward to it",
+            addr.port(),
+            if key == "listen.mqtt" { 8883 } else { 8443 }
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// DER of the TPM manufacturer roots named by `dps.tpm_manufacturer_roots`, if any.
@@ -204,8 +244,30 @@ fn manufacturer_roots(settings: &Settings) -> anyhow::Result<Vec<Vec<u8>>> {
     Ok(roots)
 }
 
+/// Raises the soft limit on open files (`RLIMIT_NOFILE`) to the hard limit: every device
+/// connection is a file descriptor, and the common soft default of 1,024 would cap a server
+/// near 1,000 devices. Returns the limit in force afterwards (also at `/metrics` as
+/// `zerotouch_process_max_fds`).
+pub fn raise_open_file_limit() -> std::io::Result<u64> {
+    rlimit::increase_nofile_limit(u64::MAX)
+}
+
+/// The soft limit on open files in force, if it can be read.
+pub fn open_file_limit() -> Option<u64> {
+    rlimit::getrlimit(rlimit::Resource::NOFILE)
+        .ok()
+        .map(|(soft, _)| soft)
+}
+
 /// `zerotouch serve`: runs until SIGINT/SIGTERM.
 pub fn serve(settings: Settings) -> anyhow::Result<()> {
+    match raise_open_file_limit() {
+        Ok(limit) => tracing::info!(limit, "open file limit (RLIMIT_NOFILE)"),
+        Err(e) => tracing::warn!(
+            limit = open_file_limit(),
+            "could not raise the open file limit (RLIMIT_NOFILE): {e}"
+        ),
+    }
     let bound = actix_web::rt::System::new().block_on(async move {
         let (bound, server) = start(settings).await?;
         server.await.context("the HTTPS server failed")?;

@@ -48,6 +48,8 @@ pub struct Node {
     args: Vec<String>,
     /// Extra environment for every process of this node (server and CLI).
     env: Vec<(String, String)>,
+    /// A program (and its arguments) that runs `zerotouch serve`, e.g. `prlimit --nofile=…`.
+    wrapper: Vec<String>,
 }
 
 impl Node {
@@ -59,6 +61,19 @@ impl Node {
 
     /// [`Node::start`] with extra environment variables for the node's processes.
     pub fn start_with_env(
+        ip: &str,
+        role: &str,
+        config: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Node {
+        Node::start_under(&[], ip, role, config, args, env)
+    }
+
+    /// [`Node::start_with_env`] with `serve` run by `wrapper` (a command that execs the rest
+    /// of its command line, such as `prlimit --nofile=1024:4096`).
+    pub fn start_under(
+        wrapper: &[&str],
         ip: &str,
         role: &str,
         config: &str,
@@ -81,6 +96,7 @@ impl Node {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            wrapper: wrapper.iter().map(|w| w.to_string()).collect(),
         };
         node.spawn();
         node
@@ -105,7 +121,15 @@ impl Node {
             .append(true)
             .open(self.log())
             .expect("log file");
-        let child = Command::new(program())
+        let mut command = match self.wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut command = Command::new(first);
+                command.args(rest).arg(program());
+                command
+            }
+            None => Command::new(program()),
+        };
+        let child = command
             .arg("serve")
             .arg("--config")
             .arg(self.config())
@@ -143,6 +167,11 @@ impl Node {
             self.ip,
             std::fs::read_to_string(self.log()).unwrap_or_default()
         );
+    }
+
+    /// The pid of the running `serve` process.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// SIGKILL: no shutdown of any kind.
@@ -204,6 +233,31 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Runs `command` to its end, or kills it after `timeout` and panics (a `serve` that should
+/// have refused to start would otherwise run forever). Returns its output.
+pub fn run_bounded(command: &mut Command, timeout: Duration) -> std::process::Output {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the command");
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait().expect("wait") {
+            Some(_) => return child.wait_with_output().expect("output"),
+            None if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let output = child.wait_with_output().expect("output");
+                panic!(
+                    "{command:?} still ran after {timeout:?}:\n{}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+            None => std::thread::sleep(Duration::from_millis(50)),
+        }
     }
 }
 

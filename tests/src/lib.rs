@@ -157,6 +157,13 @@ impl TestServer {
         };
     }
 
+    /// Stops the server (and releases its data dir); [`TestServer::restart`] starts it again.
+    pub fn stop(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.stop();
+        }
+    }
+
     /// Stops the server and starts it again on the same data dir and database.
     pub fn restart(&mut self) {
         if let Some(running) = self.running.take() {

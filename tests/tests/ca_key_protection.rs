@@ -54,6 +54,8 @@ fn ca_keys_are_encrypted_under_the_kek_and_survive_restarts() {
     assert_eq!(status, 200, "{body}");
 
     // Without the KEK (or with another one) the start fails and says why, naming the file.
+    // (Stopped first: one server per data dir.)
+    s.stop();
     let mut without = s.settings.clone();
     without.ca.kek_file = None;
     let err = format!("{:#}", Running::spawn(without).err().expect("refused"));

@@ -19,6 +19,7 @@ mod connection;
 mod continuation;
 mod etag;
 mod health;
+mod process;
 mod schema;
 mod store;
 pub mod telemetry;
@@ -29,6 +30,7 @@ mod tests;
 use std::time::Duration;
 
 pub use connection::Backend;
+pub use process::{HubLock, HubLockError, has_setting};
 pub use store::Database;
 
 /// A kind of stored document. Each collection is a table of its own.

@@ -94,6 +94,8 @@ pub enum ErrorCode {
     /// A group member registers under another spelling of a registration id that is
     /// registered already (ids are case-insensitive; the first spelling keeps it).
     RegistrationIdConflict,
+    /// The built-in hub of a process that runs both roles cannot be drained or removed.
+    HubIsBuiltIn,
     /// `If-Match` did not match the stored etag.
     PreconditionFailed,
     /// The body is larger than we accept.
@@ -151,6 +153,7 @@ impl ErrorCode {
         ErrorCode::CertificateInUse,
         ErrorCode::AlreadyRevoked,
         ErrorCode::RegistrationIdConflict,
+        ErrorCode::HubIsBuiltIn,
         ErrorCode::PreconditionFailed,
         ErrorCode::PayloadTooLarge,
         ErrorCode::Throttled,
@@ -213,6 +216,7 @@ impl ErrorCode {
             CertificateInUse => (StatusCode::CONFLICT, 409_203, "CertificateInUse"),
             AlreadyRevoked => (StatusCode::CONFLICT, 409_204, "AlreadyRevoked"),
             RegistrationIdConflict => (StatusCode::CONFLICT, 409_205, "RegistrationIdConflict"),
+            HubIsBuiltIn => (StatusCode::CONFLICT, 409_206, "HubIsBuiltIn"),
             PreconditionFailed => (
                 StatusCode::PRECONDITION_FAILED,
                 412_001,
@@ -418,6 +422,7 @@ mod tests {
             (ErrorCode::CertificateInUse, 409, 409_203),
             (ErrorCode::AlreadyRevoked, 409, 409_204),
             (ErrorCode::RegistrationIdConflict, 409, 409_205),
+            (ErrorCode::HubIsBuiltIn, 409, 409_206),
             (ErrorCode::PreconditionFailed, 412, 412_001),
             (ErrorCode::PayloadTooLarge, 413, 413_001),
             (ErrorCode::Throttled, 429, 429_001),

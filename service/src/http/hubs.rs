@@ -64,6 +64,27 @@ fn built_in_view(state: &AppState) -> Option<Value> {
     }))
 }
 
+/// Whether `name` is this process's built-in hub.
+fn is_built_in(state: &AppState, name: &str) -> bool {
+    state
+        .hub
+        .as_ref()
+        .is_some_and(|hub| hub.hostname.eq_ignore_ascii_case(name))
+}
+
+/// The refusal of drain and remove for the built-in hub (docs/dev/decisions.md).
+fn built_in_refusal(name: &str, action: &str) -> ApiError {
+    ApiError::new(
+        ErrorCode::HubIsBuiltIn,
+        format!(
+            "{name} is the built-in hub of this process (\"builtIn\": true in the hub list): it \
+             is always active and cannot be {action}. To send new devices elsewhere, name other \
+             hubs in the enrollments' iotHubs, or run the hub as a process of its own \
+             (--role hub, joined with a token), which can be drained and removed"
+        ),
+    )
+}
+
 async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state, Rights::SERVICE_CONFIG).await?;
     let linked = blocking(&state, hubs::load_all).await?;
@@ -122,6 +143,12 @@ async fn set_state(
 ) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state, Rights::SERVICE_CONFIG).await?;
     let name = name.into_inner();
+    if is_built_in(&state, &name) {
+        return match to {
+            HubState::Active => Ok(HttpResponse::Ok().json(built_in_view(&state))),
+            HubState::Draining => Err(built_in_refusal(&name, "drained")),
+        };
+    }
     let hub = blocking(&state, move |s| {
         hubs::update(s, &name, |h| {
             let changed = h.state != to;
@@ -158,6 +185,9 @@ async fn remove(
 ) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state, Rights::SERVICE_CONFIG).await?;
     let name = name.into_inner();
+    if is_built_in(&state, &name) {
+        return Err(built_in_refusal(&name, "removed"));
+    }
     let key = name.clone();
     blocking_for(&state, ErrorCode::HubNotFound, move |s| {
         s.delete(Collection::LinkedHubs, &key, None)

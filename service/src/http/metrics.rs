@@ -70,21 +70,33 @@ impl Metrics {
             .encode(&families, &mut buffer)
             .map_err(ApiError::internal)?;
         let mut text = String::from_utf8(buffer).map_err(ApiError::internal)?;
-        {
-            use std::fmt::Write as _;
-            let _ = writeln!(
-                text,
-                "# HELP zerotouch_log_lines_dropped_total Log lines lost because the log could not \
-                 be written or kept up\n# TYPE zerotouch_log_lines_dropped_total counter\n\
-                 zerotouch_log_lines_dropped_total {}",
-                crate::logging::dropped_lines()
-            );
-        }
+        render_process(&mut text);
         if let Some(hub) = hub {
             render_hub(hub, &mut text);
         }
         Ok(text)
     }
+}
+
+/// Figures of the process: the open file limit `serve` raised at start (each connection is a
+/// file descriptor).
+fn render_process(out: &mut String) {
+    use std::fmt::Write as _;
+    if let Some(limit) = crate::server::open_file_limit() {
+        let _ = writeln!(
+            out,
+            "# HELP zerotouch_process_max_fds Soft limit on open file descriptors (RLIMIT_NOFILE)"
+        );
+        let _ = writeln!(out, "# TYPE zerotouch_process_max_fds gauge");
+        let _ = writeln!(out, "zerotouch_process_max_fds {limit}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP zerotouch_log_lines_dropped_total Log lines lost because the log could not be \
+         written or kept up\n# TYPE zerotouch_log_lines_dropped_total counter\n\
+         zerotouch_log_lines_dropped_total {}",
+        crate::logging::dropped_lines()
+    );
 }
 
 /// The hub's figures, read at scrape time from its counters.

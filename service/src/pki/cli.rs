@@ -22,6 +22,7 @@ pub enum CertCommand {
     List {
         #[command(flatten)]
         remote: Remote,
+        /// Only the certificates issued to this registration id.
         #[arg(long)]
         registration_id: Option<String>,
         /// `good` or `revoked`.
@@ -36,8 +37,10 @@ pub enum AuditCommand {
     List {
         #[command(flatten)]
         remote: Remote,
+        /// Only the events of this certificate serial (hex).
         #[arg(long)]
         serial: Option<String>,
+        /// Only the events of this registration id.
         #[arg(long)]
         registration_id: Option<String>,
         /// `issue`, `renew` or `revoke`.

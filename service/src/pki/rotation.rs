@@ -40,12 +40,9 @@ use crate::pki::{Revoked, leaf_identity, revoke_record};
 /// The actor recorded in the audit trail for retirement revocations.
 pub const RETIRE_ACTOR: &str = "ca:retire-intermediate";
 
-/// Opens the database and loads (or creates) the instance, as `serve` would.
+/// Opens the database and loads the instance `serve` created (never creates one).
 fn open(settings: &Settings) -> anyhow::Result<(db::Database, bootstrap::Instance)> {
-    bootstrap::prepare_data_dir(settings)?;
-    let store = db::open(&settings.database_url()?).context("opening the database")?;
-    let instance = bootstrap::bootstrap(settings, &store)?;
-    Ok((store, instance))
+    bootstrap::open_existing(settings)
 }
 
 /// Subject (as recorded in `issuer` fields) and serial of a PEM certificate.
@@ -151,9 +148,10 @@ pub fn retire_intermediate(settings: &Settings) -> anyhow::Result<Value> {
             json!({"subject": subject, "serial": serial, "revoked": revoked, "file": target}),
         );
     }
-    // Loading again writes the bundle without the retired intermediates.
+    // Loading again leaves the retired intermediates out; the bundle is rewritten from it.
     drop(instance);
     let (_, instance) = open(settings)?;
+    bootstrap::write_public(&instance.paths.ca_bundle, &instance.ca.trust_bundle_pem())?;
     Ok(json!({
         "retired": retired,
         "bundle": instance.paths.ca_bundle,
