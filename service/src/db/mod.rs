@@ -10,7 +10,9 @@
 //!   the case it was first written with.
 //! - Every write stores a fresh etag. Optimistic concurrency is enforced by the database: a
 //!   conditional write is `UPDATE … WHERE id_key = ? AND etag = ?`, never a read-then-write.
-//! - The API is synchronous; async callers wrap calls in `web::block` / `spawn_blocking`.
+//! - The API is synchronous; async callers run calls through [`blocking`]. A read-modify-write
+//!   of one document is [`DocumentStore::update`] (on `dyn DocumentStore`), which retries when a
+//!   concurrent writer got there first.
 //!
 //! **Invariant:** [`StoreError::Backend`] and [`StoreError::Unavailable`] carry database detail
 //! for the logs only; nothing in them may reach a device or an API caller.
@@ -23,6 +25,7 @@ mod process;
 mod schema;
 mod store;
 pub mod telemetry;
+mod update;
 
 #[cfg(test)]
 mod tests;
@@ -32,6 +35,7 @@ use std::time::Duration;
 pub use connection::Backend;
 pub use process::{HubLock, HubLockError, has_setting};
 pub use store::Database;
+pub use update::{Change, UPDATE_ATTEMPTS, Updated, blocking};
 
 /// A kind of stored document. Each collection is a table of its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -199,7 +203,7 @@ impl StoreError {
     }
 }
 
-/// Documents and settings. Synchronous: callers wrap calls in `web::block` / `spawn_blocking`.
+/// Documents and settings. Synchronous: async callers use [`blocking`].
 pub trait DocumentStore: Send + Sync + 'static {
     /// The document with this id (case-insensitive), if any.
     fn get(&self, collection: Collection, id: &str) -> Result<Option<Document>, StoreError>;

@@ -156,6 +156,9 @@ suite! {
         concurrent_create_has_one_winner,
         reopening_is_idempotent,
         ping_answers,
+        update_creates_changes_keeps_and_deletes,
+        concurrent_updates_lose_nothing,
+        update_gives_up_when_always_contended,
     ],
     empty: [concurrent_first_open_migrates_once],
 }
@@ -601,6 +604,129 @@ fn concurrent_create_has_one_winner(f: &Fixture) {
         THREADS - 1
     );
     assert_eq!(store.get(C, "racer").unwrap().as_ref(), Some(winners[0]));
+}
+
+/// A counter in a document, as `update` sees it.
+fn count_of(doc: Option<&Document>) -> i64 {
+    doc.and_then(|d| d.body["count"].as_i64()).unwrap_or(0)
+}
+
+fn update_creates_changes_keeps_and_deletes(f: &Fixture) {
+    let store = f.store();
+    let created = store
+        .update::<_, StoreError>(C, "Counter", |doc| {
+            assert!(doc.is_none());
+            Ok(Change::Put {
+                body: json!({"count": 1}),
+                parent: Some("Parent".into()),
+                result: "created",
+            })
+        })
+        .unwrap();
+    assert_eq!(created.result, "created");
+    let first = created.document.unwrap();
+    assert_eq!(
+        (first.id.as_str(), first.parent.as_deref()),
+        ("Counter", Some("Parent"))
+    );
+
+    // In another case: ids stay case-insensitive, and the write is under the etag read.
+    let changed = store
+        .update::<_, StoreError>(C, "counter", |doc| {
+            Ok(Change::put(
+                json!({"count": count_of(doc) + 1}),
+                count_of(doc),
+            ))
+        })
+        .unwrap();
+    assert_eq!(changed.result, 1);
+    let second = changed.document.unwrap();
+    assert_eq!(
+        (second.body["count"].as_i64(), second.id.as_str()),
+        (Some(2), "Counter")
+    );
+    assert_ne!(second.etag, first.etag);
+
+    let kept = store
+        .update::<_, StoreError>(C, "counter", |doc| Ok(Change::Keep(count_of(doc))))
+        .unwrap();
+    assert_eq!((kept.result, kept.document.as_ref()), (2, Some(&second)));
+
+    // A domain error from the change comes back as it is, and nothing is written.
+    #[derive(Debug, PartialEq)]
+    enum Refused {
+        Store(StoreError),
+        TooBig,
+    }
+    impl From<StoreError> for Refused {
+        fn from(e: StoreError) -> Self {
+            Refused::Store(e)
+        }
+    }
+    let refused = store.update::<(), Refused>(C, "counter", |_| Err(Refused::TooBig));
+    assert_eq!(refused.unwrap_err(), Refused::TooBig);
+    assert_eq!(store.get(C, "counter").unwrap().as_ref(), Some(&second));
+
+    let deleted = store
+        .update::<_, StoreError>(C, "counter", |doc| Ok(Change::Delete(doc.is_some())))
+        .unwrap();
+    assert!(deleted.result && deleted.document.is_none());
+    assert_eq!(store.get(C, "counter").unwrap(), None);
+    let nothing = store
+        .update::<_, StoreError>(C, "counter", |doc| Ok(Change::Delete(doc.is_some())))
+        .unwrap();
+    assert!(!nothing.result);
+
+    // The async door to the same store.
+    let shared: std::sync::Arc<dyn DocumentStore> = std::sync::Arc::new(open(&f.url).unwrap());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let read = runtime
+        .block_on(blocking(&shared, |s| s.get(C, "counter")))
+        .unwrap();
+    assert_eq!(read, None);
+}
+
+fn concurrent_updates_lose_nothing(f: &Fixture) {
+    let store = f.store();
+    const ROUNDS: i64 = 10;
+    race(|_| {
+        for _ in 0..ROUNDS {
+            store
+                .update::<_, StoreError>(C, "shared-counter", |doc| {
+                    Ok(Change::put(json!({"count": count_of(doc) + 1}), ()))
+                })
+                .unwrap();
+        }
+    });
+    let doc = store.get(C, "shared-counter").unwrap();
+    assert_eq!(count_of(doc.as_ref()), THREADS as i64 * ROUNDS);
+}
+
+fn update_gives_up_when_always_contended(f: &Fixture) {
+    let store = f.store();
+    put(store, "hot", json!({"count": 0}), Write::Create);
+    let mut calls = 0;
+    let outcome = store.update::<(), StoreError>(C, "hot", |doc| {
+        calls += 1;
+        // Another writer gets in between every read and write.
+        let doc = doc.expect("present");
+        store.put(
+            C,
+            "hot",
+            None,
+            &json!({"count": calls}),
+            Write::IfMatch(doc.etag.clone()),
+        )?;
+        Ok(Change::put(json!({"count": -1}), ()))
+    });
+    assert!(
+        matches!(outcome, Err(StoreError::Unavailable(_))),
+        "{outcome:?}"
+    );
+    assert_eq!(calls, UPDATE_ATTEMPTS);
+    assert_ne!(count_of(store.get(C, "hot").unwrap().as_ref()), -1);
 }
 
 fn reopening_is_idempotent(f: &Fixture) {

@@ -1,0 +1,140 @@
+//! The two ways domain code uses the store beyond single calls: an optimistic-concurrency
+//! read-modify-write of one document ([`DocumentStore::update`]), and running store calls from
+//! async code ([`blocking`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::{Collection, Document, DocumentStore, StoreError, Write};
+
+/// How often [`DocumentStore::update`] reads again after a concurrent writer got there first
+/// before it gives up with [`StoreError::Unavailable`].
+pub const UPDATE_ATTEMPTS: usize = 16;
+/// The longest pause between two attempts: a random pause, up to twice the previous bound,
+/// spreads writers that keep colliding on one document.
+const MAX_PAUSE: Duration = Duration::from_millis(50);
+
+/// What a read-modify-write decided.
+#[derive(Debug)]
+pub enum Change<T> {
+    /// Store `body` (under `parent`): a create when there was no document, else a write
+    /// conditioned on the etag read.
+    Put {
+        body: Value,
+        parent: Option<String>,
+        result: T,
+    },
+    /// Delete the document that was read, conditioned on its etag.
+    Delete(T),
+    /// Write nothing.
+    Keep(T),
+}
+
+impl<T> Change<T> {
+    /// Stores `body` without a parent.
+    pub fn put(body: Value, result: T) -> Change<T> {
+        Change::Put {
+            body,
+            parent: None,
+            result,
+        }
+    }
+}
+
+/// The outcome of [`DocumentStore::update`]: what the change returned, and the document as it
+/// is now (`None` when there is none, or it was deleted).
+#[derive(Debug)]
+pub struct Updated<T> {
+    pub result: T,
+    pub document: Option<Document>,
+}
+
+impl dyn DocumentStore {
+    /// Reads the document (`None` if there is none), lets `change` decide what to do with it,
+    /// and does it conditioned on what was read: a create when it was missing, a write or
+    /// delete under its etag otherwise. When another writer changed, created or deleted the
+    /// document in between, it pauses a random moment, reads again and asks `change` again, so
+    /// `change` must be a function of the document it is given. Gives up after
+    /// [`UPDATE_ATTEMPTS`] with [`StoreError::Unavailable`] (turned into `E`).
+    pub fn update<T, E>(
+        &self,
+        collection: Collection,
+        id: &str,
+        mut change: impl FnMut(Option<&Document>) -> Result<Change<T>, E>,
+    ) -> Result<Updated<T>, E>
+    where
+        E: From<StoreError>,
+    {
+        for attempt in 0..UPDATE_ATTEMPTS {
+            if attempt > 0 {
+                pause(attempt);
+            }
+            let current = self.get(collection, id)?;
+            let written = match change(current.as_ref())? {
+                Change::Keep(result) => {
+                    return Ok(Updated {
+                        result,
+                        document: current,
+                    });
+                }
+                Change::Put {
+                    body,
+                    parent,
+                    result,
+                } => {
+                    let write = match &current {
+                        Some(doc) => Write::IfMatch(doc.etag.clone()),
+                        None => Write::Create,
+                    };
+                    self.put(collection, id, parent.as_deref(), &body, write)
+                        .map(|doc| (result, Some(doc)))
+                }
+                Change::Delete(result) => match &current {
+                    None => {
+                        return Ok(Updated {
+                            result,
+                            document: None,
+                        });
+                    }
+                    Some(doc) => self
+                        .delete(collection, id, Some(&doc.etag))
+                        .map(|_| (result, None)),
+                },
+            };
+            match written {
+                Ok((result, document)) => return Ok(Updated { result, document }),
+                // Changed, created or deleted by someone else since the read: read again.
+                Err(
+                    StoreError::PreconditionFailed | StoreError::Conflict | StoreError::NotFound,
+                ) => continue,
+                Err(other) => return Err(other.into()),
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "{} `{id}` kept changing under {UPDATE_ATTEMPTS} read-modify-writes",
+            collection.table_name()
+        ))
+        .into())
+    }
+}
+
+/// Sleeps a random moment, up to 1 ms doubled per lost race, at most [`MAX_PAUSE`].
+fn pause(lost: usize) {
+    let bound = Duration::from_millis(1 << lost.min(6)).min(MAX_PAUSE);
+    std::thread::sleep(bound.mul_f64(rand::random::<f64>()));
+}
+
+/// Runs synchronous store calls on tokio's blocking pool, for async callers. A task that
+/// panicked is a [`StoreError::Backend`].
+pub async fn blocking<T, F>(store: &Arc<dyn DocumentStore>, f: F) -> Result<T, StoreError>
+where
+    F: FnOnce(&dyn DocumentStore) -> Result<T, StoreError> + Send + 'static,
+    T: Send + 'static,
+{
+    let store = Arc::clone(store);
+    tokio::task::spawn_blocking(move || f(store.as_ref()))
+        .await
+        .map_err(|e| StoreError::Backend(format!("a storage task failed: {e}")))?
+}
