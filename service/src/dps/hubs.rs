@@ -23,7 +23,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::db::{Collection, DocumentStore, StoreError, Write};
+use crate::db::{Change, Collection, DocumentStore, StoreError, Write};
 use crate::http::error::{ApiError, ErrorCode};
 use crate::hub::Hub;
 use crate::hub::error::HubErrorCode;
@@ -291,38 +291,26 @@ pub fn load_all(store: &dyn DocumentStore) -> Result<Vec<LinkedHub>, StoreError>
         .map_err(|e| StoreError::Backend(format!("linked hub record: {e}")))
 }
 
-/// Read-modify-write of one hub record under its etag. `None` from `change` leaves it alone.
+/// Read-modify-write of one hub record under its etag (`DocumentStore::update`): `change`
+/// returns whether it changed the record. `None` when there is no such hub.
 pub fn update(
     store: &dyn DocumentStore,
     name: &str,
     change: impl Fn(&mut LinkedHub) -> bool,
 ) -> Result<Option<LinkedHub>, StoreError> {
-    for _ in 0..16 {
-        let Some(doc) = store.get(Collection::LinkedHubs, name)? else {
-            return Ok(None);
+    let updated = store.update::<_, StoreError>(Collection::LinkedHubs, name, |doc| {
+        let Some(doc) = doc else {
+            return Ok(Change::Keep(None));
         };
-        let mut hub: LinkedHub = serde_json::from_value(doc.body)
+        let mut hub: LinkedHub = serde_json::from_value(doc.body.clone())
             .map_err(|e| StoreError::Backend(format!("linked hub record: {e}")))?;
         if !change(&mut hub) {
-            return Ok(Some(hub));
+            return Ok(Change::Keep(Some(hub)));
         }
         let body = serde_json::to_value(&hub).map_err(|e| StoreError::Backend(e.to_string()))?;
-        match store.put(
-            Collection::LinkedHubs,
-            &doc.id,
-            None,
-            &body,
-            Write::IfMatch(doc.etag),
-        ) {
-            Ok(_) => return Ok(Some(hub)),
-            Err(StoreError::PreconditionFailed) => continue,
-            Err(StoreError::NotFound) => return Ok(None),
-            Err(e) => return Err(e),
-        }
-    }
-    Err(StoreError::Unavailable(
-        "the hub record is contended".into(),
-    ))
+        Ok(Change::put(body, Some(hub)))
+    })?;
+    Ok(updated.result)
 }
 
 /// A moved device's identity that could not be removed from its old hub when it moved. The

@@ -23,7 +23,7 @@ use zerotouch_attestation::x509::{
 };
 use zerotouch_attestation::{AttestedIdentity, Attestor, EnrollmentRef, Mechanism};
 
-use crate::db::{Collection, Document, DocumentStore, StoreError, Write};
+use crate::db::{Change, Collection, Document, DocumentStore, StoreError};
 use crate::http::error::{ApiError, ErrorCode};
 use crate::hub::Hub;
 use crate::tls::PeerCertificates;
@@ -464,17 +464,16 @@ impl Dps {
     ) -> Result<Recorded, ApiError> {
         let id = registration_id.to_string();
         let this_operation = operation_id.to_string();
-        blocking(&self.store, move |s| {
-            for _ in 0..16 {
-                let current = s.get(Collection::Registrations, &id)?;
+        let updated = crate::db::blocking(&self.store, move |s| {
+            s.update::<_, StoreError>(Collection::Registrations, &id, |current| {
                 if parent.is_some()
-                    && let Some(first) = current.as_ref().filter(|c| c.id != id)
+                    && let Some(first) = current.filter(|c| c.id != id)
                 {
-                    return Ok(Recorded::SpelledFirstAs(first.id.clone()));
+                    return Ok(Change::Keep(Some(first.id.clone())));
                 }
                 let mut record = record.clone();
-                record["operationIds"] = recent_operations(current.as_ref(), &this_operation);
-                if let Some(current) = &current {
+                record["operationIds"] = recent_operations(current, &this_operation);
+                if let Some(current) = current {
                     if let Some(created) = current.body.get("createdDateTimeUtc") {
                         record["createdDateTimeUtc"] = created.clone();
                     }
@@ -486,33 +485,19 @@ impl Dps {
                         }
                     }
                 }
-                let write = match &current {
-                    Some(c) => Write::IfMatch(c.etag.clone()),
-                    None => Write::Create,
-                };
-                match s.put(
-                    Collection::Registrations,
-                    &id,
-                    parent.as_deref(),
-                    &record,
-                    write,
-                ) {
-                    Ok(doc) => return Ok(Recorded::Written(doc)),
-                    Err(
-                        StoreError::PreconditionFailed
-                        | StoreError::Conflict
-                        | StoreError::NotFound,
-                    ) => {
-                        continue;
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            Err(StoreError::Unavailable(
-                "the registration record is contended".into(),
-            ))
+                Ok(Change::Put {
+                    body: record,
+                    parent: parent.clone(),
+                    result: None,
+                })
+            })
         })
-        .await
+        .await?;
+        match (updated.result, updated.document) {
+            (Some(first), _) => Ok(Recorded::SpelledFirstAs(first)),
+            (None, Some(doc)) => Ok(Recorded::Written(doc)),
+            (None, None) => Err(ApiError::internal("a written registration record is gone")),
+        }
     }
 
     /// Checks the device's evidence against its enrollment (individual, then groups).

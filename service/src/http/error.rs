@@ -337,6 +337,14 @@ impl ResponseError for ApiError {
     }
 }
 
+/// A storage error where "not found" has no resource of its own (`NotFound`); resources that
+/// have one use [`store_error`].
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> ApiError {
+        store_error(error, ErrorCode::NotFound)
+    }
+}
+
 /// Storage errors seen from a resource of the given kind.
 pub fn store_error(error: StoreError, not_found: ErrorCode) -> ApiError {
     match error {

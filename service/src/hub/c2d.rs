@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{HubError, HubErrorCode};
 use super::{Hub, blocking};
-use crate::db::{Collection, Document, DocumentStore, StoreError, Write};
+use crate::db::{Change, Collection, Document, DocumentStore, StoreError, Write};
 use crate::mqtt::QoS;
 
 /// Most messages waiting for one device, as in IoT Hub.
@@ -167,48 +167,40 @@ pub fn lock_next(
     now: i64,
     lock_for: Duration,
 ) -> Result<Option<Locked>, StoreError> {
-    // A lost race (another delivery locked the same message) moves on to the next message; a
-    // pass that lost one is repeated, since that message may be free again.
-    for _ in 0..8 {
-        let page = s.list(Collection::C2dMessages, Some(device_id), PAGE, None)?;
-        let mut contended = false;
-        for doc in page.items {
-            let Some(mut message) = queued(&doc) else {
+    let page = s.list(Collection::C2dMessages, Some(device_id), PAGE, None)?;
+    for listed in page.items {
+        // Decided on the message as stored now: a delivery that raced this one and locked it
+        // first makes `update` read it again, and this one moves on.
+        let locked = s.update::<_, StoreError>(Collection::C2dMessages, &listed.id, |doc| {
+            let Some(doc) = doc else {
+                return Ok(Change::Keep(None));
+            };
+            let Some(mut message) = queued(doc) else {
                 tracing::warn!(device_id, key = %doc.id, "dropping an unreadable C2D message");
-                remove(s, &doc.id, &doc.etag)?;
-                continue;
+                return Ok(Change::Delete(None));
             };
             if message.locked_at(now) {
-                continue;
+                return Ok(Change::Keep(None));
             }
             if message.expired_at(now) || message.delivery_count >= MAX_DELIVERY_COUNT {
                 tracing::info!(device_id, message_id = %message.message_id, deliveries = message.delivery_count, "C2D message dead-lettered");
-                remove(s, &doc.id, &doc.etag)?;
-                continue;
+                return Ok(Change::Delete(None));
             }
             message.delivery_count += 1;
             message.lock_token = Some(uuid::Uuid::new_v4().to_string());
             message.locked_until = Some(now + lock_for.as_micros() as i64);
-            match s.put(
-                Collection::C2dMessages,
-                &doc.id,
-                Some(device_id),
-                &to_body(&message)?,
-                Write::IfMatch(doc.etag.clone()),
-            ) {
-                Ok(written) => {
-                    return Ok(Some(Locked {
-                        key: doc.id,
-                        etag: written.etag,
-                        message,
-                    }));
-                }
-                Err(StoreError::PreconditionFailed | StoreError::NotFound) => contended = true,
-                Err(e) => return Err(e),
-            }
-        }
-        if !contended {
-            return Ok(None);
+            Ok(Change::Put {
+                body: to_body(&message)?,
+                parent: Some(device_id.to_string()),
+                result: Some(message),
+            })
+        })?;
+        if let (Some(message), Some(written)) = (locked.result, locked.document) {
+            return Ok(Some(Locked {
+                key: written.id,
+                etag: written.etag,
+                message,
+            }));
         }
     }
     Ok(None)

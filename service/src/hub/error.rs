@@ -228,6 +228,12 @@ impl ResponseError for HubError {
     }
 }
 
+impl From<StoreError> for HubError {
+    fn from(error: StoreError) -> HubError {
+        HubError::store(error)
+    }
+}
+
 impl From<ApiError> for HubError {
     fn from(error: ApiError) -> HubError {
         HubError::from_api(&error)

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde_json::{Value, json};
 use zerotouch_twin::document::Twin;
 
-use crate::db::{Collection, DocumentStore, StoreError, Write};
+use crate::db::{Change, Collection, DocumentStore, StoreError, Write};
 use crate::mqtt::{Outbound, QoS};
 use crate::telemetry::Telemetry;
 use device::{ConnectionView, Device, NEVER};
@@ -385,41 +385,34 @@ impl Hub {
         Ok(self.load_twin(device_id).await?.0)
     }
 
-    /// Read-modify-write of a twin, retried when a concurrent writer got there first.
-    pub async fn update_twin<R, F>(&self, device_id: &str, change: F) -> Result<(Twin, R), HubError>
+    /// Read-modify-write of a twin (`db::DocumentStore::update`): `change` sees the stored
+    /// twin (a new one if none is stored) and runs again if a concurrent writer got there
+    /// first.
+    pub async fn update_twin<R, F>(
+        &self,
+        device_id: &str,
+        mut change: F,
+    ) -> Result<(Twin, R), HubError>
     where
-        F: Fn(&mut Twin) -> Result<R, HubError>,
+        F: FnMut(&mut Twin) -> Result<R, HubError> + Send + 'static,
+        R: Send + 'static,
     {
-        for _ in 0..8 {
-            let (mut twin, etag) = self.load_twin(device_id).await?;
-            let result = change(&mut twin)?;
-            let value = twin.to_value();
-            let id = device_id.to_string();
-            let write = match etag {
-                Some(etag) => Write::IfMatch(etag),
-                None => Write::Create,
-            };
-            let stored = blocking(&self.store, move |s| {
-                match s.put(Collection::Twins, &id, None, &value, write) {
-                    Ok(_) => Ok(true),
-                    Err(
-                        StoreError::PreconditionFailed
-                        | StoreError::Conflict
-                        | StoreError::NotFound,
-                    ) => Ok(false),
-                    Err(e) => Err(e),
-                }
+        let id = device_id.to_string();
+        let updated = crate::db::blocking(&self.store, move |s| {
+            s.update::<_, HubError>(Collection::Twins, &id, |doc| {
+                let mut twin = match doc {
+                    Some(doc) => Twin::from_value(&doc.body).map_err(HubError::internal)?,
+                    None => {
+                        Twin::new(None, &crate::time::now_rfc3339()).map_err(HubError::internal)?
+                    }
+                };
+                let result = change(&mut twin)?;
+                Ok(Change::put(twin.to_value(), (twin, result)))
             })
-            .await?;
-            if stored {
-                HubMetrics::count(&self.metrics.twin_operations, 1);
-                return Ok((twin, result));
-            }
-        }
-        Err(HubError::new(
-            HubErrorCode::ServiceUnavailable,
-            "the twin is being changed by too many writers; retry",
-        ))
+        })
+        .await?;
+        HubMetrics::count(&self.metrics.twin_operations, 1);
+        Ok(updated.result)
     }
 
     /// GET /twins/{id}: the twin merged with its identity's fields (hub-protocol §3.1).
@@ -470,9 +463,10 @@ impl Hub {
         replace: bool,
     ) -> Result<Value, HubError> {
         let (device, device_etag) = self.require_device(device_id).await?;
+        let (body, if_match) = (body.clone(), if_match.map(String::from));
         let (twin, notification) = self
-            .update_twin(device_id, |twin| {
-                if let Some(expected) = if_match
+            .update_twin(device_id, move |twin| {
+                if let Some(expected) = &if_match
                     && !twin.etag_matches(expected)
                 {
                     return Err(HubError::new(
@@ -482,9 +476,9 @@ impl Hub {
                 }
                 let now = crate::time::now_rfc3339();
                 let result = if replace {
-                    twin.replace_service(body, &now)
+                    twin.replace_service(&body, &now)
                 } else {
-                    twin.patch_service(body, &now)
+                    twin.patch_service(&body, &now)
                 };
                 result.map_err(|e| HubError::new(HubErrorCode::ArgumentInvalid, e.to_string()))
             })

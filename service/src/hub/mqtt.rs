@@ -346,7 +346,7 @@ impl HubSession {
             let now = crate::time::now_rfc3339();
             let result = self
                 .hub
-                .update_twin(&self.device_id, |twin| {
+                .update_twin(&self.device_id, move |twin| {
                     twin.patch_reported(&patch, &now).map_err(|e| {
                         super::error::HubError::new(
                             super::error::HubErrorCode::ArgumentInvalid,

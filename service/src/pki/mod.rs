@@ -29,7 +29,7 @@ use zerotouch_certs::revocation::{CrlParams, ReasonCode, RevokedEntry};
 use zerotouch_certs::{IssuanceProfile, IssuedDeviceCertificate};
 
 use crate::bootstrap::Instance;
-use crate::db::{Collection, Document, DocumentStore, StoreError, Write};
+use crate::db::{Change, Collection, Document, DocumentStore, StoreError, Write};
 use crate::http::error::{ApiError, ErrorCode, store_error};
 use crate::hub::Hub;
 
@@ -513,82 +513,58 @@ impl Pki {
     /// is less than [`CRL_REFRESH_MARGIN`] away.
     pub async fn crl(&self, force: bool) -> Result<Vec<u8>, ApiError> {
         let _one_at_a_time = self.crl_lock.lock().await;
-        for _ in 0..8 {
-            let now = crate::time::now_unix() as i64;
-            let current = self
-                .blocking(ErrorCode::NotFound, |s| {
-                    s.get(Collection::PkiState, CRL_DOCUMENT)
-                })
-                .await?;
-            let stored = current.as_ref().and_then(|doc| {
-                let next = doc.body.get("nextUpdate").and_then(Value::as_i64)?;
-                let der = doc.body.get("der").and_then(Value::as_str)?;
-                let issuer = doc.body.get("issuer").and_then(Value::as_str)?;
-                Some((next, B64.decode(der).ok()?, issuer == self.issuer))
-            });
-            if let Some((next, der, same_issuer)) = &stored
-                && !force
-                && *same_issuer
-                && next - now > CRL_REFRESH_MARGIN
-            {
-                return Ok(der.clone());
-            }
-            let number = current
-                .as_ref()
-                .and_then(|d| d.body.get("crlNumber").and_then(Value::as_u64))
-                .unwrap_or(0)
-                .saturating_add(1);
-            let revoked = self
-                .blocking(ErrorCode::NotFound, |s| {
-                    Ok(s.list_all(Collection::IssuedCertificates, None)?
-                        .into_iter()
-                        .filter_map(|d| revoked_entry(&d))
-                        .collect::<Vec<_>>())
-                })
-                .await?;
-            let signed = self
-                .instance
-                .ca
-                .sign_crl(&CrlParams {
-                    crl_number: number,
-                    this_update_unix: now,
-                    next_update_unix: now + CRL_LIFETIME_SECONDS,
-                    revoked,
-                })
-                .map_err(ApiError::internal)?;
-            let body = json!({
-                "crlNumber": number,
-                "thisUpdate": now,
-                "nextUpdate": now + CRL_LIFETIME_SECONDS,
-                "issuer": self.issuer,
-                "der": B64.encode(&signed.der),
-            });
-            let write = match &current {
-                Some(doc) => Write::IfMatch(doc.etag.clone()),
-                None => Write::Create,
-            };
-            let written = self
-                .blocking(ErrorCode::NotFound, move |s| {
-                    match s.put(Collection::PkiState, CRL_DOCUMENT, None, &body, write) {
-                        Ok(_) => Ok(true),
-                        // Another replica signed one in between: read it and decide again.
-                        Err(
-                            StoreError::PreconditionFailed
-                            | StoreError::Conflict
-                            | StoreError::NotFound,
-                        ) => Ok(false),
-                        Err(other) => Err(other),
-                    }
-                })
-                .await?;
-            if written {
-                tracing::info!(crl_number = number, "signed a new CRL");
-                return Ok(signed.der);
-            }
+        let (instance, issuer) = (Arc::clone(&self.instance), self.issuer.clone());
+        // Another replica may sign one in between: `update` then reads it and decides again.
+        let updated = crate::db::blocking(&self.store, move |s| {
+            s.update::<_, ApiError>(Collection::PkiState, CRL_DOCUMENT, |current| {
+                let now = crate::time::now_unix() as i64;
+                let stored = current.and_then(|doc| {
+                    let next = doc.body.get("nextUpdate").and_then(Value::as_i64)?;
+                    let der = doc.body.get("der").and_then(Value::as_str)?;
+                    let signer = doc.body.get("issuer").and_then(Value::as_str)?;
+                    Some((next, B64.decode(der).ok()?, signer == issuer))
+                });
+                if let Some((next, der, same_issuer)) = stored
+                    && !force
+                    && same_issuer
+                    && next - now > CRL_REFRESH_MARGIN
+                {
+                    return Ok(Change::Keep((der, None)));
+                }
+                let number = current
+                    .and_then(|d| d.body.get("crlNumber").and_then(Value::as_u64))
+                    .unwrap_or(0)
+                    .saturating_add(1);
+                let revoked = s
+                    .list_all(Collection::IssuedCertificates, None)?
+                    .into_iter()
+                    .filter_map(|d| revoked_entry(&d))
+                    .collect::<Vec<_>>();
+                let signed = instance
+                    .ca
+                    .sign_crl(&CrlParams {
+                        crl_number: number,
+                        this_update_unix: now,
+                        next_update_unix: now + CRL_LIFETIME_SECONDS,
+                        revoked,
+                    })
+                    .map_err(ApiError::internal)?;
+                let body = json!({
+                    "crlNumber": number,
+                    "thisUpdate": now,
+                    "nextUpdate": now + CRL_LIFETIME_SECONDS,
+                    "issuer": issuer,
+                    "der": B64.encode(&signed.der),
+                });
+                Ok(Change::put(body, (signed.der, Some(number))))
+            })
+        })
+        .await?;
+        let (der, signed) = updated.result;
+        if let Some(number) = signed {
+            tracing::info!(crl_number = number, "signed a new CRL");
         }
-        Err(ApiError::internal(
-            "the CRL kept changing while it was re-signed",
-        ))
+        Ok(der)
     }
 
     /// Answers a DER OCSP request with a DER OCSP response (never an error: failures are
@@ -681,54 +657,45 @@ pub(crate) enum Revoked {
     Missing,
 }
 
-/// Marks one record revoked (conditioned on its etag; retried if it changed) and audits it.
+/// Marks one record revoked (conditioned on its etag; `DocumentStore::update` retries if it
+/// changed) and audits it.
 pub(crate) fn revoke_record(
     store: &dyn DocumentStore,
     serial: &str,
     reason: ReasonCode,
     actor: &str,
 ) -> Result<Revoked, StoreError> {
-    for _ in 0..8 {
-        let Some(doc) = store.get(Collection::IssuedCertificates, serial)? else {
-            return Ok(Revoked::Missing);
+    let updated = store.update::<_, StoreError>(Collection::IssuedCertificates, serial, |doc| {
+        let Some(doc) = doc else {
+            return Ok(Change::Keep(Revoked::Missing));
         };
         if doc.body.get("status").and_then(Value::as_str) == Some("revoked") {
-            return Ok(Revoked::Already);
+            return Ok(Change::Keep(Revoked::Already));
         }
         let mut body = doc.body.clone();
         body["status"] = json!("revoked");
         body["revokedAt"] = json!(crate::time::now_unix());
         body["reason"] = json!(reason.name());
-        match store.put(
-            Collection::IssuedCertificates,
-            &doc.id,
-            doc.parent.as_deref(),
-            &body,
-            Write::IfMatch(doc.etag.clone()),
-        ) {
-            Ok(_) => {
-                let registration_id = body.get("registrationId").and_then(Value::as_str);
-                audit(
-                    store,
-                    &AuditEntry {
-                        action: Action::Revoke,
-                        actor,
-                        serial: &doc.id,
-                        registration_id,
-                        reason: Some(reason.name()),
-                        detail: Value::Null,
-                    },
-                )?;
-                return Ok(Revoked::Now(body));
-            }
-            Err(StoreError::PreconditionFailed) => continue,
-            Err(StoreError::NotFound) => return Ok(Revoked::Missing),
-            Err(other) => return Err(other),
-        }
+        Ok(Change::Put {
+            body: body.clone(),
+            parent: doc.parent.clone(),
+            result: Revoked::Now(body),
+        })
+    })?;
+    if let (Revoked::Now(body), Some(doc)) = (&updated.result, &updated.document) {
+        audit(
+            store,
+            &AuditEntry {
+                action: Action::Revoke,
+                actor,
+                serial: &doc.id,
+                registration_id: body.get("registrationId").and_then(Value::as_str),
+                reason: Some(reason.name()),
+                detail: Value::Null,
+            },
+        )?;
     }
-    Err(StoreError::Backend(
-        "the certificate record kept changing during revocation".into(),
-    ))
+    Ok(updated.result)
 }
 
 /// The CRL entry of a revoked record; `None` for good ones (and unreadable ones).
