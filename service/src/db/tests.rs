@@ -683,9 +683,7 @@ fn update_creates_changes_keeps_and_deletes(f: &Fixture) {
         .build()
         .unwrap();
     let read = runtime
-        .block_on(blocking::<_, StoreError, _>(&shared, |s| {
-            s.get(C, "counter")
-        }))
+        .block_on(blocking(&shared, |s| s.get(C, "counter")))
         .unwrap();
     assert_eq!(read, None);
 }

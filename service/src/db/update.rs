@@ -126,17 +126,17 @@ fn pause(lost: usize) {
     std::thread::sleep(bound.mul_f64(rand::random::<f64>()));
 }
 
-/// Runs synchronous store calls on tokio's blocking pool, for async callers. The calls may
-/// fail with any error a [`StoreError`] converts into (a domain error from inside an
-/// [`update`](DocumentStore::update), say); a task that panicked is a [`StoreError::Backend`].
-pub async fn blocking<T, E, F>(store: &Arc<dyn DocumentStore>, f: F) -> Result<T, E>
+/// Runs synchronous store calls on tokio's blocking pool, for async callers. A task that
+/// panicked is a [`StoreError::Backend`]. Calls that end in a domain error of their own (an
+/// [`update`](DocumentStore::update) whose change refuses, say) return it inside the `Ok`:
+/// `blocking(&store, |s| Ok(s.update(…))).await??`.
+pub async fn blocking<T, F>(store: &Arc<dyn DocumentStore>, f: F) -> Result<T, StoreError>
 where
-    F: FnOnce(&dyn DocumentStore) -> Result<T, E> + Send + 'static,
+    F: FnOnce(&dyn DocumentStore) -> Result<T, StoreError> + Send + 'static,
     T: Send + 'static,
-    E: From<StoreError> + Send + 'static,
 {
     let store = Arc::clone(store);
     tokio::task::spawn_blocking(move || f(store.as_ref()))
         .await
-        .map_err(|e| E::from(StoreError::Backend(format!("a storage task failed: {e}"))))?
+        .map_err(|e| StoreError::Backend(format!("a storage task failed: {e}")))?
 }

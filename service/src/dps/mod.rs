@@ -181,18 +181,6 @@ pub struct Dps {
     pub pki: std::sync::OnceLock<Arc<crate::pki::Pki>>,
 }
 
-async fn blocking<T, F>(store: &Arc<dyn DocumentStore>, f: F) -> Result<T, ApiError>
-where
-    F: FnOnce(&dyn DocumentStore) -> Result<T, StoreError> + Send + 'static,
-    T: Send + 'static,
-{
-    let store = store.clone();
-    tokio::task::spawn_blocking(move || f(store.as_ref()))
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(|e| crate::http::error::store_error(e, ErrorCode::NotFound))
-}
-
 /// What [`Dps::record_registration`] did.
 enum Recorded {
     Written(Document),
@@ -303,7 +291,7 @@ impl Dps {
     ) -> Result<Progress, ApiError> {
         // While writes fail (a full disk), a registration could be answered 202 and then never
         // recorded: refuse it at once, with a retry hint the SDKs follow.
-        blocking(&self.store, |store| store.check_writable()).await?;
+        crate::db::blocking(&self.store, |store| store.check_writable()).await?;
         let operation_id = new_operation_id();
         self.lock_pending()
             .insert(operation_id.clone(), registration_id.to_ascii_lowercase());
@@ -512,7 +500,7 @@ impl Dps {
         let certificate = matches!(evidence, Evidence::Certificate(_));
         // An individual enrollment of the evidence's kind decides alone (§3.2, §3.3): then
         // neither the groups nor the CA certificates need reading.
-        let (individual, groups, cas) = blocking(&self.store, move |s| {
+        let (individual, groups, cas) = crate::db::blocking(&self.store, move |s| {
             let individual = s.get(Collection::IndividualEnrollments, &id)?;
             let kind = individual
                 .as_ref()
@@ -694,7 +682,7 @@ impl Dps {
                 .map_err(|e| unauthorized(e.to_string()))
         };
         let id = registration_id.to_string();
-        let (individual, groups) = blocking(&self.store, move |s| {
+        let (individual, groups) = crate::db::blocking(&self.store, move |s| {
             Ok((
                 s.get(Collection::IndividualEnrollments, &id)?,
                 s.list_all(Collection::EnrollmentGroups, None)?,
@@ -965,7 +953,8 @@ impl Dps {
         // enrollment (individual) or the first registration (group member) spelled it.
         let id = registration_id.to_string();
         let previous =
-            blocking(&self.store, move |s| s.get(Collection::Registrations, &id)).await?;
+            crate::db::blocking(&self.store, move |s| s.get(Collection::Registrations, &id))
+                .await?;
         let canonical_id = match &group_id {
             None => enrollment.id.clone(),
             Some(_) => previous
@@ -1445,7 +1434,7 @@ impl Dps {
             });
             linked.targets.push(HubTarget::Local(hub.clone()));
         }
-        let remote = blocking(&self.store, hubs::load_all).await?;
+        let remote = crate::db::blocking(&self.store, hubs::load_all).await?;
         let now = crate::time::now_unix();
         for record in remote {
             if linked.target(&record.name).is_some() {
@@ -1598,7 +1587,9 @@ impl Dps {
             attempts: 1,
             last_error: error.to_string(),
         };
-        if let Err(error) = blocking(&self.store, move |s| hubs::save_stale(s, &stale)).await {
+        if let Err(error) =
+            crate::db::blocking(&self.store, move |s| hubs::save_stale(s, &stale)).await
+        {
             tracing::error!(hub = old_hub, device_id, %error, "could not record a pending removal; the old identity stays until removed by hand");
         }
     }
@@ -1607,7 +1598,7 @@ impl Dps {
     async fn cancel_stale(&self, hub: &str, device_id: &str) -> Result<(), ApiError> {
         let key = hubs::StaleIdentity::key(hub, device_id);
         let (hub, device_id) = (hub.to_string(), device_id.to_string());
-        blocking(&self.store, move |s| {
+        crate::db::blocking(&self.store, move |s| {
             // A read first: almost always there is nothing to cancel, and reads are cheap.
             if s.get(Collection::StaleIdentities, &key)?.is_some() {
                 hubs::forget_stale(s, &hub, &device_id)?;
@@ -1615,6 +1606,7 @@ impl Dps {
             Ok(())
         })
         .await
+        .map_err(ApiError::from)
     }
 
     /// Retries every pending removal of a moved device from its old hub; returns how many
@@ -1623,7 +1615,7 @@ impl Dps {
     /// and the removal still wanted, and registration cancels the removal before it writes
     /// the identity again.
     pub async fn sweep_stale_identities(&self) -> Result<usize, ApiError> {
-        let pending = blocking(&self.store, |s| hubs::load_stale(s, None)).await?;
+        let pending = crate::db::blocking(&self.store, |s| hubs::load_stale(s, None)).await?;
         if pending.is_empty() {
             return Ok(0);
         }
@@ -1633,7 +1625,8 @@ impl Dps {
             match self.retry_stale(&linked, &stale).await {
                 Ok(()) => {
                     let (hub, device) = (stale.hub.clone(), stale.device_id.clone());
-                    blocking(&self.store, move |s| hubs::forget_stale(s, &hub, &device)).await?;
+                    crate::db::blocking(&self.store, move |s| hubs::forget_stale(s, &hub, &device))
+                        .await?;
                 }
                 Err(error) => {
                     left += 1;
@@ -1641,7 +1634,7 @@ impl Dps {
                     stale.last_error = error.to_string();
                     // Written only if the record is still there: a registration may have
                     // cancelled it meanwhile.
-                    blocking(&self.store, move |s| {
+                    crate::db::blocking(&self.store, move |s| {
                         let key = hubs::StaleIdentity::key(&stale.hub, &stale.device_id);
                         match s.get(Collection::StaleIdentities, &key)? {
                             Some(_) => hubs::save_stale(s, &stale),
@@ -1686,14 +1679,14 @@ impl Dps {
             stale.registration_id.clone(),
             hubs::StaleIdentity::key(&stale.hub, &stale.device_id),
         );
-        let (current, wanted) = blocking(&self.store, move |s| {
+        let (current, wanted) = crate::db::blocking(&self.store, move |s| {
             Ok((
                 s.get(Collection::Registrations, &registration)?,
                 s.get(Collection::StaleIdentities, &key)?.is_some(),
             ))
         })
         .await
-        .map_err(|e| HubCallError::Unreachable(e.message))?;
+        .map_err(|e| HubCallError::Unreachable(ApiError::from(e).message))?;
         // Assigned there, or failed since with that assignment kept.
         let back_there = current.is_some_and(|doc| {
             doc.body
@@ -1724,7 +1717,7 @@ impl Dps {
             return Ok(None);
         };
         let (serial, issuer) = (identity.serial.clone(), identity.issuer.clone());
-        let ours = blocking(&self.store, move |s| {
+        let ours = crate::db::blocking(&self.store, move |s| {
             Ok(s.get(Collection::IssuedCertificates, &serial)?
                 .is_some_and(|d| d.body.get("issuer").and_then(Value::as_str) == Some(&issuer)))
         })
@@ -1739,7 +1732,7 @@ impl Dps {
         };
         let name = remote.name.clone();
         let now = crate::time::now_unix();
-        let result = blocking(&self.store, move |s| {
+        let result = crate::db::blocking(&self.store, move |s| {
             hubs::update(s, &name, |h| {
                 h.last_failure_unix = now;
                 true
@@ -1782,7 +1775,8 @@ impl Dps {
             return Err(ApiError::new(code, message));
         }
         let id = registration_id.to_string();
-        let doc = blocking(&self.store, move |s| s.get(Collection::Registrations, &id)).await?;
+        let doc = crate::db::blocking(&self.store, move |s| s.get(Collection::Registrations, &id))
+            .await?;
         let doc = doc
             .filter(|d| {
                 d.body
@@ -1821,7 +1815,7 @@ impl Dps {
     ) -> Result<Value, ApiError> {
         self.authenticate(registration_id, evidence).await?;
         let id = registration_id.to_string();
-        let doc = blocking(&self.store, move |s| s.get(Collection::Registrations, &id))
+        let doc = crate::db::blocking(&self.store, move |s| s.get(Collection::Registrations, &id))
             .await?
             .ok_or_else(|| {
                 ApiError::new(

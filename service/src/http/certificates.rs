@@ -14,9 +14,7 @@ use crate::auth::Rights;
 use crate::db::{Collection, Document, Write};
 use crate::http::error::{ApiError, ErrorCode};
 use crate::http::routes;
-use crate::http::{
-    AppState, authorize, blocking, blocking_for, if_match, required_body, write_mode,
-};
+use crate::http::{AppState, authorize, if_match, required_body, write_mode};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource(routes::CERTIFICATES).route(web::get().to(list)))
@@ -91,7 +89,7 @@ struct Upload {
 
 async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state, Rights::SERVICE_CONFIG).await?;
-    let docs = blocking(&state, |store| {
+    let docs = crate::db::blocking(&state.store, |store| {
         store.list_all(Collection::CaCertificates, None)
     })
     .await?;
@@ -110,7 +108,7 @@ async fn get(
 }
 
 async fn load(state: &web::Data<AppState>, name: String) -> Result<Document, ApiError> {
-    blocking(state, move |store| {
+    crate::db::blocking(&state.store, move |store| {
         store.get(Collection::CaCertificates, &name)
     })
     .await?
@@ -161,10 +159,11 @@ async fn put(
         "verificationCode": Value::Null,
     });
     let write = write_mode(req.headers())?;
-    let doc = blocking_for(&state, ErrorCode::CertificateNotFound, move |store| {
+    let doc = crate::db::blocking(&state.store, move |store| {
         store.put(Collection::CaCertificates, &name, None, &stored, write)
     })
-    .await?;
+    .await
+    .map_err(|e| crate::http::error::store_error(e, ErrorCode::CertificateNotFound))?;
     Ok(HttpResponse::Ok().json(view(&doc)))
 }
 
@@ -176,7 +175,7 @@ async fn delete(
     authorize(&req, &state, Rights::SERVICE_CONFIG).await?;
     let name = name.into_inner();
     let etag = if_match(req.headers())?;
-    let in_use = blocking_for(&state, ErrorCode::CertificateNotFound, move |store| {
+    let in_use = crate::db::blocking(&state.store, move |store| {
         if let Some(group) = group_referencing(store, &name)? {
             return Ok(Some(group));
         }
@@ -184,7 +183,8 @@ async fn delete(
             .delete(Collection::CaCertificates, &name, etag.as_deref())
             .map(|_| None)
     })
-    .await?;
+    .await
+    .map_err(|e| crate::http::error::store_error(e, ErrorCode::CertificateNotFound))?;
     if let Some(group) = in_use {
         return Err(ApiError::new(
             ErrorCode::CertificateInUse,
@@ -231,7 +231,7 @@ async fn generate_verification_code(
     let mut body = doc.body;
     let code: [u8; 16] = rand::random();
     body["verificationCode"] = Value::String(hex::encode_upper(code));
-    let doc = blocking_for(&state, ErrorCode::CertificateNotFound, move |store| {
+    let doc = crate::db::blocking(&state.store, move |store| {
         store.put(
             Collection::CaCertificates,
             &name,
@@ -240,7 +240,8 @@ async fn generate_verification_code(
             Write::IfMatch(etag),
         )
     })
-    .await?;
+    .await
+    .map_err(|e| crate::http::error::store_error(e, ErrorCode::CertificateNotFound))?;
     Ok(HttpResponse::Ok().json(view(&doc)))
 }
 
@@ -294,7 +295,7 @@ async fn verify(
     let mut body = doc.body;
     body["isVerified"] = Value::Bool(true);
     body["verificationCode"] = Value::Null;
-    let doc = blocking_for(&state, ErrorCode::CertificateNotFound, move |store| {
+    let doc = crate::db::blocking(&state.store, move |store| {
         store.put(
             Collection::CaCertificates,
             &name,
@@ -303,6 +304,7 @@ async fn verify(
             Write::IfMatch(etag),
         )
     })
-    .await?;
+    .await
+    .map_err(|e| crate::http::error::store_error(e, ErrorCode::CertificateNotFound))?;
     Ok(HttpResponse::Ok().json(view(&doc)))
 }

@@ -12,8 +12,7 @@ use crate::enrollment::{self, Kind};
 use crate::http::error::{ApiError, ErrorCode};
 use crate::http::routes;
 use crate::http::{
-    AppState, authorize, blocking, blocking_for, if_match, json_body, page_response, paging,
-    with_metadata, write_mode,
+    AppState, authorize, if_match, json_body, page_response, paging, with_metadata, write_mode,
 };
 
 /// Most items in one bulk request, as in Azure DPS.
@@ -113,7 +112,7 @@ async fn get(
     authorize(&req, &state, Rights::ENROLLMENT_READ).await?;
     let kind = **kind;
     let id = id.into_inner();
-    let (doc, registration) = blocking(&state, move |store| {
+    let (doc, registration) = crate::db::blocking(&state.store, move |store| {
         let doc = store.get(collection(kind), &id)?;
         let registration = match (&doc, kind) {
             (Some(_), Kind::Individual) => store.get(Collection::Registrations, &id)?,
@@ -139,7 +138,7 @@ async fn attestation_mechanism(
     authorize(&req, &state, Rights::ENROLLMENT_READ).await?;
     let kind = **kind;
     let id = id.into_inner();
-    let doc = blocking(&state, move |store| store.get(collection(kind), &id))
+    let doc = crate::db::blocking(&state.store, move |store| store.get(collection(kind), &id))
         .await?
         .ok_or_else(|| ApiError::new(not_found(kind), "no enrollment with this id"))?;
     Ok(HttpResponse::Ok().json(doc.body.get("attestation").cloned().unwrap_or(Value::Null)))
@@ -178,7 +177,7 @@ async fn upsert(
         Write::Create => None,
         _ => {
             let id = id.clone();
-            blocking(state, move |store| store.get(collection(kind), &id))
+            crate::db::blocking(&state.store, move |store| store.get(collection(kind), &id))
                 .await?
                 .map(|d| d.body)
         }
@@ -193,7 +192,7 @@ async fn upsert(
     let references = enrollment::ca_references(&doc);
     if !references.is_empty() {
         let names = references.clone();
-        let found = blocking(state, move |store| {
+        let found = crate::db::blocking(&state.store, move |store| {
             names
                 .iter()
                 .map(|n| {
@@ -214,10 +213,11 @@ async fn upsert(
             }
         }
     }
-    blocking_for(state, not_found(kind), move |store| {
+    crate::db::blocking(&state.store, move |store| {
         store.put(collection(kind), &id, None, &doc, write)
     })
     .await
+    .map_err(|e| crate::http::error::store_error(e, not_found(kind)))
 }
 
 async fn delete(
@@ -230,10 +230,11 @@ async fn delete(
     let kind = **kind;
     let id = id.into_inner();
     let etag = if_match(req.headers())?;
-    blocking_for(&state, not_found(kind), move |store| {
+    crate::db::blocking(&state.store, move |store| {
         store.delete(collection(kind), &id, etag.as_deref())
     })
-    .await?;
+    .await
+    .map_err(|e| crate::http::error::store_error(e, not_found(kind)))?;
     Ok(HttpResponse::NoContent().finish())
 }
 
@@ -273,7 +274,7 @@ async fn query(
         check_query(spec.query.as_deref().unwrap_or("*"), table)?;
     }
     let (size, continuation) = paging(req.headers())?;
-    let page = blocking(&state, move |store| {
+    let page = crate::db::blocking(&state.store, move |store| {
         store.list(collection(kind), None, size, continuation.as_deref())
     })
     .await?;
@@ -379,10 +380,11 @@ async fn bulk_item(
                 .await
                 .map(drop)
         }
-        BulkMode::Delete => blocking_for(state, not_found(kind), move |store| {
+        BulkMode::Delete => crate::db::blocking(&state.store, move |store| {
             store.delete(collection(kind), &id, etag.as_deref())
         })
         .await
+        .map_err(|e| crate::http::error::store_error(e, not_found(kind)))
         .map(drop),
     }
 }

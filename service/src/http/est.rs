@@ -25,7 +25,7 @@ use crate::dps::{Attestation, Evidence};
 use crate::http::error::{ApiError, ErrorCode};
 use crate::http::pki::pki_of;
 use crate::http::routes;
-use crate::http::{AppState, blocking, peer_certificates};
+use crate::http::{AppState, peer_certificates};
 use crate::pki::{Action, Pki};
 
 const CERTS_ONLY: &str = "application/pkcs7-mime; smime-type=certs-only";
@@ -167,7 +167,9 @@ async fn simpleenroll(
     if attested.mechanism == Mechanism::SymmetricKey {
         // A shared key admits only a device that has provisioned.
         let id = registration_id.clone();
-        let registered = blocking(&state, move |s| s.get(Collection::Registrations, &id)).await?;
+        let registered =
+            crate::db::blocking(&state.store, move |s| s.get(Collection::Registrations, &id))
+                .await?;
         let assigned = registered
             .as_ref()
             .and_then(|d| d.body.get("status").and_then(Value::as_str))
@@ -278,7 +280,7 @@ async fn simplereenroll(
         ));
     }
     let serial = identity.serial.clone();
-    let record = blocking(&state, move |s| {
+    let record = crate::db::blocking(&state.store, move |s| {
         s.get(Collection::IssuedCertificates, &serial)
     })
     .await?
@@ -323,7 +325,7 @@ async fn simplereenroll(
         Some(group) => (Collection::EnrollmentGroups, group.clone()),
         None => (Collection::IndividualEnrollments, registration_id.clone()),
     };
-    let enrollment = blocking(&state, move |s| s.get(collection, &enrollment_id))
+    let enrollment = crate::db::blocking(&state.store, move |s| s.get(collection, &enrollment_id))
         .await?
         .ok_or_else(|| unauthorized("the enrollment of this certificate no longer exists"))?;
     if enrollment

@@ -16,7 +16,7 @@ use crate::db::{Collection, Write};
 use crate::dps::hubs::{self, HubCredential, HubState, LinkedHub};
 use crate::http::error::{ApiError, ErrorCode};
 use crate::http::routes;
-use crate::http::{AppState, authorize, blocking, blocking_for, required_body};
+use crate::http::{AppState, authorize, required_body};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource(routes::HUBS).route(web::get().to(list)))
@@ -87,7 +87,7 @@ fn built_in_refusal(name: &str, action: &str) -> ApiError {
 
 async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state, Rights::SERVICE_CONFIG).await?;
-    let linked = blocking(&state, hubs::load_all).await?;
+    let linked = crate::db::blocking(&state.store, hubs::load_all).await?;
     let now = crate::time::now_unix();
     let mut items: Vec<Value> = built_in_view(&state).into_iter().collect();
     items.extend(linked.iter().map(|h| h.view(now, timeout(&state))));
@@ -95,7 +95,7 @@ async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRespon
 }
 
 async fn load(state: &web::Data<AppState>, name: String) -> Result<LinkedHub, ApiError> {
-    blocking(state, move |s| hubs::load(s, &name))
+    crate::db::blocking(&state.store, move |s| hubs::load(s, &name))
         .await?
         .ok_or_else(|| ApiError::new(ErrorCode::HubNotFound, "no linked hub with this name"))
 }
@@ -117,7 +117,8 @@ async fn get(
     let mut view = hub.view(crate::time::now_unix(), timeout(&state));
     let name = hub.name.clone();
     // Moved devices still to be removed from this hub (the provisioning service retries).
-    let pending = blocking(&state, move |s| hubs::load_stale(s, Some(&name))).await?;
+    let pending =
+        crate::db::blocking(&state.store, move |s| hubs::load_stale(s, Some(&name))).await?;
     view["pendingRemovals"] = json!(
         pending
             .iter()
@@ -149,7 +150,7 @@ async fn set_state(
             HubState::Draining => Err(built_in_refusal(&name, "drained")),
         };
     }
-    let hub = blocking(&state, move |s| {
+    let hub = crate::db::blocking(&state.store, move |s| {
         hubs::update(s, &name, |h| {
             let changed = h.state != to;
             h.state = to;
@@ -189,10 +190,11 @@ async fn remove(
         return Err(built_in_refusal(&name, "removed"));
     }
     let key = name.clone();
-    blocking_for(&state, ErrorCode::HubNotFound, move |s| {
+    crate::db::blocking(&state.store, move |s| {
         s.delete(Collection::LinkedHubs, &key, None)
     })
-    .await?;
+    .await
+    .map_err(|e| crate::http::error::store_error(e, ErrorCode::HubNotFound))?;
     tracing::info!(hub = %name, "hub removed");
     Ok(HttpResponse::NoContent().finish())
 }
@@ -234,9 +236,11 @@ async fn join_token(
 }
 
 async fn current_secret(state: &web::Data<AppState>) -> Result<String, ApiError> {
-    blocking(state, |s| s.setting_get(crate::bootstrap::TOKEN_SECRET_KEY))
-        .await?
-        .ok_or_else(|| ApiError::internal("the token secret is missing"))
+    crate::db::blocking(&state.store, |s| {
+        s.setting_get(crate::bootstrap::TOKEN_SECRET_KEY)
+    })
+    .await?
+    .ok_or_else(|| ApiError::internal("the token secret is missing"))
 }
 
 fn bearer(req: &HttpRequest) -> Result<String, ApiError> {
@@ -257,7 +261,10 @@ fn bearer(req: &HttpRequest) -> Result<String, ApiError> {
 /// uploaded for enrollment groups: what a hub needs to trust devices.
 async fn bundle(state: &web::Data<AppState>) -> Result<String, ApiError> {
     let own = state.instance.ca.trust_bundle_pem();
-    let pems = blocking(state, move |s| crate::hub::auth::trusted_cas(s, &own)).await?;
+    let pems = crate::db::blocking(&state.store, move |s| {
+        crate::hub::auth::trusted_cas(s, &own)
+    })
+    .await?;
     Ok(pems.iter().map(|p| format!("{}\n", p.trim())).collect())
 }
 
@@ -348,7 +355,10 @@ async fn join(
     // Everything checked: spend the token, then issue.
     {
         let claims = claims.clone();
-        blocking(&state, move |s| Ok(hubs::consume_join_token(s, &claims))).await??;
+        crate::db::blocking(&state.store, move |s| {
+            Ok(hubs::consume_join_token(s, &claims))
+        })
+        .await??;
     }
     let issued = state
         .instance
@@ -371,7 +381,7 @@ async fn join(
     };
     let body = serde_json::to_value(&record).map_err(ApiError::internal)?;
     let key = name.clone();
-    blocking(&state, move |s| {
+    crate::db::blocking(&state.store, move |s| {
         s.put(Collection::LinkedHubs, &key, None, &body, Write::Upsert)
     })
     .await?;
@@ -405,7 +415,7 @@ async fn heartbeat(
         ));
     }
     let now = crate::time::now_unix();
-    let hub = blocking(&state, move |s| {
+    let hub = crate::db::blocking(&state.store, move |s| {
         hubs::update(s, &name, |h| {
             h.last_heartbeat_unix = now;
             true

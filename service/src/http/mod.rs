@@ -32,7 +32,7 @@ use tracing::Instrument;
 use crate::auth::{self, Caller, Credential, Rights};
 use crate::bootstrap::Instance;
 use crate::config::Settings;
-use crate::db::{Collection, Document, DocumentStore, StoreError, Write};
+use crate::db::{Collection, Document, DocumentStore, Write};
 use crate::http::error::{ApiError, ErrorCode};
 use crate::tls::PeerCertificates;
 
@@ -282,7 +282,7 @@ pub async fn authorize(
         .and_then(|v| v.to_str().ok());
     let caller = match auth::parse_authorization(header)? {
         Credential::Bearer(token) => {
-            let secret = blocking(state, |store| {
+            let secret = crate::db::blocking(&state.store, |store| {
                 store.setting_get(crate::bootstrap::TOKEN_SECRET_KEY)
             })
             .await?
@@ -296,7 +296,7 @@ pub async fn authorize(
         }
         Credential::Sas(token) => {
             let name = token.skn.clone().unwrap_or_default();
-            let doc = blocking(state, move |store| {
+            let doc = crate::db::blocking(&state.store, move |store| {
                 store.get(Collection::AuthorizationPolicies, &name)
             })
             .await?;
@@ -316,33 +316,6 @@ pub async fn authorize(
     caller.require(needed)?;
     tracing::debug!(principal = %caller.principal, "authorized");
     Ok(caller)
-}
-
-/// Runs a storage call on the blocking pool. "Not found" maps to the generic code; use
-/// [`blocking_for`] where the resource has its own.
-pub async fn blocking<T, F>(state: &web::Data<AppState>, f: F) -> Result<T, ApiError>
-where
-    F: FnOnce(&dyn DocumentStore) -> Result<T, StoreError> + Send + 'static,
-    T: Send + 'static,
-{
-    blocking_for(state, ErrorCode::NotFound, f).await
-}
-
-/// Like [`blocking`], mapping "not found" to the resource's own code.
-pub async fn blocking_for<T, F>(
-    state: &web::Data<AppState>,
-    not_found: ErrorCode,
-    f: F,
-) -> Result<T, ApiError>
-where
-    F: FnOnce(&dyn DocumentStore) -> Result<T, StoreError> + Send + 'static,
-    T: Send + 'static,
-{
-    let store = state.store.clone();
-    web::block(move || f(store.as_ref()))
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(|e| error::store_error(e, not_found))
 }
 
 /// Parses a request body as JSON; an empty body is `None`.

@@ -11,7 +11,7 @@ use crate::auth::{Caller, Rights};
 use crate::db::{Collection, Document};
 use crate::http::error::{ApiError, ErrorCode};
 use crate::http::routes;
-use crate::http::{AppState, authorize, blocking, json_body, page_response, paging, with_metadata};
+use crate::http::{AppState, authorize, json_body, page_response, paging, with_metadata};
 use crate::pki::Pki;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -136,7 +136,10 @@ async fn revoke_group(
     let group = id.into_inner();
     let exists = {
         let group = group.clone();
-        blocking(&state, move |s| s.get(Collection::EnrollmentGroups, &group)).await?
+        crate::db::blocking(&state.store, move |s| {
+            s.get(Collection::EnrollmentGroups, &group)
+        })
+        .await?
     };
     if exists.is_none() {
         return Err(ApiError::new(
@@ -163,14 +166,16 @@ async fn get_issued(
             "is not a hex serial number",
         )
     })?;
-    let doc = blocking(&state, move |s| s.get(Collection::IssuedCertificates, &key))
-        .await?
-        .ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::CertificateNotIssuedHere,
-                "no certificate with this serial was issued by this service",
-            )
-        })?;
+    let doc = crate::db::blocking(&state.store, move |s| {
+        s.get(Collection::IssuedCertificates, &key)
+    })
+    .await?
+    .ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::CertificateNotIssuedHere,
+            "no certificate with this serial was issued by this service",
+        )
+    })?;
     Ok(HttpResponse::Ok().json(record_view(&doc)))
 }
 
@@ -232,7 +237,7 @@ async fn list_issued(
     let filters = filters(&req)?;
     let (size, continuation) = paging(req.headers())?;
     let parent = filters.registration_id.clone();
-    let page = blocking(&state, move |s| {
+    let page = crate::db::blocking(&state.store, move |s| {
         s.list(
             Collection::IssuedCertificates,
             parent.as_deref(),
@@ -274,7 +279,7 @@ async fn list_audit(
     };
     let (size, continuation) = paging(req.headers())?;
     let parent = filters.registration_id.clone();
-    let page = blocking(&state, move |s| {
+    let page = crate::db::blocking(&state.store, move |s| {
         s.list(
             Collection::AuditEvents,
             parent.as_deref(),

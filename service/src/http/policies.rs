@@ -12,9 +12,7 @@ use crate::bootstrap::policy_from_doc;
 use crate::db::{Collection, Document, DocumentStore, StoreError, Write};
 use crate::http::error::{ApiError, ErrorCode};
 use crate::http::routes;
-use crate::http::{
-    AppState, authorize, blocking, blocking_for, if_match, required_body, write_mode,
-};
+use crate::http::{AppState, authorize, if_match, required_body, write_mode};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource(routes::POLICIES).route(web::get().to(list)))
@@ -55,7 +53,7 @@ fn another_admin_exists(docs: &[Document], except: &str) -> bool {
 
 async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state, Rights::SERVICE_CONFIG).await?;
-    let docs = blocking(&state, all_policies).await?;
+    let docs = crate::db::blocking(&state.store, all_policies).await?;
     let items = docs.iter().map(view).collect::<Result<Vec<_>, _>>()?;
     Ok(HttpResponse::Ok().json(json!({"value": items})))
 }
@@ -67,7 +65,7 @@ async fn get(
 ) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state, Rights::SERVICE_CONFIG).await?;
     let name = name.into_inner();
-    let doc = blocking(&state, move |store| {
+    let doc = crate::db::blocking(&state.store, move |store| {
         store.get(Collection::AuthorizationPolicies, &name)
     })
     .await?
@@ -145,7 +143,7 @@ async fn put(
             None => keys.push(None),
         }
     }
-    let doc = blocking_for(&state, ErrorCode::PolicyNotFound, move |store| {
+    let doc = crate::db::blocking(&state.store, move |store| {
         let existing = store.get(Collection::AuthorizationPolicies, &name)?;
         let old = existing
             .as_ref()
@@ -174,7 +172,8 @@ async fn put(
             .put(Collection::AuthorizationPolicies, &name, None, &body, write)
             .map(Ok)
     })
-    .await?
+    .await
+    .map_err(|e| crate::http::error::store_error(e, ErrorCode::PolicyNotFound))?
     .map_err(|()| lock_out())?;
     Ok(HttpResponse::Ok().json(view(&doc)?))
 }
@@ -212,7 +211,7 @@ async fn regenerate_key(
             ));
         }
     };
-    let doc = blocking_for(&state, ErrorCode::PolicyNotFound, move |store| {
+    let doc = crate::db::blocking(&state.store, move |store| {
         let doc = store
             .get(Collection::AuthorizationPolicies, &name)?
             .ok_or(StoreError::NotFound)?;
@@ -234,7 +233,8 @@ async fn regenerate_key(
             Write::IfMatch(doc.etag),
         )
     })
-    .await?;
+    .await
+    .map_err(|e| crate::http::error::store_error(e, ErrorCode::PolicyNotFound))?;
     Ok(HttpResponse::Ok().json(view(&doc)?))
 }
 
@@ -246,7 +246,7 @@ async fn delete(
     authorize(&req, &state, Rights::SERVICE_CONFIG).await?;
     let name = name.into_inner();
     let etag = if_match(req.headers())?;
-    blocking_for(&state, ErrorCode::PolicyNotFound, move |store| {
+    crate::db::blocking(&state.store, move |store| {
         if !another_admin_exists(&all_policies(store)?, &name) {
             let this = store.get(Collection::AuthorizationPolicies, &name)?;
             let is_admin = this
@@ -261,7 +261,8 @@ async fn delete(
             .delete(Collection::AuthorizationPolicies, &name, etag.as_deref())
             .map(|_| Ok(()))
     })
-    .await?
+    .await
+    .map_err(|e| crate::http::error::store_error(e, ErrorCode::PolicyNotFound))?
     .map_err(|()| lock_out())?;
     Ok(HttpResponse::NoContent().finish())
 }

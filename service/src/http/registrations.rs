@@ -8,9 +8,7 @@ use crate::auth::Rights;
 use crate::db::{Collection, Document};
 use crate::http::error::{ApiError, ErrorCode};
 use crate::http::routes;
-use crate::http::{
-    AppState, authorize, blocking, blocking_for, if_match, page_response, paging, with_metadata,
-};
+use crate::http::{AppState, authorize, if_match, page_response, paging, with_metadata};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource(routes::REGISTRATIONS_QUERY).route(web::post().to(query)))
@@ -33,7 +31,7 @@ async fn get(
 ) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state, Rights::REGISTRATION_STATUS_READ).await?;
     let id = id.into_inner();
-    let doc = blocking(&state, move |store| {
+    let doc = crate::db::blocking(&state.store, move |store| {
         store.get(Collection::Registrations, &id)
     })
     .await?
@@ -54,10 +52,11 @@ async fn delete(
     authorize(&req, &state, Rights::REGISTRATION_STATUS_WRITE).await?;
     let id = id.into_inner();
     let etag = if_match(req.headers())?;
-    blocking_for(&state, ErrorCode::RegistrationNotFound, move |store| {
+    crate::db::blocking(&state.store, move |store| {
         store.delete(Collection::Registrations, &id, etag.as_deref())
     })
-    .await?;
+    .await
+    .map_err(|e| crate::http::error::store_error(e, ErrorCode::RegistrationNotFound))?;
     Ok(HttpResponse::NoContent().finish())
 }
 
@@ -70,7 +69,7 @@ async fn query(
     authorize(&req, &state, Rights::REGISTRATION_STATUS_READ).await?;
     let group = group.into_inner();
     let (size, continuation) = paging(req.headers())?;
-    let page = blocking(&state, move |store| {
+    let page = crate::db::blocking(&state.store, move |store| {
         store.list(
             Collection::Registrations,
             Some(&group),

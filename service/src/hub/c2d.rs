@@ -20,8 +20,8 @@ use base64::engine::general_purpose::STANDARD as B64;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::{Deserialize, Serialize};
 
+use super::Hub;
 use super::error::{HubError, HubErrorCode};
-use super::{Hub, blocking};
 use crate::db::{Change, Collection, Document, DocumentStore, StoreError, Write};
 use crate::mqtt::QoS;
 
@@ -286,11 +286,12 @@ pub async fn pending_count(
     device_id: &str,
 ) -> Result<usize, HubError> {
     let id = device_id.to_string();
-    blocking(store, move |s| {
+    crate::db::blocking(store, move |s| {
         s.list(Collection::C2dMessages, Some(&id), MAX_PENDING + 1, None)
             .map(|p| p.items.len())
     })
     .await
+    .map_err(HubError::from)
 }
 
 /// Deletes every queued message of a device.
@@ -391,7 +392,7 @@ impl Hub {
         };
         let doc = to_body(&queued).map_err(HubError::store)?;
         let device = device_id.to_string();
-        blocking(self.store(), move |s| {
+        crate::db::blocking(self.store(), move |s| {
             s.put(
                 Collection::C2dMessages,
                 &key,
@@ -428,7 +429,7 @@ impl Hub {
                 return;
             }
             let id = device_id.to_string();
-            let locked = match blocking(self.store(), move |s| {
+            let locked = match crate::db::blocking(self.store(), move |s| {
                 lock_next(s, &id, now_micros(), LOCK_TIMEOUT)
             })
             .await
@@ -453,7 +454,8 @@ impl Hub {
             };
             let id = device_id.to_string();
             let settled =
-                blocking(self.store(), move |s| settle_locked(s, &id, &locked, how)).await;
+                crate::db::blocking(self.store(), move |s| settle_locked(s, &id, &locked, how))
+                    .await;
             if let Err(e) = &settled {
                 tracing::warn!(device_id, "settling a delivered C2D message failed: {e}");
             }
@@ -467,10 +469,11 @@ impl Hub {
     /// message, locked for [`LOCK_TIMEOUT`]; `None` when nothing is waiting.
     pub async fn receive_c2d(&self, device_id: &str) -> Result<Option<Locked>, HubError> {
         let id = device_id.to_string();
-        blocking(self.store(), move |s| {
+        crate::db::blocking(self.store(), move |s| {
             lock_next(s, &id, now_micros(), LOCK_TIMEOUT)
         })
         .await
+        .map_err(HubError::from)
     }
 
     /// HTTPS complete, reject or abandon of the message locked by `lock_token`. An abandoned
@@ -482,7 +485,7 @@ impl Hub {
         how: Settlement,
     ) -> Result<(), HubError> {
         let (id, token) = (device_id.to_string(), lock_token.to_string());
-        let settled = blocking(self.store(), move |s| {
+        let settled = crate::db::blocking(self.store(), move |s| {
             settle(s, &id, &token, how, now_micros())
         })
         .await?;

@@ -133,12 +133,9 @@ async fn join(
     let dps_root = fetch_pinned_root(dps_url, &claims.cah).await?;
     let client = pinned_client(&dps_root)?;
 
-    let key = {
-        let store = store.clone();
-        tokio::task::spawn_blocking(move || provisioning_policy(store.as_ref()))
-            .await
-            .context("creating the provisioning policy")??
-    };
+    let key = crate::db::blocking(&store, |s| Ok(provisioning_policy(s)))
+        .await
+        .context("creating the provisioning policy")??;
     let name = settings.hub_hostname();
     let body = json!({
         "hostName": name,
@@ -363,8 +360,7 @@ async fn apply_crl(
         })
         .collect();
     let count = entries.len();
-    let store = hub.store().clone();
-    let newly = tokio::task::spawn_blocking(move || -> Result<Vec<String>, StoreError> {
+    let newly = crate::db::blocking(hub.store(), move |store| {
         let mut newly = Vec::new();
         for (serial, revoked_at) in entries {
             let known = store
@@ -391,7 +387,7 @@ async fn apply_crl(
         }
         Ok(newly)
     })
-    .await??;
+    .await?;
     for serial in &newly {
         let closed = hub.certificates.close(serial);
         if closed > 0 {

@@ -93,19 +93,6 @@ impl HubMetrics {
     }
 }
 
-/// Runs a blocking storage call off the async runtime.
-pub async fn blocking<T, F>(store: &Arc<dyn DocumentStore>, f: F) -> Result<T, HubError>
-where
-    F: FnOnce(&dyn DocumentStore) -> Result<T, StoreError> + Send + 'static,
-    T: Send + 'static,
-{
-    let store = store.clone();
-    tokio::task::spawn_blocking(move || f(store.as_ref()))
-        .await
-        .map_err(HubError::internal)?
-        .map_err(HubError::store)
-}
-
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A poisoned lock only means another thread panicked mid-update of plain maps; the data is
     // still usable, and refusing service forever would be worse.
@@ -249,7 +236,8 @@ impl Hub {
 
     pub async fn device(&self, device_id: &str) -> Result<Option<(Device, String)>, HubError> {
         let id = device_id.to_string();
-        let doc = blocking(&self.store, move |s| s.get(Collection::Devices, &id)).await?;
+        let doc =
+            crate::db::blocking(&self.store, move |s| s.get(Collection::Devices, &id)).await?;
         doc.map(|d| {
             let device: Device = serde_json::from_value(d.body).map_err(HubError::internal)?;
             Ok((device, bare_etag(&d.etag)))
@@ -290,7 +278,7 @@ impl Hub {
         };
         let id = device_id.to_string();
         let created = matches!(write, Write::Create);
-        let doc = blocking(&self.store, move |s| {
+        let doc = crate::db::blocking(&self.store, move |s| {
             s.put(Collection::Devices, &id, None, &value, write)
         })
         .await?;
@@ -299,7 +287,7 @@ impl Hub {
             let twin = Twin::new(None, &crate::time::now_rfc3339()).map_err(HubError::internal)?;
             let body = twin.to_value();
             let id = device_id.to_string();
-            blocking(&self.store, move |s| {
+            crate::db::blocking(&self.store, move |s| {
                 match s.put(Collection::Twins, &id, None, &body, Write::Upsert) {
                     Ok(_) => Ok(()),
                     Err(e) => Err(e),
@@ -328,7 +316,7 @@ impl Hub {
         if_match: Option<String>,
     ) -> Result<(), HubError> {
         let id = device_id.to_string();
-        blocking(&self.store, move |s| {
+        crate::db::blocking(&self.store, move |s| {
             s.delete(Collection::Devices, &id, if_match.as_deref())?;
             for collection in [Collection::Twins, Collection::MqttSessions] {
                 let key = if collection == Collection::MqttSessions {
@@ -349,7 +337,7 @@ impl Hub {
     }
 
     pub async fn list_devices(&self, top: usize) -> Result<Vec<Value>, HubError> {
-        let page = blocking(&self.store, move |s| {
+        let page = crate::db::blocking(&self.store, move |s| {
             s.list(Collection::Devices, None, top, None)
         })
         .await?;
@@ -367,7 +355,7 @@ impl Hub {
     /// The twin and the store etag it was read with (`None`: not stored yet).
     async fn load_twin(&self, device_id: &str) -> Result<(Twin, Option<String>), HubError> {
         let id = device_id.to_string();
-        let doc = blocking(&self.store, move |s| s.get(Collection::Twins, &id)).await?;
+        let doc = crate::db::blocking(&self.store, move |s| s.get(Collection::Twins, &id)).await?;
         match doc {
             Some(doc) => {
                 let twin = Twin::from_value(&doc.body).map_err(HubError::internal)?;
@@ -399,7 +387,7 @@ impl Hub {
     {
         let id = device_id.to_string();
         let updated = crate::db::blocking(&self.store, move |s| {
-            s.update::<_, HubError>(Collection::Twins, &id, |doc| {
+            Ok(s.update::<_, HubError>(Collection::Twins, &id, |doc| {
                 let mut twin = match doc {
                     Some(doc) => Twin::from_value(&doc.body).map_err(HubError::internal)?,
                     None => {
@@ -408,9 +396,9 @@ impl Hub {
                 };
                 let result = change(&mut twin)?;
                 Ok(Change::put(twin.to_value(), (twin, result)))
-            })
+            }))
         })
-        .await?;
+        .await??;
         HubMetrics::count(&self.metrics.twin_operations, 1);
         Ok(updated.result)
     }

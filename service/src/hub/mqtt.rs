@@ -11,7 +11,7 @@ use zerotouch_attestation::symmetric_key::SasToken;
 
 use super::auth::{self, DeviceAuthFailure};
 use super::methods::MethodResponse;
-use super::{Hub, HubMetrics, blocking};
+use super::{Hub, HubMetrics};
 use crate::mqtt::{
     Accepted, Application, BoxFuture, CloseReason, ConnectRequest, Outbound, PublishVerdict, QoS,
     Refusal, Session, SubscribeVerdict,
@@ -70,9 +70,11 @@ impl HubApplication {
         if let Some(password) = request.password.as_deref().filter(|p| !p.is_empty()) {
             let token = SasToken::parse(password).map_err(|_| DeviceAuthFailure::BadToken)?;
             let policy = match token.skn.clone() {
-                Some(name) => blocking(self.hub.store(), move |s| auth::policy(s, &name))
-                    .await
-                    .map_err(|_| DeviceAuthFailure::WrongKey)?,
+                Some(name) => {
+                    crate::db::blocking(self.hub.store(), move |s| auth::policy(s, &name))
+                        .await
+                        .map_err(|_| DeviceAuthFailure::WrongKey)?
+                }
                 None => None,
             };
             let expires =
@@ -84,12 +86,12 @@ impl HubApplication {
             .as_ref()
             .ok_or(DeviceAuthFailure::NoCredentials)?;
         let bundle = self.hub.trust_bundle();
-        let trusted = blocking(self.hub.store(), move |s| auth::trusted_cas(s, &bundle))
+        let trusted = crate::db::blocking(self.hub.store(), move |s| auth::trusted_cas(s, &bundle))
             .await
             .map_err(|_| DeviceAuthFailure::UntrustedCertificate)?;
         auth::verify_device_certificate(&device, &peer.leaf, &peer.chain, &trusted, now as i64)?;
         let leaf = peer.leaf.clone();
-        let revoked = blocking(self.hub.store(), move |s| {
+        let revoked = crate::db::blocking(self.hub.store(), move |s| {
             crate::pki::revocation_of(s, &leaf)
         })
         .await

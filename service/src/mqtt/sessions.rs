@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::outbound::Shared;
 use super::{QoS, topic};
-use crate::db::{Collection, DocumentStore, StoreError, Write};
+use crate::db::{Collection, DocumentStore, StoreError, Write, blocking};
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
@@ -120,15 +120,6 @@ pub(crate) enum SessionError {
     Task(String),
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, SessionError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| SessionError::Task(e.to_string()))?
-        .map_err(SessionError::from)
-}
-
 /// The stored subscriptions of `key`; `None` if no session is stored. Entries that are not
 /// valid filters are dropped; at most `max` are returned.
 pub(crate) async fn load(
@@ -137,7 +128,8 @@ pub(crate) async fn load(
     max: usize,
 ) -> Result<Option<Vec<(String, QoS)>>, SessionError> {
     let id = key.to_owned();
-    let Some(document) = blocking(move || store.get(Collection::MqttSessions, &id)).await? else {
+    let Some(document) = blocking(&store, move |s| s.get(Collection::MqttSessions, &id)).await?
+    else {
         return Ok(None);
     };
     let stored: StoredSession = match serde_json::from_value(document.body) {
@@ -187,13 +179,13 @@ pub(crate) async fn save(
     };
     let body = serde_json::to_value(&body).map_err(|e| SessionError::Task(e.to_string()))?;
     let id = key.to_owned();
-    blocking(move || {
+    blocking(&store, move |s| {
         let _hold = hold;
-        store
-            .put(Collection::MqttSessions, &id, None, &body, Write::Upsert)
+        s.put(Collection::MqttSessions, &id, None, &body, Write::Upsert)
             .map(|_| ())
     })
-    .await
+    .await?;
+    Ok(())
 }
 
 /// Deletes the stored session of `key`, if any.
@@ -203,16 +195,17 @@ pub(crate) async fn save(
 /// on SQLite under telemetry load held clean-session CONNECTs for up to seconds.
 pub(crate) async fn delete(store: Arc<dyn DocumentStore>, key: &str) -> Result<(), SessionError> {
     let id = key.to_owned();
-    blocking(move || {
-        if store.get(Collection::MqttSessions, &id)?.is_none() {
+    blocking(&store, move |s| {
+        if s.get(Collection::MqttSessions, &id)?.is_none() {
             return Ok(());
         }
-        match store.delete(Collection::MqttSessions, &id, None) {
+        match s.delete(Collection::MqttSessions, &id, None) {
             Ok(_) | Err(StoreError::NotFound) => Ok(()),
             Err(e) => Err(e),
         }
     })
-    .await
+    .await?;
+    Ok(())
 }
 
 pub(crate) fn qos_number(qos: QoS) -> u8 {

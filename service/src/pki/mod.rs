@@ -116,12 +116,8 @@ pub async fn refuse_revoked(
     store: &Arc<dyn DocumentStore>,
     leaf_der: &[u8],
 ) -> Result<(), ApiError> {
-    let store = store.clone();
     let leaf = leaf_der.to_vec();
-    let revoked = tokio::task::spawn_blocking(move || revocation_of(store.as_ref(), &leaf))
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(|e| store_error(e, ErrorCode::NotFound))?;
+    let revoked = crate::db::blocking(store, move |s| revocation_of(s, &leaf)).await?;
     match revoked {
         None => Ok(()),
         Some(record) => Err(ApiError::new(
@@ -343,18 +339,6 @@ impl Pki {
         &self.ca_chain_der
     }
 
-    async fn blocking<T, F>(&self, not_found: ErrorCode, f: F) -> Result<T, ApiError>
-    where
-        F: FnOnce(&dyn DocumentStore) -> Result<T, StoreError> + Send + 'static,
-        T: Send + 'static,
-    {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || f(store.as_ref()))
-            .await
-            .map_err(ApiError::internal)?
-            .map_err(|e| store_error(e, not_found))
-    }
-
     /// Records a certificate this service just issued, and its audit event.
     pub async fn record_issued(
         &self,
@@ -381,7 +365,7 @@ impl Pki {
         });
         let registration_id = registration_id.to_string();
         let actor = actor.to_string();
-        self.blocking(ErrorCode::NotFound, move |s| {
+        crate::db::blocking(&self.store, move |s| {
             s.put(
                 Collection::IssuedCertificates,
                 &serial,
@@ -402,6 +386,7 @@ impl Pki {
             )
         })
         .await
+        .map_err(|e| store_error(e, ErrorCode::NotFound))
     }
 
     /// Revokes one certificate issued here. 404 `CertificateNotIssuedHere` if there is no
@@ -420,11 +405,10 @@ impl Pki {
             )
         })?;
         let actor = actor.to_string();
-        let record = self
-            .blocking(ErrorCode::CertificateNotIssuedHere, move |s| {
-                revoke_record(s, &key, reason, &actor)
-            })
-            .await?;
+        let record =
+            crate::db::blocking(&self.store, move |s| revoke_record(s, &key, reason, &actor))
+                .await
+                .map_err(|e| store_error(e, ErrorCode::CertificateNotIssuedHere))?;
         match record {
             Revoked::Now(record) => {
                 self.after_revocation(std::slice::from_ref(&record)).await?;
@@ -451,39 +435,38 @@ impl Pki {
         actor: &str,
     ) -> Result<Vec<Value>, ApiError> {
         let actor = actor.to_string();
-        let revoked = self
-            .blocking(ErrorCode::NotFound, move |s| {
-                let registrations: Vec<String> = match (&registration_id, &group) {
-                    (Some(id), _) => vec![id.clone()],
-                    (None, Some(group)) => s
-                        .list_all(Collection::Registrations, Some(group))?
-                        .into_iter()
-                        .map(|d| d.id)
-                        .collect(),
-                    (None, None) => Vec::new(),
-                };
-                let mut revoked = Vec::new();
-                for id in registrations {
-                    for doc in s.list_all(Collection::IssuedCertificates, Some(&id))? {
-                        let in_group = match &group {
-                            None => true,
-                            Some(g) => doc
-                                .body
-                                .get("enrollmentGroupId")
-                                .and_then(Value::as_str)
-                                .is_some_and(|x| x.eq_ignore_ascii_case(g)),
-                        };
-                        if !in_group {
-                            continue;
-                        }
-                        if let Revoked::Now(record) = revoke_record(s, &doc.id, reason, &actor)? {
-                            revoked.push(record);
-                        }
+        let revoked = crate::db::blocking(&self.store, move |s| {
+            let registrations: Vec<String> = match (&registration_id, &group) {
+                (Some(id), _) => vec![id.clone()],
+                (None, Some(group)) => s
+                    .list_all(Collection::Registrations, Some(group))?
+                    .into_iter()
+                    .map(|d| d.id)
+                    .collect(),
+                (None, None) => Vec::new(),
+            };
+            let mut revoked = Vec::new();
+            for id in registrations {
+                for doc in s.list_all(Collection::IssuedCertificates, Some(&id))? {
+                    let in_group = match &group {
+                        None => true,
+                        Some(g) => doc
+                            .body
+                            .get("enrollmentGroupId")
+                            .and_then(Value::as_str)
+                            .is_some_and(|x| x.eq_ignore_ascii_case(g)),
+                    };
+                    if !in_group {
+                        continue;
+                    }
+                    if let Revoked::Now(record) = revoke_record(s, &doc.id, reason, &actor)? {
+                        revoked.push(record);
                     }
                 }
-                Ok(revoked)
-            })
-            .await?;
+            }
+            Ok(revoked)
+        })
+        .await?;
         if !revoked.is_empty() {
             self.after_revocation(&revoked).await?;
         }
@@ -516,50 +499,52 @@ impl Pki {
         let (instance, issuer) = (Arc::clone(&self.instance), self.issuer.clone());
         // Another replica may sign one in between: `update` then reads it and decides again.
         let updated = crate::db::blocking(&self.store, move |s| {
-            s.update::<_, ApiError>(Collection::PkiState, CRL_DOCUMENT, |current| {
-                let now = crate::time::now_unix() as i64;
-                let stored = current.and_then(|doc| {
-                    let next = doc.body.get("nextUpdate").and_then(Value::as_i64)?;
-                    let der = doc.body.get("der").and_then(Value::as_str)?;
-                    let signer = doc.body.get("issuer").and_then(Value::as_str)?;
-                    Some((next, B64.decode(der).ok()?, signer == issuer))
-                });
-                if let Some((next, der, same_issuer)) = stored
-                    && !force
-                    && same_issuer
-                    && next - now > CRL_REFRESH_MARGIN
-                {
-                    return Ok(Change::Keep((der, None)));
-                }
-                let number = current
-                    .and_then(|d| d.body.get("crlNumber").and_then(Value::as_u64))
-                    .unwrap_or(0)
-                    .saturating_add(1);
-                let revoked = s
-                    .list_all(Collection::IssuedCertificates, None)?
-                    .into_iter()
-                    .filter_map(|d| revoked_entry(&d))
-                    .collect::<Vec<_>>();
-                let signed = instance
-                    .ca
-                    .sign_crl(&CrlParams {
-                        crl_number: number,
-                        this_update_unix: now,
-                        next_update_unix: now + CRL_LIFETIME_SECONDS,
-                        revoked,
-                    })
-                    .map_err(ApiError::internal)?;
-                let body = json!({
-                    "crlNumber": number,
-                    "thisUpdate": now,
-                    "nextUpdate": now + CRL_LIFETIME_SECONDS,
-                    "issuer": issuer,
-                    "der": B64.encode(&signed.der),
-                });
-                Ok(Change::put(body, (signed.der, Some(number))))
-            })
+            Ok(
+                s.update::<_, ApiError>(Collection::PkiState, CRL_DOCUMENT, |current| {
+                    let now = crate::time::now_unix() as i64;
+                    let stored = current.and_then(|doc| {
+                        let next = doc.body.get("nextUpdate").and_then(Value::as_i64)?;
+                        let der = doc.body.get("der").and_then(Value::as_str)?;
+                        let signer = doc.body.get("issuer").and_then(Value::as_str)?;
+                        Some((next, B64.decode(der).ok()?, signer == issuer))
+                    });
+                    if let Some((next, der, same_issuer)) = stored
+                        && !force
+                        && same_issuer
+                        && next - now > CRL_REFRESH_MARGIN
+                    {
+                        return Ok(Change::Keep((der, None)));
+                    }
+                    let number = current
+                        .and_then(|d| d.body.get("crlNumber").and_then(Value::as_u64))
+                        .unwrap_or(0)
+                        .saturating_add(1);
+                    let revoked = s
+                        .list_all(Collection::IssuedCertificates, None)?
+                        .into_iter()
+                        .filter_map(|d| revoked_entry(&d))
+                        .collect::<Vec<_>>();
+                    let signed = instance
+                        .ca
+                        .sign_crl(&CrlParams {
+                            crl_number: number,
+                            this_update_unix: now,
+                            next_update_unix: now + CRL_LIFETIME_SECONDS,
+                            revoked,
+                        })
+                        .map_err(ApiError::internal)?;
+                    let body = json!({
+                        "crlNumber": number,
+                        "thisUpdate": now,
+                        "nextUpdate": now + CRL_LIFETIME_SECONDS,
+                        "issuer": issuer,
+                        "der": B64.encode(&signed.der),
+                    });
+                    Ok(Change::put(body, (signed.der, Some(number))))
+                }),
+            )
         })
-        .await?;
+        .await??;
         let (der, signed) = updated.result;
         if let Some(number) = signed {
             tracing::info!(crl_number = number, "signed a new CRL");
@@ -587,17 +572,16 @@ impl Pki {
             })
             .collect();
         let lookups = ours.clone();
-        let records = self
-            .blocking(ErrorCode::NotFound, move |s| {
-                lookups
-                    .iter()
-                    .map(|serial| match serial {
-                        Some(serial) => s.get(Collection::IssuedCertificates, serial),
-                        None => Ok(None),
-                    })
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .await;
+        let records = crate::db::blocking(&self.store, move |s| {
+            lookups
+                .iter()
+                .map(|serial| match serial {
+                    Some(serial) => s.get(Collection::IssuedCertificates, serial),
+                    None => Ok(None),
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await;
         let records = match records {
             Ok(records) => records,
             Err(e) => {

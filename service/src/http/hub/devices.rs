@@ -9,7 +9,6 @@ use crate::auth::Rights;
 use crate::db::Collection;
 use crate::http::AppState;
 use crate::http::routes;
-use crate::hub::blocking;
 use crate::hub::device::DeviceStatus;
 use crate::hub::error::HubError;
 
@@ -84,7 +83,7 @@ async fn registry_statistics(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, HubError> {
     let (hub, _) = authorize(&req, &state, &[Rights::REGISTRY_READ]).await?;
-    let (total, enabled) = blocking(hub.store(), |s| {
+    let (total, enabled) = crate::db::blocking(hub.store(), |s| {
         let mut total = 0u64;
         let mut enabled = 0u64;
         let mut continuation: Option<String> = None;

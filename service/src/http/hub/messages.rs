@@ -21,7 +21,7 @@ use crate::hub::auth::{self, DeviceAuthFailure};
 use crate::hub::c2d::{OutgoingMessage, Settlement};
 use crate::hub::error::{HubError, HubErrorCode};
 use crate::hub::mqtt::telemetry_message;
-use crate::hub::{Hub, HubMetrics, blocking};
+use crate::hub::{Hub, HubMetrics};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource(routes::DEVICE_EVENTS).route(web::post().to(device_event)))
@@ -80,7 +80,7 @@ async fn authenticate_device(
     if let Some(header) = header(req, "authorization") {
         let token = SasToken::parse(&header).map_err(|_| refused(DeviceAuthFailure::BadToken))?;
         let policy = match token.skn.clone() {
-            Some(name) => blocking(hub.store(), move |s| auth::policy(s, &name)).await?,
+            Some(name) => crate::db::blocking(hub.store(), move |s| auth::policy(s, &name)).await?,
             None => None,
         };
         auth::verify_device_token(&token, &device, policy.as_ref(), hub, now).map_err(refused)?;
@@ -88,11 +88,11 @@ async fn authenticate_device(
     }
     let peer = peer_certificates(req).ok_or_else(|| refused(DeviceAuthFailure::NoCredentials))?;
     let bundle = hub.trust_bundle();
-    let trusted = blocking(hub.store(), move |s| auth::trusted_cas(s, &bundle)).await?;
+    let trusted = crate::db::blocking(hub.store(), move |s| auth::trusted_cas(s, &bundle)).await?;
     auth::verify_device_certificate(&device, &peer.leaf, &peer.chain, &trusted, now as i64)
         .map_err(refused)?;
     let leaf = peer.leaf.clone();
-    if blocking(hub.store(), move |s| crate::pki::revocation_of(s, &leaf))
+    if crate::db::blocking(hub.store(), move |s| crate::pki::revocation_of(s, &leaf))
         .await?
         .is_some()
     {

@@ -15,7 +15,7 @@ use zerotouch_attestation::symmetric_key::SasToken;
 use crate::auth::{Caller, Rights};
 use crate::http::AppState;
 use crate::hub::error::{HubError, HubErrorCode};
-use crate::hub::{Hub, auth, blocking};
+use crate::hub::{Hub, auth};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.configure(query::configure)
@@ -66,7 +66,7 @@ pub async fn authorize(
     let hub = hub_of(state)?;
     let token = sas_token(req)?;
     let name = token.skn.clone().unwrap_or_default();
-    let policy = blocking(hub.store(), move |s| auth::policy(s, &name)).await?;
+    let policy = crate::db::blocking(hub.store(), move |s| auth::policy(s, &name)).await?;
     let now = crate::time::now_unix();
     let mut last = None;
     for right in needed {

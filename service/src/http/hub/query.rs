@@ -15,7 +15,7 @@ use crate::http::AppState;
 use crate::http::routes;
 use crate::hub::device::Device;
 use crate::hub::error::{HubError, HubErrorCode};
-use crate::hub::{Hub, bare_etag, blocking};
+use crate::hub::{Hub, bare_etag};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource(routes::DEVICES_QUERY).route(web::post().to(query)));
@@ -167,7 +167,7 @@ async fn scan(
     let mut out = Vec::new();
     loop {
         let token = cursor.page.clone();
-        let page = blocking(hub.store(), move |s| {
+        let page = crate::db::blocking(hub.store(), move |s| {
             s.list(Collection::Devices, None, SCAN, token.as_deref())
         })
         .await?;
