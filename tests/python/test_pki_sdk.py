@@ -12,11 +12,11 @@ import uuid
 
 import pytest
 import requests
-from azure.iot.device import IoTHubDeviceClient, Message, ProvisioningDeviceClient, X509
+from azure.iot.device import IoTHubDeviceClient, Message, X509
 from azure.iot.device.exceptions import ClientError, CredentialError
 
 from test_hub_sdk import stored_messages
-from test_provisioning_sdk import ca, dps_call, dps_request, register_symmetric
+from test_provisioning_sdk import ca, dps_call, dps_request, register_symmetric, register_x509
 
 
 def openssl(*args, **kwargs):
@@ -49,14 +49,6 @@ def est_enroll(server, tmp_path, registration_id, device_key):
 def serial_of(pem_path):
     out = openssl("x509", "-in", str(pem_path), "-noout", "-serial", text=True).stdout
     return out.strip().split("=", 1)[1]
-
-
-def register_x509(server, registration_id, x509):
-    client = ProvisioningDeviceClient.create_from_x509_certificate(
-        provisioning_host=server.ip, registration_id=registration_id,
-        id_scope=server.credentials["idScope"], x509=x509, server_verification_cert=ca(server),
-    )
-    return client.register()
 
 
 def wait_until(predicate, timeout=20):
