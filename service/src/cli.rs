@@ -141,8 +141,6 @@ pub enum Command {
         #[command(subcommand)]
         command: HubCommand,
     },
-    /// Simulate devices: provision, connect to the hub, send telemetry and twin updates.
-    Simulate(crate::simulate::SimulateArgs),
     /// Certificates this service issued: list, revoke.
     Cert {
         #[command(subcommand)]
@@ -501,10 +499,17 @@ pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs(seconds))
 }
 
-/// Runs a parsed command; `serve` blocks until the service stops.
-/// The whole program: parse the command line, run it, report a failure on stderr.
+/// The service's command line as a program: parse, run, report a failure on stderr. The
+/// `zerotouch` binary (package `zerotouch`) adds `simulate`; the tests' `zerotouch-node` is
+/// this.
 pub fn main() -> std::process::ExitCode {
-    match run(Cli::parse()) {
+    exit(run(Cli::parse()))
+}
+
+/// Reports a failed command on stderr (`zerotouch: …`) and turns the outcome into the exit
+/// status: the one place an error becomes an exit code.
+pub fn exit(outcome: anyhow::Result<()>) -> std::process::ExitCode {
+    match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("zerotouch: {e:#}");
@@ -513,6 +518,7 @@ pub fn main() -> std::process::ExitCode {
     }
 }
 
+/// Runs a parsed command; `serve` blocks until the service stops.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
@@ -545,11 +551,33 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Registration { command } => registration(command),
         Command::Ca { command } => ca(command),
         Command::Policy { command } => policy(command),
-        Command::Simulate(args) => crate::simulate::run(args),
         Command::Hub { command } => hub(command),
         Command::Cert { command } => crate::pki::cli::cert(command),
         Command::Audit { command } => crate::pki::cli::audit(command),
     }
+}
+
+/// The verbs and flags of a command tree without help text, as `zerotouch …` paths. The CLI's
+/// tests require there be none (docs/cli.md: every verb and flag has help).
+pub fn undocumented(command: &clap::Command) -> Vec<String> {
+    fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+        for sub in command.get_subcommands() {
+            let path = format!("{path} {}", sub.get_name());
+            if sub.get_about().is_none() {
+                missing.push(format!("verb `{path}`"));
+            }
+            for arg in sub.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if !builtin && arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("`{path}` argument `{}`", arg.get_id()));
+                }
+            }
+            walk(sub, &path, missing);
+        }
+    }
+    let mut missing = Vec::new();
+    walk(command, command.get_name(), &mut missing);
+    missing
 }
 
 fn print_json(value: &Value) -> anyhow::Result<()> {
@@ -1259,26 +1287,11 @@ mod tests {
         Cli::command().debug_assert();
     }
 
-    /// Every verb and every flag says what it is for in `--help` (issue 12, item 16).
+    /// Every verb and every flag says what it is for in `--help` (issue 12, item 16). The
+    /// `zerotouch` binary checks its whole tree, `simulate` included, the same way.
     #[test]
     fn every_verb_and_flag_has_help() {
-        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
-            for sub in command.get_subcommands() {
-                let path = format!("{path} {}", sub.get_name());
-                if sub.get_about().is_none() {
-                    missing.push(format!("verb `{path}`"));
-                }
-                for arg in sub.get_arguments() {
-                    let builtin = matches!(arg.get_id().as_str(), "help" | "version");
-                    if !builtin && arg.get_help().is_none() && arg.get_long_help().is_none() {
-                        missing.push(format!("`{path}` argument `{}`", arg.get_id()));
-                    }
-                }
-                walk(sub, &path, missing);
-            }
-        }
-        let mut missing = Vec::new();
-        walk(&Cli::command(), "zerotouch", &mut missing);
+        let missing = undocumented(&Cli::command());
         assert!(missing.is_empty(), "no help text:\n{}", missing.join("\n"));
     }
 
