@@ -158,40 +158,32 @@ impl ApiClient {
         Ok(self.call(reqwest::Method::GET, path, None, &[])?.0)
     }
 
-    /// Collects every page of a query.
+    /// Collects every page of a query (POST, 100 items a page).
     pub(super) fn query_all(&self, path: &str, body: Option<&Value>) -> anyhow::Result<Value> {
-        let mut items = Vec::new();
-        let mut continuation: Option<String> = None;
-        loop {
-            let mut headers = vec![("x-ms-max-item-count", "100")];
-            if let Some(token) = &continuation {
-                headers.push(("x-ms-continuation", token.as_str()));
-            }
-            let (page, response_headers) =
-                self.call(reqwest::Method::POST, path, body, &headers)?;
-            if let Value::Array(page) = page {
-                items.extend(page);
-            }
-            continuation = response_headers
-                .get("x-ms-continuation")
-                .and_then(|v| v.to_str().ok())
-                .map(String::from);
-            if continuation.is_none() {
-                return Ok(Value::Array(items));
-            }
-        }
+        self.all_pages(reqwest::Method::POST, path, body, "100")
     }
 
-    /// Every page of a GET list.
+    /// Every page of a GET list (1,000 items a page).
     pub(super) fn get_all(&self, path: &str) -> anyhow::Result<Value> {
+        self.all_pages(reqwest::Method::GET, path, None, "1000")
+    }
+
+    /// Follows `x-ms-continuation` until the last page and returns every item.
+    fn all_pages(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+        page_size: &str,
+    ) -> anyhow::Result<Value> {
         let mut items = Vec::new();
         let mut continuation: Option<String> = None;
         loop {
-            let mut headers = vec![("x-ms-max-item-count", "1000")];
+            let mut headers = vec![("x-ms-max-item-count", page_size)];
             if let Some(token) = &continuation {
                 headers.push(("x-ms-continuation", token.as_str()));
             }
-            let (page, response_headers) = self.call(reqwest::Method::GET, path, None, &headers)?;
+            let (page, response_headers) = self.call(method.clone(), path, body, &headers)?;
             if let Value::Array(page) = page {
                 items.extend(page);
             }
