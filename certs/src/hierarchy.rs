@@ -161,8 +161,7 @@ impl CaHierarchy {
     /// Checks that the token key's public key is the intermediate certificate's.
     ///
     /// Such a hierarchy issues certificates, signs CRLs and OCSP responses as usual;
-    /// [`CaHierarchy::intermediate_key_pem`] is empty and
-    /// [`CaHierarchy::intermediate_key_in_token`] is true.
+    /// [`CaHierarchy::intermediate_key_pem`] is empty.
     pub fn from_pem_with_token_key(
         root_cert: &str,
         root_key: Option<&SecretPem>,
@@ -244,15 +243,9 @@ impl CaHierarchy {
     }
 
     /// The intermediate private key. Empty when the key is in a PKCS#11 token (see
-    /// [`CaHierarchy::intermediate_key_in_token`]): it never leaves the token.
+    /// [`CaHierarchy::from_pem_with_token_key`]): it never leaves the token.
     pub fn intermediate_key_pem(&self) -> &SecretPem {
         &self.intermediate_key
-    }
-
-    /// Whether the intermediate key is in a PKCS#11 token
-    /// ([`CaHierarchy::from_pem_with_token_key`]).
-    pub fn intermediate_key_in_token(&self) -> bool {
-        self.token_key.is_some()
     }
 
     /// The intermediate key in its token, if it is in one.

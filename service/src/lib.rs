@@ -19,7 +19,6 @@ pub mod logging;
 pub mod mqtt;
 pub mod pki;
 pub mod server;
-pub mod simulate;
 pub mod telemetry;
 pub mod time;
 pub mod tls;

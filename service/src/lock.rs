@@ -7,7 +7,7 @@
 //! prints. Two servers on one data dir would share one SQLite database, one CA folder and one
 //! TLS key while each thought it was alone.
 
-use std::fs::{self, File, OpenOptions, TryLockError};
+use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
@@ -80,18 +80,18 @@ impl DataDirLock {
     }
 }
 
-/// The pid written in a data dir's lock file, if any (for tests and diagnostics).
-pub fn recorded_pid(data_dir: &Path) -> Option<u32> {
-    fs::read_to_string(data_dir.join(LOCK_FILE))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The pid written in a data dir's lock file, if any.
+    fn recorded_pid(data_dir: &Path) -> Option<u32> {
+        std::fs::read_to_string(data_dir.join(LOCK_FILE))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
 
     #[test]
     fn a_second_lock_on_the_same_dir_is_refused_until_the_first_goes() {

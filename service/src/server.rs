@@ -252,19 +252,12 @@ pub fn raise_open_file_limit() -> std::io::Result<u64> {
     rlimit::increase_nofile_limit(u64::MAX)
 }
 
-/// The soft limit on open files in force, if it can be read.
-pub fn open_file_limit() -> Option<u64> {
-    rlimit::getrlimit(rlimit::Resource::NOFILE)
-        .ok()
-        .map(|(soft, _)| soft)
-}
-
 /// `zerotouch serve`: runs until SIGINT/SIGTERM.
 pub fn serve(settings: Settings) -> anyhow::Result<()> {
     match raise_open_file_limit() {
         Ok(limit) => tracing::info!(limit, "open file limit (RLIMIT_NOFILE)"),
         Err(e) => tracing::warn!(
-            limit = open_file_limit(),
+            limit = http::metrics::open_file_limit(),
             "could not raise the open file limit (RLIMIT_NOFILE): {e}"
         ),
     }

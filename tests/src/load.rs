@@ -1,6 +1,6 @@
 //! Shared pieces of the load tools in src/bin (`hub_load`, `dps_load`): the target's
 //! connection string and the tool's `main`. Error counting, percentiles, the loopback-only
-//! check and a process's memory and CPU time come from `zerotouch_service::simulate::stats`,
+//! check and a process's memory and CPU time come from `zerotouch_simulate::stats`,
 //! which `zerotouch simulate` uses too.
 
 use std::time::Duration;
@@ -8,11 +8,11 @@ use std::time::Duration;
 use serde_json::Value;
 use zerotouch_attestation::symmetric_key;
 
-pub use zerotouch_service::simulate::stats::{
+pub use zerotouch_service::time::now_unix;
+pub use zerotouch_simulate::stats::{
     Errors, cpu_seconds, host_without_port, percentile, percentiles, random_key, require_loopback,
     reqwest_kind, round2, rss_kib,
 };
-pub use zerotouch_service::time::now_unix;
 
 /// What a service connection string says.
 pub struct ConnectionString {

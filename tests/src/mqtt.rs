@@ -63,8 +63,7 @@ pub fn connect_to(
     let identity = login
         .identity
         .map(|(chain, key)| (chain.as_bytes(), key.as_bytes()));
-    let connector =
-        zerotouch_service::simulate::mqtt::connector(&ca, identity, false).expect("connector");
+    let connector = zerotouch_simulate::mqtt::connector(&ca, identity, false).expect("connector");
     let mut options = MqttOptions::new(login.client_id, host, port);
     options
         .set_keep_alive(Duration::from_secs(30))

@@ -4,8 +4,21 @@
 
 use reqwest::Method;
 use serde_json::Value;
-use zerotouch_service::cli::{Cli, Command};
+use zerotouch_simulate::SimulateArgs;
 use zerotouch_tests::{Backend, TestServer, send};
+
+/// The `simulate` verb as the `zerotouch` binary parses it.
+#[derive(clap::Parser)]
+#[command(name = "zerotouch")]
+enum Zerotouch {
+    Simulate(SimulateArgs),
+}
+
+fn parse(argv: &[&str]) -> SimulateArgs {
+    let Zerotouch::Simulate(args) =
+        <Zerotouch as clap::Parser>::try_parse_from(argv).expect("arguments parse");
+    args
+}
 
 fn simulate(server: &TestServer, extra: &[&str]) -> Value {
     let cs = server.owner_connection_string();
@@ -29,11 +42,7 @@ fn simulate(server: &TestServer, extra: &[&str]) -> Value {
         "3",
     ];
     argv.extend_from_slice(extra);
-    let cli = <Cli as clap::Parser>::try_parse_from(argv).expect("arguments parse");
-    let Command::Simulate(args) = cli.command else {
-        panic!("not the simulate command");
-    };
-    zerotouch_service::simulate::report(args).expect("the simulation runs")
+    zerotouch_simulate::report(parse(&argv)).expect("the simulation runs")
 }
 
 fn assert_healthy(report: &Value, devices: u64) {
@@ -119,7 +128,7 @@ fn non_loopback_targets_are_refused_without_host() {
     let server = TestServer::start(Backend::Sqlite);
     let cs = "HostName=192.0.2.10:8443;SharedAccessKeyName=provisioningserviceowner;SharedAccessKey=a2V5";
     let ca = server.ca_bundle();
-    let cli = <Cli as clap::Parser>::try_parse_from([
+    let args = parse(&[
         "zerotouch",
         "simulate",
         "--connection-string",
@@ -129,11 +138,7 @@ fn non_loopback_targets_are_refused_without_host() {
         "--ca-file",
         ca.to_str().expect("utf-8 path"),
         "--quiet",
-    ])
-    .expect("arguments parse");
-    let Command::Simulate(args) = cli.command else {
-        panic!("not the simulate command");
-    };
-    let err = zerotouch_service::simulate::report(args).expect_err("refused");
+    ]);
+    let err = zerotouch_simulate::report(args).expect_err("refused");
     assert!(err.to_string().contains("--host"), "{err}");
 }

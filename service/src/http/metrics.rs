@@ -78,11 +78,19 @@ impl Metrics {
     }
 }
 
+/// The soft limit on open files in force, if it can be read (`serve` raises it at start:
+/// `server::raise_open_file_limit`).
+pub fn open_file_limit() -> Option<u64> {
+    rlimit::getrlimit(rlimit::Resource::NOFILE)
+        .ok()
+        .map(|(soft, _)| soft)
+}
+
 /// Figures of the process: the open file limit `serve` raised at start (each connection is a
 /// file descriptor).
 fn render_process(out: &mut String) {
     use std::fmt::Write as _;
-    if let Some(limit) = crate::server::open_file_limit() {
+    if let Some(limit) = open_file_limit() {
         let _ = writeln!(
             out,
             "# HELP zerotouch_process_max_fds Soft limit on open file descriptors (RLIMIT_NOFILE)"

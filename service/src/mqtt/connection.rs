@@ -34,7 +34,7 @@ use tokio_openssl::SslStream;
 use tracing::Instrument;
 
 use super::codec::{self, ClientPacket, DecodeError, ServerPacket};
-use super::listener::Engine;
+use super::engine::{Engine, MqttLimits};
 use super::outbound::{Message, Outbound, Shared};
 use super::sessions;
 use super::{
@@ -800,7 +800,7 @@ async fn write_loop(
     writer: &mut WriteSide,
     control: &mut mpsc::Receiver<Box<Control>>,
     commands: &mut mpsc::Receiver<Box<Message>>,
-    limits: &super::listener::MqttLimits,
+    limits: &MqttLimits,
 ) -> CloseReason {
     let window = limits.max_inflight_outbound.clamp(1, 65_000);
     let mut out = Outgoing {

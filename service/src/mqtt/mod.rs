@@ -20,6 +20,7 @@ use crate::tls::PeerCertificates;
 
 mod codec;
 mod connection;
+mod engine;
 pub mod listener;
 mod outbound;
 mod sessions;
@@ -152,7 +153,7 @@ pub trait Session: Send + Sync + 'static {
 #[error("the MQTT connection is closed")]
 pub struct Closed;
 
-pub use listener::Outbound;
+pub use outbound::Outbound;
 
 /// Refuses every CONNECT with CONNACK 0x05: the application until the hub is wired in.
 #[derive(Debug, Clone, Copy, Default)]

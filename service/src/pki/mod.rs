@@ -13,7 +13,6 @@
 //! **Invariant:** the CA keys stay in `certs`; this module only asks `CaHierarchy` and
 //! `OcspSigner` to sign.
 
-pub mod cli;
 pub mod live;
 pub mod rotation;
 pub mod token;

@@ -39,7 +39,7 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use zerotouch_attestation::symmetric_key;
-use zerotouch_service::simulate::provision::Management;
+use zerotouch_simulate::provision::Management;
 use zerotouch_tests::load::{
     Errors, cpu_seconds, host_without_port, now_unix, parse_connection_string, percentiles,
     random_key, require_loopback, reqwest_kind, round2, rss_kib, run_and_report,

@@ -31,7 +31,7 @@ use serde_json::{Value, json};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use zerotouch_attestation::symmetric_key;
-use zerotouch_service::simulate::mqtt::{connect, connection_error_kind, connector};
+use zerotouch_simulate::mqtt::{connect, connection_error_kind, connector};
 use zerotouch_tests::load::{
     Errors, cpu_seconds, host_without_port, now_unix, parse_connection_string, percentiles,
     random_key, require_loopback, reqwest_kind, round2, rss_kib, run_and_report,

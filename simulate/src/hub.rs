@@ -117,7 +117,7 @@ fn mqtt_options(plan: &HubPlan, assignment: &Assignment) -> Result<MqttOptions, 
             let token = symmetric_key::sign(
                 &format!("{hub}/devices/{id}"),
                 key,
-                crate::time::now_unix() + TOKEN_TTL_SECS,
+                zerotouch_service::time::now_unix() + TOKEN_TTL_SECS,
                 None,
             )
             .map_err(|_| "sign:bad_key".to_string())?;
@@ -377,7 +377,8 @@ async fn publish(
             if let Ok(mut m) = progress.twin_sent_at.lock() {
                 m.insert(rid, Instant::now());
             }
-            let patch = json!({"simulator": {"seq": seq, "at": crate::time::now_unix()}});
+            let patch =
+                json!({"simulator": {"seq": seq, "at": zerotouch_service::time::now_unix()}});
             client.try_publish(
                 format!("$iothub/twin/PATCH/properties/reported/?$rid={rid}"),
                 QoS::AtLeastOnce,

@@ -298,7 +298,7 @@ fn serial() -> anyhow::Result<openssl::asn1::Asn1Integer> {
 /// A self-signed P-256 root CA, valid from an hour ago for 30 days.
 fn root_ca(cn: &str) -> anyhow::Result<(X509, PKey<Private>)> {
     let key = ec_key()?;
-    let now = crate::time::now_unix() as i64;
+    let now = zerotouch_service::time::now_unix() as i64;
     let mut builder = X509::builder()?;
     builder.set_version(2)?;
     let serial = serial()?;
@@ -334,7 +334,7 @@ fn leaf_certificate(
     key: &PKey<Private>,
     cn: &str,
 ) -> anyhow::Result<X509> {
-    let now = crate::time::now_unix() as i64;
+    let now = zerotouch_service::time::now_unix() as i64;
     let mut builder = X509::builder()?;
     builder.set_version(2)?;
     let serial = serial()?;
@@ -412,7 +412,7 @@ pub async fn register(plan: &RegisterPlan, device: &SimDevice) -> Result<Assignm
             symmetric_key::sign(
                 &symmetric_key::registration_resource(&plan.target.id_scope, id),
                 key,
-                crate::time::now_unix() + TOKEN_TTL_SECS,
+                zerotouch_service::time::now_unix() + TOKEN_TTL_SECS,
                 None,
             )
             .map_err(|_| "sign:bad_key".to_string())?,

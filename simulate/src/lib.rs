@@ -4,13 +4,19 @@
 //! It prints progress to stderr every second and a summary (throughput, latency percentiles,
 //! errors by kind) to stdout, as text or JSON.
 //!
-//! It is a client of a running server and shares nothing with it but this crate's types: the
-//! management API sets up enrollments, the device APIs do the rest. It must never target a
-//! non-loopback address unless the operator named the host (`--host`), and every phase is
-//! bounded in count and time.
+//! It is a client of a running server: the management API sets up enrollments, the device APIs
+//! do the rest. From `zerotouch-service` it takes only the command line's `Remote` options and
+//! the local credentials (`cli::credentials`, as `zerotouch credentials` prints them), never
+//! the server. It is a crate of its own so that the server library does not carry a client MQTT
+//! stack (rumqttc's client over native-tls); the `zerotouch` binary (package `zerotouch`) adds
+//! this verb to the service's command line.
+//!
+//! What it must never do: target a non-loopback address unless the operator named the host
+//! (`--host`), or run without bounds: every phase is bounded in count and time.
 //!
 //! `stats` and `mqtt` are shared with the load tools of the `tests` package (`hub_load`,
 //! `dps_load`).
+#![forbid(unsafe_code)]
 
 pub mod hub;
 pub mod mqtt;
@@ -27,11 +33,11 @@ use serde_json::{Value, json};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
-use crate::bootstrap;
-use crate::cli::Remote;
 use hub::{Counters, HubPlan, HubReport, Window};
 use provision::{Attestation, DpsTransport, Management, RegisterPlan, Target};
 use stats::{Errors, percentiles, round2};
+use zerotouch_service::bootstrap;
+use zerotouch_service::cli::Remote;
 
 /// Limits that keep a run bounded whatever the flags say.
 const MAX_DEVICES: usize = 100_000;
@@ -169,7 +175,8 @@ struct Resolved {
 /// and configuration, as `zerotouch credentials` reads them.
 fn resolve(args: &SimulateArgs) -> anyhow::Result<Resolved> {
     let settings = args.remote.local.settings()?;
-    let local = || crate::cli::credentials(&settings).context("reading the local instance");
+    let local =
+        || zerotouch_service::cli::credentials(&settings).context("reading the local instance");
     let (api_host, policy, key, id_scope, ca_file, mqtt_port) = match &args.remote.connection_string
     {
         Some(cs) => {
@@ -294,7 +301,7 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<Value> {
     let auth = zerotouch_attestation::symmetric_key::sign(
         &resolved.api_host,
         &resolved.key,
-        crate::time::now_unix() + provision::TOKEN_TTL_SECS,
+        zerotouch_service::time::now_unix() + provision::TOKEN_TTL_SECS,
         Some(&resolved.policy),
     )
     .map_err(|e| anyhow::anyhow!("signing the management token: {e}"))?;
