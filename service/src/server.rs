@@ -122,10 +122,13 @@ pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev:
                 .first()
                 .map(String::as_str)
                 .unwrap_or("localhost"),
-            hub.clone(),
         )
         .context("starting the PKI")?,
     );
+    if let Some(hub) = &hub {
+        let hub = hub.clone();
+        pki.subscribe(Arc::new(move |serial| hub.certificate_revoked(serial)));
+    }
     let dps = if settings.service.role.runs_dps() {
         Some(Arc::new(
             crate::dps::Dps::new(
@@ -135,6 +138,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev:
                 instance.clone(),
                 &settings,
                 manufacturer_roots(&settings)?,
+                pki.clone(),
             )
             .context("starting the provisioning service")?,
         ))
@@ -142,7 +146,6 @@ pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev:
         None
     };
     if let Some(dps) = &dps {
-        let _ = dps.pki.set(pki.clone());
         actix_web::rt::spawn(dps.clone().sweep_stale_identities_every(
             std::time::Duration::from_secs(settings.dps.hub_heartbeat_seconds),
         ));

@@ -177,8 +177,8 @@ pub struct Dps {
     /// The custom-allocation webhook client, or why it could not be built (bad CA file): a
     /// custom enrollment then fails with 400216 rather than the service refusing to start.
     webhook: Result<policies::webhook::WebhookClient, String>,
-    /// Issuance profile (CRL/OCSP URLs) and certificate records; set once at start-up.
-    pub pki: std::sync::OnceLock<Arc<crate::pki::Pki>>,
+    /// Issuance profile (CRL/OCSP URLs) and certificate records.
+    pub pki: Arc<crate::pki::Pki>,
 }
 
 /// What [`Dps::record_registration`] did.
@@ -240,6 +240,7 @@ impl Dps {
         instance: Arc<crate::bootstrap::Instance>,
         all_settings: &crate::config::Settings,
         manufacturer_roots: Vec<Vec<u8>>,
+        pki: Arc<crate::pki::Pki>,
     ) -> anyhow::Result<Dps> {
         let settings = &all_settings.dps;
         let extra_root_ca_pem = match &settings.webhook_ca_file {
@@ -275,7 +276,7 @@ impl Dps {
             id_scope,
             hub,
             instance,
-            pki: Default::default(),
+            pki,
         })
     }
 
@@ -994,10 +995,7 @@ impl Dps {
                         crate::time::now_unix() as i64,
                     )?;
                 }
-                let profile = match self.pki.get() {
-                    Some(pki) => pki.profile(self.certificate_days),
-                    None => zerotouch_certs::IssuanceProfile::new(self.certificate_days),
-                };
+                let profile = self.pki.profile(self.certificate_days);
                 let issued = self
                     .instance
                     .ca
@@ -1008,8 +1006,8 @@ impl Dps {
                         crate::time::now_unix() as i64,
                     )
                     .map_err(|e| ApiError::field(ErrorCode::InvalidCertificate, "csr", e))?;
-                if let Some(pki) = self.pki.get() {
-                    pki.record_issued(
+                self.pki
+                    .record_issued(
                         &issued,
                         registration_id,
                         group_id.as_deref(),
@@ -1027,7 +1025,6 @@ impl Dps {
                         },
                     )
                     .await?;
-                }
                 Some(issued)
             }
         };

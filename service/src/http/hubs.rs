@@ -424,7 +424,7 @@ async fn heartbeat(
     .await?
     .ok_or_else(|| ApiError::new(ErrorCode::HubNotFound, "no linked hub with this name"))?;
     // The CRL's fingerprint: a hub fetches `/crl` when it changes and enforces it.
-    let crl_sha256 = match state.dps.as_ref().and_then(|d| d.pki.get()) {
+    let crl_sha256 = match state.dps.as_ref().map(|d| &d.pki) {
         Some(pki) => Some(hubs::sha256_hex(&pki.crl(false).await?)),
         None => None,
     };

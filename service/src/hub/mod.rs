@@ -201,6 +201,19 @@ impl Hub {
             .filter(|o| !o.is_closed())
     }
 
+    /// Closes every live connection that authenticated with the revoked certificate `serial`
+    /// (hex); `Pki` calls this for each certificate it revokes.
+    pub fn certificate_revoked(&self, serial: &str) {
+        let closed = self.certificates.close(serial);
+        if closed > 0 {
+            tracing::info!(
+                serial,
+                closed,
+                "closed connections of a revoked certificate"
+            );
+        }
+    }
+
     pub fn connected_count(&self) -> usize {
         lock(&self.activity).live.len()
     }

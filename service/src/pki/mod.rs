@@ -30,7 +30,6 @@ use zerotouch_certs::{IssuanceProfile, IssuedDeviceCertificate};
 use crate::bootstrap::Instance;
 use crate::db::{Change, Collection, Document, DocumentStore, StoreError, Write};
 use crate::http::error::{ApiError, ErrorCode, store_error};
-use crate::hub::Hub;
 
 /// How long a CRL is valid (`nextUpdate - thisUpdate`).
 pub const CRL_LIFETIME_SECONDS: i64 = 24 * 3600;
@@ -109,6 +108,9 @@ pub fn revocation_of(
                 && body.get("status").and_then(Value::as_str) == Some("revoked")
         }))
 }
+
+/// What [`Pki::subscribe`] takes: called with a revoked certificate's serial (hex).
+pub type RevocationListener = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// 401 `CertificateRevoked` if the certificate `leaf_der` was issued here and revoked.
 pub async fn refuse_revoked(
@@ -253,7 +255,8 @@ pub struct Pki {
     host: String,
     /// The public HTTPS port, known once the listener is bound.
     port: OnceLock<u16>,
-    hub: Option<Arc<Hub>>,
+    /// Told of every certificate this process revokes (the hub, to close its connections).
+    listeners: std::sync::RwLock<Vec<RevocationListener>>,
     /// One CRL re-signing at a time in this process (replicas are ordered by the etag).
     crl_lock: tokio::sync::Mutex<()>,
 }
@@ -271,7 +274,6 @@ impl Pki {
         store: Arc<dyn DocumentStore>,
         instance: Arc<Instance>,
         hostname: &str,
-        hub: Option<Arc<Hub>>,
     ) -> anyhow::Result<Pki> {
         let signer = instance.ca.ocsp_signer()?;
         let der_of = |pem: &str| -> anyhow::Result<Vec<u8>> {
@@ -297,9 +299,18 @@ impl Pki {
             ca_chain_der: vec![intermediate, root],
             host,
             port: OnceLock::new(),
-            hub,
+            listeners: std::sync::RwLock::default(),
             crl_lock: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// Calls `listener` with the serial (hex) of every certificate this process revokes, once
+    /// the record says so. Other processes learn of it through the database and the CRL.
+    pub fn subscribe(&self, listener: RevocationListener) {
+        self.listeners
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(listener);
     }
 
     /// Sets the public HTTPS port once the listener is bound (first call wins).
@@ -472,19 +483,19 @@ impl Pki {
         Ok(revoked)
     }
 
-    /// Re-signs the CRL and closes hub sessions of the revoked certificates.
+    /// Tells the listeners (the hub closes the certificates' sessions) and re-signs the CRL.
     async fn after_revocation(&self, records: &[Value]) -> Result<(), ApiError> {
-        if let Some(hub) = &self.hub {
-            for record in records {
-                if let Some(serial) = record.get("serial").and_then(Value::as_str) {
-                    let closed = hub.certificates.close(serial);
-                    if closed > 0 {
-                        tracing::info!(
-                            serial,
-                            closed,
-                            "closed connections of a revoked certificate"
-                        );
-                    }
+        {
+            let listeners = self
+                .listeners
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            for serial in records
+                .iter()
+                .filter_map(|r| r.get("serial").and_then(Value::as_str))
+            {
+                for listener in listeners.iter() {
+                    listener(serial);
                 }
             }
         }
