@@ -170,7 +170,6 @@ pub struct Dps {
     pub metrics: DpsMetrics,
     pub id_scope: String,
     hub: Option<Arc<Hub>>,
-    instance: Arc<crate::bootstrap::Instance>,
     allocation: AllocationSettings,
     /// Calls joined hubs' service APIs (trusts our CA only).
     hub_client: reqwest::Client,
@@ -275,7 +274,6 @@ impl Dps {
             metrics: DpsMetrics::new()?,
             id_scope,
             hub,
-            instance,
             pki,
         })
     }
@@ -995,36 +993,34 @@ impl Dps {
                         crate::time::now_unix() as i64,
                     )?;
                 }
-                let profile = self.pki.profile(self.certificate_days);
                 let issued = self
-                    .instance
-                    .ca
-                    .sign_device_csr_with(
-                        &der,
+                    .pki
+                    .issue(crate::pki::Issue {
+                        csr_der: &der,
                         registration_id,
-                        &profile,
-                        crate::time::now_unix() as i64,
-                    )
-                    .map_err(|e| ApiError::field(ErrorCode::InvalidCertificate, "csr", e))?;
-                self.pki
-                    .record_issued(
-                        &issued,
-                        registration_id,
-                        group_id.as_deref(),
-                        "dps",
-                        if renewing.is_some() {
+                        group: group_id.as_deref(),
+                        validity_days: self.certificate_days,
+                        actor: "dps".into(),
+                        action: if renewing.is_some() {
                             crate::pki::Action::Renew
                         } else {
                             crate::pki::Action::Issue
                         },
-                        match &renewing {
+                        detail: match &renewing {
                             Some(current) => {
                                 json!({"via": "dps", "previousSerial": current.serial})
                             }
                             None => Value::Null,
                         },
-                    )
-                    .await?;
+                    })
+                    .await
+                    .map_err(|e| match e {
+                        // The device's own mistake, named in its field (as DPS always did).
+                        crate::pki::Error::BadCsr(e) => {
+                            ApiError::field(ErrorCode::InvalidCertificate, "csr", e)
+                        }
+                        other => ApiError::from(other),
+                    })?;
                 Some(issued)
             }
         };

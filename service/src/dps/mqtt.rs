@@ -122,6 +122,10 @@ impl DpsSession {
 
     fn respond_error(&self, rid: &str, error: &ApiError) {
         let (status, code, _) = error.code.wire();
+        let tracking_id = crate::http::error::track_for_client(
+            error.internal_detail(),
+            "a DPS request over MQTT",
+        );
         let retry = error
             .code
             .retry_after()
@@ -130,7 +134,7 @@ impl DpsSession {
             status.as_u16(),
             rid,
             retry,
-            json!({"errorCode": code, "message": error.message, "trackingId": rid, "timestampUtc": crate::time::now_rfc3339()}),
+            json!({"errorCode": code, "message": error.message, "trackingId": tracking_id, "timestampUtc": crate::time::now_rfc3339()}),
         );
     }
 }

@@ -345,6 +345,31 @@ impl From<StoreError> for ApiError {
     }
 }
 
+/// For an error answered outside an HTTP request (an MQTT response topic): a fresh tracking id
+/// to send, under which the internal detail, if any, is logged. Over HTTPS `observe` does the
+/// same with the request id.
+pub fn track_for_client(internal: Option<&str>, what: &str) -> String {
+    let tracking_id = uuid::Uuid::new_v4().to_string();
+    if let Some(detail) = internal {
+        tracing::error!(tracking_id, detail, "{what} failed on our side");
+    }
+    tracking_id
+}
+
+/// PKI failures at the HTTP boundary: a refused CSR is the client's 400 `InvalidCsr`, the rest
+/// goes to the log.
+impl From<crate::pki::Error> for ApiError {
+    fn from(error: crate::pki::Error) -> ApiError {
+        match error {
+            crate::pki::Error::BadCsr(e) => {
+                ApiError::new(ErrorCode::InvalidCsr, format!("the CSR is refused: {e}"))
+            }
+            crate::pki::Error::Store(e) => ApiError::from(e),
+            other => ApiError::internal(other),
+        }
+    }
+}
+
 /// Storage errors seen from a resource of the given kind.
 pub fn store_error(error: StoreError, not_found: ErrorCode) -> ApiError {
     match error {

@@ -227,24 +227,16 @@ async fn sign_and_record(
     action: Action,
     detail: Value,
 ) -> Result<Vec<u8>, ApiError> {
-    let profile = pki.profile(state.settings.dps.certificate_validity_days);
     let issued = pki
-        .instance()
-        .ca
-        .sign_device_csr_with(
-            csr,
+        .issue(crate::pki::Issue {
+            csr_der: csr,
             registration_id,
-            &profile,
-            crate::time::now_unix() as i64,
-        )
-        .map_err(|e| match e {
-            zerotouch_certs::Error::InvalidCsr { .. }
-            | zerotouch_certs::Error::CsrSignatureInvalid
-            | zerotouch_certs::Error::CnMismatch { .. } => csr_error(e),
-            other => ApiError::internal(other),
-        })?;
-    let actor = format!("est:{registration_id}");
-    pki.record_issued(&issued, registration_id, group, &actor, action, detail)
+            group,
+            validity_days: state.settings.dps.certificate_validity_days,
+            actor: format!("est:{registration_id}"),
+            action,
+            detail,
+        })
         .await?;
     Ok(issued.certificate_der)
 }

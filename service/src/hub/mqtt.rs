@@ -330,7 +330,7 @@ impl HubSession {
                     HubMetrics::count(&self.hub.metrics.twin_operations, 1);
                     self.respond_twin(200, &rid, "", twin.device_view().to_string().into_bytes());
                 }
-                Err(e) => self.respond_twin(e.status().as_u16(), &rid, "", error_body(&e.message)),
+                Err(e) => self.respond_twin(e.status().as_u16(), &rid, "", error_body(&e)),
             }
         } else if topic.starts_with("$iothub/twin/PATCH/properties/reported/") {
             let patch: Value = match serde_json::from_slice(&payload) {
@@ -340,7 +340,7 @@ impl HubSession {
                         400,
                         &rid,
                         "",
-                        error_body("the reported patch must be a JSON object"),
+                        refusal_body("the reported patch must be a JSON object"),
                     );
                     return PublishVerdict::Ack;
                 }
@@ -361,10 +361,10 @@ impl HubSession {
                 Ok((_, version)) => {
                     self.respond_twin(204, &rid, &format!("&$version={version}"), Vec::new())
                 }
-                Err(e) => self.respond_twin(e.status().as_u16(), &rid, "", error_body(&e.message)),
+                Err(e) => self.respond_twin(e.status().as_u16(), &rid, "", error_body(&e)),
             }
         } else {
-            self.respond_twin(404, &rid, "", error_body("no such twin operation"));
+            self.respond_twin(404, &rid, "", refusal_body("no such twin operation"));
         }
         PublishVerdict::Ack
     }
@@ -396,7 +396,18 @@ impl HubSession {
     }
 }
 
-fn error_body(message: &str) -> Vec<u8> {
+/// A twin error on its response topic: the safe message and a tracking id, under which any
+/// internal detail is logged.
+fn error_body(error: &super::error::HubError) -> Vec<u8> {
+    let tracking_id =
+        crate::http::error::track_for_client(error.internal_detail(), "a twin request over MQTT");
+    json!({"message": error.message, "trackingId": tracking_id})
+        .to_string()
+        .into_bytes()
+}
+
+/// A twin refusal of the device's own making (no internal detail to log).
+fn refusal_body(message: &str) -> Vec<u8> {
     json!({"message": message}).to_string().into_bytes()
 }
 

@@ -109,6 +109,49 @@ pub fn revocation_of(
         }))
 }
 
+/// What goes wrong in the PKI, as the callers at the HTTP and MQTT boundaries map it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The device's certificate signing request is malformed, badly signed or names another
+    /// subject: the device's fault, and safe to show it.
+    #[error("the CSR is refused: {0}")]
+    BadCsr(zerotouch_certs::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Something broke on our side (signing, a PKCS#11 token). For the log only.
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Whose fault a failed issuance is: only the CSR's own faults are the device's; a signing or
+/// PKCS#11 failure is ours, and its text (a token's return value, say) stays in the log.
+fn signing_error(error: zerotouch_certs::Error) -> Error {
+    use zerotouch_certs::Error as E;
+    match error {
+        E::InvalidCsr { .. } | E::CsrSignatureInvalid | E::CnMismatch { .. } => {
+            Error::BadCsr(error)
+        }
+        other => Error::Internal(format!("signing a device certificate: {other}")),
+    }
+}
+
+/// One certificate to issue from a device's CSR ([`Pki::issue`]).
+#[derive(Debug)]
+pub struct Issue<'a> {
+    pub csr_der: &'a [u8],
+    /// The CSR's CN must be this.
+    pub registration_id: &'a str,
+    /// The enrollment group that admitted the device, if any (kept with the record).
+    pub group: Option<&'a str>,
+    pub validity_days: u32,
+    /// Who asked, for the audit trail (`dps`, `est:{id}`).
+    pub actor: String,
+    pub action: Action,
+    /// Extra audit detail (how it was asked for, the certificate it renews).
+    pub detail: Value,
+}
+
 /// What [`Pki::subscribe`] takes: called with a revoked certificate's serial (hex).
 pub type RevocationListener = Arc<dyn Fn(&str) + Send + Sync>;
 
@@ -349,23 +392,29 @@ impl Pki {
         &self.ca_chain_der
     }
 
-    /// Records a certificate this service just issued, and its audit event.
-    pub async fn record_issued(
-        &self,
-        issued: &IssuedDeviceCertificate,
-        registration_id: &str,
-        enrollment_group_id: Option<&str>,
-        actor: &str,
-        action: Action,
-        detail: Value,
-    ) -> Result<(), ApiError> {
-        let serial = serial_key(&issued.serial_hex)
-            .ok_or_else(|| ApiError::internal("issued a certificate with an unusable serial"))?;
+    /// Signs a device certificate from `csr_der` (PKCS#10, CN = `registration_id`) with the
+    /// issuance profile and records it with its audit event: the one way DPS and EST issue.
+    /// A CSR the device got wrong is [`Error::BadCsr`]; a failure on our side (signing, a
+    /// PKCS#11 token, the store) is never shown to the device.
+    pub async fn issue(&self, request: Issue<'_>) -> Result<IssuedDeviceCertificate, Error> {
+        let issued = self
+            .instance
+            .ca
+            .sign_device_csr_with(
+                request.csr_der,
+                request.registration_id,
+                &self.profile(request.validity_days),
+                crate::time::now_unix() as i64,
+            )
+            .map_err(signing_error)?;
+        let serial = serial_key(&issued.serial_hex).ok_or_else(|| {
+            Error::Internal("issued a certificate with an unusable serial".into())
+        })?;
         let body = json!({
             "serial": serial,
             "subject": issued.subject,
-            "registrationId": registration_id,
-            "enrollmentGroupId": enrollment_group_id,
+            "registrationId": request.registration_id,
+            "enrollmentGroupId": request.group,
             "notBefore": issued.not_before_unix,
             "notAfter": issued.not_after_unix,
             "issuer": self.issuer,
@@ -373,8 +422,8 @@ impl Pki {
             "revokedAt": null,
             "reason": null,
         });
-        let registration_id = registration_id.to_string();
-        let actor = actor.to_string();
+        let registration_id = request.registration_id.to_string();
+        let (actor, action, detail) = (request.actor, request.action, request.detail);
         crate::db::blocking(&self.store, move |s| {
             s.put(
                 Collection::IssuedCertificates,
@@ -395,8 +444,8 @@ impl Pki {
                 },
             )
         })
-        .await
-        .map_err(|e| store_error(e, ErrorCode::NotFound))
+        .await?;
+        Ok(issued)
     }
 
     /// Revokes one certificate issued here. 404 `CertificateNotIssuedHere` if there is no
@@ -712,6 +761,35 @@ fn revoked_entry(doc: &Document) -> Option<RevokedEntry> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A device learns what was wrong with its CSR, never what broke on our side.
+    #[test]
+    fn only_csr_faults_reach_the_device() {
+        use zerotouch_certs::Error as E;
+        for csr_fault in [
+            E::InvalidCsr {
+                reason: "trailing data".into(),
+            },
+            E::CsrSignatureInvalid,
+            E::CnMismatch {
+                expected: "dev".into(),
+                found: None,
+            },
+        ] {
+            assert!(matches!(signing_error(csr_fault), Error::BadCsr(_)));
+        }
+        for ours in [
+            E::Pkcs11("C_Sign: CKR_DEVICE_ERROR (slot 0, user pin 1234)".into()),
+            E::Generation("rcgen".into()),
+            E::RootKeyMissing,
+        ] {
+            let error = signing_error(ours);
+            assert!(matches!(error, Error::Internal(_)), "{error:?}");
+            let api = crate::http::error::ApiError::from(error);
+            assert_eq!(api.code, crate::http::error::ErrorCode::Internal);
+            assert_eq!(api.message, "internal error");
+        }
+    }
 
     #[test]
     fn serial_keys_are_normalised() {
