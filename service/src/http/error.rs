@@ -356,16 +356,31 @@ pub fn track_for_client(internal: Option<&str>, what: &str) -> String {
     tracking_id
 }
 
-/// PKI failures at the HTTP boundary: a refused CSR is the client's 400 `InvalidCsr`, the rest
-/// goes to the log.
+/// PKI failures at the HTTP boundary. Exhaustive: a new kind of failure needs its wire code.
 impl From<crate::pki::Error> for ApiError {
     fn from(error: crate::pki::Error) -> ApiError {
+        use crate::pki::Error as E;
         match error {
-            crate::pki::Error::BadCsr(e) => {
+            E::BadCsr(e) => {
                 ApiError::new(ErrorCode::InvalidCsr, format!("the CSR is refused: {e}"))
             }
-            crate::pki::Error::Store(e) => ApiError::from(e),
-            other => ApiError::internal(other),
+            e @ E::Revoked { .. } => ApiError::new(ErrorCode::CertificateRevoked, e.to_string()),
+            E::RenewalNotAllowed(message) => ApiError::new(ErrorCode::RenewalNotAllowed, message),
+            E::InvalidSerial => ApiError::field(
+                ErrorCode::InvalidField,
+                "serial",
+                "is not a hex serial number",
+            ),
+            e @ E::NotIssuedHere => {
+                ApiError::new(ErrorCode::CertificateNotIssuedHere, e.to_string())
+            }
+            e @ E::AlreadyRevoked => ApiError::new(ErrorCode::AlreadyRevoked, e.to_string()),
+            E::Store(StoreError::NotFound) => ApiError::new(
+                ErrorCode::CertificateNotIssuedHere,
+                "no certificate with this serial was issued by this service",
+            ),
+            E::Store(e) => ApiError::from(e),
+            e @ E::Internal(_) => ApiError::internal(e),
         }
     }
 }
@@ -470,6 +485,48 @@ mod tests {
             assert_eq!((s.as_u16(), n), (*status, *number), "{code:?}");
             assert_eq!(n / 1000, u32::from(s.as_u16()), "{code:?} prefix");
             assert!(numbers.insert(n), "{code:?} duplicates {n}");
+        }
+    }
+
+    /// Every PKI failure has its wire code; internal ones say only "internal error".
+    #[test]
+    fn pki_errors_map_to_their_codes() {
+        use crate::pki::Error as E;
+        let cases: Vec<(E, ErrorCode)> = vec![
+            (
+                E::BadCsr(zerotouch_certs::Error::CsrSignatureInvalid),
+                ErrorCode::InvalidCsr,
+            ),
+            (
+                E::Revoked {
+                    serial: "AB".into(),
+                },
+                ErrorCode::CertificateRevoked,
+            ),
+            (
+                E::RenewalNotAllowed("too early".into()),
+                ErrorCode::RenewalNotAllowed,
+            ),
+            (E::InvalidSerial, ErrorCode::InvalidField),
+            (E::NotIssuedHere, ErrorCode::CertificateNotIssuedHere),
+            (E::AlreadyRevoked, ErrorCode::AlreadyRevoked),
+            (
+                E::Store(StoreError::NotFound),
+                ErrorCode::CertificateNotIssuedHere,
+            ),
+            (
+                E::Store(StoreError::Unavailable("down".into())),
+                ErrorCode::Unavailable,
+            ),
+            (
+                E::Internal("C_Sign: CKR_DEVICE_ERROR".into()),
+                ErrorCode::Internal,
+            ),
+        ];
+        for (error, code) in cases {
+            let api = ApiError::from(error);
+            assert_eq!(api.code, code, "{api}");
+            assert!(!api.message.contains("CKR_"), "{api}");
         }
     }
 

@@ -29,7 +29,6 @@ use zerotouch_certs::{IssuanceProfile, IssuedDeviceCertificate};
 
 use crate::bootstrap::Instance;
 use crate::db::{Change, Collection, Document, DocumentStore, StoreError, Write};
-use crate::http::error::{ApiError, ErrorCode, store_error};
 
 /// How long a CRL is valid (`nextUpdate - thisUpdate`).
 pub const CRL_LIFETIME_SECONDS: i64 = 24 * 3600;
@@ -117,6 +116,20 @@ pub enum Error {
     /// subject: the device's fault, and safe to show it.
     #[error("the CSR is refused: {0}")]
     BadCsr(zerotouch_certs::Error),
+    /// A certificate this service issued, and revoked, was presented.
+    #[error("the client certificate (serial {serial}) has been revoked")]
+    Revoked { serial: String },
+    /// A renewal outside the renewal window of the enrollment's policy.
+    #[error("{0}")]
+    RenewalNotAllowed(String),
+    /// A serial number given by a caller is not hex.
+    #[error("the serial is not a hex serial number")]
+    InvalidSerial,
+    /// No certificate with this serial was issued by this service.
+    #[error("no certificate with this serial was issued by this service")]
+    NotIssuedHere,
+    #[error("the certificate is already revoked")]
+    AlreadyRevoked,
     #[error(transparent)]
     Store(#[from] StoreError),
     /// Something broke on our side (signing, a PKCS#11 token). For the log only.
@@ -155,35 +168,32 @@ pub struct Issue<'a> {
 /// What [`Pki::subscribe`] takes: called with a revoked certificate's serial (hex).
 pub type RevocationListener = Arc<dyn Fn(&str) + Send + Sync>;
 
-/// 401 `CertificateRevoked` if the certificate `leaf_der` was issued here and revoked.
-pub async fn refuse_revoked(
-    store: &Arc<dyn DocumentStore>,
-    leaf_der: &[u8],
-) -> Result<(), ApiError> {
+/// [`Error::Revoked`] if the certificate `leaf_der` was issued here and revoked.
+pub async fn refuse_revoked(store: &Arc<dyn DocumentStore>, leaf_der: &[u8]) -> Result<(), Error> {
     let leaf = leaf_der.to_vec();
     let revoked = crate::db::blocking(store, move |s| revocation_of(s, &leaf)).await?;
     match revoked {
         None => Ok(()),
-        Some(record) => Err(ApiError::new(
-            ErrorCode::CertificateRevoked,
-            format!(
-                "the client certificate (serial {}) has been revoked",
-                record.get("serial").and_then(Value::as_str).unwrap_or("?")
-            ),
-        )),
+        Some(record) => Err(Error::Revoked {
+            serial: record
+                .get("serial")
+                .and_then(Value::as_str)
+                .unwrap_or("?")
+                .to_string(),
+        }),
     }
 }
 
 /// The renewal window of `enrollment` (its `renewalPolicy`, else [`RenewalPolicy::DEFAULT`])
-/// for a certificate valid from `not_before` to `not_after` (unix seconds): 403002
-/// `RenewalNotAllowed` outside it. EST re-enrollment and a DPS re-registration that presents a
+/// for a certificate valid from `not_before` to `not_after` (unix seconds):
+/// [`Error::RenewalNotAllowed`] outside it. EST re-enrollment and a DPS re-registration that presents a
 /// certificate of ours with a new `csr` both go through here, so they follow one policy.
 pub fn check_renewal(
     enrollment: &Value,
     not_before: i64,
     not_after: i64,
     now: i64,
-) -> Result<(), ApiError> {
+) -> Result<(), Error> {
     let policy = enrollment
         .get("renewalPolicy")
         .and_then(|p| renewal_policy(p).ok())
@@ -196,7 +206,7 @@ pub fn check_renewal(
             ),
             other => other.to_string(),
         };
-        ApiError::new(ErrorCode::RenewalNotAllowed, message)
+        Error::RenewalNotAllowed(message)
     })
 }
 
@@ -448,39 +458,26 @@ impl Pki {
         Ok(issued)
     }
 
-    /// Revokes one certificate issued here. 404 `CertificateNotIssuedHere` if there is no
-    /// record of it, 409 `AlreadyRevoked` if it is revoked already.
+    /// Revokes one certificate issued here: [`Error::NotIssuedHere`] if there is no record of
+    /// it, [`Error::AlreadyRevoked`] if it is revoked already.
     pub async fn revoke(
         &self,
         serial: &str,
         reason: ReasonCode,
         actor: &str,
-    ) -> Result<Value, ApiError> {
-        let key = serial_key(serial).ok_or_else(|| {
-            ApiError::field(
-                ErrorCode::InvalidField,
-                "serial",
-                "is not a hex serial number",
-            )
-        })?;
+    ) -> Result<Value, Error> {
+        let key = serial_key(serial).ok_or(Error::InvalidSerial)?;
         let actor = actor.to_string();
         let record =
             crate::db::blocking(&self.store, move |s| revoke_record(s, &key, reason, &actor))
-                .await
-                .map_err(|e| store_error(e, ErrorCode::CertificateNotIssuedHere))?;
+                .await?;
         match record {
             Revoked::Now(record) => {
                 self.after_revocation(std::slice::from_ref(&record)).await?;
                 Ok(record)
             }
-            Revoked::Already => Err(ApiError::new(
-                ErrorCode::AlreadyRevoked,
-                "the certificate is already revoked",
-            )),
-            Revoked::Missing => Err(ApiError::new(
-                ErrorCode::CertificateNotIssuedHere,
-                "no certificate with this serial was issued by this service",
-            )),
+            Revoked::Already => Err(Error::AlreadyRevoked),
+            Revoked::Missing => Err(Error::NotIssuedHere),
         }
     }
 
@@ -492,7 +489,7 @@ impl Pki {
         group: Option<String>,
         reason: ReasonCode,
         actor: &str,
-    ) -> Result<Vec<Value>, ApiError> {
+    ) -> Result<Vec<Value>, Error> {
         let actor = actor.to_string();
         let revoked = crate::db::blocking(&self.store, move |s| {
             let registrations: Vec<String> = match (&registration_id, &group) {
@@ -533,7 +530,7 @@ impl Pki {
     }
 
     /// Tells the listeners (the hub closes the certificates' sessions) and re-signs the CRL.
-    async fn after_revocation(&self, records: &[Value]) -> Result<(), ApiError> {
+    async fn after_revocation(&self, records: &[Value]) -> Result<(), Error> {
         {
             let listeners = self
                 .listeners
@@ -553,13 +550,13 @@ impl Pki {
 
     /// The current CRL (DER), re-signed if `force`, if there is none, or if its `nextUpdate`
     /// is less than [`CRL_REFRESH_MARGIN`] away.
-    pub async fn crl(&self, force: bool) -> Result<Vec<u8>, ApiError> {
+    pub async fn crl(&self, force: bool) -> Result<Vec<u8>, Error> {
         let _one_at_a_time = self.crl_lock.lock().await;
         let (instance, issuer) = (Arc::clone(&self.instance), self.issuer.clone());
         // Another replica may sign one in between: `update` then reads it and decides again.
         let updated = crate::db::blocking(&self.store, move |s| {
             Ok(
-                s.update::<_, ApiError>(Collection::PkiState, CRL_DOCUMENT, |current| {
+                s.update::<_, Error>(Collection::PkiState, CRL_DOCUMENT, |current| {
                     let now = crate::time::now_unix() as i64;
                     let stored = current.and_then(|doc| {
                         let next = doc.body.get("nextUpdate").and_then(Value::as_i64)?;
@@ -591,7 +588,7 @@ impl Pki {
                             next_update_unix: now + CRL_LIFETIME_SECONDS,
                             revoked,
                         })
-                        .map_err(ApiError::internal)?;
+                        .map_err(|e| Error::Internal(format!("signing the CRL: {e}")))?;
                     let body = json!({
                         "crlNumber": number,
                         "thisUpdate": now,
@@ -785,9 +782,6 @@ mod tests {
         ] {
             let error = signing_error(ours);
             assert!(matches!(error, Error::Internal(_)), "{error:?}");
-            let api = crate::http::error::ApiError::from(error);
-            assert_eq!(api.code, crate::http::error::ErrorCode::Internal);
-            assert_eq!(api.message, "internal error");
         }
     }
 
