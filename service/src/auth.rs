@@ -13,8 +13,6 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use zerotouch_attestation::symmetric_key::{self, SasError, SasToken};
 
-use crate::http::error::{ApiError, ErrorCode};
-
 /// Rights, as a small bit set: the DPS rights of dps-protocol §4.1 and the IoT Hub rights of
 /// hub-protocol §1.4. A DPS policy holds only DPS rights, a hub policy only hub rights.
 #[derive(Clone, Copy, PartialEq, Eq, Default)]
@@ -119,6 +117,29 @@ impl fmt::Debug for AuthorizationPolicy {
     }
 }
 
+/// Why a caller is refused. The HTTP layer maps each kind to its wire code (`http::error`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No credentials, or credentials that cannot be read.
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Expired(String),
+    /// The signature does not verify, or the key name is unknown.
+    #[error("{0}")]
+    InvalidSignature(String),
+    /// The credential is for another audience (resource, service).
+    #[error("{0}")]
+    InvalidAudience(String),
+    /// The credential is good but lacks the right.
+    #[error("this operation needs the right {0}")]
+    InsufficientRights(Rights),
+    /// Something broke on our side (a stored policy that does not parse). For the log only.
+    #[error("{0}")]
+    Internal(String),
+}
+
 /// The default policy with every right, created on first start.
 pub const OWNER_POLICY: &str = "provisioningserviceowner";
 
@@ -131,14 +152,11 @@ pub struct Caller {
 }
 
 impl Caller {
-    pub fn require(&self, needed: Rights) -> Result<(), ApiError> {
+    pub fn require(&self, needed: Rights) -> Result<(), Error> {
         if self.rights.contains(needed) {
             Ok(())
         } else {
-            Err(ApiError::new(
-                ErrorCode::InsufficientRights,
-                format!("this operation needs the right {needed}"),
-            ))
+            Err(Error::InsufficientRights(needed))
         }
     }
 }
@@ -149,27 +167,26 @@ pub enum Credential {
     Bearer(String),
 }
 
-pub fn parse_authorization(header: Option<&str>) -> Result<Credential, ApiError> {
+pub fn parse_authorization(header: Option<&str>) -> Result<Credential, Error> {
     let header = header
         .map(str::trim)
         .filter(|h| !h.is_empty())
         .ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::Unauthorized,
-                "missing Authorization header: send a SharedAccessSignature or a Bearer token",
+            Error::Unauthorized(
+                "missing Authorization header: send a SharedAccessSignature or a Bearer token"
+                    .into(),
             )
         })?;
     if let Some(token) = strip_prefix_ignore_case(header, "Bearer ") {
         return Ok(Credential::Bearer(token.trim().to_string()));
     }
     if strip_prefix_ignore_case(header, "SharedAccessSignature ").is_some() {
-        return SasToken::parse(header).map(Credential::Sas).map_err(|e| {
-            ApiError::new(ErrorCode::Unauthorized, format!("malformed SAS token: {e}"))
-        });
+        return SasToken::parse(header)
+            .map(Credential::Sas)
+            .map_err(|e| Error::Unauthorized(format!("malformed SAS token: {e}")));
     }
-    Err(ApiError::new(
-        ErrorCode::Unauthorized,
-        "unsupported Authorization scheme: use SharedAccessSignature or Bearer",
+    Err(Error::Unauthorized(
+        "unsupported Authorization scheme: use SharedAccessSignature or Bearer".into(),
     ))
 }
 
@@ -188,12 +205,9 @@ pub fn verify_sas(
     hostnames: &[String],
     request_path: &str,
     now_unix: u64,
-) -> Result<Caller, ApiError> {
+) -> Result<Caller, Error> {
     let policy = policy.ok_or_else(|| {
-        ApiError::new(
-            ErrorCode::InvalidSignature,
-            "the SAS token names no known authorization policy (skn)",
-        )
+        Error::InvalidSignature("the SAS token names no known authorization policy (skn)".into())
     })?;
     symmetric_key::verify(
         token,
@@ -201,28 +215,21 @@ pub fn verify_sas(
         now_unix,
     )
     .map_err(|e| match e {
-        SasError::Expired => ApiError::new(ErrorCode::TokenExpired, "the SAS token has expired"),
-        _ => ApiError::new(
-            ErrorCode::InvalidSignature,
-            "the SAS token signature does not verify",
-        ),
+        SasError::Expired => Error::Expired("the SAS token has expired".into()),
+        _ => Error::InvalidSignature("the SAS token signature does not verify".into()),
     })?;
     let resource = token
         .resource_decoded()
-        .map_err(|_| ApiError::new(ErrorCode::InvalidAudience, "sr is not URL-encoded text"))?;
+        .map_err(|_| Error::InvalidAudience("sr is not URL-encoded text".into()))?;
     check_audience(&resource, hostnames, request_path)?;
-    let rights = Rights::parse(&policy.rights).map_err(ApiError::internal)?;
+    let rights = Rights::parse(&policy.rights).map_err(Error::Internal)?;
     Ok(Caller {
         principal: format!("policy:{}", policy.key_name),
         rights,
     })
 }
 
-fn check_audience(
-    resource: &str,
-    hostnames: &[String],
-    request_path: &str,
-) -> Result<(), ApiError> {
+fn check_audience(resource: &str, hostnames: &[String], request_path: &str) -> Result<(), Error> {
     let resource = resource
         .trim_start_matches("https://")
         .trim_start_matches("http://");
@@ -235,10 +242,9 @@ fn check_audience(
         h.eq_ignore_ascii_case(host) || h.eq_ignore_ascii_case(host.trim_matches(['[', ']']))
     });
     if !known {
-        return Err(ApiError::new(
-            ErrorCode::InvalidAudience,
-            format!("the SAS token is for {authority:?}, which is not this service"),
-        ));
+        return Err(Error::InvalidAudience(format!(
+            "the SAS token is for {authority:?}, which is not this service"
+        )));
     }
     let path = path.trim_end_matches('/');
     if !path.is_empty() {
@@ -247,10 +253,9 @@ fn check_audience(
             && request[..path.len()].eq_ignore_ascii_case(path)
             && (request.len() == path.len() || request.as_bytes()[path.len()] == b'/');
         if !matches {
-            return Err(ApiError::new(
-                ErrorCode::InvalidAudience,
-                format!("the SAS token is scoped to {path:?}"),
-            ));
+            return Err(Error::InvalidAudience(format!(
+                "the SAS token is scoped to {path:?}"
+            )));
         }
     }
     Ok(())
@@ -331,8 +336,10 @@ pub fn verify_token(
     secret_b64: &str,
     id_scope: &str,
     now_unix: u64,
-) -> Result<Caller, ApiError> {
-    let secret = B64.decode(secret_b64).map_err(ApiError::internal)?;
+) -> Result<Caller, Error> {
+    let secret = B64
+        .decode(secret_b64)
+        .map_err(|e| Error::Internal(format!("the token secret is not base64: {e}")))?;
     let mut validation = Validation::new(Algorithm::HS256);
     validation.set_audience(&[TOKEN_AUDIENCE]);
     validation.set_issuer(&[token_issuer(id_scope)]);
@@ -345,25 +352,21 @@ pub fn verify_token(
             .map_err(|e| {
                 use jsonwebtoken::errors::ErrorKind;
                 match e.kind() {
-                    ErrorKind::InvalidAudience | ErrorKind::InvalidIssuer => ApiError::new(
-                        ErrorCode::InvalidAudience,
-                        "the bearer token was issued for another service",
-                    ),
-                    ErrorKind::InvalidSignature => ApiError::new(
-                        ErrorCode::InvalidSignature,
-                        "the bearer token signature does not verify",
-                    ),
-                    _ => ApiError::new(ErrorCode::Unauthorized, "malformed bearer token"),
+                    ErrorKind::InvalidAudience | ErrorKind::InvalidIssuer => {
+                        Error::InvalidAudience(
+                            "the bearer token was issued for another service".into(),
+                        )
+                    }
+                    ErrorKind::InvalidSignature => {
+                        Error::InvalidSignature("the bearer token signature does not verify".into())
+                    }
+                    _ => Error::Unauthorized("malformed bearer token".into()),
                 }
             })?;
     if data.claims.exp <= now_unix {
-        return Err(ApiError::new(
-            ErrorCode::TokenExpired,
-            "the bearer token has expired",
-        ));
+        return Err(Error::Expired("the bearer token has expired".into()));
     }
-    let rights = Rights::parse(&data.claims.rights.join(","))
-        .map_err(|e| ApiError::new(ErrorCode::Unauthorized, e))?;
+    let rights = Rights::parse(&data.claims.rights.join(",")).map_err(Error::Unauthorized)?;
     Ok(Caller {
         principal: format!("token:{}", data.claims.sub),
         rights,
@@ -373,6 +376,12 @@ pub fn verify_token(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::error::{ApiError, ErrorCode};
+
+    /// The wire code a refusal gets at the HTTP boundary.
+    fn code(error: Error) -> ErrorCode {
+        ApiError::from(error).code
+    }
 
     fn policy(rights: &str) -> AuthorizationPolicy {
         AuthorizationPolicy {
@@ -422,7 +431,7 @@ mod tests {
         assert_eq!(caller.principal, "policy:reader");
         assert!(caller.require(Rights::ENROLLMENT_READ).is_ok());
         let err = caller.require(Rights::ENROLLMENT_WRITE).unwrap_err();
-        assert_eq!(err.code, ErrorCode::InsufficientRights);
+        assert_eq!(code(err), ErrorCode::InsufficientRights);
     }
 
     #[test]
@@ -431,8 +440,8 @@ mod tests {
         let expired = sas("localhost", &p.primary_key, 1_000);
         assert_eq!(
             verify_sas(&expired, Some(&p), &hosts(), "/", 1_700_000_000)
-                .unwrap_err()
-                .code,
+                .map_err(code)
+                .unwrap_err(),
             ErrorCode::TokenExpired
         );
         let other_key = sas(
@@ -442,21 +451,21 @@ mod tests {
         );
         assert_eq!(
             verify_sas(&other_key, Some(&p), &hosts(), "/", 1_700_000_000)
-                .unwrap_err()
-                .code,
+                .map_err(code)
+                .unwrap_err(),
             ErrorCode::InvalidSignature
         );
         assert_eq!(
             verify_sas(&other_key, None, &hosts(), "/", 1_700_000_000)
-                .unwrap_err()
-                .code,
+                .map_err(code)
+                .unwrap_err(),
             ErrorCode::InvalidSignature
         );
         let elsewhere = sas("evil.example.com", &p.primary_key, 2_000_000_000);
         assert_eq!(
             verify_sas(&elsewhere, Some(&p), &hosts(), "/", 1_700_000_000)
-                .unwrap_err()
-                .code,
+                .map_err(code)
+                .unwrap_err(),
             ErrorCode::InvalidAudience
         );
     }
@@ -474,17 +483,17 @@ mod tests {
     #[test]
     fn authorization_header_forms() {
         assert_eq!(
-            parse_authorization(None).err().map(|e| e.code),
+            parse_authorization(None).err().map(code),
             Some(ErrorCode::Unauthorized)
         );
         assert_eq!(
-            parse_authorization(Some("Basic abc")).err().map(|e| e.code),
+            parse_authorization(Some("Basic abc")).err().map(code),
             Some(ErrorCode::Unauthorized)
         );
         assert_eq!(
             parse_authorization(Some("SharedAccessSignature garbage"))
                 .err()
-                .map(|e| e.code),
+                .map(code),
             Some(ErrorCode::Unauthorized)
         );
         assert!(matches!(
@@ -504,26 +513,26 @@ mod tests {
         assert_eq!(caller.principal, "token:ci");
         assert_eq!(
             verify_token(&token, &secret, "0ne00000001", now + 60)
-                .unwrap_err()
-                .code,
+                .map_err(code)
+                .unwrap_err(),
             ErrorCode::TokenExpired
         );
         assert_eq!(
             verify_token(&token, &generate_token_secret(), "0ne00000001", now)
-                .unwrap_err()
-                .code,
+                .map_err(code)
+                .unwrap_err(),
             ErrorCode::InvalidSignature
         );
         assert_eq!(
             verify_token(&token, &secret, "0ne0000000f", now)
-                .unwrap_err()
-                .code,
+                .map_err(code)
+                .unwrap_err(),
             ErrorCode::InvalidAudience
         );
         assert_eq!(
             verify_token("not.a.jwt", &secret, "0ne00000001", now)
-                .unwrap_err()
-                .code,
+                .map_err(code)
+                .unwrap_err(),
             ErrorCode::Unauthorized
         );
         assert!(mint_token(&secret, "0ne00000001", "x", Rights::default(), now, 60).is_err());

@@ -356,6 +356,23 @@ pub fn track_for_client(internal: Option<&str>, what: &str) -> String {
     tracking_id
 }
 
+/// A refused caller at the HTTP boundary.
+impl From<crate::auth::Error> for ApiError {
+    fn from(error: crate::auth::Error) -> ApiError {
+        use crate::auth::Error as E;
+        match error {
+            E::Unauthorized(message) => ApiError::new(ErrorCode::Unauthorized, message),
+            E::Expired(message) => ApiError::new(ErrorCode::TokenExpired, message),
+            E::InvalidSignature(message) => ApiError::new(ErrorCode::InvalidSignature, message),
+            E::InvalidAudience(message) => ApiError::new(ErrorCode::InvalidAudience, message),
+            e @ E::InsufficientRights(_) => {
+                ApiError::new(ErrorCode::InsufficientRights, e.to_string())
+            }
+            e @ E::Internal(_) => ApiError::internal(e),
+        }
+    }
+}
+
 /// PKI failures at the HTTP boundary. Exhaustive: a new kind of failure needs its wire code.
 impl From<crate::pki::Error> for ApiError {
     fn from(error: crate::pki::Error) -> ApiError {
