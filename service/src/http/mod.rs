@@ -181,7 +181,7 @@ pub async fn observe(
         // Hub routes answer in IoT Hub's error shape.
         let on_hub = hub::is_hub_path(&path);
         let hub_error = match (api_error, on_hub) {
-            (Some(error), true) => Some(crate::hub::error::HubError::from_api(error)),
+            (Some(error), true) => Some(hub::from_api(error)),
             _ => None,
         };
         let hub_error = hub_error.as_ref().or_else(|| {

@@ -12,7 +12,6 @@ use actix_web::{HttpResponse, ResponseError};
 use serde_json::json;
 
 use crate::db::StoreError;
-use crate::http::error::ApiError;
 
 /// Stable hub error codes: (HTTP status, Azure's numeric code, name).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,9 +155,10 @@ impl HubError {
             .body(body.to_string())
     }
 
-    /// A device-side or framework error met on a hub route, in hub terms.
-    pub fn from_api(error: &ApiError) -> HubError {
-        let code = match error.status().as_u16() {
+    /// An error of another layer met on a hub route (a framework error, a DPS-shaped one),
+    /// in hub terms by its HTTP status; `message` is safe to show, `internal` is for the log.
+    pub fn from_status(status: u16, message: String, internal: Option<&str>) -> HubError {
+        let code = match status {
             401 => HubErrorCode::IotHubUnauthorizedAccess,
             403 => HubErrorCode::Forbidden,
             404 => HubErrorCode::NotFound,
@@ -171,8 +171,8 @@ impl HubError {
         };
         HubError {
             code,
-            message: error.message.clone(),
-            internal: error.internal_detail().map(String::from),
+            message,
+            internal: internal.map(String::from),
         }
     }
 
@@ -231,12 +231,6 @@ impl ResponseError for HubError {
 impl From<StoreError> for HubError {
     fn from(error: StoreError) -> HubError {
         HubError::store(error)
-    }
-}
-
-impl From<ApiError> for HubError {
-    fn from(error: ApiError) -> HubError {
-        HubError::from_api(&error)
     }
 }
 

@@ -96,6 +96,16 @@ pub fn if_match(req: &HttpRequest) -> Result<Option<String>, HubError> {
 /// A JSON body (empty → error).
 pub fn json_body(bytes: &[u8]) -> Result<serde_json::Value, HubError> {
     crate::http::json_body(bytes)
-        .map_err(HubError::from)?
+        .map_err(|e| from_api(&e))?
         .ok_or_else(|| HubError::new(HubErrorCode::ArgumentNull, "the body is empty"))
+}
+
+/// An error of the DPS-shaped HTTP layer (a body that is not JSON, a framework error) met on a
+/// hub route, in IoT Hub's terms.
+pub(crate) fn from_api(error: &crate::http::error::ApiError) -> HubError {
+    HubError::from_status(
+        error.status().as_u16(),
+        error.message.clone(),
+        error.internal_detail(),
+    )
 }
