@@ -1,8 +1,8 @@
 //! `custom`: the DPS custom allocation webhook (dps-protocol §5.3). The one module that does I/O.
 //!
-//! The service builds the request body with the pure [`build_request`] (the enrollment with its
-//! secrets stripped by [`strip_secrets`], the `deviceRuntimeContext`, and `linkedHubs` = the
-//! §5.1 candidates), then [`WebhookClient::allocate`] POSTs it as `application/json` to the
+//! The service builds the request body with the pure [`build_request`] (the enrollment as the
+//! service API shows it, without secrets — the service strips them, on its enrollment type —
+//! the `deviceRuntimeContext`, and `linkedHubs` = the §5.1 candidates), then [`WebhookClient::allocate`] POSTs it as `application/json` to the
 //! enrollment's `webhookUrl`, verbatim (Azure Functions keys travel as `?code=`), and checks the
 //! answer with the pure [`parse_response`]: a 2xx JSON object
 //! `{"iotHubHostName": <one of linkedHubs>, "initialTwin"?: {…}, "payload"?: …}`.
@@ -116,51 +116,8 @@ pub struct Assignment<'a> {
     pub payload: Option<Value>,
 }
 
-/// A copy of an enrollment fit for the webhook: `attestation` keeps only `type` and, for X.509,
-/// the certificates' `info` (and `caReferences` names). Keys, certificates and TPM keys go.
-/// Everything outside `attestation` is kept as is.
-pub fn strip_secrets(enrollment: &Value) -> Value {
-    let mut copy = enrollment.clone();
-    let Some(object) = copy.as_object_mut() else {
-        return copy;
-    };
-    if let Some(attestation) = object.get("attestation") {
-        object.insert("attestation".into(), strip_attestation(attestation));
-    }
-    copy
-}
-
-fn strip_attestation(attestation: &Value) -> Value {
-    let mut stripped = Map::new();
-    let kind = attestation.get("type").cloned();
-    if let Some(kind) = &kind {
-        stripped.insert("type".into(), kind.clone());
-    }
-    if kind.as_ref().and_then(Value::as_str) == Some("x509")
-        && let Some(x509) = attestation.get("x509")
-    {
-        let mut x509_out = Map::new();
-        for set in ["clientCertificates", "signingCertificates"] {
-            let Some(certificates) = x509.get(set) else {
-                continue;
-            };
-            let mut set_out = Map::new();
-            for slot in ["primary", "secondary"] {
-                if let Some(info) = certificates.get(slot).and_then(|c| c.get("info")) {
-                    set_out.insert(slot.into(), json!({ "info": info }));
-                }
-            }
-            x509_out.insert(set.into(), Value::Object(set_out));
-        }
-        if let Some(references) = x509.get("caReferences") {
-            x509_out.insert("caReferences".into(), references.clone());
-        }
-        stripped.insert("x509".into(), Value::Object(x509_out));
-    }
-    Value::Object(stripped)
-}
-
-/// The JSON body DPS POSTs to the webhook (§5.3). `candidates` become `linkedHubs`.
+/// The JSON body DPS POSTs to the webhook (§5.3). `enrollment` must already be without
+/// secrets (it is sent as given); `candidates` become `linkedHubs`.
 pub fn build_request(
     enrollment: Enrollment<'_>,
     context: &DeviceRuntimeContext<'_>,
@@ -202,7 +159,7 @@ pub fn build_request(
     };
     let linked: Vec<Value> = candidates.iter().map(|h| h.name.as_str().into()).collect();
     json!({
-        key: strip_secrets(enrollment),
+        key: enrollment.clone(),
         "deviceRuntimeContext": Value::Object(runtime),
         "linkedHubs": linked,
     })

@@ -14,6 +14,7 @@ pub mod dps;
 pub mod enrollment;
 pub mod http;
 pub mod hub;
+pub mod ids;
 pub mod lock;
 pub mod logging;
 pub mod mqtt;

@@ -155,6 +155,17 @@ impl<W: Write> Write for Sink<W> {
     }
 }
 
+/// For an error answered outside an HTTP request (an MQTT response topic): a fresh tracking id
+/// to send, under which the internal detail, if any, is logged. Over HTTPS `http::observe` does
+/// the same with the request id.
+pub fn track_for_client(internal: Option<&str>, what: &str) -> String {
+    let tracking_id = uuid::Uuid::new_v4().to_string();
+    if let Some(detail) = internal {
+        tracing::error!(tracking_id, detail, "{what} failed on our side");
+    }
+    tracking_id
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1289,7 +1289,7 @@ fn failed_registrations_are_kept_and_their_operations_polled() {
             "{polled}"
         );
         assert_eq!(
-            polled["registrationState"]["errorCode"], 401_003,
+            polled["registrationState"]["errorCode"], 401_006,
             "{polled}"
         );
         assert_nothing_stored(s, off);

@@ -23,8 +23,8 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::auth::Error as AuthError;
 use crate::db::{Change, Collection, DocumentStore, StoreError, Write};
-use crate::http::error::{ApiError, ErrorCode};
 use crate::hub::Hub;
 use crate::hub::error::HubErrorCode;
 
@@ -97,8 +97,10 @@ pub fn verify_join_token(
     secret_b64: &str,
     id_scope: &str,
     now_unix: u64,
-) -> Result<JoinClaims, ApiError> {
-    let secret = B64.decode(secret_b64).map_err(ApiError::internal)?;
+) -> Result<JoinClaims, AuthError> {
+    let secret = B64
+        .decode(secret_b64)
+        .map_err(|e| AuthError::Internal(format!("the join secret is not base64: {e}")))?;
     let mut validation = Validation::new(Algorithm::HS256);
     validation.set_audience(&[JOIN_AUDIENCE]);
     validation.set_issuer(&[crate::auth::token_issuer(id_scope)]);
@@ -110,22 +112,21 @@ pub fn verify_join_token(
             .map_err(|e| {
                 use jsonwebtoken::errors::ErrorKind;
                 match e.kind() {
-                    ErrorKind::InvalidAudience | ErrorKind::InvalidIssuer => ApiError::new(
-                        ErrorCode::InvalidAudience,
-                        "this is not a join token of this provisioning service",
+                    ErrorKind::InvalidAudience | ErrorKind::InvalidIssuer => {
+                        AuthError::InvalidAudience(
+                            "this is not a join token of this provisioning service".into(),
+                        )
+                    }
+                    ErrorKind::InvalidSignature => AuthError::InvalidSignature(
+                        "the join token signature does not verify".into(),
                     ),
-                    ErrorKind::InvalidSignature => ApiError::new(
-                        ErrorCode::InvalidSignature,
-                        "the join token signature does not verify",
-                    ),
-                    _ => ApiError::new(ErrorCode::Unauthorized, "malformed join token"),
+                    _ => AuthError::Unauthorized("malformed join token".into()),
                 }
             })?
             .claims;
     if claims.exp <= now_unix {
-        return Err(ApiError::new(
-            ErrorCode::TokenExpired,
-            "the join token has expired: mint a new one with `zerotouch hub join-token`",
+        return Err(AuthError::Expired(
+            "the join token has expired: mint a new one with `zerotouch hub join-token`".into(),
         ));
     }
     Ok(claims)
@@ -144,8 +145,17 @@ pub fn peek_join_claims(token: &str) -> Result<JoinClaims, String> {
     serde_json::from_slice(&bytes).map_err(|e| format!("the join token payload: {e}"))
 }
 
+/// Why a join token cannot be spent.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum JoinError {
+    #[error("this join token was already used: mint a new one")]
+    Used,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 /// Marks a join token used. A second use is refused.
-pub fn consume_join_token(store: &dyn DocumentStore, claims: &JoinClaims) -> Result<(), ApiError> {
+pub fn consume_join_token(store: &dyn DocumentStore, claims: &JoinClaims) -> Result<(), JoinError> {
     let body = json!({"usedAtUnix": crate::time::now_unix(), "exp": claims.exp});
     match store.put(
         Collection::JoinTokens,
@@ -155,11 +165,8 @@ pub fn consume_join_token(store: &dyn DocumentStore, claims: &JoinClaims) -> Res
         Write::Create,
     ) {
         Ok(_) => Ok(()),
-        Err(StoreError::Conflict) => Err(ApiError::new(
-            ErrorCode::JoinTokenUsed,
-            "this join token was already used: mint a new one",
-        )),
-        Err(e) => Err(crate::http::error::store_error(e, ErrorCode::NotFound)),
+        Err(StoreError::Conflict) => Err(JoinError::Used),
+        Err(e) => Err(JoinError::Store(e)),
     }
 }
 
@@ -757,12 +764,12 @@ mod tests {
         assert_eq!(claims.cah, certificate_hash(&root).unwrap());
         assert_eq!(peek_join_claims(&token).unwrap().jti, claims.jti);
         let expired = verify_join_token(&token, &secret, "0ne00000001", 1_600).unwrap_err();
-        assert_eq!(expired.code, ErrorCode::TokenExpired);
+        assert!(matches!(expired, AuthError::Expired(_)), "{expired:?}");
         let other_scope = verify_join_token(&token, &secret, "0ne00000002", 1_000).unwrap_err();
-        assert_eq!(other_scope.code, ErrorCode::InvalidAudience);
+        assert!(matches!(other_scope, AuthError::InvalidAudience(_)));
         let other_secret =
             verify_join_token(&token, &self::secret(), "0ne00000001", 1_000).unwrap_err();
-        assert_eq!(other_secret.code, ErrorCode::InvalidSignature);
+        assert!(matches!(other_secret, AuthError::InvalidSignature(_)));
         assert!(mint_join_token(&secret, "s", &root, 0, 0).is_err());
         assert!(mint_join_token(&secret, "s", &root, 0, MAX_JOIN_TTL_SECONDS + 1).is_err());
     }
@@ -780,7 +787,7 @@ mod tests {
         )
         .unwrap();
         let error = verify_join_token(&token, &secret, "0ne00000001", 1_001).unwrap_err();
-        assert_ne!(error.code, ErrorCode::Internal);
+        assert!(!matches!(error, AuthError::Internal(_)), "{error:?}");
         assert!(peek_join_claims("not-a-jwt").is_err());
         assert!(peek_join_claims("a.!!!.c").is_err());
     }

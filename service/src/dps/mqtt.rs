@@ -63,7 +63,7 @@ impl Application for DpsApplication {
                         .await
                     {
                         Ok(_) => {}
-                        Err(e) if e.status().is_server_error() => {
+                        Err(e) if !e.is_refusal() => {
                             return Err(Refusal::ServerUnavailable);
                         }
                         Err(_) => return Err(Refusal::NotAuthorized),
@@ -122,10 +122,8 @@ impl DpsSession {
 
     fn respond_error(&self, rid: &str, error: &ApiError) {
         let (status, code, _) = error.code.wire();
-        let tracking_id = crate::http::error::track_for_client(
-            error.internal_detail(),
-            "a DPS request over MQTT",
-        );
+        let tracking_id =
+            crate::logging::track_for_client(error.internal_detail(), "a DPS request over MQTT");
         let retry = error
             .code
             .retry_after()
@@ -164,7 +162,7 @@ impl Session for DpsSession {
                     Ok(Value::Null) | Err(_) if payload.iter().all(u8::is_ascii_whitespace) => {
                         Ok(RegisterBody::default())
                     }
-                    Ok(value) => crate::enrollment::parse_typed::<RegisterBody>(value),
+                    Ok(value) => crate::http::parse_typed::<RegisterBody>(value),
                     Err(e) => Err(ApiError::new(
                         crate::http::error::ErrorCode::InvalidJson,
                         format!("the body is not JSON: {e}"),
@@ -181,6 +179,7 @@ impl Session for DpsSession {
                                 self.dps.fast_path,
                             )
                             .await
+                            .map_err(ApiError::from)
                     }
                     Err(e) => Err(e),
                 };
@@ -209,11 +208,11 @@ impl Session for DpsSession {
                     .operation(&self.registration_id, &self.evidence, &operation_id)
                     .await
                 {
-                    Ok(outcome) if outcome.status == "assigning" => {
+                    Ok(outcome) if outcome.status == super::RegistrationStatus::Assigning => {
                         self.respond(202, &rid, Some(1), outcome.body())
                     }
                     Ok(outcome) => self.respond(200, &rid, None, outcome.body()),
-                    Err(e) => self.respond_error(&rid, &e),
+                    Err(e) => self.respond_error(&rid, &ApiError::from(e)),
                 }
             } else {
                 self.respond(

@@ -203,9 +203,11 @@ fn group_referencing(
         .list_all(Collection::EnrollmentGroups, None)?
         .into_iter()
         .find(|doc| {
-            crate::enrollment::ca_references(&doc.body)
-                .iter()
-                .any(|r| r.eq_ignore_ascii_case(name))
+            crate::enrollment::Enrollment::from_document(doc).is_ok_and(|e| {
+                e.ca_references()
+                    .iter()
+                    .any(|r| r.eq_ignore_ascii_case(name))
+            })
         })
         .map(|doc| doc.id))
 }

@@ -5,7 +5,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use serde_json::Value;
 use zerotouch_attestation::symmetric_key::SasToken;
 
-use crate::dps::{Dps, Evidence, Progress, RegisterBody};
+use crate::dps::{Dps, Evidence, Progress, RegisterBody, RegistrationStatus};
 use crate::http::routes;
 
 /// How long a register over HTTPS waits for its outcome before answering 202 anyway.
@@ -62,7 +62,7 @@ fn evidence(req: &HttpRequest) -> Result<Evidence, ApiError> {
 fn body_of(bytes: &[u8]) -> Result<RegisterBody, ApiError> {
     match json_body(bytes)? {
         None | Some(Value::Null) => Ok(RegisterBody::default()),
-        Some(value) => crate::enrollment::parse_typed(value),
+        Some(value) => crate::http::parse_typed(value),
     }
 }
 
@@ -99,7 +99,7 @@ async fn register(
         .begin(&registration_id, evidence(&req)?, body, HTTPS_WAIT)
         .await?;
     let operation_id = match progress {
-        Progress::Done(outcome) if outcome.status != "assigned" => {
+        Progress::Done(outcome) if outcome.status != RegistrationStatus::Assigned => {
             // `disabled` and `failed` are final at once.
             return Ok(json(actix_web::http::StatusCode::OK, outcome.body()));
         }
@@ -130,7 +130,7 @@ async fn operation(
     let outcome = dps
         .operation(&registration_id, &evidence(&req)?, &operation_id)
         .await?;
-    if outcome.status == "assigning" {
+    if outcome.status == RegistrationStatus::Assigning {
         let mut response = json(actix_web::http::StatusCode::ACCEPTED, outcome.body());
         response.headers_mut().insert(
             actix_web::http::header::HeaderName::from_static("retry-after"),

@@ -345,17 +345,6 @@ impl From<StoreError> for ApiError {
     }
 }
 
-/// For an error answered outside an HTTP request (an MQTT response topic): a fresh tracking id
-/// to send, under which the internal detail, if any, is logged. Over HTTPS `observe` does the
-/// same with the request id.
-pub fn track_for_client(internal: Option<&str>, what: &str) -> String {
-    let tracking_id = uuid::Uuid::new_v4().to_string();
-    if let Some(detail) = internal {
-        tracing::error!(tracking_id, detail, "{what} failed on our side");
-    }
-    tracking_id
-}
-
 /// A refused caller at the HTTP boundary.
 impl From<crate::auth::Error> for ApiError {
     fn from(error: crate::auth::Error) -> ApiError {
@@ -369,6 +358,68 @@ impl From<crate::auth::Error> for ApiError {
                 ApiError::new(ErrorCode::InsufficientRights, e.to_string())
             }
             e @ E::Internal(_) => ApiError::internal(e),
+        }
+    }
+}
+
+/// An id that breaks its rule, named in its field.
+impl From<crate::ids::InvalidId> for ApiError {
+    fn from(error: crate::ids::InvalidId) -> ApiError {
+        use crate::ids::IdKind;
+        let (code, field) = match error.kind {
+            IdKind::Registration => (ErrorCode::InvalidRegistrationId, "registrationId"),
+            IdKind::EnrollmentGroup => (ErrorCode::InvalidEnrollmentGroupId, "enrollmentGroupId"),
+            IdKind::Device => (ErrorCode::InvalidField, "deviceId"),
+        };
+        ApiError::field(code, field, error.message)
+    }
+}
+
+/// A stored enrollment this version cannot read: ours to fix, not the caller's.
+impl From<crate::enrollment::Unreadable> for ApiError {
+    fn from(error: crate::enrollment::Unreadable) -> ApiError {
+        ApiError::internal(error)
+    }
+}
+
+/// Registration errors at the boundary (HTTPS and the MQTT DPS router). Exhaustive: a new kind
+/// of error needs its wire code.
+impl From<crate::dps::Error> for ApiError {
+    fn from(error: crate::dps::Error) -> ApiError {
+        use crate::dps::Error as E;
+        match error {
+            E::InvalidId(e) => ApiError::from(e),
+            e @ E::IdMismatch => ApiError::field(ErrorCode::IdMismatch, "registrationId", e),
+            E::Unauthorized(message) => ApiError::new(ErrorCode::InvalidSignature, message),
+            E::InvalidTpmKey { field, message } => {
+                ApiError::field(ErrorCode::InvalidEndorsementKey, field, message)
+            }
+            E::InvalidCertificate { field, message } => {
+                ApiError::field(ErrorCode::InvalidCertificate, field, message)
+            }
+            e @ E::SpellingTaken { .. } => {
+                ApiError::new(ErrorCode::RegistrationIdConflict, e.to_string())
+            }
+            e @ E::Throttled => ApiError::new(ErrorCode::Throttled, e.to_string()),
+            e @ E::HubRefused(_) => ApiError::new(ErrorCode::InvalidField, e.to_string()),
+            E::Unavailable(message) => ApiError::new(ErrorCode::Unavailable, message),
+            e @ E::OperationNotFound => ApiError::new(ErrorCode::NotFound, e.to_string()),
+            e @ E::NotRegistered => ApiError::new(ErrorCode::RegistrationNotFound, e.to_string()),
+            e @ E::Revoked { .. } => ApiError::new(ErrorCode::CertificateRevoked, e.to_string()),
+            E::RenewalNotAllowed(message) => ApiError::new(ErrorCode::RenewalNotAllowed, message),
+            E::Store(e) => ApiError::from(e),
+            E::Internal(detail) => ApiError::internal(detail),
+        }
+    }
+}
+
+/// A join token that cannot be spent.
+impl From<crate::dps::hubs::JoinError> for ApiError {
+    fn from(error: crate::dps::hubs::JoinError) -> ApiError {
+        use crate::dps::hubs::JoinError as E;
+        match error {
+            e @ E::Used => ApiError::new(ErrorCode::JoinTokenUsed, e.to_string()),
+            E::Store(e) => ApiError::from(e),
         }
     }
 }
@@ -544,6 +595,85 @@ mod tests {
             let api = ApiError::from(error);
             assert_eq!(api.code, code, "{api}");
             assert!(!api.message.contains("CKR_"), "{api}");
+        }
+    }
+
+    /// Registration failure codes (`dps::FailureCode`, in a registration state's `errorCode`)
+    /// share no number with an HTTP error code but the generic internal error, so a number
+    /// names one thing (401003 once meant both `InvalidAudience` and a disabled enrollment).
+    #[test]
+    fn registration_failure_codes_collide_with_no_error_code() {
+        use crate::dps::FailureCode;
+        for failure in FailureCode::ALL {
+            let (number, name) = failure.wire();
+            for code in ErrorCode::ALL {
+                let (_, wire_number, wire_name) = code.wire();
+                if wire_number == number {
+                    assert_eq!(
+                        (failure, *code),
+                        (FailureCode::Internal, ErrorCode::Internal),
+                        "{number} is both {name} and {wire_name}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn registration_errors_map_to_their_codes() {
+        use crate::dps::Error as E;
+        let cases = [
+            (E::IdMismatch, ErrorCode::IdMismatch),
+            (E::Unauthorized("x".into()), ErrorCode::InvalidSignature),
+            (
+                E::InvalidTpmKey {
+                    field: "tpm.endorsementKey",
+                    message: "x".into(),
+                },
+                ErrorCode::InvalidEndorsementKey,
+            ),
+            (
+                E::InvalidCertificate {
+                    field: "csr",
+                    message: "x".into(),
+                },
+                ErrorCode::InvalidCertificate,
+            ),
+            (
+                E::SpellingTaken {
+                    registration_id: "a".into(),
+                    registered_as: "A".into(),
+                },
+                ErrorCode::RegistrationIdConflict,
+            ),
+            (E::Throttled, ErrorCode::Throttled),
+            (E::HubRefused("x".into()), ErrorCode::InvalidField),
+            (E::Unavailable("x".into()), ErrorCode::Unavailable),
+            (E::OperationNotFound, ErrorCode::NotFound),
+            (E::NotRegistered, ErrorCode::RegistrationNotFound),
+            (
+                E::Revoked {
+                    serial: "01".into(),
+                },
+                ErrorCode::CertificateRevoked,
+            ),
+            (
+                E::RenewalNotAllowed("x".into()),
+                ErrorCode::RenewalNotAllowed,
+            ),
+            (
+                E::Store(StoreError::Full("x".into())),
+                ErrorCode::StorageFull,
+            ),
+            (
+                E::Internal("token CKR_DEVICE_ERROR".into()),
+                ErrorCode::Internal,
+            ),
+        ];
+        for (error, code) in cases {
+            let api = ApiError::from(error);
+            assert_eq!(api.code, code, "{}", api.message);
+            assert!(!api.message.contains("CKR_"), "{}", api.message);
         }
     }
 

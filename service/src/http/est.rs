@@ -320,16 +320,12 @@ async fn simplereenroll(
     let enrollment = crate::db::blocking(&state.store, move |s| s.get(collection, &enrollment_id))
         .await?
         .ok_or_else(|| unauthorized("the enrollment of this certificate no longer exists"))?;
-    if enrollment
-        .body
-        .get("provisioningStatus")
-        .and_then(Value::as_str)
-        == Some("disabled")
-    {
+    let enrollment = crate::enrollment::Enrollment::from_document(&enrollment)?;
+    if !enrollment.enabled() {
         return Err(unauthorized("the enrollment is disabled"));
     }
     crate::pki::check_renewal(
-        &enrollment.body,
+        enrollment.renewal_policy,
         identity.not_before,
         identity.not_after,
         crate::time::now_unix() as i64,

@@ -332,7 +332,18 @@ pub fn json_body(bytes: &[u8]) -> Result<Option<serde_json::Value>, ApiError> {
 pub fn required_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let value = json_body(bytes)?
         .ok_or_else(|| ApiError::new(ErrorCode::InvalidJson, "the body is empty"))?;
-    crate::enrollment::parse_typed(value)
+    parse_typed(value)
+}
+
+/// Parses JSON text into a typed value; a type error names the JSON path of the field.
+pub fn parse_typed<T: serde::de::DeserializeOwned>(
+    value: serde_json::Value,
+) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize::<_, T>(value).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        ApiError::field(ErrorCode::InvalidField, path, e.into_inner())
+    })
 }
 
 /// PUT semantics shared by every resource: without `If-Match` a PUT creates (and collides with

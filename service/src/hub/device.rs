@@ -65,43 +65,9 @@ impl DeviceStatus {
 /// "Never", as msrest parses it.
 pub const NEVER: &str = "0001-01-01T00:00:00Z";
 
-/// IoT Hub device ids: up to 128 ASCII letters, digits and `- : . + % _ # * ? ! ( ) , = @ ; $ '`.
+/// IoT Hub device ids ([`crate::ids::device_id`]), refused in the hub's terms.
 pub fn check_device_id(id: &str) -> Result<(), HubError> {
-    let ok = !id.is_empty()
-        && id.len() <= 128
-        && id.chars().all(|c| {
-            c.is_ascii_alphanumeric()
-                || matches!(
-                    c,
-                    '-' | ':'
-                        | '.'
-                        | '+'
-                        | '%'
-                        | '_'
-                        | '#'
-                        | '*'
-                        | '?'
-                        | '!'
-                        | '('
-                        | ')'
-                        | ','
-                        | '='
-                        | '@'
-                        | ';'
-                        | '$'
-                        | '\''
-                )
-        });
-    if ok {
-        Ok(())
-    } else {
-        Err(HubError::new(
-            HubErrorCode::ArgumentInvalid,
-            format!(
-                "device id {id:?} must be 1 to 128 ASCII letters, digits or - : . + % _ # * ? ! ( ) , = @ ; $ '"
-            ),
-        ))
-    }
+    crate::ids::device_id(id).map_err(|e| HubError::new(HubErrorCode::ArgumentInvalid, e.message))
 }
 
 /// 32 random bytes, base64: the shape of IoT Hub's generated keys.

@@ -400,7 +400,7 @@ impl HubSession {
 /// internal detail is logged.
 fn error_body(error: &super::error::HubError) -> Vec<u8> {
     let tracking_id =
-        crate::http::error::track_for_client(error.internal_detail(), "a twin request over MQTT");
+        crate::logging::track_for_client(error.internal_detail(), "a twin request over MQTT");
     json!({"message": error.message, "trackingId": tracking_id})
         .to_string()
         .into_bytes()

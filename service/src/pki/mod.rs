@@ -184,20 +184,23 @@ pub async fn refuse_revoked(store: &Arc<dyn DocumentStore>, leaf_der: &[u8]) -> 
     }
 }
 
-/// The renewal window of `enrollment` (its `renewalPolicy`, else [`RenewalPolicy::DEFAULT`])
+/// Whether `record` (of `issued_certificates`) was issued by `issuer` (a distinguished name as
+/// [`LeafIdentity::issuer`] spells it).
+pub fn issued_by(record: &Document, issuer: &str) -> bool {
+    record.body.get("issuer").and_then(Value::as_str) == Some(issuer)
+}
+
+/// The renewal window of an enrollment (its `renewalPolicy`, else [`RenewalPolicy::DEFAULT`])
 /// for a certificate valid from `not_before` to `not_after` (unix seconds):
 /// [`Error::RenewalNotAllowed`] outside it. EST re-enrollment and a DPS re-registration that presents a
 /// certificate of ours with a new `csr` both go through here, so they follow one policy.
 pub fn check_renewal(
-    enrollment: &Value,
+    policy: Option<crate::enrollment::RenewalPolicy>,
     not_before: i64,
     not_after: i64,
     now: i64,
 ) -> Result<(), Error> {
-    let policy = enrollment
-        .get("renewalPolicy")
-        .and_then(|p| renewal_policy(p).ok())
-        .unwrap_or(RenewalPolicy::DEFAULT);
+    let policy = policy.map_or(RenewalPolicy::DEFAULT, RenewalPolicy::from);
     zerotouch_certs::renewal::decide(&policy, not_before, not_after, now).map_err(|refusal| {
         let message = match refusal {
             zerotouch_certs::renewal::RenewalRefusal::TooEarly { opens_at_unix } => format!(

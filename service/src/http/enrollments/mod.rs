@@ -1,6 +1,8 @@
 //! Individual enrollments (`/enrollments`) and enrollment groups (`/enrollmentGroups`): the
 //! DPS service API 2021-10-01 (spec §4.2). Both resources share these handlers, parameterised by
-//! [`Kind`].
+//! [`Kind`]. `input` checks a PUT body and writes the stored form.
+
+mod input;
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
@@ -8,7 +10,7 @@ use serde_json::{Value, json};
 
 use crate::auth::Rights;
 use crate::db::{Collection, Document, Write};
-use crate::enrollment::{self, Kind};
+use crate::enrollment::{Enrollment, Kind};
 use crate::http::error::{ApiError, ErrorCode};
 use crate::http::routes;
 use crate::http::{
@@ -95,12 +97,13 @@ fn item_type(kind: Kind) -> &'static str {
 }
 
 /// The stored document as the API shows it: body plus etag and timestamps.
-pub fn view(doc: &Document, with_secrets: bool) -> Value {
-    let mut body = doc.body.clone();
-    if !with_secrets {
-        enrollment::strip_secrets(&mut body);
-    }
-    with_metadata(doc, body)
+pub fn view(doc: &Document, with_secrets: bool) -> Result<Value, ApiError> {
+    let body = if with_secrets {
+        doc.body.clone()
+    } else {
+        Enrollment::from_document(doc)?.without_secrets().to_json()
+    };
+    Ok(with_metadata(doc, body))
 }
 
 async fn get(
@@ -122,7 +125,7 @@ async fn get(
     })
     .await?;
     let doc = doc.ok_or_else(|| ApiError::new(not_found(kind), "no enrollment with this id"))?;
-    let mut body = view(&doc, false);
+    let mut body = view(&doc, false)?;
     if let Some(registration) = registration {
         body["registrationState"] = super::registrations::view(&registration);
     }
@@ -162,7 +165,7 @@ async fn put(
         write_mode(req.headers())?,
     )
     .await?;
-    Ok(HttpResponse::Ok().json(view(&doc, true)))
+    Ok(HttpResponse::Ok().json(view(&doc, true)?))
 }
 
 /// Validates and stores one enrollment. Shared by PUT and bulk.
@@ -182,14 +185,14 @@ async fn upsert(
                 .map(|d| d.body)
         }
     };
-    let doc = enrollment::normalize(
+    let doc = input::normalize(
         kind,
         &id,
         body,
         previous.as_ref(),
         time::OffsetDateTime::now_utc().unix_timestamp(),
     )?;
-    let references = enrollment::ca_references(&doc);
+    let references = Enrollment::from_json(&id, doc.clone())?.ca_references();
     if !references.is_empty() {
         let names = references.clone();
         let found = crate::db::blocking(&state.store, move |store| {
@@ -269,7 +272,7 @@ async fn query(
     authorize(&req, &state, Rights::ENROLLMENT_READ).await?;
     let kind = **kind;
     if let Some(spec) = json_body(&body)? {
-        let spec: QuerySpecification = enrollment::parse_typed(spec)?;
+        let spec: QuerySpecification = crate::http::parse_typed(spec)?;
         let table = base_path(kind).trim_start_matches('/');
         check_query(spec.query.as_deref().unwrap_or("*"), table)?;
     }
@@ -278,7 +281,11 @@ async fn query(
         store.list(collection(kind), None, size, continuation.as_deref())
     })
     .await?;
-    let items = page.items.iter().map(|d| view(d, false)).collect();
+    let items = page
+        .items
+        .iter()
+        .map(|d| view(d, false))
+        .collect::<Result<_, _>>()?;
     Ok(page_response(
         items,
         page.continuation,
@@ -311,7 +318,7 @@ async fn bulk(
         Kind::Group => "enrollmentGroups",
     };
     let mode: BulkMode =
-        enrollment::parse_typed(body.get("mode").cloned().ok_or_else(|| {
+        crate::http::parse_typed(body.get("mode").cloned().ok_or_else(|| {
             ApiError::field(ErrorCode::InvalidBulkOperation, "mode", "is required")
         })?)
         .map_err(|e| ApiError::field(ErrorCode::InvalidBulkOperation, "mode", e.message))?;

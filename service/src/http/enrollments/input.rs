@@ -1,103 +1,18 @@
-//! Enrollments and enrollment groups: validation and the stored form.
-//!
-//! The management API accepts the Azure DPS JSON shape (spec §4.3–4.4). A request body is first
-//! parsed into typed input structs (so a wrong type names its field), then checked and
-//! normalised: ids follow the DPS rules, symmetric keys are generated when omitted, X.509
-//! certificates are parsed and their `info` computed, TPM keys are parsed as TPM2B_PUBLIC. The
-//! normalised JSON (with secrets) is what storage keeps; reads strip the secrets again.
+//! Enrollment PUT bodies: parsed into typed input structs (so a wrong type names its field),
+//! then checked and normalised into the stored form that [`super::Enrollment`] reads: ids follow
+//! the DPS rules, symmetric keys are generated when omitted, X.509 certificates are parsed and
+//! their `info` computed, TPM keys are parsed as TPM2B_PUBLIC.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use zerotouch_attestation::{symmetric_key, tpm, x509};
 
+use crate::enrollment::{
+    AllocationPolicy, CaReferences, Capabilities, CustomAllocationDefinition, Kind,
+    ProvisioningStatus, ReprovisionPolicy,
+};
 use crate::http::error::{ApiError, ErrorCode};
-
-/// Which of the two enrollment resources.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Individual,
-    Group,
-}
-
-impl Kind {
-    pub fn id_field(self) -> &'static str {
-        match self {
-            Kind::Individual => "registrationId",
-            Kind::Group => "enrollmentGroupId",
-        }
-    }
-}
-
-/// Registration ids (and individual enrollment ids): 1–128 of `A-Za-z0-9 - . _ :`, ending in an
-/// alphanumeric or `-` (spec §1.1).
-pub fn check_registration_id(id: &str) -> Result<(), ApiError> {
-    check_id(id, 128, ErrorCode::InvalidRegistrationId, "registrationId")
-}
-
-/// Enrollment group ids follow the same character rules.
-pub fn check_group_id(id: &str) -> Result<(), ApiError> {
-    check_id(
-        id,
-        128,
-        ErrorCode::InvalidEnrollmentGroupId,
-        "enrollmentGroupId",
-    )
-}
-
-fn check_id(id: &str, max: usize, code: ErrorCode, field: &str) -> Result<(), ApiError> {
-    let chars_ok = id
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | ':'));
-    let last_ok = id
-        .chars()
-        .last()
-        .is_some_and(|c| c.is_ascii_alphanumeric() || c == '-');
-    if id.is_empty() || id.len() > max || !chars_ok || !last_ok {
-        return Err(ApiError::field(
-            code,
-            field,
-            format!(
-                "{id:?} must be 1 to {max} characters of A-Z a-z 0-9 - . _ : ending in a letter, digit or -"
-            ),
-        ));
-    }
-    Ok(())
-}
-
-/// Device ids as IoT Hub accepts them: up to 128 ASCII letters, digits and `-.%_*?!(),:=@$'`.
-pub fn check_device_id(id: &str) -> Result<(), ApiError> {
-    let ok = !id.is_empty()
-        && id.len() <= 128
-        && id.chars().all(|c| {
-            c.is_ascii_alphanumeric()
-                || matches!(
-                    c,
-                    '-' | '.'
-                        | '%'
-                        | '_'
-                        | '*'
-                        | '?'
-                        | '!'
-                        | '('
-                        | ')'
-                        | ','
-                        | ':'
-                        | '='
-                        | '@'
-                        | '$'
-                        | '\''
-                )
-        });
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::field(
-            ErrorCode::InvalidField,
-            "deviceId",
-            "must be 1 to 128 ASCII letters, digits or -.%_*?!(),:=@$'",
-        ))
-    }
-}
+use crate::http::parse_typed;
 
 // ----- input shapes -------------------------------------------------------------------------
 
@@ -174,60 +89,7 @@ struct CertificateSlot {
     certificate: Option<String>,
 }
 
-#[derive(Debug, Deserialize, Serialize)]
-struct CaReferences {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    primary: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    secondary: Option<String>,
-}
-
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Capabilities {
-    iot_edge: bool,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase")]
-enum AllocationPolicy {
-    Hashed,
-    GeoLatency,
-    Static,
-    Custom,
-}
-
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct CustomAllocationDefinition {
-    webhook_url: String,
-    api_version: String,
-}
-
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct ReprovisionPolicy {
-    update_hub_assignment: bool,
-    migrate_device_data: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase")]
-enum ProvisioningStatus {
-    Enabled,
-    Disabled,
-}
-
 // ----- validation ---------------------------------------------------------------------------
-
-/// Parses JSON text into a typed value; a type error names the JSON path of the field.
-pub fn parse_typed<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ApiError> {
-    serde_path_to_error::deserialize::<_, T>(value).map_err(|e| {
-        let path = e.path().to_string();
-        let path = if path == "." { String::new() } else { path };
-        ApiError::field(ErrorCode::InvalidField, path, e.into_inner())
-    })
-}
 
 /// Checks and normalises a PUT body for `kind` with path id `id`. `previous` is the stored
 /// document being replaced, if any: omitted symmetric keys and certificates are kept from it
@@ -262,8 +124,8 @@ pub fn normalize(
         ));
     }
     match kind {
-        Kind::Individual => check_registration_id(id)?,
-        Kind::Group => check_group_id(id)?,
+        Kind::Individual => crate::ids::registration_id(id)?,
+        Kind::Group => crate::ids::enrollment_group_id(id)?,
     }
 
     let mut out = Map::new();
@@ -276,7 +138,7 @@ pub fn normalize(
                 "only individual enrollments name a device id",
             ));
         }
-        check_device_id(device_id)?;
+        crate::ids::device_id(device_id)?;
         out.insert("deviceId".into(), Value::String(device_id.clone()));
     }
 
@@ -745,66 +607,12 @@ fn certificate_pair(
     Ok(Value::Object(out))
 }
 
-/// CA certificate names referenced by a normalised group, for the caller to check they exist.
-pub fn ca_references(doc: &Value) -> Vec<String> {
-    let refs = doc.pointer("/attestation/x509/caReferences");
-    ["primary", "secondary"]
-        .iter()
-        .filter_map(|slot| refs.and_then(|r| r.get(*slot)).and_then(Value::as_str))
-        .map(String::from)
-        .collect()
-}
-
-/// The view for GET and query: no symmetric keys, no certificate bodies (their `info` stays).
-pub fn strip_secrets(doc: &mut Value) {
-    let Some(attestation) = doc.get_mut("attestation").and_then(Value::as_object_mut) else {
-        return;
-    };
-    attestation.remove("symmetricKey");
-    if let Some(roots) = attestation
-        .get_mut("tpm")
-        .and_then(|t| t.get_mut("rootCertificates"))
-        .and_then(Value::as_object_mut)
-    {
-        for slot in roots.values_mut() {
-            if let Some(slot) = slot.as_object_mut() {
-                slot.remove("certificate");
-            }
-        }
-    }
-    if let Some(x509) = attestation.get_mut("x509").and_then(Value::as_object_mut) {
-        for pair in ["clientCertificates", "signingCertificates"] {
-            if let Some(pair) = x509.get_mut(pair).and_then(Value::as_object_mut) {
-                for slot in pair.values_mut() {
-                    if let Some(slot) = slot.as_object_mut() {
-                        slot.remove("certificate");
-                    }
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn individual(body: Value) -> Result<Value, ApiError> {
         normalize(Kind::Individual, "dev-01", body, None, 1_700_000_000)
-    }
-
-    #[test]
-    fn ids_follow_dps_rules() {
-        for good in ["dev-01", "a", "x.y_z:1", "dev-", &"a".repeat(128)] {
-            assert!(check_registration_id(good).is_ok(), "{good}");
-        }
-        for bad in ["", "dev_", "dev.", "dev 1", "dév", "a/b", &"a".repeat(129)] {
-            assert_eq!(
-                check_registration_id(bad).unwrap_err().code,
-                ErrorCode::InvalidRegistrationId,
-                "{bad}"
-            );
-        }
     }
 
     #[test]
@@ -824,8 +632,10 @@ mod tests {
     #[test]
     fn omitted_keys_are_kept_on_update() {
         let first = individual(json!({"attestation": {"type": "symmetricKey"}})).unwrap();
-        let mut view = first.clone();
-        strip_secrets(&mut view);
+        let mut view = crate::enrollment::Enrollment::from_json("dev-01", first.clone())
+            .unwrap()
+            .without_secrets()
+            .to_json();
         assert_eq!(view["attestation"], json!({"type": "symmetricKey"}));
         view["provisioningStatus"] = json!("disabled");
         let second = normalize(Kind::Individual, "dev-01", view, Some(&first), 0).unwrap();
@@ -921,6 +731,11 @@ mod tests {
             0,
         )
         .unwrap();
-        assert_eq!(ca_references(&doc), vec!["root".to_string()]);
+        assert_eq!(
+            crate::enrollment::Enrollment::from_json("g", doc)
+                .unwrap()
+                .ca_references(),
+            vec!["root".to_string()]
+        );
     }
 }
