@@ -310,7 +310,10 @@ fn transport(error: reqwest::Error) -> WebhookError {
     if error.is_timeout() {
         return WebhookError::Timeout;
     }
-    // The chain carries the useful part (connection refused, certificate verify failed).
+    // The chain carries the useful part (connection refused, certificate verify failed). The
+    // URL does not go in: its query may hold a key (Azure Functions' `?code=`), and the
+    // message reaches the device and the management API as the registration's errorMessage.
+    let error = error.without_url();
     let mut message = error.to_string();
     let mut source = std::error::Error::source(&error);
     while let Some(inner) = source {
