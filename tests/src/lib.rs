@@ -44,6 +44,22 @@ pub fn backends() -> Vec<Backend> {
     }
 }
 
+/// Runs `test` against a fresh server on each backend of [`backends`].
+pub fn each_backend(test: impl Fn(&TestServer)) {
+    for backend in backends() {
+        let server = TestServer::start(backend);
+        eprintln!("--- {backend:?}");
+        test(&server);
+    }
+}
+
+/// The `errorCode` of an Azure error body.
+pub fn error_code(body: &Value) -> u64 {
+    body["errorCode"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no errorCode in {body}"))
+}
+
 /// A PostgreSQL database that exists for one test server and is dropped with it.
 pub struct TempPostgres {
     admin_url: String,

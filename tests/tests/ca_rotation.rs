@@ -13,11 +13,8 @@ use reqwest::Method;
 use reqwest::blocking::Client;
 use serde_json::{Value, json};
 use zerotouch_service::pki::rotation;
+use zerotouch_service::time::now_unix as now;
 use zerotouch_tests::{TestServer, backends, c_sdk_device_sas, client_trusting, pki, send};
-
-fn now() -> u64 {
-    zerotouch_service::time::now_unix()
-}
 
 /// `PUT …/register` with `body`, polled until assigned; the registrationState.
 fn register_and_poll(s: &TestServer, client: &Client, id: &str, sas: Option<&str>) -> Value {

@@ -16,28 +16,11 @@ use reqwest::blocking::{Client, RequestBuilder};
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
 use zerotouch_attestation::symmetric_key;
+use zerotouch_service::time::now_unix as now;
 use zerotouch_tests::{
     DEVICE_API_VERSION, TestServer, backends, c_sdk_device_sas, c_sdk_url_encode, client_trusting,
-    pki, send,
+    each_backend, error_code, pki, send,
 };
-
-fn each_backend(test: impl Fn(&TestServer)) {
-    for backend in backends() {
-        let server = TestServer::start(backend);
-        eprintln!("--- {backend:?}");
-        test(&server);
-    }
-}
-
-fn now() -> u64 {
-    zerotouch_service::time::now_unix()
-}
-
-fn error_code(body: &Value) -> u64 {
-    body["errorCode"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no errorCode in {body}"))
-}
 
 /// The Azure error JSON (§1.7) with the expected status and code, and `x-ms-error-code`.
 fn assert_error(

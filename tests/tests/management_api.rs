@@ -3,21 +3,7 @@
 
 use reqwest::Method;
 use serde_json::{Value, json};
-use zerotouch_tests::{Backend, TestServer, backends, pki, send};
-
-fn each_backend(test: impl Fn(&TestServer)) {
-    for backend in backends() {
-        let server = TestServer::start(backend);
-        eprintln!("--- {backend:?}");
-        test(&server);
-    }
-}
-
-fn error_code(body: &Value) -> u64 {
-    body["errorCode"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no errorCode in {body}"))
-}
+use zerotouch_tests::{Backend, TestServer, each_backend, error_code, pki, send};
 
 #[test]
 fn individual_enrollment_lifecycle_with_etags() {

@@ -13,19 +13,10 @@ use base64::engine::general_purpose::STANDARD as B64;
 use reqwest::Method;
 use reqwest::blocking::Client;
 use serde_json::{Value, json};
-use zerotouch_tests::{TestServer, backends, c_sdk_device_sas, client_trusting, pki, send};
-
-fn each_backend(test: impl Fn(&TestServer)) {
-    for backend in backends() {
-        let server = TestServer::start(backend);
-        eprintln!("--- {backend:?}");
-        test(&server);
-    }
-}
-
-fn now() -> u64 {
-    zerotouch_service::time::now_unix()
-}
+use zerotouch_service::time::now_unix as now;
+use zerotouch_tests::{
+    TestServer, backends, c_sdk_device_sas, client_trusting, each_backend, pki, send,
+};
 
 fn assert_code(response: &(u16, Value, reqwest::header::HeaderMap), status: u16, code: u64) {
     assert_eq!(

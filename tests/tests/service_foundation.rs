@@ -5,15 +5,9 @@ use std::net::TcpStream;
 
 use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode, SslVersion};
 use reqwest::Method;
-use serde_json::{Value, json};
+use serde_json::json;
 use zerotouch_service::auth::Rights;
-use zerotouch_tests::{Backend, TestServer, backends, client_trusting, pki, send};
-
-fn error_code(body: &Value) -> u64 {
-    body["errorCode"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no errorCode in {body}"))
-}
+use zerotouch_tests::{Backend, TestServer, backends, client_trusting, error_code, pki, send};
 
 #[test]
 fn sas_failures_are_401_and_missing_rights_403() {

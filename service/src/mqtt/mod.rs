@@ -154,17 +154,3 @@ pub trait Session: Send + Sync + 'static {
 pub struct Closed;
 
 pub use outbound::Outbound;
-
-/// Refuses every CONNECT with CONNACK 0x05: the application until the hub is wired in.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RefuseAll;
-
-impl Application for RefuseAll {
-    fn connect(
-        &self,
-        _request: ConnectRequest,
-        _outbound: Outbound,
-    ) -> BoxFuture<'_, Result<Accepted, Refusal>> {
-        Box::pin(async { Err(Refusal::NotAuthorized) })
-    }
-}
