@@ -11,6 +11,7 @@ use super::record::Substatus;
 use super::{Dps, Registering};
 
 /// Where the device went.
+#[derive(Debug)]
 pub(super) struct Placed {
     pub hub: String,
     pub substatus: Substatus,
@@ -171,5 +172,153 @@ impl Dps {
         if let Err(error) = result {
             tracing::warn!(hub = %remote.name, %error, "could not record the hub failure");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+    use zerotouch_policies::{self as policies, Policy};
+
+    use super::super::record::{Registration, RegistrationStatus, Substatus};
+    use super::super::testing::{Fixture, attested, enrollment, identity, registering};
+    use super::super::{Error, RegisterBody};
+
+    #[tokio::test]
+    async fn a_first_registration_writes_the_identity_and_the_initial_twin() {
+        let f = Fixture::new();
+        let enrollment = enrollment(
+            "dev-1",
+            json!({"initialTwin": {"tags": {"site": "plant-7"},
+                "properties": {"desired": {"interval": 30}}}}),
+        );
+        let (attested, body) = (attested("dev-1"), RegisterBody::default());
+        let registering = registering(&enrollment, &attested, &body);
+        let linked = f.dps.linked_hubs().await.unwrap();
+        let placed = f
+            .dps
+            .place(&registering, &linked, &identity("dev-1"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(placed.hub, "localhost");
+        assert_eq!(placed.substatus, Substatus::InitialAssignment);
+        assert!(!placed.moved);
+        let twin = f.hub.twin_view("dev-1").await.unwrap();
+        assert_eq!(twin["tags"], json!({"site": "plant-7"}));
+        assert_eq!(twin["properties"]["desired"]["interval"], 30);
+    }
+
+    #[tokio::test]
+    async fn a_device_that_stays_keeps_its_twin() {
+        let f = Fixture::new();
+        let first = enrollment("dev-1", json!({"initialTwin": {"tags": {"v": 1}}}));
+        let (attested, body) = (attested("dev-1"), RegisterBody::default());
+        let linked = f.dps.linked_hubs().await.unwrap();
+        let identity = identity("dev-1");
+        f.dps
+            .place(&registering(&first, &attested, &body), &linked, &identity)
+            .await
+            .unwrap()
+            .unwrap();
+        // The enrollment changed its initial twin and does not move devices: a repeat
+        // registration leaves the twin alone.
+        let again = enrollment(
+            "dev-1",
+            json!({"initialTwin": {"tags": {"v": 2}}, "reprovisionPolicy":
+                {"updateHubAssignment": false, "migrateDeviceData": false}}),
+        );
+        let mut repeat = registering(&again, &attested, &body);
+        repeat.previous = Some(Registration {
+            assigned_hub: Some("localhost".into()),
+            device_id: Some("dev-1".into()),
+            ..Registration::new("dev-1", RegistrationStatus::Assigned, "t0")
+        });
+        let placed = f
+            .dps
+            .place(&repeat, &linked, &identity)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(placed.substatus, Substatus::DeviceDataMigrated);
+        assert_eq!(f.hub.twin_view("dev-1").await.unwrap()["tags"]["v"], 1);
+    }
+
+    #[tokio::test]
+    async fn a_hub_that_cannot_be_reached_is_left_out_and_marked() {
+        let f = Fixture::new();
+        f.link_dead_hub("dead.example", 1);
+        let linked = f.dps.linked_hubs().await.unwrap();
+        // A registration id the hashed policy sends to the dead hub.
+        let id = (0..200)
+            .map(|i| format!("dev-{i}"))
+            .find(|id| {
+                let request = policies::Request {
+                    registration_id: id,
+                    enrollment_hubs: None,
+                    policy: Policy::Hashed,
+                    region_hint: None,
+                    source_address: None,
+                };
+                let candidates = policies::candidates(&linked.hubs, &request).unwrap();
+                policies::allocate(&candidates, &request, &Default::default())
+                    .is_ok_and(|hub| hub.name == "dead.example")
+            })
+            .expect("some id hashes to the dead hub");
+        let enrollment = enrollment(&id, json!({"allocationPolicy": "hashed"}));
+        let (attested, body) = (attested(&id), RegisterBody::default());
+        let placed = f
+            .dps
+            .place(
+                &registering(&enrollment, &attested, &body),
+                &linked,
+                &identity(&id),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(placed.hub, "localhost");
+        assert!(f.hub.device_view(&id).await.is_ok());
+        let dead = super::hubs::load(f.store.as_ref(), "dead.example")
+            .unwrap()
+            .unwrap();
+        assert!(dead.last_failure_unix > 0, "the failure is recorded");
+    }
+
+    #[tokio::test]
+    async fn a_device_whose_only_hub_is_down_is_told_to_retry() {
+        let f = Fixture::new();
+        f.link_dead_hub("dead.example", 1);
+        let linked = f.dps.linked_hubs().await.unwrap();
+        let enrollment = enrollment("dev-1", json!({"iotHubs": ["dead.example"]}));
+        let (attested, body) = (attested("dev-1"), RegisterBody::default());
+        let result = f
+            .dps
+            .place(
+                &registering(&enrollment, &attested, &body),
+                &linked,
+                &identity("dev-1"),
+            )
+            .await;
+        assert!(matches!(result, Err(Error::Unavailable(_))), "{result:?}");
+    }
+
+    #[tokio::test]
+    async fn an_enrollment_naming_no_linked_hub_fails_the_registration() {
+        let f = Fixture::new();
+        let linked = f.dps.linked_hubs().await.unwrap();
+        let enrollment = enrollment("dev-1", json!({"iotHubs": ["elsewhere.example"]}));
+        let (attested, body) = (attested("dev-1"), RegisterBody::default());
+        let failure = f
+            .dps
+            .place(
+                &registering(&enrollment, &attested, &body),
+                &linked,
+                &identity("dev-1"),
+            )
+            .await
+            .unwrap()
+            .expect_err("an allocation failure");
+        assert_eq!(failure.0.number(), 400_208, "{}", failure.1);
     }
 }

@@ -157,3 +157,65 @@ impl Dps {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::hubs::{HubTarget, StaleIdentity, load_stale};
+    use super::super::testing::{Fixture, identity};
+
+    #[tokio::test]
+    async fn a_moved_device_leaves_its_old_hub() {
+        let f = Fixture::new();
+        HubTarget::Local(f.hub.clone())
+            .ensure_device("dev-1", &identity("dev-1"))
+            .await
+            .unwrap();
+        let linked = f.dps.linked_hubs().await.unwrap();
+        f.dps
+            .remove_from_old_hub(&linked, "localhost", "dev-1", "dev-1")
+            .await;
+        assert!(f.hub.device_view("dev-1").await.is_err(), "removed");
+        assert!(load_stale(f.store.as_ref(), None).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_removal_that_fails_is_retried_until_the_device_comes_back() {
+        let f = Fixture::new();
+        f.link_dead_hub("dead.example", 1);
+        let linked = f.dps.linked_hubs().await.unwrap();
+        f.dps
+            .remove_from_old_hub(&linked, "dead.example", "dev-1", "dev-1")
+            .await;
+        let pending = load_stale(f.store.as_ref(), None).unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(
+            (pending[0].hub.as_str(), pending[0].attempts),
+            ("dead.example", 1)
+        );
+        // The hub is still down: the sweep keeps it, counting the attempt.
+        assert_eq!(f.dps.sweep_stale_identities().await.unwrap(), 1);
+        let pending = load_stale(f.store.as_ref(), None).unwrap();
+        assert_eq!(pending[0].attempts, 2);
+        assert!(!pending[0].last_error.is_empty());
+        // The device registers on that hub again: the removal is no longer wanted.
+        f.dps.cancel_stale("dead.example", "dev-1").await.unwrap();
+        assert!(load_stale(f.store.as_ref(), None).unwrap().is_empty());
+        assert_eq!(f.dps.sweep_stale_identities().await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_removal_from_an_unlinked_hub_is_dropped() {
+        let f = Fixture::new();
+        let stale = StaleIdentity {
+            hub: "gone.example".into(),
+            device_id: "dev-1".into(),
+            registration_id: "dev-1".into(),
+            since_unix: 0,
+            attempts: 3,
+            last_error: "unreachable".into(),
+        };
+        super::hubs::save_stale(f.store.as_ref(), &stale).unwrap();
+        assert_eq!(f.dps.sweep_stale_identities().await.unwrap(), 0);
+        assert!(load_stale(f.store.as_ref(), None).unwrap().is_empty());
+    }
+}

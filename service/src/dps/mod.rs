@@ -17,6 +17,8 @@ pub mod hubs;
 mod issue;
 pub mod mqtt;
 mod record;
+#[cfg(test)]
+mod testing;
 
 use std::sync::Arc;
 
