@@ -6,15 +6,17 @@
 //! 2. If an individual enrollment exists for the registration id, it decides alone: the leaf
 //!    must be one of its client certificates (DER or thumbprint) and be valid now. No chain is
 //!    needed, so self-signed device certificates work.
-//! 3. Otherwise walk up from the leaf: at each step, look for group certificates that issued
-//!    the current certificate (issuer name and signature); if none, move to the current
-//!    certificate's issuer among the presented chain. The closest match wins, so a group on an
-//!    intermediate beats a group on the root.
-//! 4. The path from the leaf to the matched group certificate is validated with rustls-webpki
-//!    (signatures, validity at `now`, basic constraints and path length, name constraints,
-//!    EKU client-auth "required if present"), with the group certificate as trust anchor and
-//!    the presented chain as intermediates. The group certificate itself must be a CA and
-//!    valid now (webpki does not look at a trust anchor's constraints or dates).
+//! 3. Otherwise walk up from the leaf by name: at each step, the group certificates whose
+//!    subject is the current certificate's issuer are the candidates; the current certificate's
+//!    issuer among the presented chain is the next step. The closest level whose candidates
+//!    validate wins, so a group on an intermediate beats a group on the root.
+//! 4. The path from the leaf to a candidate is validated with rustls-webpki (signatures,
+//!    validity at `now`, basic constraints and path length, name constraints, EKU client-auth
+//!    "required if present"), with the candidate as trust anchor and the presented chain as
+//!    intermediates. The candidate must be a CA and valid now (webpki does not look at a trust
+//!    anchor's constraints or dates). Each signature is verified once, here: the walk compares
+//!    names only, and a candidate whose key did not sign the path fails validation, so a
+//!    certificate that merely copies a CA's name gets nowhere.
 //! 5. The matched certificate must be trusted: a CA reference must be verified; a signing
 //!    certificate stored in the group must itself be a verified CA or roll up to one through
 //!    the presented chain ("the root or intermediate certificate configured in an enrollment
@@ -281,7 +283,8 @@ impl X509Attestor {
     /// If several group certificates issued the same closest certificate (two groups share a
     /// CA), each is validated; if any that validates belongs to a disabled group the answer is
     /// [`X509AttestationError::Disabled`] (fail closed), otherwise the first in `groups` order
-    /// wins. If none validates, the first one's error is returned.
+    /// wins. If none validates, the first one's error is returned, unless each failed because
+    /// its key signed nothing on the path (a name collision): then the walk goes on upward.
     fn match_group(
         &self,
         leaf: &Certificate,
@@ -289,47 +292,56 @@ impl X509Attestor {
         evidence: &X509Evidence,
         now_unix: u64,
     ) -> Result<(&X509Group, Certificate), X509AttestationError> {
-        let candidates = self.closest_group_certificates(leaf, chain)?;
         let intermediates: Vec<CertificateDer<'_>> = evidence
             .chain
             .iter()
             .map(|der| CertificateDer::from(der.as_slice()))
             .collect();
-
-        let mut first_error = None;
-        let mut accepted = None;
-        let mut disabled = false;
-        for (group, group_certificate, anchor) in candidates {
-            let checked = validate_path(&evidence.leaf, &intermediates, &anchor, now_unix)
-                .and_then(|()| self.check_trusted(group_certificate, &anchor, chain));
-            match checked {
-                Ok(()) if !group.enabled => disabled = true,
-                Ok(()) => {
-                    accepted.get_or_insert((group, anchor));
-                }
-                Err(e) => {
-                    first_error.get_or_insert(e);
+        for candidates in self.group_certificates_by_level(leaf, chain) {
+            let mut accepted = None;
+            let mut disabled = false;
+            let mut first_error = None;
+            for (group, group_certificate, anchor) in candidates {
+                let checked = validate_path(&evidence.leaf, &intermediates, &anchor, now_unix)
+                    .and_then(|()| self.check_trusted(group_certificate, &anchor, chain));
+                match checked {
+                    Ok(()) if !group.enabled => disabled = true,
+                    Ok(()) => {
+                        accepted.get_or_insert((group, anchor));
+                    }
+                    // A certificate with the issuer's name whose key did not sign: not an
+                    // issuer at all, so this level does not count.
+                    Err(X509AttestationError::Chain(
+                        ChainError::UnknownIssuer | ChainError::BadSignature,
+                    )) => {}
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
                 }
             }
+            if disabled {
+                return Err(X509AttestationError::Disabled);
+            }
+            if let Some(found) = accepted {
+                return Ok(found);
+            }
+            // The closest group that did issue the chain decides, even when it refuses.
+            if let Some(error) = first_error {
+                return Err(error);
+            }
         }
-        if disabled {
-            return Err(X509AttestationError::Disabled);
-        }
-        match (accepted, first_error) {
-            (Some(found), _) => Ok(found),
-            (None, Some(e)) => Err(e),
-            (None, None) => Err(X509AttestationError::UnknownIssuer),
-        }
+        Err(X509AttestationError::UnknownIssuer)
     }
 
-    /// The group certificates that issued the leaf, or else the leaf's issuer in the presented
-    /// chain, and so on upward. Group certificates that do not parse are skipped (they cannot
-    /// have issued anything).
-    fn closest_group_certificates<'s>(
+    /// The group certificates named as the leaf's issuer, then as its issuer's issuer in the
+    /// presented chain, and so on upward: one list per level that has any. Names only; the
+    /// signatures are webpki's to verify. Group certificates that do not parse are skipped
+    /// (they cannot have issued anything).
+    fn group_certificates_by_level<'s>(
         &'s self,
         leaf: &Certificate,
         chain: &[Certificate],
-    ) -> Result<Vec<(&'s X509Group, &'s GroupCertificate, Certificate)>, X509AttestationError> {
+    ) -> Vec<Vec<(&'s X509Group, &'s GroupCertificate, Certificate)>> {
         let parsed: Vec<(&X509Group, &GroupCertificate, Certificate)> = self
             .groups
             .iter()
@@ -341,27 +353,28 @@ impl X509Attestor {
             })
             .collect();
 
+        let mut levels = Vec::new();
         let mut current = leaf;
         // Each step moves to a different certificate of `chain`, so this bounds the walk even
         // if the chain contains a cycle.
         for _ in 0..=chain.len() {
             let here: Vec<_> = parsed
                 .iter()
-                .filter(|(_, _, cert)| issued(cert, current))
+                .filter(|(_, _, cert)| current.is_issued_by_name(cert))
                 .cloned()
                 .collect();
             if !here.is_empty() {
-                return Ok(here);
+                levels.push(here);
             }
             match chain
                 .iter()
-                .find(|parent| parent.der() != current.der() && issued(parent, current))
+                .find(|parent| parent.der() != current.der() && current.is_issued_by_name(parent))
             {
                 Some(parent) => current = parent,
                 None => break,
             }
         }
-        Err(X509AttestationError::UnknownIssuer)
+        levels
     }
 
     /// Step 5: is the matched group certificate trusted?

@@ -637,6 +637,38 @@ fn unknown_issuers_are_refused() {
     );
 }
 
+/// The walk compares names only (webpki verifies each signature once): a group certificate that
+/// merely has the issuer's name is passed over, and the real issuer further up decides.
+#[test]
+fn a_group_certificate_with_the_issuers_name_but_another_key_is_passed_over() {
+    let pki = Pki::new();
+    let lookalike = Ca::root("Other Root").intermediate(ca_params("Contoso Intermediate", Some(0)));
+    let a = groups(
+        &pki,
+        vec![
+            signing_group("lookalike", &lookalike, true),
+            signing_group("root", &pki.root, true),
+        ],
+    );
+    let evidence = pki.evidence(pki.intermediate.device(DEVICE));
+    assert_eq!(
+        matched(a.attest(&evidence, NOW)),
+        EnrollmentRef::Group("root".into())
+    );
+    // A disabled look-alike is not an issuer either: it reveals nothing and refuses nothing.
+    let b = groups(
+        &pki,
+        vec![
+            signing_group("lookalike", &lookalike, false),
+            signing_group("root", &pki.root, true),
+        ],
+    );
+    assert_eq!(
+        matched(b.attest(&evidence, NOW)),
+        EnrollmentRef::Group("root".into())
+    );
+}
+
 #[test]
 fn a_ca_certificate_is_not_a_device_certificate() {
     let pki = Pki::new();
