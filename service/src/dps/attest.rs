@@ -1,8 +1,9 @@
 //! Step 1 of a registration: who the device is. The device's evidence (a SAS token, its TLS
 //! client certificate, a TPM-signed SAS) is checked against its enrollment: the individual
-//! one, else the groups (dps-protocol §3). [`Candidates::attestor`] is the one place that
-//! builds an attestor per mechanism, so a new mechanism touches this file only. TPM devices
-//! first get a challenge ([`Dps::tpm_challenge`], §3.4).
+//! one, else the groups (dps-protocol §3). [`Candidates`] builds each mechanism's attestor
+//! from the stored enrollments and [`Dps::authenticate`] is the one match over mechanisms, so
+//! a new mechanism touches this file only. TPM devices first get a challenge
+//! ([`Dps::tpm_challenge`], §3.4).
 
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -77,15 +78,12 @@ fn unauthorized(message: impl Into<String>) -> Error {
 
 impl Candidates {
     fn read(
-        individual: Option<Document>,
+        individual: Option<Enrollment>,
         groups: Vec<Document>,
         cas: Vec<Document>,
     ) -> Result<Candidates, Error> {
         Ok(Candidates {
-            individual: individual
-                .as_ref()
-                .map(Enrollment::from_document)
-                .transpose()?,
+            individual,
             groups: groups
                 .iter()
                 .map(Enrollment::from_document)
@@ -103,15 +101,6 @@ impl Candidates {
 
     fn group(&self, id: &str) -> Option<&Enrollment> {
         self.groups.iter().find(|g| g.id().eq_ignore_ascii_case(id))
-    }
-
-    /// The attestor for `mechanism` over these enrollments: the one place that knows them all.
-    fn attestor(&self, mechanism: Mechanism, id_scope: &str) -> Attestors {
-        match mechanism {
-            Mechanism::SymmetricKey => Attestors::SymmetricKey(self.symmetric_key(id_scope)),
-            Mechanism::X509 => Attestors::X509(self.x509()),
-            Mechanism::Tpm => Attestors::Tpm,
-        }
     }
 
     fn symmetric_key(&self, id_scope: &str) -> SymmetricKeyAttestor {
@@ -199,14 +188,6 @@ impl Candidates {
     }
 }
 
-/// The attestor a registration's evidence goes to.
-enum Attestors {
-    SymmetricKey(SymmetricKeyAttestor),
-    X509(X509Attestor),
-    /// Built per challenge ([`Dps::attest_tpm`]): it needs the key the device was sent.
-    Tpm,
-}
-
 /// A PEM bundle (first certificate, then the rest) or one base64 DER certificate.
 fn split_certificates(text: &str) -> Option<(Vec<u8>, Vec<Vec<u8>>)> {
     if text.contains("-----BEGIN") {
@@ -254,13 +235,14 @@ impl Dps {
                     .and_then(|c| c.group.clone())?;
                 candidates.group(&group)
             });
-        let mechanism = match evidence {
-            Evidence::Sas(_) if tpm_enrollment.is_some() => Mechanism::Tpm,
-            Evidence::Sas(_) => Mechanism::SymmetricKey,
-            Evidence::Certificate(_) => Mechanism::X509,
-        };
-        let attested = match (candidates.attestor(mechanism, &self.id_scope), evidence) {
-            (Attestors::SymmetricKey(attestor), Evidence::Sas(token)) => attestor
+        // The one match over mechanisms: a SAS is a TPM's when a TPM enrollment admits the
+        // device, else a symmetric key's; a certificate is X.509.
+        let attested = match evidence {
+            Evidence::Sas(token) if tpm_enrollment.is_some() => {
+                self.attest_tpm(registration_id, token, tpm_enrollment, now)
+            }
+            Evidence::Sas(token) => candidates
+                .symmetric_key(&self.id_scope)
                 .attest(
                     &SasEvidence {
                         registration_id: registration_id.to_string(),
@@ -274,15 +256,9 @@ impl Dps {
                         Refused::Unauthorized(format!("symmetric key attestation failed: {other}"))
                     }
                 }),
-            (Attestors::X509(attestor), Evidence::Certificate(peer)) => {
-                attest_certificate(&attestor, registration_id, peer, now)
+            Evidence::Certificate(peer) => {
+                attest_certificate(&candidates.x509(), registration_id, peer, now)
             }
-            (Attestors::Tpm, Evidence::Sas(token)) => {
-                self.attest_tpm(registration_id, token, tpm_enrollment, now)
-            }
-            _ => Err(Refused::Unauthorized(
-                "the evidence does not fit the mechanism".into(),
-            )),
         };
         let attested = match attested {
             Ok(attested) => attested,
@@ -317,19 +293,21 @@ impl Dps {
     ) -> Result<Candidates, Error> {
         let id = registration_id.to_string();
         let certificate = matches!(evidence, Evidence::Certificate(_));
-        let (individual, groups, cas) = crate::db::blocking(&self.store, move |s| {
-            let individual = s.get(Collection::IndividualEnrollments, &id)?;
-            let mechanism = individual
-                .as_ref()
-                .and_then(|d| Enrollment::from_document(d).ok())
-                .map(|e| e.mechanism());
-            let decides = match mechanism {
+        crate::db::blocking(&self.store, move |s| {
+            let individual = match s.get(Collection::IndividualEnrollments, &id)? {
+                Some(doc) => match Enrollment::from_document(&doc) {
+                    Ok(enrollment) => Some(enrollment),
+                    Err(unreadable) => return Ok(Err(Error::from(unreadable))),
+                },
+                None => None,
+            };
+            let decides = match individual.as_ref().map(Enrollment::mechanism) {
                 Some(Mechanism::X509) => certificate,
                 Some(Mechanism::SymmetricKey | Mechanism::Tpm) => !certificate,
                 None => false,
             };
             if decides {
-                return Ok((individual, Vec::new(), Vec::new()));
+                return Ok(Candidates::read(individual, Vec::new(), Vec::new()));
             }
             let groups = s.list_all(Collection::EnrollmentGroups, None)?;
             let cas = if certificate {
@@ -337,10 +315,9 @@ impl Dps {
             } else {
                 Vec::new()
             };
-            Ok((individual, groups, cas))
+            Ok(Candidates::read(individual, groups, cas))
         })
-        .await?;
-        Candidates::read(individual, groups, cas)
+        .await?
     }
 
     /// A TPM device's SAS, signed inside its TPM with the key of the challenge it was sent.
@@ -416,6 +393,10 @@ impl Dps {
             ))
         })
         .await?;
+        let individual = individual
+            .as_ref()
+            .map(Enrollment::from_document)
+            .transpose()?;
         let candidates = Candidates::read(individual, groups, Vec::new())?;
         let group = match candidates
             .individual
@@ -618,10 +599,7 @@ mod tests {
             ],
             cas: Vec::new(),
         };
-        let Attestors::SymmetricKey(attestor) = candidates.attestor(Mechanism::SymmetricKey, "0ne")
-        else {
-            panic!("a symmetric-key attestor");
-        };
+        let attestor = candidates.symmetric_key("0ne");
         assert_eq!(attestor.id_scope, "0ne");
         let individual = attestor.individual.expect("the individual enrollment");
         assert_eq!(individual.primary_key, "cA==");
@@ -644,9 +622,7 @@ mod tests {
                 is_verified: true,
             }],
         };
-        let Attestors::X509(attestor) = candidates.attestor(Mechanism::X509, "s") else {
-            panic!("an X.509 attestor");
-        };
+        let attestor = candidates.x509();
         // The CA named exists but its certificate does not parse, the other is not uploaded:
         // the group is there and admits nobody.
         assert_eq!(attestor.groups.len(), 1);

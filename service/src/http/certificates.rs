@@ -203,7 +203,8 @@ fn group_referencing(
         .list_all(Collection::EnrollmentGroups, None)?
         .into_iter()
         .find(|doc| {
-            crate::enrollment::Enrollment::from_document(doc).is_ok_and(|e| {
+            // A group that cannot be read counts as using the CA: the guard fails closed.
+            crate::enrollment::Enrollment::from_document(doc).map_or(true, |e| {
                 e.ca_references()
                     .iter()
                     .any(|r| r.eq_ignore_ascii_case(name))

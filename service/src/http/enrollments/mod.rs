@@ -144,7 +144,7 @@ async fn attestation_mechanism(
     let doc = crate::db::blocking(&state.store, move |store| store.get(collection(kind), &id))
         .await?
         .ok_or_else(|| ApiError::new(not_found(kind), "no enrollment with this id"))?;
-    Ok(HttpResponse::Ok().json(doc.body.get("attestation").cloned().unwrap_or(Value::Null)))
+    Ok(HttpResponse::Ok().json(Enrollment::from_document(&doc)?.attestation))
 }
 
 async fn put(
