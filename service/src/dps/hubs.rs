@@ -515,7 +515,9 @@ impl RemoteHub {
             401 | 403 => Err(HubCallError::Unreachable(format!(
                 "the hub refused the provisioning credential: {message}"
             ))),
-            429 => Err(HubCallError::Unreachable(message)),
+            // Busy, not a refusal: the hub timed out reading the request (408, seen under load)
+            // or throttles (429). Retried, then allocation goes elsewhere.
+            408 | 429 => Err(HubCallError::Unreachable(message)),
             s if s >= 500 => Err(HubCallError::Unreachable(message)),
             _ => Err(HubCallError::Refused(message)),
         }
