@@ -523,7 +523,7 @@ impl DocumentStore for Database {
 }
 
 /// The primary key of an id in a collection: lower-cased where ids are case-insensitive.
-fn id_key(collection: Collection, id: &str) -> String {
+pub(super) fn id_key(collection: Collection, id: &str) -> String {
     if collection.case_sensitive() {
         id.to_owned()
     } else {

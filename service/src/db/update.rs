@@ -2,7 +2,8 @@
 //! read-modify-write of one document ([`DocumentStore::update`]), and running store calls from
 //! async code ([`blocking`]).
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Condvar, LazyLock, Mutex, PoisonError};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -67,6 +68,7 @@ impl dyn DocumentStore {
     where
         E: From<StoreError>,
     {
+        let _turn = Turn::take(collection, id);
         for attempt in 0..UPDATE_ATTEMPTS {
             if attempt > 0 {
                 pause(attempt);
@@ -117,6 +119,53 @@ impl dyn DocumentStore {
             collection.table_name()
         ))
         .into())
+    }
+}
+
+/// The documents a read-modify-write of this process is working on. Writers in one process
+/// take turns on a document instead of racing for it: a loser's random pauses cannot keep up
+/// with fresh writers on a busy machine, so under eight-way contention on two cores a writer
+/// could lose [`UPDATE_ATTEMPTS`] races in a row and give up. The etag condition still settles
+/// races with other processes (replicas, the CLI). A change must not update its own document
+/// again (it would wait for itself); no change in this crate updates any document.
+static BUSY: LazyLock<Busy> = LazyLock::new(Busy::default);
+
+#[derive(Default)]
+struct Busy {
+    documents: Mutex<HashSet<(Collection, String)>>,
+    released: Condvar,
+}
+
+/// This process's turn on one document, released on drop.
+struct Turn {
+    key: (Collection, String),
+}
+
+impl Turn {
+    fn take(collection: Collection, id: &str) -> Turn {
+        let key = (collection, super::store::id_key(collection, id));
+        let mut busy = BUSY
+            .documents
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        while busy.contains(&key) {
+            busy = BUSY
+                .released
+                .wait(busy)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        busy.insert(key.clone());
+        Turn { key }
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        BUSY.documents
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.key);
+        BUSY.released.notify_all();
     }
 }
 
