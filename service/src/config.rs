@@ -26,6 +26,7 @@ pub struct Settings {
     pub hub: Hub,
     pub dps: DpsSettings,
     pub telemetry: TelemetrySettings,
+    pub mqtt: MqttSettings,
     pub log: Log,
     pub ca: CaSettings,
 }
@@ -276,6 +277,26 @@ impl Default for DpsSettings {
     }
 }
 
+/// More MQTT worker threads than this is a typo, not a machine.
+pub const MAX_MQTT_WORKERS: usize = 1024;
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttSettings {
+    /// Threads that run MQTT connections; 0 (the default): one per core.
+    pub workers: usize,
+}
+
+impl MqttSettings {
+    /// The number of worker threads to start.
+    pub fn worker_threads(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetrySettings {
@@ -481,6 +502,11 @@ impl Settings {
             ));
         }
         self.latency_map()?;
+        if self.mqtt.workers > MAX_MQTT_WORKERS {
+            return Err(ConfigError::Invalid(format!(
+                "mqtt.workers must be between 0 (one per core) and {MAX_MQTT_WORKERS}"
+            )));
+        }
         if self.database.url.is_some() && self.database.url_file.is_some() {
             return Err(ConfigError::Invalid(
                 "database.url and database.url_file are mutually exclusive".into(),
@@ -702,6 +728,7 @@ mod tests {
         assert_eq!(settings.service.role, Role::Hub);
         assert_eq!(settings.hub_public_host(), "10.0.0.5");
         assert_eq!(settings.telemetry.retention_hours, 24);
+        assert_eq!(settings.mqtt.worker_threads(), 3);
     }
 
     #[test]
@@ -739,6 +766,17 @@ mod tests {
     fn bad_hostname_is_rejected() {
         let err = Settings::from_toml("[service]\nhostnames = [\"bad_host\"]\n").unwrap_err();
         assert!(err.to_string().contains("service.hostnames"), "{err}");
+    }
+
+    #[test]
+    fn mqtt_workers_default_to_the_cores_and_are_bounded() {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        assert_eq!(
+            Settings::from_toml("").unwrap().mqtt.worker_threads(),
+            cores
+        );
+        let err = Settings::from_toml("[mqtt]\nworkers = 100000\n").unwrap_err();
+        assert!(err.to_string().contains("mqtt.workers"), "{err}");
     }
 
     #[test]

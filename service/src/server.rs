@@ -192,7 +192,10 @@ pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev:
         mqtt_tls,
         mqtt_app,
         store,
-        mqtt::listener::MqttLimits::default(),
+        mqtt::listener::MqttLimits {
+            workers: settings.mqtt.worker_threads(),
+            ..mqtt::listener::MqttLimits::default()
+        },
     )
     .await
     .with_context(|| format!("binding MQTT to {}", settings.listen.mqtt))?;
@@ -200,7 +203,13 @@ pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev:
     if let (Some(joined), Some(hub)) = (joined, hub.clone()) {
         actix_web::rt::spawn(crate::hub::join::heartbeats(joined, hub));
     }
-    tracing::info!(%https, %mqtt, id_scope = %instance.id_scope, "zerotouch is ready");
+    tracing::info!(
+        %https,
+        %mqtt,
+        mqtt_workers = mqtt_listener.workers(),
+        id_scope = %instance.id_scope,
+        "zerotouch is ready"
+    );
     Ok((
         Bound {
             https,

@@ -512,3 +512,74 @@ fn c2d_over_https_receive_complete_reject_abandon() {
         assert_eq!((status, body.as_slice()), (200, b"private".as_slice()));
     }
 }
+
+/// Methods and C2D reach devices whose connections run on different MQTT workers: the
+/// listener hands connections to its three workers in turn, so three devices connected one
+/// after the other land on three threads, while the service calls arrive on the HTTPS
+/// listener's thread.
+#[test]
+fn methods_and_c2d_reach_devices_on_every_worker() {
+    use zerotouch_tests::mqtt::{self, Login};
+    let s = TestServer::start_with(Backend::Sqlite, |settings| settings.mqtt.workers = 3);
+    let mut devices = Vec::new();
+    for i in 0..3 {
+        let id = format!("worker-{i}");
+        let token = device_token(&s, &create(&s, &id));
+        let username = mqtt::hub_username(&id);
+        let mut device = mqtt::connect(
+            s.mqtt_port(),
+            &s.ca_bundle(),
+            &Login {
+                client_id: &id,
+                username: &username,
+                password: Some(&token),
+                identity: None,
+                clean_session: true,
+            },
+        )
+        .unwrap_or_else(|e| panic!("{id}: {e:?}"));
+        device.subscribe("$iothub/methods/POST/#").unwrap();
+        device
+            .subscribe(&format!("devices/{id}/messages/devicebound/#"))
+            .unwrap();
+        devices.push((id, device));
+    }
+    for (i, (id, device)) in devices.iter_mut().enumerate() {
+        let call = {
+            let request = s
+                .hub_request(Method::POST, &format!("/twins/{id}/methods"))
+                .json(
+                    &json!({"methodName": "ping", "responseTimeoutInSeconds": 10,
+                              "payload": {"n": i}}),
+                );
+            std::thread::spawn(move || send(request))
+        };
+        let (topic, payload) = device.receive("$iothub/methods/POST/ping/").unwrap();
+        assert_eq!(
+            serde_json::from_slice::<Value>(&payload).unwrap(),
+            json!({"n": i})
+        );
+        let rid = topic.rsplit("$rid=").next().unwrap();
+        device
+            .publish(
+                &format!("$iothub/methods/res/200/?$rid={rid}"),
+                json!({"pong": i}).to_string().as_bytes(),
+            )
+            .unwrap();
+        let (status, answer, _) = call.join().unwrap();
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer, json!({"status": 200, "payload": {"pong": i}}));
+
+        let (status, err, _) = send(
+            s.hub_request(Method::POST, &format!("/devices/{id}/messages/deviceBound"))
+                .body(format!("c2d-{i}")),
+        );
+        assert_eq!(status, 204, "{err}");
+        let (_, body) = device
+            .receive(&format!("devices/{id}/messages/devicebound/"))
+            .unwrap();
+        assert_eq!(body, format!("c2d-{i}").into_bytes());
+    }
+    let (_, statistics, _) = send(s.hub_request(Method::GET, "/statistics/service"));
+    assert_eq!(statistics["connectedDeviceCount"], 3, "{statistics}");
+}

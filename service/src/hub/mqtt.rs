@@ -413,7 +413,7 @@ fn refusal_body(message: &str) -> Vec<u8> {
 
 impl Session for HubSession {
     fn ready(&self) {
-        // After CONNACK: the engine has already closed and reported any older connection of
+        // Just before CONNACK: the engine has already closed and reported any older connection of
         // this device (takeover), so the registry only ever holds the live one.
         self.hub.connected(&self.device_id, self.outbound.clone());
         let hub = self.hub.clone();

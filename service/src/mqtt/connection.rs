@@ -1,7 +1,7 @@
 //! One MQTT connection, from the accepted TCP stream to `Session::closed`.
 //!
 //! Phases: TLS handshake → CONNECT → `Application::connect` → (accepted) rate limit, takeover,
-//! session restore, CONNACK, `Session::ready` → the live loop → clean-up.
+//! session restore, `Session::ready`, CONNACK → the live loop → clean-up.
 //!
 //! The live loop runs four parts concurrently inside the connection's one task:
 //! - the **reader** decodes packets, answers PINGREQ, hands PUBACKs to the writer and queues
@@ -294,6 +294,9 @@ async fn session(
     engine.registry.remove(&session_key, shared.id);
     tracing::info!(reason = ?reason, "MQTT connection closed");
     session.closed(reason);
+    // Taken over while it was taking over: the newest connection waits for this one, and
+    // through it for the one this one displaced.
+    shared.displaced_finished(TAKEOVER_TIMEOUT).await;
     shared.mark_finished();
 }
 
@@ -326,15 +329,8 @@ impl Live<'_> {
                 "the session is connected elsewhere; taking it over"
             );
             previous.request_close(CloseReason::TakenOver);
-            if timeout(TAKEOVER_TIMEOUT, previous.finished())
-                .await
-                .is_err()
-            {
-                tracing::warn!(
-                    previous_connection_id = previous.id,
-                    "the previous connection did not close in time"
-                );
-            }
+            self.shared.displaced(previous);
+            self.shared.displaced_finished(TAKEOVER_TIMEOUT).await;
         }
 
         let store = engine.store.clone();
@@ -358,6 +354,10 @@ impl Live<'_> {
             .subscriptions()
             .extend(restored.unwrap_or_default());
 
+        // Ready before CONNACK: once a client holds its CONNACK, the application knows the
+        // connection (a service may call a method on the device at once, from any thread).
+        // What the application queues now goes out after the CONNACK.
+        self.session.ready();
         let connack = ServerPacket::ConnAck {
             session_present,
             code: 0,
@@ -373,7 +373,6 @@ impl Live<'_> {
             expires_at = self.expires_at,
             "MQTT client connected"
         );
-        self.session.ready();
 
         // Items are boxed: a channel allocates its first 32-slot block up front, so unboxed
         // slots (64–80 bytes) cost every idle connection about 6 KB (docs/performance.md).

@@ -1,6 +1,7 @@
 //! What every connection of one listener shares: the [`Application`], the session store, the
 //! limits, the TLS acceptor, the live-session registry, the reconnect rate limiter, and the
-//! shutdown and task-count signals.
+//! shutdown and task-count signals. Connections run on several worker threads at once
+//! (`workers.rs`), so everything here is `Sync` and every shared map is behind a lock.
 //!
 //! `listener.rs` creates the engine and hands it to `connection::serve` for each accepted
 //! connection; both depend on this file and neither on the other.
@@ -36,6 +37,9 @@ pub struct MqttLimits {
     /// An outbound QoS 1 message without PUBACK after this long is sent again with DUP=1 on
     /// the same connection.
     pub retransmit_after: Duration,
+    /// Threads that run connections, each with its own event loop (`workers.rs`). Default:
+    /// the number of cores.
+    pub workers: usize,
 }
 
 impl Default for MqttLimits {
@@ -48,6 +52,7 @@ impl Default for MqttLimits {
             reconnects_per_minute: 30,
             outbound_queue: 256,
             retransmit_after: Duration::from_secs(20),
+            workers: std::thread::available_parallelism().map_or(1, usize::from),
         }
     }
 }

@@ -1,11 +1,13 @@
 //! The device MQTT listener (MQTT 3.1.1 over TLS, port 8883 by default): accepts TCP
-//! connections and runs one task per connection (see `connection.rs`) on the current tokio
-//! runtime (actix's, in the service). The listener creates the `Engine` (`engine.rs`) that
-//! its connections share; `connection.rs` knows the engine, never the listener.
+//! connections on the current tokio runtime (actix's, in the service) and runs one task per
+//! connection (see `connection.rs`) on the worker threads (`workers.rs`), handing sockets to
+//! them in turn. The listener creates the `Engine` (`engine.rs`) that its connections share;
+//! `connection.rs` knows the engine, never the listener.
 
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use openssl::ssl::SslAcceptor;
@@ -14,6 +16,7 @@ use tokio::net::TcpListener;
 use super::Application;
 use super::connection;
 use super::engine::{Engine, TaskGuard};
+use super::workers::Workers;
 use crate::db::DocumentStore;
 
 pub use super::engine::MqttLimits;
@@ -24,9 +27,22 @@ pub use super::engine::MqttLimits;
 pub struct MqttListener {
     engine: Arc<Engine>,
     local_addr: SocketAddr,
+    workers: usize,
+    running: Arc<AtomicUsize>,
 }
 
 impl MqttListener {
+    /// Threads that run connections.
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+
+    /// Worker threads that have not ended yet: all of them until shutdown, then none once
+    /// their connections have closed.
+    pub fn workers_running(&self) -> usize {
+        self.running.load(Ordering::SeqCst)
+    }
+
     /// The bound address (the real port when 0 was asked for).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
@@ -59,7 +75,8 @@ impl fmt::Debug for MqttListener {
     }
 }
 
-/// Binds `addr` and serves MQTT on the current tokio runtime until [`MqttListener::shutdown`].
+/// Binds `addr` and serves MQTT until [`MqttListener::shutdown`]: accepts on the current tokio
+/// runtime and runs connections on `limits.workers` threads of their own.
 ///
 /// `app` decides every CONNECT; persistent sessions live in `sessions` (collection
 /// `MqttSessions`).
@@ -73,13 +90,32 @@ pub async fn start(
     let listener = TcpListener::bind(addr).await?;
     let local_addr = listener.local_addr()?;
     let engine = Arc::new(Engine::new(app, sessions, limits, acceptor));
+    let workers = match Workers::start(engine.limits.workers, &engine) {
+        Ok(workers) => workers,
+        Err(e) => {
+            // Lets the workers already started end.
+            engine.shutdown();
+            return Err(e);
+        }
+    };
+    let (count, running) = (workers.len(), workers.running());
     let guard = TaskGuard::new(&engine);
-    tokio::spawn(accept_loop(listener, engine.clone(), guard));
-    tracing::info!(%local_addr, "MQTT listener started");
-    Ok(MqttListener { engine, local_addr })
+    tokio::spawn(accept_loop(listener, engine.clone(), workers, guard));
+    tracing::info!(%local_addr, workers = count, "MQTT listener started");
+    Ok(MqttListener {
+        engine,
+        local_addr,
+        workers: count,
+        running,
+    })
 }
 
-async fn accept_loop(listener: TcpListener, engine: Arc<Engine>, _guard: TaskGuard) {
+async fn accept_loop(
+    listener: TcpListener,
+    engine: Arc<Engine>,
+    workers: Workers,
+    _guard: TaskGuard,
+) {
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -92,7 +128,7 @@ async fn accept_loop(listener: TcpListener, engine: Arc<Engine>, _guard: TaskGua
                 }
                 let guard = TaskGuard::new(&engine);
                 let engine = engine.clone();
-                tokio::spawn(async move {
+                workers.hand_over(tcp, move |tcp| async move {
                     let _guard = guard;
                     connection::serve(engine, tcp, remote).await;
                 });

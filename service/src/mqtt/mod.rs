@@ -25,6 +25,7 @@ pub mod listener;
 mod outbound;
 mod sessions;
 mod topic;
+mod workers;
 
 #[cfg(test)]
 mod tests;
@@ -132,7 +133,8 @@ pub trait Application: Send + Sync + 'static {
 
 /// One accepted connection, as the application sees it.
 pub trait Session: Send + Sync + 'static {
-    /// Called once after CONNACK, with persistent subscriptions already restored.
+    /// Called once just before CONNACK is sent, with persistent subscriptions already
+    /// restored; what it queues on the `Outbound` goes out after the CONNACK.
     fn ready(&self) {}
     /// Whether this filter may be subscribed (with the QoS to grant).
     fn subscribe(&self, filter: &str, requested: QoS) -> SubscribeVerdict;

@@ -31,6 +31,8 @@ pub(crate) struct Shared {
     finished: watch::Sender<bool>,
     /// Held while a session write is in flight, so that a takeover reads what was written.
     pub persist: Arc<tokio::sync::Mutex<()>>,
+    /// The connection of the same session key this one took over, until it has finished.
+    displaced: Mutex<Option<Arc<Shared>>>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -50,6 +52,7 @@ impl Shared {
             close_notify: Notify::new(),
             finished: watch::Sender::new(false),
             persist: Arc::new(tokio::sync::Mutex::new(())),
+            displaced: Mutex::new(None),
             runtime: tokio::runtime::Handle::current(),
         };
         (Arc::new(shared), receiver)
@@ -74,6 +77,33 @@ impl Shared {
     /// Marks the connection closed: from now on sends fail.
     pub fn mark_closed(&self) {
         self.closed.store(true, Ordering::SeqCst);
+    }
+
+    /// Records the connection this one took over: this one is not finished before it is.
+    pub fn displaced(&self, previous: Arc<Shared>) {
+        *lock(&self.displaced) = Some(previous);
+    }
+
+    /// Waits (at most `limit`) until the connection this one took over, if any, has finished.
+    /// A takeover that is itself taken over while it waits thereby passes the wait on: the
+    /// newest connection never starts while an older one may still write the session.
+    pub async fn displaced_finished(&self, limit: std::time::Duration) {
+        // Cloned, not taken: if this wait is cancelled (this connection is taken over in
+        // turn), its clean-up waits again.
+        let previous = lock(&self.displaced).clone();
+        let Some(previous) = previous else {
+            return;
+        };
+        if tokio::time::timeout(limit, previous.finished())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                previous_connection_id = previous.id,
+                "the connection taken over did not close in time"
+            );
+        }
+        lock(&self.displaced).take();
     }
 
     pub fn mark_finished(&self) {

@@ -78,6 +78,10 @@ enum Event {
 struct Recorder {
     events: Mutex<Vec<Event>>,
     outbounds: Mutex<HashMap<String, Outbound>>,
+    /// Every connection's outbound handle, by connection id.
+    by_connection: Mutex<HashMap<u64, Outbound>>,
+    /// The thread each connection's CONNECT was decided on, by connection id.
+    threads: Mutex<HashMap<u64, String>>,
     slow_done: AtomicBool,
 }
 
@@ -146,6 +150,13 @@ impl Application for TestApp {
                 return Err(Refusal::NotAuthorized);
             }
             let connection = outbound.connection_id();
+            let thread = std::thread::current().name().unwrap_or("?").to_owned();
+            self.0.threads.lock().unwrap().insert(connection, thread);
+            self.0
+                .by_connection
+                .lock()
+                .unwrap()
+                .insert(connection, outbound.clone());
             self.0.push(Event::Connected {
                 connection,
                 client_id: request.client_id.clone(),
@@ -200,6 +211,18 @@ impl Session for TestSession {
             if topic == "kick" {
                 return PublishVerdict::Disconnect;
             }
+            if let Some(target) = topic.strip_prefix("forward/") {
+                // Delivery to another connection (perhaps on another worker), acknowledged
+                // to the sender only once the target has sent its PUBACK.
+                let outbound = self.recorder.outbound(target);
+                return match outbound
+                    .publish(format!("to/{target}"), payload, QoS::AtLeastOnce)
+                    .await
+                {
+                    Ok(()) => PublishVerdict::Ack,
+                    Err(Closed) => PublishVerdict::Disconnect,
+                };
+            }
             let slow = topic.starts_with("slow/");
             self.recorder.push(Event::Published {
                 connection: self.connection,
@@ -235,6 +258,15 @@ struct Harness {
 }
 
 impl Harness {
+    /// The engine with `workers` worker threads and default limits otherwise.
+    async fn with_workers(workers: usize) -> Harness {
+        Harness::new(MqttLimits {
+            workers,
+            ..MqttLimits::default()
+        })
+        .await
+    }
+
     async fn new(limits: MqttLimits) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}/t.db", dir.path().display());
@@ -1063,4 +1095,198 @@ async fn shutdown_closes_every_connection() {
     );
     assert_eq!(h.listener.connected_count(), 0);
     assert!(TcpStream::connect(h.addr()).await.is_err());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Several workers: connections of one listener on different threads at once.
+
+#[tokio::test]
+async fn connections_are_spread_over_every_worker() {
+    let h = Harness::with_workers(3).await;
+    assert_eq!(h.listener.workers(), 3);
+    let mut clients = Vec::new();
+    for i in 0..6 {
+        clients.push(Client::connect(h.addr(), &format!("spread-{i}"), true).await);
+    }
+    let threads: std::collections::BTreeSet<String> = h
+        .recorder
+        .threads
+        .lock()
+        .unwrap()
+        .values()
+        .cloned()
+        .collect();
+    assert_eq!(
+        threads,
+        ["mqtt-worker-0", "mqtt-worker-1", "mqtt-worker-2"]
+            .map(String::from)
+            .into()
+    );
+    assert_eq!(h.listener.connected_count(), 6);
+}
+
+#[tokio::test]
+async fn delivery_crosses_workers_with_qos1() {
+    let h = Harness::with_workers(2).await;
+    let (mut sender, _) = Client::connect(h.addr(), "sender", true).await;
+    let (mut target, _) = Client::connect(h.addr(), "target", true).await;
+    let threads = h.recorder.threads.lock().unwrap().clone();
+    let sender_id = h.recorder.outbound("sender").connection_id();
+    let target_id = h.recorder.outbound("target").connection_id();
+    assert_ne!(threads[&sender_id], threads[&target_id], "{threads:?}");
+
+    for round in 1..=3u16 {
+        sender.publish("forward/target", 1, round).await;
+        let Some(ServerPacket::Publish(delivered)) = target.recv().await else {
+            panic!("expected the forwarded PUBLISH");
+        };
+        assert_eq!(
+            (
+                delivered.topic.as_str(),
+                delivered.qos,
+                delivered.payload.as_ref()
+            ),
+            ("to/target", 1, &b"hello"[..])
+        );
+        // The sender's PUBACK waits for the target's.
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        target.send(ClientPacket::PubAck(delivered.pkid)).await;
+        assert_eq!(sender.recv().await, Some(ServerPacket::PubAck(round)));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn takeover_races_across_workers_leave_one_connection_and_the_session() {
+    let h = Harness::with_workers(4).await;
+    // A persistent session with a subscription, then many connections of the same client id
+    // at once, landing on every worker.
+    let (mut first, _) = Client::connect(h.addr(), "racer", false).await;
+    assert_eq!(first.subscribe(1, &[("kept/#", 1)]).await, vec![1]);
+    const RACERS: usize = 12;
+    let racers: Vec<_> = (0..RACERS)
+        .map(|_| {
+            let addr = h.addr();
+            tokio::spawn(async move {
+                let mut client = Client::open(addr).await;
+                client
+                    .send(ClientPacket::Connect(connect_packet("racer", false)))
+                    .await;
+                let connack = client.recv().await;
+                (client, connack)
+            })
+        })
+        .collect();
+    let mut answered = Vec::new();
+    for racer in racers {
+        let (client, connack) = racer.await.unwrap();
+        match connack {
+            // Taken over before its CONNACK went out: closed without one.
+            None => {}
+            Some(ServerPacket::ConnAck {
+                session_present,
+                code: 0,
+            }) => {
+                assert!(session_present, "a racer found no stored session");
+                answered.push(client);
+            }
+            other => panic!("unexpected answer to CONNECT: {other:?}"),
+        }
+    }
+    first.expect_closed().await;
+    assert!(!answered.is_empty());
+
+    // Exactly one connection is left, and every other one was closed exactly once as taken
+    // over; the survivor is the one the registry holds.
+    let deadline = Instant::now() + RECV_TIMEOUT;
+    let survivor = loop {
+        let connected: Vec<u64> = h
+            .recorder
+            .events()
+            .iter()
+            .filter_map(|e| match e {
+                Event::Connected { connection, .. } => Some(*connection),
+                _ => None,
+            })
+            .filter(|c| h.recorder.closed_reason(*c).is_none())
+            .collect();
+        if connected.len() == 1 {
+            break connected[0];
+        }
+        assert!(Instant::now() < deadline, "still open: {connected:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let connections: Vec<u64> = h
+        .recorder
+        .events()
+        .iter()
+        .filter_map(|e| match e {
+            Event::Connected { connection, .. } => Some(*connection),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(connections.len(), RACERS + 1);
+    for connection in connections.iter().filter(|c| **c != survivor) {
+        assert_eq!(
+            h.recorder.wait_closed(*connection).await,
+            CloseReason::TakenOver
+        );
+    }
+    assert_eq!(h.listener.connected_count(), 1);
+
+    // The survivor still holds the session: a message to the stored subscription reaches it.
+    let outbound = h.recorder.by_connection.lock().unwrap()[&survivor].clone();
+    let delivered = tokio::spawn(async move {
+        outbound
+            .publish("kept/x".into(), Bytes::from_static(b"k"), QoS::AtLeastOnce)
+            .await
+    });
+    let mut got = None;
+    for client in &mut answered {
+        match tokio::time::timeout(Duration::from_millis(500), client.next()).await {
+            Ok(Some(ServerPacket::Publish(p))) => {
+                client.send(ClientPacket::PubAck(p.pkid)).await;
+                got = Some(p);
+            }
+            Ok(None) | Err(_) => {}
+            Ok(Some(other)) => panic!("unexpected packet {other:?}"),
+        }
+    }
+    assert_eq!(got.map(|p| p.topic), Some("kept/x".to_owned()));
+    assert_eq!(delivered.await.unwrap(), Ok(()));
+    let stored = stored_filters(&h.store, "test/racer").await;
+    assert!(stored.is_some_and(|s| s.to_string().contains("kept/#")));
+}
+
+#[tokio::test]
+async fn shutdown_closes_connections_on_every_worker_and_ends_the_workers() {
+    let h = Harness::with_workers(3).await;
+    let mut clients = Vec::new();
+    for i in 0..6 {
+        clients.push(
+            Client::connect(h.addr(), &format!("down-{i}"), true)
+                .await
+                .0,
+        );
+    }
+    assert_eq!(h.listener.workers_running(), 3);
+    h.listener.shutdown();
+    for client in &mut clients {
+        client.expect_closed().await;
+    }
+    tokio::time::timeout(RECV_TIMEOUT, h.listener.stopped())
+        .await
+        .unwrap();
+    let ids: Vec<u64> = h.recorder.threads.lock().unwrap().keys().copied().collect();
+    assert_eq!(ids.len(), 6);
+    for id in ids {
+        assert_eq!(
+            h.recorder.wait_closed(id).await,
+            CloseReason::ServerShutdown
+        );
+    }
+    let deadline = Instant::now() + RECV_TIMEOUT;
+    while h.listener.workers_running() > 0 {
+        assert!(Instant::now() < deadline, "the workers did not end");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
