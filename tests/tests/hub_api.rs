@@ -583,3 +583,75 @@ fn methods_and_c2d_reach_devices_on_every_worker() {
     let (_, statistics, _) = send(s.hub_request(Method::GET, "/statistics/service"));
     assert_eq!(statistics["connectedDeviceCount"], 3, "{statistics}");
 }
+
+/// A saturated hub answers device twin requests 429 at once, as IoT Hub throttles, instead of
+/// queueing them; it serves them again as soon as a turn is free.
+#[test]
+fn twin_requests_beyond_the_hub_s_capacity_get_429() {
+    use zerotouch_service::hub::{TWIN_CONCURRENCY, TWIN_QUEUE_WAIT};
+    use zerotouch_tests::mqtt::{self, Login};
+    let s = TestServer::start(Backend::Sqlite);
+    let token = device_token(&s, &create(&s, "busy"));
+    let username = mqtt::hub_username("busy");
+    let mut device = mqtt::connect(
+        s.mqtt_port(),
+        &s.ca_bundle(),
+        &Login {
+            client_id: "busy",
+            username: &username,
+            password: Some(&token),
+            identity: None,
+            clean_session: true,
+        },
+    )
+    .unwrap();
+    device.subscribe("$iothub/twin/res/#").unwrap();
+    let hub = s.running().bound.hub.clone().expect("a hub");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // Every turn taken, as by TWIN_CONCURRENCY requests in progress.
+    let turns: Vec<_> = runtime.block_on(async {
+        let mut turns = Vec::new();
+        for _ in 0..TWIN_CONCURRENCY {
+            turns.push(hub.twin_slot().await.expect("a free turn"));
+        }
+        turns
+    });
+    let started = std::time::Instant::now();
+    device.publish("$iothub/twin/GET/?$rid=1", b"").unwrap();
+    let (topic, body) = device.receive("$iothub/twin/res/").unwrap();
+    assert_eq!(topic, "$iothub/twin/res/429/?$rid=1");
+    assert!(String::from_utf8_lossy(&body).contains("retry"));
+    assert!(started.elapsed() >= TWIN_QUEUE_WAIT);
+    device
+        .publish(
+            "$iothub/twin/PATCH/properties/reported/?$rid=2",
+            b"{\"a\":1}",
+        )
+        .unwrap();
+    let (topic, _) = device.receive("$iothub/twin/res/").unwrap();
+    assert_eq!(topic, "$iothub/twin/res/429/?$rid=2");
+    let (_, twin, _) = send(s.hub_request(Method::GET, "/twins/busy"));
+    assert!(twin["properties"]["reported"].get("a").is_none(), "{twin}");
+
+    drop(turns);
+    device
+        .publish(
+            "$iothub/twin/PATCH/properties/reported/?$rid=3",
+            b"{\"a\":1}",
+        )
+        .unwrap();
+    let (topic, _) = device.receive("$iothub/twin/res/").unwrap();
+    assert!(topic.starts_with("$iothub/twin/res/204/?$rid=3"), "{topic}");
+    let (_, metrics, _) = send(
+        s.client
+            .get(format!("https://localhost:{}/metrics", s.https_port())),
+    );
+    let text = metrics.as_str().unwrap().to_string();
+    assert!(
+        text.contains("zerotouch_hub_twin_throttled_total 2"),
+        "{text}"
+    );
+}

@@ -143,6 +143,12 @@ fn render_hub(hub: &Hub, out: &mut String) {
         m.twin_operations.load(Relaxed),
     );
     metric(
+        "twin_throttled_total",
+        "counter",
+        "Device twin requests answered 429 because the hub was saturated",
+        m.twin_throttled.load(Relaxed),
+    );
+    metric(
         "method_calls_total",
         "counter",
         "Direct method invocations",

@@ -61,7 +61,16 @@ pub struct Hub {
     trust_bundle: std::sync::RwLock<String>,
     /// Live X.509 connections by certificate serial, closed when the certificate is revoked.
     pub certificates: crate::pki::live::LiveCertificates,
+    /// Device twin requests (MQTT) being served; see [`Hub::twin_slot`].
+    twin_slots: tokio::sync::Semaphore,
 }
+
+/// Device twin requests served at once. Beyond this, a request waits at most
+/// [`TWIN_QUEUE_WAIT`] for a turn and is otherwise answered 429: IoT Hub throttles twin
+/// operations the same way, and the SDKs treat 429 as "retry later".
+pub const TWIN_CONCURRENCY: usize = 64;
+/// How long a device twin request may wait for a turn before it is answered 429.
+pub const TWIN_QUEUE_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
 
 impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -77,6 +86,8 @@ pub struct HubMetrics {
     pub messages_in: std::sync::atomic::AtomicU64,
     pub bytes_in: std::sync::atomic::AtomicU64,
     pub twin_operations: std::sync::atomic::AtomicU64,
+    /// Device twin requests answered 429 (see [`Hub::twin_slot`]).
+    pub twin_throttled: std::sync::atomic::AtomicU64,
     pub method_calls: std::sync::atomic::AtomicU64,
     pub auth_failures: Mutex<HashMap<&'static str, u64>>,
 }
@@ -120,6 +131,20 @@ impl Hub {
             methods: methods::PendingMethods::default(),
             c2d: c2d::Deliveries::default(),
             metrics: HubMetrics::default(),
+            twin_slots: tokio::sync::Semaphore::new(TWIN_CONCURRENCY),
+        }
+    }
+
+    /// A turn to serve one device twin request, or `None` when the hub is saturated: every
+    /// turn stayed taken for [`TWIN_QUEUE_WAIT`]. Overload then costs devices a quick 429,
+    /// never seconds of queueing behind the store.
+    pub async fn twin_slot(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        match tokio::time::timeout(TWIN_QUEUE_WAIT, self.twin_slots.acquire()).await {
+            Ok(Ok(permit)) => Some(permit),
+            Ok(Err(_)) | Err(_) => {
+                HubMetrics::count(&self.metrics.twin_throttled, 1);
+                None
+            }
         }
     }
 

@@ -324,6 +324,10 @@ impl HubSession {
             tracing::info!(device_id = %self.device_id, topic, "twin request without $rid ignored");
             return PublishVerdict::Ack;
         };
+        let Some(_turn) = self.hub.twin_slot().await else {
+            self.respond_twin(429, &rid, "", refusal_body(THROTTLED));
+            return PublishVerdict::Ack;
+        };
         if topic.starts_with("$iothub/twin/GET/") {
             match self.hub.twin(&self.device_id).await {
                 Ok(twin) => {
@@ -405,6 +409,9 @@ fn error_body(error: &super::error::HubError) -> Vec<u8> {
         .to_string()
         .into_bytes()
 }
+
+/// The body of a throttled twin request's 429.
+const THROTTLED: &str = "the hub is busy; retry the twin request later";
 
 /// A twin refusal of the device's own making (no internal detail to log).
 fn refusal_body(message: &str) -> Vec<u8> {
