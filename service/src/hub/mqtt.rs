@@ -128,9 +128,11 @@ impl Application for HubApplication {
                         session_key: session_key(&device_id),
                         session: Box::new(HubSession {
                             hub: self.hub.clone(),
+                            events_topic: format!("devices/{device_id}/messages/events"),
                             device_id,
                             outbound,
                             auth_method: method,
+                            touched: Default::default(),
                         }),
                         expires_at,
                     })
@@ -154,6 +156,11 @@ struct HubSession {
     device_id: String,
     outbound: Outbound,
     auth_method: &'static str,
+    /// `devices/{id}/messages/events`, the prefix of this device's telemetry topics.
+    events_topic: String,
+    /// The second (Unix time) of the last `Hub::touch`: activity is recorded at most once a
+    /// second per connection, not under the hub's lock for every message.
+    touched: std::sync::atomic::AtomicU64,
 }
 
 /// The `k=v&…` query after `/?` in a topic.
@@ -280,8 +287,7 @@ impl HubSession {
     }
 
     async fn telemetry(&self, topic: &str, payload: Bytes) -> PublishVerdict {
-        let prefix = self.own("messages/events");
-        let Some(rest) = topic.strip_prefix(&prefix) else {
+        let Some(rest) = topic.strip_prefix(self.events_topic.as_str()) else {
             return PublishVerdict::Disconnect;
         };
         let bag = rest.strip_prefix('/').unwrap_or(rest);
@@ -460,7 +466,10 @@ impl Session for HubSession {
         _dup: bool,
     ) -> BoxFuture<'_, PublishVerdict> {
         Box::pin(async move {
-            self.hub.touch(&self.device_id);
+            let now = crate::time::now_unix();
+            if self.touched.swap(now, std::sync::atomic::Ordering::Relaxed) != now {
+                self.hub.touch(&self.device_id);
+            }
             if topic.starts_with("devices/") {
                 self.telemetry(&topic, payload).await
             } else if topic.starts_with("$iothub/twin/") {
