@@ -615,7 +615,11 @@ fn twin_requests_beyond_the_hub_s_capacity_get_429() {
     let turns: Vec<_> = runtime.block_on(async {
         let mut turns = Vec::new();
         for _ in 0..TWIN_CONCURRENCY {
-            turns.push(hub.twin_slot().await.expect("a free turn"));
+            turns.push(
+                hub.twin_slot(std::time::Instant::now())
+                    .await
+                    .expect("a free turn"),
+            );
         }
         turns
     });

@@ -18,7 +18,7 @@ mod issue;
 pub mod mqtt;
 mod record;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 
 use std::sync::Arc;
 

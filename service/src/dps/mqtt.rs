@@ -11,8 +11,8 @@ use zerotouch_attestation::symmetric_key::SasToken;
 use super::{Dps, Evidence, Progress, RegisterBody};
 use crate::http::error::ApiError;
 use crate::mqtt::{
-    Accepted, Application, BoxFuture, CloseReason, ConnectRequest, Outbound, PublishVerdict, QoS,
-    Refusal, Session, SubscribeVerdict,
+    Accepted, Application, BoxFuture, CloseReason, ConnectRequest, Inbound, Outbound,
+    PublishVerdict, QoS, Refusal, Session, SubscribeVerdict,
 };
 
 /// `{idScope}/registrations/{registrationId}/api-version=…` → (scope, registration id).
@@ -146,13 +146,8 @@ impl Session for DpsSession {
         }
     }
 
-    fn publish(
-        &self,
-        topic: String,
-        payload: Bytes,
-        _qos: QoS,
-        _dup: bool,
-    ) -> BoxFuture<'_, PublishVerdict> {
+    fn publish(&self, message: Inbound) -> BoxFuture<'_, PublishVerdict> {
+        let Inbound { topic, payload, .. } = message;
         Box::pin(async move {
             let Some(rid) = query_value(&topic, "$rid") else {
                 return PublishVerdict::Ack;

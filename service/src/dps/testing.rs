@@ -14,7 +14,7 @@ use crate::db::{Collection, DocumentStore, Write};
 use crate::enrollment::Enrollment;
 use crate::hub::Hub;
 
-pub(super) struct Fixture {
+pub(crate) struct Fixture {
     pub dps: Arc<Dps>,
     pub hub: Arc<Hub>,
     pub store: Arc<dyn DocumentStore>,
@@ -22,7 +22,7 @@ pub(super) struct Fixture {
 }
 
 impl Fixture {
-    pub fn new() -> Fixture {
+    pub(crate) fn new() -> Fixture {
         let dir = tempfile::tempdir().expect("a temporary data dir");
         let mut settings = Settings::default();
         settings.service.data_dir = dir.path().to_path_buf();

@@ -69,7 +69,8 @@ pub struct Hub {
 /// [`TWIN_QUEUE_WAIT`] for a turn and is otherwise answered 429: IoT Hub throttles twin
 /// operations the same way, and the SDKs treat 429 as "retry later".
 pub const TWIN_CONCURRENCY: usize = 64;
-/// How long a device twin request may wait for a turn before it is answered 429.
+/// How long a device twin request may wait, from the moment it was read, before it is answered
+/// 429 instead of being served.
 pub const TWIN_QUEUE_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
 
 impl std::fmt::Debug for Hub {
@@ -135,11 +136,16 @@ impl Hub {
         }
     }
 
-    /// A turn to serve one device twin request, or `None` when the hub is saturated: every
-    /// turn stayed taken for [`TWIN_QUEUE_WAIT`]. Overload then costs devices a quick 429,
+    /// A turn to serve one device twin request read at `read_at`, or `None` when the hub is
+    /// saturated: the request already waited [`TWIN_QUEUE_WAIT`] behind earlier packets of its
+    /// connection, or no turn came free before that. Overload then costs devices a quick 429,
     /// never seconds of queueing behind the store.
-    pub async fn twin_slot(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
-        match tokio::time::timeout(TWIN_QUEUE_WAIT, self.twin_slots.acquire()).await {
+    pub async fn twin_slot(
+        &self,
+        read_at: std::time::Instant,
+    ) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        let deadline = tokio::time::Instant::from_std(read_at + TWIN_QUEUE_WAIT);
+        match tokio::time::timeout_at(deadline, self.twin_slots.acquire()).await {
             Ok(Ok(permit)) => Some(permit),
             Ok(Err(_)) | Err(_) => {
                 HubMetrics::count(&self.metrics.twin_throttled, 1);
@@ -535,4 +541,44 @@ pub fn bare_etag(etag: &str) -> String {
         .trim_start_matches("W/")
         .trim_matches('"')
         .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Now on tokio's (paused) clock, as a standard `Instant`.
+    fn now() -> std::time::Instant {
+        tokio::time::Instant::now().into_std()
+    }
+
+    /// Tokio's clock is paused: a wait shows as the time the runtime skipped ahead.
+    #[tokio::test(start_paused = true)]
+    async fn a_twin_request_waits_for_a_turn_only_until_it_is_stale() {
+        let fixture = crate::dps::testing::Fixture::new();
+        let hub = &fixture.hub;
+        let mut held = Vec::new();
+        for _ in 0..TWIN_CONCURRENCY {
+            held.push(hub.twin_slot(now()).await.expect("a free turn"));
+        }
+
+        // Fresh: waits the rest of its allowance for a turn, then gives up.
+        let start = tokio::time::Instant::now();
+        assert!(hub.twin_slot(now()).await.is_none());
+        assert_eq!(start.elapsed(), TWIN_QUEUE_WAIT);
+        // Stale (it waited behind earlier packets of its connection): refused at once.
+        let start = tokio::time::Instant::now();
+        let stale = now() - 4 * TWIN_QUEUE_WAIT;
+        assert!(hub.twin_slot(stale).await.is_none());
+        assert_eq!(start.elapsed(), std::time::Duration::ZERO);
+        assert_eq!(
+            hub.metrics
+                .twin_throttled
+                .load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
+        // A free turn serves even a stale request: the hub is not saturated.
+        held.pop();
+        assert!(hub.twin_slot(stale).await.is_some());
+    }
 }

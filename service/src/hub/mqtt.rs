@@ -13,8 +13,8 @@ use super::auth::{self, DeviceAuthFailure};
 use super::methods::MethodResponse;
 use super::{Hub, HubMetrics};
 use crate::mqtt::{
-    Accepted, Application, BoxFuture, CloseReason, ConnectRequest, Outbound, PublishVerdict, QoS,
-    Refusal, Session, SubscribeVerdict,
+    Accepted, Application, BoxFuture, CloseReason, ConnectRequest, Inbound, Outbound,
+    PublishVerdict, QoS, Refusal, Session, SubscribeVerdict,
 };
 use crate::telemetry::NewMessage;
 
@@ -325,12 +325,17 @@ impl HubSession {
         }
     }
 
-    async fn twin_request(&self, topic: &str, payload: Bytes) -> PublishVerdict {
+    async fn twin_request(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        read_at: std::time::Instant,
+    ) -> PublishVerdict {
         let Some(rid) = rid_of(topic) else {
             tracing::info!(device_id = %self.device_id, topic, "twin request without $rid ignored");
             return PublishVerdict::Ack;
         };
-        let Some(_turn) = self.hub.twin_slot().await else {
+        let Some(_turn) = self.hub.twin_slot(read_at).await else {
             self.respond_twin(429, &rid, "", refusal_body(THROTTLED));
             return PublishVerdict::Ack;
         };
@@ -458,13 +463,13 @@ impl Session for HubSession {
         }
     }
 
-    fn publish(
-        &self,
-        topic: String,
-        payload: Bytes,
-        _qos: QoS,
-        _dup: bool,
-    ) -> BoxFuture<'_, PublishVerdict> {
+    fn publish(&self, message: Inbound) -> BoxFuture<'_, PublishVerdict> {
+        let Inbound {
+            topic,
+            payload,
+            read_at,
+            ..
+        } = message;
         Box::pin(async move {
             let now = crate::time::now_unix();
             if self.touched.swap(now, std::sync::atomic::Ordering::Relaxed) != now {
@@ -473,7 +478,7 @@ impl Session for HubSession {
             if topic.starts_with("devices/") {
                 self.telemetry(&topic, payload).await
             } else if topic.starts_with("$iothub/twin/") {
-                self.twin_request(&topic, payload).await
+                self.twin_request(&topic, payload, read_at).await
             } else if topic.starts_with("$iothub/methods/res/") {
                 self.method_response(&topic, payload)
             } else {

@@ -38,8 +38,8 @@ use super::engine::{Engine, MqttLimits};
 use super::outbound::{Message, Outbound, Shared};
 use super::sessions;
 use super::{
-    Accepted, CloseReason, ConnectRequest, PublishVerdict, QoS, Refusal, Session, SubscribeVerdict,
-    topic,
+    Accepted, CloseReason, ConnectRequest, Inbound, PublishVerdict, QoS, Refusal, Session,
+    SubscribeVerdict, topic,
 };
 
 type Tls = SslStream<TcpStream>;
@@ -439,7 +439,8 @@ enum Control {
 
 /// For the worker.
 enum Work {
-    Publish(codec::Publish),
+    /// With the moment it was read.
+    Publish(codec::Publish, std::time::Instant),
     Subscribe(codec::Subscribe),
     Unsubscribe(codec::Unsubscribe),
 }
@@ -500,9 +501,13 @@ async fn read_loop(
                     tracing::info!(topic = %publish.topic, "PUBLISH to an invalid topic name; closing");
                     return CloseReason::ProtocolError("invalid topic name".into());
                 }
-                until(deadline, work.send(Box::new(Work::Publish(publish))))
-                    .await
-                    .map(|r| r.is_ok())
+                let read_at = std::time::Instant::now();
+                until(
+                    deadline,
+                    work.send(Box::new(Work::Publish(publish, read_at))),
+                )
+                .await
+                .map(|r| r.is_ok())
             }
             ClientPacket::Subscribe(subscribe) => {
                 until(deadline, work.send(Box::new(Work::Subscribe(subscribe))))
@@ -550,16 +555,21 @@ impl Worker<'_> {
     ) -> Option<CloseReason> {
         while let Some(item) = work.recv().await {
             let reply = match *item {
-                Work::Publish(publish) => {
+                Work::Publish(publish, read_at) => {
                     let (qos, pkid) = (publish.qos, publish.pkid);
-                    let wire_qos = if qos == 0 {
-                        QoS::AtMostOnce
-                    } else {
-                        QoS::AtLeastOnce
-                    };
                     let verdict = self
                         .session
-                        .publish(publish.topic, publish.payload, wire_qos, publish.dup)
+                        .publish(Inbound {
+                            topic: publish.topic,
+                            payload: publish.payload,
+                            qos: if qos == 0 {
+                                QoS::AtMostOnce
+                            } else {
+                                QoS::AtLeastOnce
+                            },
+                            dup: publish.dup,
+                            read_at,
+                        })
                         .await;
                     match verdict {
                         PublishVerdict::Ack => (qos == 1).then_some(ServerPacket::PubAck(pkid)),

@@ -30,6 +30,19 @@ mod workers;
 #[cfg(test)]
 mod tests;
 
+/// An inbound PUBLISH, as the application gets it.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: QoS,
+    pub dup: bool,
+    /// When the engine read the packet. A connection's packets reach the application one at a
+    /// time and in order, so the time since is how long this one waited behind earlier ones:
+    /// an application that sheds load can answer a stale request at once.
+    pub read_at: std::time::Instant,
+}
+
 /// A boxed future, so applications can be trait objects.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -139,13 +152,7 @@ pub trait Session: Send + Sync + 'static {
     /// Whether this filter may be subscribed (with the QoS to grant).
     fn subscribe(&self, filter: &str, requested: QoS) -> SubscribeVerdict;
     /// An inbound PUBLISH. For QoS 1 the PUBACK waits for the returned future.
-    fn publish(
-        &self,
-        topic: String,
-        payload: Bytes,
-        qos: QoS,
-        dup: bool,
-    ) -> BoxFuture<'_, PublishVerdict>;
+    fn publish(&self, message: Inbound) -> BoxFuture<'_, PublishVerdict>;
     /// The connection ended. Called exactly once, after which `Outbound` sends fail.
     fn closed(&self, reason: CloseReason);
 }

@@ -200,13 +200,14 @@ impl Session for TestSession {
         }
     }
 
-    fn publish(
-        &self,
-        topic: String,
-        payload: Bytes,
-        qos: QoS,
-        dup: bool,
-    ) -> BoxFuture<'_, PublishVerdict> {
+    fn publish(&self, message: Inbound) -> BoxFuture<'_, PublishVerdict> {
+        let Inbound {
+            topic,
+            payload,
+            qos,
+            dup,
+            ..
+        } = message;
         Box::pin(async move {
             if topic == "kick" {
                 return PublishVerdict::Disconnect;
