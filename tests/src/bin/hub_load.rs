@@ -60,7 +60,10 @@ struct Args {
     /// creation. For comparing the hub's durable ingest with a broker's QoS 1.
     #[arg(long, conflicts_with_all = ["hub_connection_string", "ca_file", "delete_devices"])]
     broker: Option<String>,
-    /// MQTT address to dial. Default: the HostName without its port.
+    /// MQTT addresses to dial, comma-separated; each device dials one of them, chosen by its
+    /// id. Default: the HostName without its port. One source and destination address pair
+    /// has about 28,000 ephemeral ports: against a server listening on 0.0.0.0, several
+    /// loopback addresses (127.0.0.2,127.0.0.3,…) carry 100,000 connections.
     #[arg(long)]
     mqtt_host: Option<String>,
     #[arg(long, default_value_t = 8883)]
@@ -223,10 +226,22 @@ async fn ensure_devices(
 
 // ----- MQTT devices ------------------------------------------------------------------------
 
+impl Plan {
+    /// The MQTT address device `id` dials: one of `mqtt_hosts`, by an FNV-1a hash of the id.
+    fn mqtt_host_for(&self, id: &str) -> String {
+        let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        let index = usize::try_from(hash % self.mqtt_hosts.len() as u64).unwrap_or(0);
+        self.mqtt_hosts[index].clone()
+    }
+}
+
 /// Settings every device task shares.
 struct Plan {
     hub_host: String,
-    mqtt_host: String,
+    /// Never empty.
+    mqtt_hosts: Vec<String>,
     mqtt_port: u16,
     /// None: plain TCP without credentials (`--broker`).
     connector: Option<native_tls::TlsConnector>,
@@ -280,7 +295,7 @@ fn mqtt_options(
             .map_err(|_| "sign:bad_key".to_string())?,
         None => String::new(),
     };
-    let mut options = MqttOptions::new(id, plan.mqtt_host.clone(), plan.mqtt_port);
+    let mut options = MqttOptions::new(id, plan.mqtt_host_for(id), plan.mqtt_port);
     options
         .set_keep_alive(Duration::from_secs(60))
         .set_clean_session(clean_session);
@@ -639,7 +654,9 @@ async fn run(args: Args) -> anyhow::Result<Value> {
                     .clone()
                     .unwrap_or_else(|| host_without_port(&hub.host).to_string());
                 require_loopback(host_without_port(&hub.host), TOOL)?;
-                require_loopback(&mqtt_host, TOOL)?;
+                for host in mqtt_host.split(',') {
+                    require_loopback(host, TOOL)?;
+                }
                 let ca_pem = std::fs::read(ca_file)
                     .with_context(|| format!("reading {}", ca_file.display()))?;
                 let http = https_client(&ca_pem)?;
@@ -689,7 +706,7 @@ async fn run(args: Args) -> anyhow::Result<Value> {
 
     let plan = Arc::new(Plan {
         hub_host: hub.as_ref().map(|h| h.0.clone()).unwrap_or_default(),
-        mqtt_host,
+        mqtt_hosts: mqtt_host.split(',').map(str::to_owned).collect(),
         mqtt_port,
         connector: tls,
         rate: args.rate,
