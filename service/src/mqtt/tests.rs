@@ -99,6 +99,17 @@ impl Recorder {
         self.outbounds.lock().unwrap()[client_id].clone()
     }
 
+    /// Every connection the application accepted, in order.
+    fn connections(&self) -> Vec<u64> {
+        self.events()
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Connected { connection, .. } => Some(connection),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn closed_reason(&self, connection: u64) -> Option<CloseReason> {
         self.events().into_iter().find_map(|e| match e {
             Event::Closed {
@@ -1202,12 +1213,8 @@ async fn takeover_races_across_workers_leave_one_connection_and_the_session() {
     let survivor = loop {
         let connected: Vec<u64> = h
             .recorder
-            .events()
-            .iter()
-            .filter_map(|e| match e {
-                Event::Connected { connection, .. } => Some(*connection),
-                _ => None,
-            })
+            .connections()
+            .into_iter()
             .filter(|c| h.recorder.closed_reason(*c).is_none())
             .collect();
         if connected.len() == 1 {
@@ -1216,15 +1223,7 @@ async fn takeover_races_across_workers_leave_one_connection_and_the_session() {
         assert!(Instant::now() < deadline, "still open: {connected:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let connections: Vec<u64> = h
-        .recorder
-        .events()
-        .iter()
-        .filter_map(|e| match e {
-            Event::Connected { connection, .. } => Some(*connection),
-            _ => None,
-        })
-        .collect();
+    let connections = h.recorder.connections();
     assert_eq!(connections.len(), RACERS + 1);
     for connection in connections.iter().filter(|c| **c != survivor) {
         assert_eq!(
