@@ -108,10 +108,25 @@ pub fn bootstrap(settings: &Settings, store: &dyn DocumentStore) -> anyhow::Resu
     crate::hub::auth::ensure_policies(store).context("creating the hub policies")?;
 
     let kek = settings.ca_kek()?;
-    let ca = match &settings.ca.pkcs11 {
-        Some(p11) => load_ca_with_token_key(&paths, p11, kek.as_ref())?,
-        None => load_or_create_ca(&paths, &id_scope, kek.as_ref())?,
+    let replica = settings.cluster.enabled();
+    if replica && kek.is_none() {
+        bail!(
+            "replica mode (cluster.nats_url) keeps the CA keys in the shared database, sealed: \
+             set the same key-encryption key on every replica (ca.kek_file or {CA_KEK_ENV})"
+        );
+    }
+    // A replica's empty data dir takes the shared CA; otherwise this start creates one.
+    let restored =
+        replica && !paths.intermediate_cert.exists() && crate::shared_ca::restore(store, &paths)?;
+    let created = !restored && !paths.intermediate_cert.exists();
+    let load = || match &settings.ca.pkcs11 {
+        Some(p11) => load_ca_with_token_key(&paths, p11, kek.as_ref()),
+        None => load_or_create_ca(&paths, &id_scope, kek.as_ref()),
     };
+    let mut ca = load()?;
+    if replica && crate::shared_ca::publish(store, &paths, created)? {
+        ca = load()?;
+    }
     write_public(&paths.ca_bundle, &ca.trust_bundle_pem())?;
     ensure_server_certificate(&paths, &ca, &settings.service.hostnames)?;
 

@@ -29,6 +29,59 @@ pub struct Settings {
     pub mqtt: MqttSettings,
     pub log: Log,
     pub ca: CaSettings,
+    pub cluster: ClusterSettings,
+}
+
+/// Replica mode (docs/deployment.md, "Replicas"): several processes share one PostgreSQL
+/// database and reach each other through NATS, so any replica serves any device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSettings {
+    /// NATS servers (`nats://host:port`), a list or one string with commas; any set turns
+    /// replica mode on. Empty (the default): a single process, no NATS.
+    #[serde(deserialize_with = "one_or_many")]
+    pub nats_url: Vec<String>,
+    /// The first token of every subject this hub's replicas use; hubs sharing a NATS system
+    /// need different prefixes.
+    pub subject_prefix: String,
+    /// This replica's name in logs, `/healthz` and metrics. Unset: `{host name}-{pid}`.
+    pub replica: Option<String>,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        ClusterSettings {
+            nats_url: Vec::new(),
+            subject_prefix: "zerotouch".into(),
+            replica: None,
+        }
+    }
+}
+
+impl ClusterSettings {
+    pub fn enabled(&self) -> bool {
+        !self.nats_url.is_empty()
+    }
+}
+
+/// A list of strings, or one string of comma-separated items (as an environment variable
+/// gives it).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    let items = match OneOrMany::deserialize(d)? {
+        OneOrMany::One(text) => text.split(',').map(String::from).collect(),
+        OneOrMany::Many(items) => items,
+    };
+    Ok(items
+        .into_iter()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect())
 }
 
 /// The environment variable that may hold the CA key-encryption key (base64), instead of
@@ -507,6 +560,7 @@ impl Settings {
                 "mqtt.workers must be between 0 (one per core) and {MAX_MQTT_WORKERS}"
             )));
         }
+        self.validate_cluster()?;
         if self.database.url.is_some() && self.database.url_file.is_some() {
             return Err(ConfigError::Invalid(
                 "database.url and database.url_file are mutually exclusive".into(),
@@ -519,6 +573,50 @@ impl Settings {
         {
             return Err(ConfigError::Invalid(
                 "database.url must start with sqlite://, postgres:// or postgresql://".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let cluster = &self.cluster;
+        if !cluster.enabled() {
+            return Ok(());
+        }
+        for url in &cluster.nats_url {
+            let ok = ["nats://", "tls://"].iter().any(|p| url.starts_with(p));
+            if !ok {
+                return Err(ConfigError::Invalid(format!(
+                    "cluster.nats_url {url:?} must start with nats:// or tls://"
+                )));
+            }
+        }
+        let token_ok = |t: &str| {
+            !t.is_empty()
+                && t.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        };
+        if !cluster.subject_prefix.split('.').all(token_ok) {
+            return Err(ConfigError::Invalid(
+                "cluster.subject_prefix must be dot-separated tokens of letters, digits, - and _"
+                    .into(),
+            ));
+        }
+        if let Some(name) = &cluster.replica
+            && !token_ok(name)
+        {
+            return Err(ConfigError::Invalid(
+                "cluster.replica must be letters, digits, - and _".into(),
+            ));
+        }
+        let postgres =
+            self.database.url_file.is_some()
+                || self.database.url.as_deref().is_some_and(|u| {
+                    u.starts_with("postgres://") || u.starts_with("postgresql://")
+                });
+        if !postgres {
+            return Err(ConfigError::Invalid(
+                "replica mode (cluster.nats_url) needs a shared PostgreSQL database.url".into(),
             ));
         }
         Ok(())
@@ -697,6 +795,45 @@ mod tests {
         let settings = Settings::from_toml(&text).unwrap();
         assert_eq!(settings.listen.mqtt.port(), 8883);
         assert!(!settings.service.hostnames.is_empty());
+    }
+
+    #[test]
+    fn replica_mode_takes_nats_urls_as_a_list_or_a_string_and_needs_postgres() {
+        let settings = Settings::from_toml(
+            "[database]\nurl = \"postgres://db/zt\"\n[cluster]\nnats_url = \"nats://a:4222, nats://b:4222\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            settings.cluster.nats_url,
+            ["nats://a:4222", "nats://b:4222"]
+        );
+        assert!(settings.cluster.enabled());
+        let listed = Settings::from_toml(
+            "[database]\nurl = \"postgres://db/zt\"\n[cluster]\nnats_url = [\"nats://a:4222\"]\n",
+        )
+        .unwrap();
+        assert_eq!(listed.cluster.nats_url, ["nats://a:4222"]);
+        assert!(!Settings::default().cluster.enabled());
+
+        let cases = [
+            ("[cluster]\nnats_url = \"nats://a:4222\"\n", "PostgreSQL"),
+            (
+                "[database]\nurl = \"postgres://db/zt\"\n[cluster]\nnats_url = \"http://a\"\n",
+                "nats://",
+            ),
+            (
+                "[database]\nurl = \"postgres://db/zt\"\n[cluster]\nnats_url = \"nats://a\"\nsubject_prefix = \"a.*\"\n",
+                "subject_prefix",
+            ),
+            (
+                "[database]\nurl = \"postgres://db/zt\"\n[cluster]\nnats_url = \"nats://a\"\nreplica = \"a.b\"\n",
+                "cluster.replica",
+            ),
+        ];
+        for (text, needle) in cases {
+            let error = Settings::from_toml(text).unwrap_err().to_string();
+            assert!(error.contains(needle), "{text}: {error}");
+        }
     }
 
     #[test]

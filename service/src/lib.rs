@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod bootstrap;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod db;
 pub mod dps;
@@ -20,6 +21,7 @@ pub mod logging;
 pub mod mqtt;
 pub mod pki;
 pub mod server;
+pub mod shared_ca;
 pub mod telemetry;
 pub mod time;
 pub mod tls;

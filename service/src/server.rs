@@ -41,7 +41,8 @@ pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev:
     let data_dir_lock = Arc::new(crate::lock::DataDirLock::acquire(
         &settings.service.data_dir,
     )?);
-    let hub_lock = if settings.service.role.runs_hub() {
+    // Replicas share the database on purpose (`cluster`); a lone hub locks it.
+    let hub_lock = if settings.service.role.runs_hub() && !settings.cluster.enabled() {
         let url = settings.database_url()?;
         let timeout = db::Options::default().connection_timeout;
         web::block(move || db::HubLock::acquire(&url, timeout))
@@ -126,6 +127,14 @@ pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev:
         .context("starting the PKI")?,
     );
     if let Some(hub) = &hub {
+        if settings.cluster.enabled() {
+            let cluster = crate::cluster::Cluster::connect(&settings.cluster).await?;
+            tracing::info!(
+                replica = cluster.replica(),
+                "replica mode: joined the other replicas through NATS"
+            );
+            hub.join_replicas(Arc::new(cluster)).await?;
+        }
         let hub = hub.clone();
         pki.subscribe(Arc::new(move |serial| hub.certificate_revoked(serial)));
     }

@@ -80,10 +80,33 @@ impl Node {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Node {
+        Node::start_named(wrapper, ip, &[], role, config, args, env)
+    }
+
+    /// A replica: [`Node::start_under`] with names besides its address in
+    /// `service.hostnames` (the hub name the replicas share).
+    pub fn start_replica(ip: &str, names: &[&str], config: &str, env: &[(&str, &str)]) -> Node {
+        Node::start_named(&[], ip, names, "all", config, &[], env)
+    }
+
+    fn start_named(
+        wrapper: &[&str],
+        ip: &str,
+        names: &[&str],
+        role: &str,
+        config: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Node {
         let dir = tempfile::tempdir().expect("tempdir");
+        let hostnames: Vec<String> = std::iter::once(ip)
+            .chain(names.iter().copied())
+            .map(|h| format!("\"{h}\""))
+            .collect();
         let text = format!(
             "[listen]\nhttps = \"{ip}:{HTTPS_PORT}\"\nmqtt = \"{ip}:8883\"\n\n\
-             [service]\nhostnames = [\"{ip}\"]\ndata_dir = \"{}\"\nrole = \"{role}\"\n\n{config}\n",
+             [service]\nhostnames = [{}]\ndata_dir = \"{}\"\nrole = \"{role}\"\n\n{config}\n",
+            hostnames.join(", "),
             dir.path().join("data").display()
         );
         std::fs::write(dir.path().join("zerotouch.toml"), text).expect("config");
@@ -282,6 +305,14 @@ impl Api {
             key_name: cs.policy,
             key: cs.key,
         }
+    }
+
+    /// The same API reached at `base` (`https://host:port`), for a connection string whose
+    /// host names several replicas.
+    pub fn at(connection_string: &str, ca_bundle: &Path, base: &str) -> Api {
+        let mut api = Api::new(connection_string, ca_bundle);
+        api.base = base.trim_end_matches('/').to_string();
+        api
     }
 
     pub fn request(&self, method: Method, path: &str, api_version: &str) -> RequestBuilder {

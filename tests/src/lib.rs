@@ -20,6 +20,8 @@ pub mod disk;
 pub mod load;
 /// A blocking MQTT device (hub and DPS topics) for tests.
 pub mod mqtt;
+/// Private NATS servers and clusters for the replica tests.
+pub mod nats;
 /// swtpm + tpm2-tools for the TPM tests, and the device script `tpm/device.sh`.
 pub mod swtpm;
 

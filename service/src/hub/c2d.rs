@@ -406,8 +406,15 @@ impl Hub {
         Ok(message_id)
     }
 
-    /// Delivers over MQTT in the background, if the device is connected and subscribed.
+    /// Delivers over MQTT in the background, if the device is connected (to this replica or,
+    /// in replica mode, to another) and subscribed.
     pub fn start_c2d_delivery(self: &Arc<Self>, device_id: &str) {
+        if self.outbound(device_id).is_none()
+            && let Some(cluster) = self.cluster()
+        {
+            cluster.tell_soon(device_id, crate::cluster::Order::C2d, Default::default());
+            return;
+        }
         let hub = self.clone();
         let device = device_id.to_string();
         tokio::spawn(async move { hub.deliver_c2d(&device).await });
@@ -458,6 +465,14 @@ impl Hub {
                     .await;
             if let Err(e) = &settled {
                 tracing::warn!(device_id, "settling a delivered C2D message failed: {e}");
+            }
+            if !delivered
+                && settled.is_ok()
+                && let Some(cluster) = self.cluster()
+            {
+                // The connection went away with the message, which is available again: a newer
+                // connection on another replica may already be waiting for it.
+                cluster.tell_soon(device_id, crate::cluster::Order::C2d, Default::default());
             }
             if !delivered || settled.is_err() {
                 return;

@@ -10,7 +10,10 @@ use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::oneshot;
 
+use bytes::Bytes;
+
 use super::error::{HubError, HubErrorCode};
+use super::replicas::{MethodCall, MethodOutcome};
 use super::{Hub, HubMetrics};
 use crate::mqtt::QoS;
 
@@ -122,38 +125,71 @@ impl Hub {
             ));
         }
         self.require_device(device_id).await?;
-        let topic_probe = format!("{METHODS_TOPIC}{}/?$rid=0", request.method_name);
+        let call = MethodCall {
+            method_name: request.method_name,
+            body: String::from_utf8(body).unwrap_or_default(),
+            response_timeout_in_seconds: response_timeout,
+        };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(connect_timeout);
-        let outbound = loop {
-            match self.outbound(device_id) {
-                Some(o) if o.is_subscribed(&topic_probe) => break o,
-                _ if tokio::time::Instant::now() >= deadline => {
-                    return Err(HubError::new(
-                        HubErrorCode::DeviceNotOnline,
-                        format!("device {device_id} is not connected or not listening for methods"),
-                    ));
+        let outcome = loop {
+            // A connection of this replica, else (replica mode) the replica holding one.
+            let outcome = match self.call_local(device_id, &call).await {
+                MethodOutcome::NotListening => match self.remote_method(device_id, &call).await {
+                    None => MethodOutcome::NotListening,
+                    Some(Ok(outcome)) => outcome,
+                    Some(Err(e)) => {
+                        return Err(HubError::new(
+                            HubErrorCode::GatewayTimeout,
+                            format!("the replica holding device {device_id} failed: {e}"),
+                        ));
+                    }
+                },
+                outcome => outcome,
+            };
+            match outcome {
+                MethodOutcome::NotListening if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
                 }
-                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+                outcome => break outcome,
             }
+        };
+        match outcome {
+            MethodOutcome::Answered { status, payload } => Ok(MethodResponse { status, payload }),
+            MethodOutcome::NotListening => Err(HubError::new(
+                HubErrorCode::DeviceNotOnline,
+                format!("device {device_id} is not connected or not listening for methods"),
+            )),
+            MethodOutcome::TimedOut => Err(HubError::new(
+                HubErrorCode::GatewayTimeout,
+                format!(
+                    "device {device_id} did not answer within {} s",
+                    call.response_timeout_in_seconds
+                ),
+            )),
+        }
+    }
+
+    /// Calls the method on this replica's connection of the device and waits for the answer.
+    pub(super) async fn call_local(&self, device_id: &str, call: &MethodCall) -> MethodOutcome {
+        let topic_probe = format!("{METHODS_TOPIC}{}/?$rid=0", call.method_name);
+        let outbound = match self.outbound(device_id) {
+            Some(o) if o.is_subscribed(&topic_probe) => o,
+            _ => return MethodOutcome::NotListening,
         };
         HubMetrics::count(&self.metrics.method_calls, 1);
         let (rid, answer) = self.methods.register(device_id);
-        let topic = format!("{METHODS_TOPIC}{}/?$rid={rid}", request.method_name);
-        if outbound.send(topic, body.into(), QoS::AtMostOnce).is_err() {
+        let topic = format!("{METHODS_TOPIC}{}/?$rid={rid}", call.method_name);
+        let body = Bytes::from(call.body.clone().into_bytes());
+        if outbound.send(topic, body, QoS::AtMostOnce).is_err() {
             self.methods.forget(&rid);
-            return Err(HubError::new(
-                HubErrorCode::DeviceNotOnline,
-                format!("device {device_id} disconnected"),
-            ));
+            return MethodOutcome::NotListening;
         }
-        match tokio::time::timeout(Duration::from_secs(response_timeout), answer).await {
-            Ok(Ok(response)) => Ok(response),
+        let wait = Duration::from_secs(call.response_timeout_in_seconds);
+        match tokio::time::timeout(wait, answer).await {
+            Ok(Ok(response)) => MethodOutcome::from_response(response),
             Ok(Err(_)) | Err(_) => {
                 self.methods.forget(&rid);
-                Err(HubError::new(
-                    HubErrorCode::GatewayTimeout,
-                    format!("device {device_id} did not answer within {response_timeout} s"),
-                ))
+                MethodOutcome::TimedOut
             }
         }
     }

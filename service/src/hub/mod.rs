@@ -14,6 +14,7 @@ pub mod error;
 pub mod join;
 pub mod methods;
 pub mod mqtt;
+pub mod replicas;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -35,6 +36,10 @@ pub const DESIRED_FILTER_TOPIC: &str = "$iothub/twin/PATCH/properties/desired/";
 struct Live {
     outbound: Outbound,
     since: String,
+    /// Its place in the order of takeovers across replicas.
+    stamp: replicas::Stamp,
+    /// In replica mode, the task that serves the device's orders from other replicas.
+    orders: Option<Arc<replicas::Listener>>,
 }
 
 #[derive(Default)]
@@ -63,6 +68,8 @@ pub struct Hub {
     pub certificates: crate::pki::live::LiveCertificates,
     /// Device twin requests (MQTT) being served; see [`Hub::twin_slot`].
     twin_slots: tokio::sync::Semaphore,
+    /// Replica mode: the other replicas, through NATS (`hub::replicas`).
+    cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
 }
 
 /// Device twin requests served at once. Beyond this, a request waits at most
@@ -133,6 +140,7 @@ impl Hub {
             c2d: c2d::Deliveries::default(),
             metrics: HubMetrics::default(),
             twin_slots: tokio::sync::Semaphore::new(TWIN_CONCURRENCY),
+            cluster: std::sync::OnceLock::new(),
         }
     }
 
@@ -184,9 +192,18 @@ impl Hub {
     // ----- connections --------------------------------------------------------------------
 
     /// Records a device's live connection (the MQTT engine has already taken over any older
-    /// one of the same device).
-    pub fn connected(&self, device_id: &str, outbound: Outbound) {
+    /// one of the same device on this replica; in replica mode, an older one elsewhere is
+    /// told to close).
+    pub fn connected(self: &Arc<Self>, device_id: &str, outbound: Outbound) {
+        let connection = outbound.connection_id();
+        self.record_connection(device_id, outbound);
+        self.listen_for_orders(device_id, connection);
+    }
+
+    fn record_connection(&self, device_id: &str, outbound: Outbound) {
         let now = crate::time::now_rfc3339();
+        let replica = self.cluster().map_or("", |c| c.replica());
+        let stamp = replicas::Stamp::now(replica);
         let mut activity = lock(&self.activity);
         activity
             .state_updated
@@ -199,6 +216,8 @@ impl Hub {
             Live {
                 outbound,
                 since: now,
+                stamp,
+                orders: None,
             },
         );
     }
@@ -233,8 +252,16 @@ impl Hub {
     }
 
     /// Closes every live connection that authenticated with the revoked certificate `serial`
-    /// (hex); `Pki` calls this for each certificate it revokes.
+    /// (hex), on every replica; `Pki` calls this for each certificate it revokes.
     pub fn certificate_revoked(&self, serial: &str) {
+        self.close_revoked(serial);
+        if let Some(cluster) = self.cluster() {
+            cluster.announce_revocation(serial);
+        }
+    }
+
+    /// The connections of this replica that authenticated with `serial`.
+    fn close_revoked(&self, serial: &str) {
         let closed = self.certificates.close(serial);
         if closed > 0 {
             tracing::info!(
@@ -249,16 +276,44 @@ impl Hub {
         lock(&self.activity).live.len()
     }
 
+    /// Closes the device's connection, wherever it is (new credentials, disabled, deleted).
     fn close_connection(&self, device_id: &str) {
         if let Some(outbound) = self.outbound(device_id) {
             outbound.close();
         }
+        if let Some(cluster) = self.cluster() {
+            cluster.tell_soon(device_id, crate::cluster::Order::Close, Default::default());
+        }
+    }
+
+    /// The state of a connection this replica holds, for another replica's registry.
+    fn local_state(&self, device_id: &str) -> Option<replicas::RemoteState> {
+        let activity = lock(&self.activity);
+        let live = activity.live.get(device_id)?;
+        Some(replicas::RemoteState {
+            since: live.since.clone(),
+            last_activity: activity.last_activity.get(device_id).cloned(),
+        })
     }
 
     async fn connection_view(&self, device_id: &str) -> ConnectionView {
         let c2d_pending = c2d::pending_count(&self.store, device_id)
             .await
             .unwrap_or(0);
+        if self.outbound(device_id).is_none()
+            && let Some(remote) = self.remote_state(device_id).await
+        {
+            let activity = lock(&self.activity);
+            return ConnectionView {
+                connected: true,
+                state_updated_time: remote.since,
+                last_activity_time: remote
+                    .last_activity
+                    .or_else(|| activity.last_activity.get(device_id).cloned())
+                    .unwrap_or_else(|| NEVER.to_string()),
+                c2d_pending,
+            };
+        }
         let activity = lock(&self.activity);
         let live = activity.live.get(device_id);
         ConnectionView {
@@ -521,9 +576,19 @@ impl Hub {
         Ok(self.twin_service_view(&device, &device_etag, &twin).await)
     }
 
-    /// Pushes a desired-properties patch to the device if it is connected and subscribed.
-    /// Offline devices catch up with a twin GET (hub-protocol §2.4).
+    /// Pushes a desired-properties patch to the device if it is connected (to this replica or
+    /// another) and subscribed. Offline devices catch up with a twin GET (hub-protocol §2.4).
     pub fn notify_desired(&self, device_id: &str, patch: &Value) {
+        if self.outbound(device_id).is_some() {
+            self.notify_desired_local(device_id, patch);
+        } else if let Some(cluster) = self.cluster() {
+            let order = crate::cluster::Order::Desired;
+            cluster.tell_soon(device_id, order, patch.to_string().into());
+        }
+    }
+
+    /// The same for a connection of this replica.
+    fn notify_desired_local(&self, device_id: &str, patch: &Value) {
         let Some(outbound) = self.outbound(device_id) else {
             return;
         };

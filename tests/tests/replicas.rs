@@ -1,0 +1,261 @@
+//! Replica mode (`[cluster]`): several `zerotouch` processes on one PostgreSQL database,
+//! reaching each other through a private NATS server. A device connected to one replica is
+//! reached through another: methods, C2D, desired patches, disconnect orders and takeover.
+
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use zerotouch_attestation::symmetric_key;
+use zerotouch_tests::cluster::{Api, HTTPS_PORT, Node, address, address_block};
+use zerotouch_tests::mqtt::{self, Device, Login};
+use zerotouch_tests::nats::NatsServer;
+use zerotouch_tests::{TempPostgres, send};
+
+const HUB_API: &str = "2021-04-12";
+/// The hub name the replicas share (`hub.hostname`); devices and services sign for it and
+/// dial a replica's own address.
+const HUB: &str = "hub.replicas.test";
+
+struct Replicas {
+    nodes: Vec<Node>,
+    hub_connection_string: String,
+    _nats: NatsServer,
+    _kek: tempfile::TempDir,
+    // Dropped last: the replicas stop before their database goes.
+    _pg: TempPostgres,
+}
+
+impl Replicas {
+    fn start(count: u8) -> Replicas {
+        let nats = NatsServer::start();
+        let pg = TempPostgres::create().expect("PostgreSQL is needed for the replica tests");
+        let kek = tempfile::tempdir().expect("tempdir");
+        let kek_file = kek.path().join("kek");
+        let key: [u8; 32] = rand::random();
+        std::fs::write(&kek_file, base64_of(&key)).expect("kek");
+        let block = address_block();
+        let nodes: Vec<Node> = (1..=count)
+            .map(|i| {
+                let config = format!(
+                    "[database]\nurl = \"{}\"\n\n[hub]\nhostname = \"{HUB}\"\n\n\
+                     [cluster]\nnats_url = \"{}\"\nreplica = \"r{i}\"\n\n\
+                     [ca]\nkek_file = \"{}\"\n",
+                    pg.url,
+                    nats.url(),
+                    kek_file.display()
+                );
+                Node::start_replica(&address(block, i), &[HUB], &config, &[])
+            })
+            .collect();
+        let credentials = nodes[0].credentials();
+        let hub_connection_string = credentials["hubConnectionString"]
+            .as_str()
+            .expect("hub connection string")
+            .to_string();
+        Replicas {
+            nodes,
+            hub_connection_string,
+            _nats: nats,
+            _kek: kek,
+            _pg: pg,
+        }
+    }
+
+    /// The hub service API of replica `i` (0-based).
+    fn api(&self, i: usize) -> Api {
+        let node = &self.nodes[i];
+        Api::at(
+            &self.hub_connection_string,
+            &node.ca_bundle(),
+            &format!("https://{}:{HTTPS_PORT}", node.ip),
+        )
+    }
+
+    /// Creates a symmetric-key device through replica `i`; returns its primary key and etag.
+    fn create_device(&self, i: usize, id: &str) -> (String, String) {
+        let (status, body, _) = send(
+            self.api(i)
+                .request(Method::PUT, &format!("/devices/{id}"), HUB_API)
+                .json(&json!({"deviceId": id})),
+        );
+        assert_eq!(status, 200, "{body}");
+        let key = body["authentication"]["symmetricKey"]["primaryKey"]
+            .as_str()
+            .expect("key");
+        (
+            key.to_string(),
+            body["etag"].as_str().expect("etag").to_string(),
+        )
+    }
+
+    /// Connects the device to replica `i` over MQTT, subscribed to methods, C2D and desired
+    /// patches.
+    fn connect(&self, i: usize, id: &str, key: &str) -> Device {
+        let node = &self.nodes[i];
+        let expiry = zerotouch_service::time::now_unix() + 3600;
+        let token =
+            symmetric_key::sign(&format!("{HUB}/devices/{id}"), key, expiry, None).expect("sign");
+        let username = format!("{HUB}/{id}/?api-version={HUB_API}");
+        let mut device = mqtt::connect_to(
+            &node.ip,
+            8883,
+            &node.ca_bundle(),
+            &Login {
+                client_id: id,
+                username: &username,
+                password: Some(&token),
+                identity: None,
+                clean_session: true,
+            },
+        )
+        .unwrap_or_else(|e| panic!("{id} on replica {i}: {e:?}\n{}", node.log_text()));
+        for filter in [
+            "$iothub/methods/POST/#",
+            &format!("devices/{id}/messages/devicebound/#"),
+            "$iothub/twin/PATCH/properties/desired/#",
+        ] {
+            device.subscribe(filter).expect("subscribe");
+        }
+        device
+    }
+}
+
+fn base64_of(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// Waits until the server closes the device's connection; panics after `limit`.
+fn assert_closed_within(device: &mut Device, limit: Duration, what: &str) {
+    let start = Instant::now();
+    loop {
+        match device.receive("never/") {
+            Err(e) if !e.starts_with("nothing on") => return,
+            _ if start.elapsed() > limit => panic!("{what}: still connected after {limit:?}"),
+            _ => {}
+        }
+    }
+}
+
+/// The registry's view of a device's connection, through replica `i`.
+fn connection_state(replicas: &Replicas, i: usize, id: &str) -> Value {
+    let (status, body, _) = send(replicas.api(i).request(
+        Method::GET,
+        &format!("/devices/{id}"),
+        HUB_API,
+    ));
+    assert_eq!(status, 200, "{body}");
+    body["connectionState"].clone()
+}
+
+#[test]
+fn a_device_on_one_replica_is_reached_through_another() {
+    let replicas = Replicas::start(3);
+    // One CA for all, restored from the database by the replicas that started empty.
+    let bundle = std::fs::read(replicas.nodes[0].ca_bundle()).expect("bundle");
+    for node in &replicas.nodes[1..] {
+        assert_eq!(std::fs::read(node.ca_bundle()).expect("bundle"), bundle);
+    }
+
+    let (key, etag) = replicas.create_device(0, "dev-b");
+    let mut device = replicas.connect(1, "dev-b", &key);
+    // Replica 1 holds the connection; replica 0 and 2 report it.
+    for i in [0, 2] {
+        assert_eq!(connection_state(&replicas, i, "dev-b"), "Connected");
+    }
+
+    // A direct method through replica 0, answered by the device on replica 1.
+    let call = {
+        let request = replicas
+            .api(0)
+            .request(Method::POST, "/twins/dev-b/methods", HUB_API)
+            .json(
+                &json!({"methodName": "ping", "responseTimeoutInSeconds": 10,
+                          "payload": {"n": 7}}),
+            );
+        std::thread::spawn(move || send(request))
+    };
+    let (topic, payload) = device
+        .receive("$iothub/methods/POST/ping/")
+        .expect("method");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&payload).unwrap(),
+        json!({"n": 7})
+    );
+    let rid = topic.rsplit("$rid=").next().expect("rid");
+    device
+        .publish(
+            &format!("$iothub/methods/res/201/?$rid={rid}"),
+            br#"{"pong":7}"#,
+        )
+        .expect("answer");
+    let (status, answer, _) = call.join().expect("call");
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer, json!({"status": 201, "payload": {"pong": 7}}));
+
+    // C2D through replica 2.
+    let (status, body, _) = send(
+        replicas
+            .api(2)
+            .request(Method::POST, "/devices/dev-b/messages/deviceBound", HUB_API)
+            .body("hello from r3"),
+    );
+    assert_eq!(status, 204, "{body}");
+    let (_, payload) = device
+        .receive("devices/dev-b/messages/devicebound/")
+        .expect("C2D");
+    assert_eq!(payload, b"hello from r3");
+
+    // A desired patch through replica 0.
+    let (status, body, _) = send(
+        replicas
+            .api(0)
+            .request(Method::PATCH, "/twins/dev-b", HUB_API)
+            .json(&json!({"properties": {"desired": {"fan": "on"}}})),
+    );
+    assert_eq!(status, 200, "{body}");
+    let (_, payload) = device
+        .receive("$iothub/twin/PATCH/properties/desired/")
+        .expect("desired patch");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&payload).unwrap()["fan"],
+        "on"
+    );
+
+    // The same device connects to replica 2: the connection on replica 1 is closed.
+    let mut newer = replicas.connect(2, "dev-b", &key);
+    assert_closed_within(&mut device, Duration::from_secs(5), "the older connection");
+    assert_eq!(connection_state(&replicas, 0, "dev-b"), "Connected");
+
+    // Disabled through replica 0: replica 2 drops it within a second.
+    let start = Instant::now();
+    let (status, body, _) = send(
+        replicas
+            .api(0)
+            .request(Method::PUT, "/devices/dev-b", HUB_API)
+            .header("If-Match", format!("\"{etag}\""))
+            .json(&json!({"status": "disabled"})),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_closed_within(&mut newer, Duration::from_secs(1), "a disabled device");
+    eprintln!("disabled device dropped after {:?}", start.elapsed());
+    assert_eq!(connection_state(&replicas, 1, "dev-b"), "Disconnected");
+}
+
+#[test]
+fn a_method_for_a_device_no_replica_holds_is_not_online() {
+    let replicas = Replicas::start(2);
+    replicas.create_device(0, "sleepy");
+    let (status, body, _) = send(
+        replicas
+            .api(1)
+            .request(Method::POST, "/twins/sleepy/methods", HUB_API)
+            .json(&json!({"methodName": "ping", "responseTimeoutInSeconds": 5})),
+    );
+    assert_eq!(
+        (status, body["errorCode"].as_u64()),
+        (404, Some(404_103)),
+        "{body}"
+    );
+}
