@@ -135,6 +135,47 @@ impl Cluster {
         })
     }
 
+    /// The bucket `{prefix}_{name}` (dots in the prefix become `_`), created if missing, with
+    /// entries kept for `max_age`.
+    pub async fn bucket(
+        &self,
+        name: &str,
+        max_age: Duration,
+        replicas: usize,
+    ) -> Result<Bucket, ClusterError> {
+        let bucket = format!("{}_{name}", self.prefix.replace('.', "_"));
+        let jetstream = async_nats::jetstream::new(self.client.clone());
+        if let Ok(store) = jetstream.get_key_value(bucket.as_str()).await {
+            return Ok(Bucket { store });
+        }
+        // The bucket's stream, made as the KV API makes it. Not through `create_key_value`:
+        // that first reads the account info in a shape NATS 2.9 does not send.
+        use async_nats::jetstream::stream;
+        let config = stream::Config {
+            name: format!("KV_{bucket}"),
+            subjects: vec![format!("$KV.{bucket}.>")],
+            max_messages_per_subject: 1,
+            max_age,
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            discard: stream::DiscardPolicy::New,
+            ..Default::default()
+        };
+        if let Err(e) = jetstream.get_or_create_stream(config).await {
+            return Err(ClusterError::Nats(format!(
+                "creating the bucket {bucket}: {e}"
+            )));
+        }
+        jetstream
+            .get_key_value(bucket.as_str())
+            .await
+            .map(|store| Bucket { store })
+            .map_err(|e| ClusterError::Nats(format!("opening the bucket {bucket}: {e}")))
+    }
+
     /// This replica's name.
     pub fn replica(&self) -> &str {
         &self.replica
@@ -254,6 +295,36 @@ impl Cluster {
             }
         });
         Ok(())
+    }
+}
+
+/// A JetStream key-value bucket shared by the replicas (keys are hex-encoded, so any text
+/// will do). Entries expire after the bucket's age limit.
+pub struct Bucket {
+    store: async_nats::jetstream::kv::Store,
+}
+
+impl Bucket {
+    pub async fn get(&self, key: &str) -> Result<Option<Bytes>, ClusterError> {
+        self.store
+            .get(hex::encode(key))
+            .await
+            .map_err(|e| ClusterError::Nats(e.to_string()))
+    }
+
+    pub async fn put(&self, key: &str, value: Bytes) -> Result<(), ClusterError> {
+        self.store
+            .put(hex::encode(key), value)
+            .await
+            .map(|_| ())
+            .map_err(|e| ClusterError::Nats(e.to_string()))
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<(), ClusterError> {
+        self.store
+            .delete(hex::encode(key))
+            .await
+            .map_err(|e| ClusterError::Nats(e.to_string()))
     }
 }
 

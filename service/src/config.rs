@@ -46,6 +46,9 @@ pub struct ClusterSettings {
     pub subject_prefix: String,
     /// This replica's name in logs, `/healthz` and metrics. Unset: `{host name}-{pid}`.
     pub replica: Option<String>,
+    /// How many NATS servers keep a copy of each JetStream stream and bucket (1 to 5; 3 in a
+    /// three-server cluster survives losing one).
+    pub stream_replicas: usize,
 }
 
 impl Default for ClusterSettings {
@@ -54,6 +57,7 @@ impl Default for ClusterSettings {
             nats_url: Vec::new(),
             subject_prefix: "zerotouch".into(),
             replica: None,
+            stream_replicas: 1,
         }
     }
 }
@@ -607,6 +611,11 @@ impl Settings {
         {
             return Err(ConfigError::Invalid(
                 "cluster.replica must be letters, digits, - and _".into(),
+            ));
+        }
+        if !(1..=5).contains(&cluster.stream_replicas) {
+            return Err(ConfigError::Invalid(
+                "cluster.stream_replicas must be between 1 and 5".into(),
             ));
         }
         let postgres =

@@ -126,14 +126,19 @@ pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev:
         )
         .context("starting the PKI")?,
     );
+    let cluster = if settings.cluster.enabled() {
+        let cluster = crate::cluster::Cluster::connect(&settings.cluster).await?;
+        tracing::info!(
+            replica = cluster.replica(),
+            "replica mode: joined the other replicas through NATS"
+        );
+        Some(Arc::new(cluster))
+    } else {
+        None
+    };
     if let Some(hub) = &hub {
-        if settings.cluster.enabled() {
-            let cluster = crate::cluster::Cluster::connect(&settings.cluster).await?;
-            tracing::info!(
-                replica = cluster.replica(),
-                "replica mode: joined the other replicas through NATS"
-            );
-            hub.join_replicas(Arc::new(cluster)).await?;
+        if let Some(cluster) = &cluster {
+            hub.join_replicas(cluster.clone()).await?;
         }
         let hub = hub.clone();
         pki.subscribe(Arc::new(move |serial| hub.certificate_revoked(serial)));
@@ -154,6 +159,11 @@ pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev:
     } else {
         None
     };
+    if let (Some(dps), Some(cluster)) = (&dps, &cluster) {
+        dps.join_replicas(cluster, settings.cluster.stream_replicas)
+            .await
+            .context("sharing registration state through NATS JetStream")?;
+    }
     if let Some(dps) = &dps {
         actix_web::rt::spawn(dps.clone().sweep_stale_identities_every(
             std::time::Duration::from_secs(settings.dps.hub_heartbeat_seconds),

@@ -182,6 +182,28 @@ impl Swtpm {
         self.device(&["sign", string_to_sign]).trim().to_string()
     }
 
+    /// A SAS token for `resource`, valid 10 minutes, whose signature is computed inside the
+    /// TPM with the imported key.
+    pub fn sas_token(&self, resource: &str, key_name: Option<&str>) -> String {
+        use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+        const ENCODE: &AsciiSet = &NON_ALPHANUMERIC
+            .remove(b'-')
+            .remove(b'.')
+            .remove(b'_')
+            .remove(b'~');
+        let sr = utf8_percent_encode(resource, ENCODE).to_string();
+        let se = zerotouch_service::time::now_unix() + 600;
+        let sig = self.device_sign(&format!("{sr}\n{se}"));
+        let mut token = format!(
+            "SharedAccessSignature sr={sr}&sig={}&se={se}",
+            utf8_percent_encode(sig.trim(), ENCODE)
+        );
+        if let Some(name) = key_name {
+            token.push_str(&format!("&skn={name}"));
+        }
+        token
+    }
+
     fn run(&self, command: Command) -> Vec<u8> {
         self.try_run(command).unwrap_or_else(|e| panic!("{e}"))
     }

@@ -10,9 +10,11 @@ use zerotouch_attestation::symmetric_key;
 use zerotouch_tests::cluster::{Api, HTTPS_PORT, Node, address, address_block};
 use zerotouch_tests::mqtt::{self, Device, Login};
 use zerotouch_tests::nats::NatsServer;
+use zerotouch_tests::swtpm::Swtpm;
 use zerotouch_tests::{TempPostgres, send};
 
 const HUB_API: &str = "2021-04-12";
+const DPS_API: &str = "2021-10-01";
 /// The hub name the replicas share (`hub.hostname`); devices and services sign for it and
 /// dial a replica's own address.
 const HUB: &str = "hub.replicas.test";
@@ -20,6 +22,8 @@ const HUB: &str = "hub.replicas.test";
 struct Replicas {
     nodes: Vec<Node>,
     hub_connection_string: String,
+    dps_connection_string: String,
+    id_scope: String,
     _nats: NatsServer,
     _kek: tempfile::TempDir,
     // Dropped last: the replicas stop before their database goes.
@@ -49,13 +53,12 @@ impl Replicas {
             })
             .collect();
         let credentials = nodes[0].credentials();
-        let hub_connection_string = credentials["hubConnectionString"]
-            .as_str()
-            .expect("hub connection string")
-            .to_string();
+        let text = |key: &str| credentials[key].as_str().expect(key).to_string();
         Replicas {
             nodes,
-            hub_connection_string,
+            hub_connection_string: text("hubConnectionString"),
+            dps_connection_string: text("dpsConnectionString"),
+            id_scope: text("idScope"),
             _nats: nats,
             _kek: kek,
             _pg: pg,
@@ -67,6 +70,16 @@ impl Replicas {
         let node = &self.nodes[i];
         Api::at(
             &self.hub_connection_string,
+            &node.ca_bundle(),
+            &format!("https://{}:{HTTPS_PORT}", node.ip),
+        )
+    }
+
+    /// The management API of replica `i`.
+    fn dps_api(&self, i: usize) -> Api {
+        let node = &self.nodes[i];
+        Api::at(
+            &self.dps_connection_string,
             &node.ca_bundle(),
             &format!("https://{}:{HTTPS_PORT}", node.ip),
         )
@@ -258,4 +271,91 @@ fn a_method_for_a_device_no_replica_holds_is_not_online() {
         (404, Some(404_103)),
         "{body}"
     );
+}
+
+/// `PUT /{idScope}/registrations/{id}/register` (or a poll) at replica `i`'s own address.
+fn device_request(
+    replicas: &Replicas,
+    i: usize,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+) -> reqwest::blocking::RequestBuilder {
+    let node = &replicas.nodes[i];
+    let client = zerotouch_tests::client_trusting(&node.ca_bundle(), None);
+    let url = format!(
+        "https://{}:{HTTPS_PORT}/{}/registrations/{path}?api-version=2021-06-01",
+        node.ip, replicas.id_scope
+    );
+    let request = client.request(method, url);
+    match token {
+        Some(token) => request.header("Authorization", token),
+        None => request,
+    }
+}
+
+#[test]
+fn a_tpm_challenged_by_one_replica_is_assigned_by_another() {
+    let replicas = Replicas::start(3);
+    let tpm = Swtpm::start();
+    let (ek, srk) = tpm.device_init();
+    let id = zerotouch_attestation::tpm::parse_endorsement_key(&ek)
+        .expect("EK")
+        .registration_id();
+    let (status, body, _) = send(
+        replicas
+            .dps_api(0)
+            .request(Method::PUT, &format!("/enrollments/{id}"), DPS_API)
+            .json(&json!({"attestation": {"type": "tpm", "tpm": {"endorsementKey": ek}}})),
+    );
+    assert_eq!(status, 200, "{body}");
+    let body = json!({"registrationId": id, "tpm": {"endorsementKey": ek, "storageRootKey": srk}});
+    let register = format!("{id}/register");
+
+    // The challenge from replica 1.
+    let (status, challenge, _) =
+        send(device_request(&replicas, 1, Method::PUT, &register, None).json(&body));
+    assert_eq!(status, 401, "{challenge}");
+    tpm.device_import(challenge["authenticationKey"].as_str().expect("blob"));
+
+    // The answer to replica 2, polled at replica 0.
+    let token = tpm.sas_token(
+        &format!("{}/registrations/{id}", replicas.id_scope),
+        Some("registration"),
+    );
+    let (status, accepted, _) =
+        send(device_request(&replicas, 2, Method::PUT, &register, Some(&token)).json(&body));
+    assert_eq!(status, 202, "{accepted}");
+    let operation = accepted["operationId"].as_str().expect("operation id");
+    let poll = format!("{id}/operations/{operation}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let done = loop {
+        let (status, answer, _) = send(device_request(
+            &replicas,
+            0,
+            Method::GET,
+            &poll,
+            Some(&token),
+        ));
+        assert_eq!(
+            status,
+            if answer["status"] == "assigning" {
+                202
+            } else {
+                200
+            },
+            "{answer}"
+        );
+        if answer["status"] != "assigning" {
+            break answer;
+        }
+        assert!(Instant::now() < deadline, "still assigning: {answer}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(done["status"], "assigned", "{done}");
+
+    // The challenge was spent on replica 2: a replay to replica 1 is refused.
+    let (status, replay, _) =
+        send(device_request(&replicas, 1, Method::PUT, &register, Some(&token)).json(&body));
+    assert_eq!(status, 401, "{replay}");
 }

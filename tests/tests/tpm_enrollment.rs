@@ -5,31 +5,14 @@
 
 use std::time::Duration;
 
-use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::Method;
 use serde_json::{Value, json};
 use zerotouch_tests::swtpm::Swtpm;
 use zerotouch_tests::{Backend, TestServer, backends, send};
 
-const ENCODE: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'.')
-    .remove(b'_')
-    .remove(b'~');
-
 /// A SAS token whose signature is computed inside the TPM with the imported key.
 fn tpm_token(tpm: &Swtpm, resource: &str, key_name: Option<&str>) -> String {
-    let sr = utf8_percent_encode(resource, ENCODE).to_string();
-    let se = zerotouch_service::time::now_unix() + 600;
-    let sig = tpm.device_sign(&format!("{sr}\n{se}"));
-    let mut token = format!(
-        "SharedAccessSignature sr={sr}&sig={}&se={se}",
-        utf8_percent_encode(sig.trim(), ENCODE)
-    );
-    if let Some(name) = key_name {
-        token.push_str(&format!("&skn={name}"));
-    }
-    token
+    tpm.sas_token(resource, key_name)
 }
 
 fn registration_id(ek_b64: &str) -> String {

@@ -34,17 +34,18 @@ pub enum Attestation {
     Disabled,
 }
 
-/// An activation key handed to a TPM, waiting for the device's signed re-register.
-#[derive(Debug, Clone)]
+/// An activation key handed to a TPM, waiting for the device's signed re-register. Replicas
+/// share it (`dps::replicas`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(super) struct Challenge {
     key_b64: String,
     /// The endorsement key challenged (base64 TPM2B_PUBLIC).
     pub(super) ek_b64: String,
     /// The TPM group that admitted it, when no individual enrollment did.
     group: Option<String>,
-    expires_at: u64,
+    pub(super) expires_at: u64,
     /// Set once a re-register used it: polls may still sign with it, a second register may not.
-    used: bool,
+    pub(super) used: bool,
 }
 
 /// Why evidence was not accepted.
@@ -221,6 +222,10 @@ impl Dps {
         evidence: &Evidence,
     ) -> Result<Attestation, Error> {
         crate::ids::registration_id(registration_id)?;
+        if matches!(evidence, Evidence::Sas(_)) {
+            // A TPM may answer a challenge another replica gave it.
+            self.fetch_challenge(registration_id).await;
+        }
         let candidates = self.candidates(registration_id, evidence).await?;
         let now = crate::time::now_unix();
         // A TPM enrolled individually, or admitted by a group during its challenge.
@@ -425,6 +430,7 @@ impl Dps {
                 used: false,
             },
         );
+        self.share_challenge(registration_id).await;
         Ok(json!({
             "message": "Sign a SAS token with the key in authenticationKey and register again",
             "authenticationKey": activation.blob_base64(),

@@ -17,6 +17,7 @@ pub mod hubs;
 mod issue;
 pub mod mqtt;
 mod record;
+pub mod replicas;
 #[cfg(test)]
 pub(crate) mod testing;
 
@@ -139,6 +140,8 @@ pub struct Dps {
     webhook: Result<policies::webhook::WebhookClient, String>,
     /// Issuance profile (CRL/OCSP URLs) and certificate records.
     pub pki: Arc<crate::pki::Pki>,
+    /// Replica mode: operations and TPM challenges shared with the other replicas.
+    shared: std::sync::OnceLock<replicas::Shared>,
 }
 
 /// One registration on its way through the pipeline.
@@ -197,6 +200,7 @@ impl Dps {
             id_scope,
             hub,
             pki,
+            shared: std::sync::OnceLock::new(),
         })
     }
 
@@ -216,6 +220,7 @@ impl Dps {
         let operation_id = new_operation_id();
         self.lock_pending()
             .insert(operation_id.clone(), registration_id.to_ascii_lowercase());
+        self.share_running(&operation_id, registration_id).await;
         let (tx, rx) = tokio::sync::oneshot::channel();
         let dps = self.clone();
         let id = registration_id.to_string();
@@ -229,6 +234,7 @@ impl Dps {
                 }
                 failed.insert(op.clone(), e.clone());
             }
+            dps.share_finished(&op, &id, result.as_ref().err()).await;
             dps.lock_pending().remove(&op);
             let _ = tx.send(result);
         });
@@ -305,6 +311,7 @@ impl Dps {
             Attestation::Accepted(attested, enrollment) => {
                 if attested.mechanism == Mechanism::Tpm {
                     self.consume_challenge(registration_id)?;
+                    self.share_challenge(registration_id).await;
                 }
                 self.assign(
                     registration_id,
@@ -482,6 +489,21 @@ impl Dps {
             .cloned();
         if let Some(error) = failure {
             return Err(error);
+        }
+        // Replica mode: another replica may run (or have failed) the operation.
+        if let Some(shared) = self.shared_operation(operation_id).await
+            && shared
+                .registration_id()
+                .eq_ignore_ascii_case(registration_id)
+        {
+            return match shared {
+                replicas::SharedOperation::Running { .. } => Ok(Outcome {
+                    operation_id: operation_id.to_string(),
+                    status: RegistrationStatus::Assigning,
+                    registration_state: json!({"registrationId": registration_id, "status": "assigning"}),
+                }),
+                replicas::SharedOperation::Failed { error, .. } => Err(error.into()),
+            };
         }
         let (record, doc) = self
             .registration(registration_id)
