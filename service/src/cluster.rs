@@ -176,6 +176,16 @@ impl Cluster {
             .map_err(|e| ClusterError::Nats(format!("opening the bucket {bucket}: {e}")))
     }
 
+    /// `cluster.subject_prefix`.
+    pub fn subject_prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// JetStream on this connection.
+    pub fn jetstream(&self) -> async_nats::jetstream::Context {
+        async_nats::jetstream::new(self.client.clone())
+    }
+
     /// This replica's name.
     pub fn replica(&self) -> &str {
         &self.replica

@@ -86,6 +86,16 @@ pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev:
     });
     let mqtt_tls = tls::acceptor(server_chain, server_key, ca_bundle)?.build();
 
+    let cluster = if settings.cluster.enabled() {
+        let cluster = crate::cluster::Cluster::connect(&settings.cluster).await?;
+        tracing::info!(
+            replica = cluster.replica(),
+            "replica mode: joined the other replicas through NATS"
+        );
+        Some(Arc::new(cluster))
+    } else {
+        None
+    };
     let hub = if settings.service.role.runs_hub() {
         let url = settings.database_url()?;
         let retention = crate::telemetry::Retention {
@@ -95,10 +105,20 @@ pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev:
             max_bytes: settings.telemetry.max_bytes,
             ..crate::telemetry::Retention::default()
         };
-        let telemetry = web::block(move || crate::telemetry::Telemetry::start(&url, retention))
+        let telemetry = match &cluster {
+            // Replicas share one log, the JetStream stream.
+            Some(cluster) => crate::telemetry::Telemetry::start_stream(
+                cluster,
+                retention,
+                settings.cluster.stream_replicas,
+            )
             .await
-            .context("opening the telemetry store")?
-            .context("opening the telemetry store")?;
+            .context("opening the telemetry stream")?,
+            None => web::block(move || crate::telemetry::Telemetry::start(&url, retention))
+                .await
+                .context("opening the telemetry store")?
+                .context("opening the telemetry store")?,
+        };
         let trust_bundle = match &joined {
             Some(j) => j.trust_bundle()?,
             None => instance.ca.trust_bundle_pem(),
@@ -126,16 +146,6 @@ pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev:
         )
         .context("starting the PKI")?,
     );
-    let cluster = if settings.cluster.enabled() {
-        let cluster = crate::cluster::Cluster::connect(&settings.cluster).await?;
-        tracing::info!(
-            replica = cluster.replica(),
-            "replica mode: joined the other replicas through NATS"
-        );
-        Some(Arc::new(cluster))
-    } else {
-        None
-    };
     if let Some(hub) = &hub {
         if let Some(cluster) = &cluster {
             hub.join_replicas(cluster.clone()).await?;

@@ -16,10 +16,9 @@
 //! Offsets are assigned by the database, increase, and are never reused. Because one writer
 //! commits one batch at a time, a reader never sees an offset appear below one it has already
 //! seen, which is what lets consumers resume from "last offset + 1" and long-poll with
-//! [`Telemetry::wait_for`]. **Invariant:** one [`Telemetry`] appends to a database. Several
-//! replicas appending to the same PostgreSQL database could commit out of offset order and
-//! would need a different scheme (a single writer elected by advisory lock, or a commit-order
-//! sequence); that is not done yet.
+//! [`Telemetry::wait_for`]. **Invariant:** one [`Telemetry`] appends to a database table.
+//! Replicas (which share a database) therefore do not use the table: in replica mode the log is
+//! a JetStream stream ([`stream`], [`Telemetry::start_stream`]), whose sequence is the offset.
 //!
 //! Retention: messages older than [`Retention::max_age`] are deleted, then the oldest until the
 //! stored bytes fit in [`Retention::max_bytes`]; the writer does this every
@@ -38,6 +37,8 @@ use tokio::time::Instant;
 
 use crate::db::StoreError;
 use crate::db::telemetry::{NewRow, Reader, Row, Writer};
+
+pub mod stream;
 
 /// Messages waiting for the writer; [`Telemetry::append`] waits when the queue is full.
 pub const QUEUE_CAPACITY: usize = 10_000;
@@ -175,11 +176,18 @@ impl Request {
     }
 }
 
-/// The durable telemetry store. Cheap to clone; all clones share one writer. The writer stops
-/// after [`Telemetry::shutdown`], or once the last clone is dropped (after flushing the queue).
+/// The durable telemetry store. Cheap to clone; all clones share one log: the database table
+/// with its writer thread (which stops after [`Telemetry::shutdown`], or once the last clone is
+/// dropped, after flushing the queue), or in replica mode a JetStream stream.
 #[derive(Clone)]
 pub struct Telemetry {
-    inner: Arc<Inner>,
+    log: Log,
+}
+
+#[derive(Clone)]
+enum Log {
+    Table(Arc<Inner>),
+    Stream(Arc<stream::StreamLog>),
 }
 
 struct Inner {
@@ -196,11 +204,15 @@ struct Inner {
 
 impl std::fmt::Debug for Telemetry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Telemetry")
-            .field("last_offset", &self.last_offset())
-            .field("retention", &self.inner.retention)
-            .field("reader", &self.inner.reader)
-            .finish_non_exhaustive()
+        match &self.log {
+            Log::Table(inner) => f
+                .debug_struct("Telemetry")
+                .field("last_offset", &self.last_offset())
+                .field("retention", &inner.retention)
+                .field("reader", &inner.reader)
+                .finish_non_exhaustive(),
+            Log::Stream(log) => f.debug_tuple("Telemetry").field(log).finish(),
+        }
     }
 }
 
@@ -243,7 +255,7 @@ impl Telemetry {
             "telemetry store started"
         );
         Ok(Telemetry {
-            inner: Arc::new(Inner {
+            log: Log::Table(Arc::new(Inner {
                 queue,
                 room: Arc::new(Semaphore::new(queue_max_bytes())),
                 committed,
@@ -252,7 +264,19 @@ impl Telemetry {
                 counters,
                 stop,
                 writer: Mutex::new(Some(handle)),
-            }),
+            })),
+        })
+    }
+
+    /// Replica mode: the log is the replicas' JetStream stream (see [`stream`]).
+    pub async fn start_stream(
+        cluster: &crate::cluster::Cluster,
+        retention: Retention,
+        replicas: usize,
+    ) -> Result<Telemetry, StoreError> {
+        let log = stream::StreamLog::open(cluster, &retention, replicas).await?;
+        Ok(Telemetry {
+            log: Log::Stream(Arc::new(log)),
         })
     }
 
@@ -260,15 +284,19 @@ impl Telemetry {
     /// queue is full (backpressure). If the future is dropped after the message was queued, the
     /// message may still be stored.
     pub async fn append(&self, message: NewMessage) -> Result<i64, StoreError> {
+        let inner = match &self.log {
+            Log::Table(inner) => inner,
+            Log::Stream(log) => return log.append(message).await,
+        };
         let bytes = message.size();
         let row = encode(message)?;
         let share = u32::try_from(bytes.min(QUEUE_MAX_BYTES)).unwrap_or(u32::MAX);
-        let room = Arc::clone(&self.inner.room)
+        let room = Arc::clone(&inner.room)
             .acquire_many_owned(share)
             .await
             .map_err(|_| stopped())?;
         let (reply, answer) = oneshot::channel();
-        self.inner
+        inner
             .queue
             .send(Request {
                 row,
@@ -282,27 +310,41 @@ impl Telemetry {
     }
 
     /// Messages with offset `>= from`, ascending, at most `limit` (clamped to
-    /// `1..=`[`MAX_READ`]), optionally of one device. Synchronous: async callers use
-    /// `spawn_blocking` / `web::block`.
-    pub fn read(
+    /// `1..=`[`MAX_READ`]), optionally of one device.
+    pub async fn read(
         &self,
         from: i64,
         limit: usize,
         device_id: Option<&str>,
     ) -> Result<Vec<StoredMessage>, StoreError> {
-        let limit = i64::try_from(limit.clamp(1, MAX_READ)).unwrap_or(1);
-        self.inner
-            .reader
-            .read(from, limit, device_id)?
-            .into_iter()
-            .map(decode)
-            .collect()
+        let limit = limit.clamp(1, MAX_READ);
+        match &self.log {
+            Log::Table(inner) => {
+                let (inner, device) = (inner.clone(), device_id.map(String::from));
+                tokio::task::spawn_blocking(move || {
+                    let limit = i64::try_from(limit).unwrap_or(1);
+                    inner
+                        .reader
+                        .read(from, limit, device.as_deref())?
+                        .into_iter()
+                        .map(decode)
+                        .collect()
+                })
+                .await
+                .map_err(|e| StoreError::Backend(format!("telemetry read: {e}")))?
+            }
+            Log::Stream(log) => log.read(from, limit, device_id).await,
+        }
     }
 
     /// Resolves `true` as soon as a message with offset `>= offset` is committed (at once if one
     /// already is), `false` after `timeout`. For long polls. Needs a Tokio runtime with time.
     pub async fn wait_for(&self, offset: i64, timeout: Duration) -> bool {
-        let mut committed = self.inner.committed.clone();
+        let inner = match &self.log {
+            Log::Table(inner) => inner,
+            Log::Stream(log) => return log.wait_for(offset, timeout).await,
+        };
+        let mut committed = inner.committed.clone();
         let waited = tokio::time::timeout(timeout, async {
             committed.wait_for(|last| *last >= offset).await.is_ok()
         })
@@ -318,25 +360,33 @@ impl Telemetry {
     /// The newest committed offset: at start-up the newest stored one (0 if none), then the
     /// newest appended.
     pub fn last_offset(&self) -> i64 {
-        *self.inner.committed.borrow()
+        match &self.log {
+            Log::Table(inner) => *inner.committed.borrow(),
+            Log::Stream(log) => log.last_offset(),
+        }
     }
 
     /// Deletes messages older than `max_age`, then the oldest until the stored bytes are at
     /// most `max_bytes`; returns how many were deleted. Synchronous (`spawn_blocking`). The
     /// writer also does this by itself every [`Retention::check_every`].
+    /// In replica mode JetStream enforces the stream's limits itself: 0.
     pub fn enforce_retention(&self) -> Result<u64, StoreError> {
-        let (cutoff, max_bytes) = retention_bounds(&self.inner.retention)?;
-        let deleted = self.inner.reader.enforce_retention(cutoff, max_bytes)?;
-        self.inner
-            .counters
-            .deleted
-            .fetch_add(deleted, Ordering::Relaxed);
+        let Log::Table(inner) = &self.log else {
+            return Ok(0);
+        };
+        let (cutoff, max_bytes) = retention_bounds(&inner.retention)?;
+        let deleted = inner.reader.enforce_retention(cutoff, max_bytes)?;
+        inner.counters.deleted.fetch_add(deleted, Ordering::Relaxed);
         Ok(deleted)
     }
 
     pub fn stats(&self) -> TelemetryStats {
-        let c = &self.inner.counters;
-        let queued = QUEUE_CAPACITY.saturating_sub(self.inner.queue.capacity());
+        let inner = match &self.log {
+            Log::Table(inner) => inner,
+            Log::Stream(log) => return log.stats(),
+        };
+        let c = &inner.counters;
+        let queued = QUEUE_CAPACITY.saturating_sub(inner.queue.capacity());
         TelemetryStats {
             messages: c.messages.load(Ordering::Relaxed),
             bytes: c.bytes.load(Ordering::Relaxed),
@@ -351,9 +401,11 @@ impl Telemetry {
     /// waits for it. Appends after this fail with [`StoreError::Unavailable`]. Blocks for up to
     /// one batch: from async code call it through `spawn_blocking`. Idempotent.
     pub fn shutdown(&self) {
-        self.inner.stop.notify_one();
-        let handle = self
-            .inner
+        let Log::Table(inner) = &self.log else {
+            return;
+        };
+        inner.stop.notify_one();
+        let handle = inner
             .writer
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -363,6 +415,17 @@ impl Telemetry {
             && handle.join().is_err()
         {
             tracing::error!("the telemetry writer panicked");
+        }
+    }
+}
+
+#[cfg(test)]
+impl Telemetry {
+    /// The table log's state, for tests of the writer.
+    fn table(&self) -> &Inner {
+        match &self.log {
+            Log::Table(inner) => inner,
+            Log::Stream(_) => panic!("a test of the table log got a stream log"),
         }
     }
 }

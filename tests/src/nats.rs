@@ -74,7 +74,7 @@ impl NatsServer {
         let store = self.dir.path().join("jetstream");
         let mut config = format!(
             "server_name: {name}\nlisten: 127.0.0.1:{port}\n\
-             jetstream {{ store_dir: \"{store}\", max_memory_store: 64MB, max_file_store: 1GB }}\n",
+             jetstream {{ store_dir: \"{store}\", max_memory_store: 64MB, max_file_store: 4GB }}\n",
             name = self.name,
             port = self.port,
             store = store.display(),

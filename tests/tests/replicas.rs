@@ -44,7 +44,8 @@ impl Replicas {
                 let config = format!(
                     "[database]\nurl = \"{}\"\n\n[hub]\nhostname = \"{HUB}\"\n\n\
                      [cluster]\nnats_url = \"{}\"\nreplica = \"r{i}\"\n\n\
-                     [ca]\nkek_file = \"{}\"\n",
+                     [ca]\nkek_file = \"{}\"\n\n\
+                     [telemetry]\nmax_bytes = 268435456\n",
                     pg.url,
                     nats.url(),
                     kek_file.display()
@@ -358,4 +359,230 @@ fn a_tpm_challenged_by_one_replica_is_assigned_by_another() {
     let (status, replay, _) =
         send(device_request(&replicas, 1, Method::PUT, &register, Some(&token)).json(&body));
     assert_eq!(status, 401, "{replay}");
+}
+
+/// Every message of the consumer API through replica `i`, paged from offset 0.
+fn read_all_events(replicas: &Replicas, i: usize) -> Vec<Value> {
+    let api = replicas.api(i);
+    let mut out = Vec::new();
+    let mut from = 0;
+    loop {
+        let (status, page, _) = send(api.request(
+            Method::GET,
+            &format!("/messages/events?from={from}&limit=1000"),
+            HUB_API,
+        ));
+        assert_eq!(status, 200, "{page}");
+        let messages = page["messages"].as_array().expect("messages").clone();
+        if messages.is_empty() {
+            return out;
+        }
+        from = page["nextOffset"].as_i64().expect("nextOffset");
+        out.extend(messages);
+    }
+}
+
+fn body_json(message: &Value) -> Value {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(message["body"].as_str().expect("body"))
+        .expect("base64");
+    serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+}
+
+#[test]
+fn telemetry_sent_to_one_replica_is_read_through_another() {
+    let replicas = Replicas::start(2);
+    let (key, _) = replicas.create_device(0, "talker");
+    let mut device = replicas.connect(1, "talker", &key);
+    for n in 0..3 {
+        device
+            .publish(
+                &format!("devices/talker/messages/events/color=blue&n={n}&flag&%24.mid=m{n}"),
+                json!({"n": n}).to_string().as_bytes(),
+            )
+            .expect("PUBACK");
+    }
+    let events = read_all_events(&replicas, 0);
+    assert_eq!(events.len(), 3, "{events:?}");
+    for (n, event) in events.iter().enumerate() {
+        assert_eq!(event["deviceId"], "talker");
+        assert_eq!(body_json(event), json!({"n": n}));
+        assert_eq!(
+            event["properties"],
+            json!({"color": "blue", "n": n.to_string(), "flag": null})
+        );
+        assert_eq!(event["systemProperties"]["message-id"], format!("m{n}"));
+    }
+    // Offsets are the stream's sequence numbers: 1, 2, 3.
+    let offsets: Vec<i64> = events
+        .iter()
+        .map(|e| e["offset"].as_i64().unwrap())
+        .collect();
+    assert_eq!(offsets, [1, 2, 3]);
+}
+
+/// What the telemetry senders of the kill test share.
+#[derive(Default)]
+struct Acked {
+    /// (device, sequence number) of every message the server acknowledged.
+    messages: Vec<(String, u64)>,
+    /// How long each reconnect after a failure took.
+    reconnects: Vec<Duration>,
+}
+
+#[test]
+fn killing_a_replica_loses_no_acknowledged_telemetry() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let mut replicas = Replicas::start(3);
+    const DEVICES: usize = 12;
+    let keys: Vec<String> = (0..DEVICES)
+        .map(|d| replicas.create_device(0, &format!("sender-{d}")).0)
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(Acked::default()));
+    let targets: Vec<(String, String)> = replicas
+        .nodes
+        .iter()
+        .map(|n| (n.ip.clone(), n.ca_bundle().display().to_string()))
+        .collect();
+    let senders: Vec<_> = (0..DEVICES)
+        .map(|d| {
+            let (stop, acked, targets) = (stop.clone(), acked.clone(), targets.clone());
+            let key = keys[d].clone();
+            std::thread::spawn(move || {
+                let id = format!("sender-{d}");
+                let expiry = zerotouch_service::time::now_unix() + 3600;
+                let token = symmetric_key::sign(&format!("{HUB}/devices/{id}"), &key, expiry, None)
+                    .expect("sign");
+                let username = format!("{HUB}/{id}/?api-version={HUB_API}");
+                let login = Login {
+                    client_id: &id,
+                    username: &username,
+                    password: Some(&token),
+                    identity: None,
+                    clean_session: true,
+                };
+                // Each device starts on replica d % 3 and moves to the next one when its
+                // connection fails, as an SDK behind a load balancer would.
+                let mut target = d % targets.len();
+                let connect = |target: usize| {
+                    let (ip, bundle) = &targets[target];
+                    mqtt::connect_to(ip, 8883, std::path::Path::new(bundle), &login).ok()
+                };
+                let mut device = connect(target).expect("first connection");
+                let mut seq = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let topic = format!("devices/{id}/messages/events/");
+                    match device.publish(&topic, json!({"seq": seq}).to_string().as_bytes()) {
+                        Ok(()) => {
+                            acked.lock().unwrap().messages.push((id.clone(), seq));
+                            seq += 1;
+                        }
+                        Err(_) => {
+                            let failed_at = Instant::now();
+                            device = loop {
+                                target = (target + 1) % targets.len();
+                                if let Some(device) = connect(target) {
+                                    break device;
+                                }
+                                assert!(
+                                    failed_at.elapsed() < Duration::from_secs(30),
+                                    "{id} could not reconnect"
+                                );
+                                std::thread::sleep(Duration::from_millis(100));
+                            };
+                            acked.lock().unwrap().reconnects.push(failed_at.elapsed());
+                            seq += 1;
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            })
+        })
+        .collect();
+
+    // Registrations keep succeeding through the survivors while a replica dies.
+    let registrar = {
+        let group_key = symmetric_key::generate_key().expect("key");
+        let (status, body, _) = send(
+            replicas
+                .dps_api(0)
+                .request(Method::PUT, "/enrollmentGroups/fleet", DPS_API)
+                .json(&json!({"enrollmentGroupId": "fleet",
+                    "attestation": {"type": "symmetricKey", "symmetricKey": {
+                        "primaryKey": group_key,
+                        "secondaryKey": symmetric_key::generate_key().expect("key")}}})),
+        );
+        assert_eq!(status, 200, "{body}");
+        let (ip, bundle) = targets[1].clone();
+        let id_scope = replicas.id_scope.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let client = zerotouch_tests::client_trusting(std::path::Path::new(&bundle), None);
+            let mut outcomes = Vec::new();
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let id = format!("fleet-{n}");
+                let key = symmetric_key::derive_device_key(&group_key, &id).expect("derive");
+                let state = zerotouch_tests::cluster::register(
+                    &client,
+                    &format!("https://{ip}:{HTTPS_PORT}"),
+                    &id_scope,
+                    &id,
+                    &key,
+                    None,
+                );
+                outcomes.push(state["status"].as_str().unwrap_or("none").to_string());
+                n += 1;
+            }
+            outcomes
+        })
+    };
+
+    std::thread::sleep(Duration::from_secs(2));
+    let before = acked.lock().unwrap().messages.len();
+    replicas.nodes[2].kill();
+    std::thread::sleep(Duration::from_secs(4));
+    stop.store(true, Ordering::Relaxed);
+    for sender in senders {
+        sender.join().expect("sender");
+    }
+    let outcomes = registrar.join().expect("registrar");
+
+    let acked = acked.lock().unwrap();
+    assert!(
+        before > 0 && acked.messages.len() > before,
+        "telemetry flowed before and after"
+    );
+    assert!(
+        !acked.reconnects.is_empty(),
+        "devices of the killed replica reconnected"
+    );
+    let stored: std::collections::HashSet<(String, u64)> = read_all_events(&replicas, 0)
+        .iter()
+        .map(|e| {
+            let device = e["deviceId"].as_str().expect("deviceId").to_string();
+            (device, body_json(e)["seq"].as_u64().expect("seq"))
+        })
+        .collect();
+    let lost: Vec<_> = acked
+        .messages
+        .iter()
+        .filter(|m| !stored.contains(*m))
+        .collect();
+    assert!(lost.is_empty(), "acknowledged but not stored: {lost:?}");
+    assert!(
+        !outcomes.is_empty() && outcomes.iter().all(|o| o == "assigned"),
+        "{outcomes:?}"
+    );
+    let slowest = acked.reconnects.iter().max().copied().unwrap_or_default();
+    eprintln!(
+        "{} acknowledged messages, all stored; {} reconnects, slowest {slowest:?}; {} registrations",
+        acked.messages.len(),
+        acked.reconnects.len(),
+        outcomes.len()
+    );
 }

@@ -82,11 +82,11 @@ fn message(device: &str, n: usize) -> NewMessage {
 }
 
 /// Every stored message, by paging through `read`.
-fn read_all(telemetry: &Telemetry) -> Vec<StoredMessage> {
+async fn read_all(telemetry: &Telemetry) -> Vec<StoredMessage> {
     let mut all = Vec::new();
     let mut from = 0;
     loop {
-        let page = telemetry.read(from, MAX_READ, None).unwrap();
+        let page = telemetry.read(from, MAX_READ, None).await.unwrap();
         match page.last() {
             Some(last) => from = last.offset + 1,
             None => return all,
@@ -124,36 +124,37 @@ async fn reads_by_offset_limit_and_device(url: String) {
     }
     let all: Vec<i64> = offsets.iter().map(|(_, o)| *o).collect();
 
-    let read = |from, limit, device| {
+    let read = async |from: i64, limit: usize, device: Option<&str>| {
         telemetry
             .read(from, limit, device)
+            .await
             .unwrap()
             .iter()
             .map(|m| m.offset)
             .collect::<Vec<_>>()
     };
-    assert_eq!(read(0, 1000, None), all);
-    assert_eq!(read(all[10], 5, None), all[10..15]);
-    assert_eq!(read(all[29] + 1, 10, None), Vec::<i64>::new());
-    assert_eq!(read(i64::MIN, 3, None), all[..3]);
+    assert_eq!(read(0, 1000, None).await, all);
+    assert_eq!(read(all[10], 5, None).await, all[10..15]);
+    assert_eq!(read(all[29] + 1, 10, None).await, Vec::<i64>::new());
+    assert_eq!(read(i64::MIN, 3, None).await, all[..3]);
     // The limit is clamped to 1..=1000.
-    assert_eq!(read(0, 0, None), all[..1]);
-    assert_eq!(read(0, usize::MAX, None), all);
+    assert_eq!(read(0, 0, None).await, all[..1]);
+    assert_eq!(read(0, usize::MAX, None).await, all);
 
     let of_b: Vec<i64> = offsets
         .iter()
         .filter(|(d, _)| *d == "b")
         .map(|(_, o)| *o)
         .collect();
-    assert_eq!(read(0, 1000, Some("b")), of_b);
-    assert_eq!(read(of_b[3], 2, Some("b")), of_b[3..5]);
+    assert_eq!(read(0, 1000, Some("b")).await, of_b);
+    assert_eq!(read(of_b[3], 2, Some("b")).await, of_b[3..5]);
     // Device ids are case-sensitive, as in IoT Hub.
-    assert_eq!(read(0, 1000, Some("B")), Vec::<i64>::new());
-    assert_eq!(read(0, 1000, Some("nobody")), Vec::<i64>::new());
+    assert_eq!(read(0, 1000, Some("B")).await, Vec::<i64>::new());
+    assert_eq!(read(0, 1000, Some("nobody")).await, Vec::<i64>::new());
     // Hostile device ids are bound, not interpolated.
-    assert_eq!(read(0, 1000, Some("b' OR '1'='1")), Vec::<i64>::new());
+    assert_eq!(read(0, 1000, Some("b' OR '1'='1")).await, Vec::<i64>::new());
 
-    let m = &telemetry.read(all[4], 1, None).unwrap()[0];
+    let m = &telemetry.read(all[4], 1, None).await.unwrap()[0];
     assert_eq!((m.device_id.as_str(), m.offset), ("b", all[4]));
     telemetry.shutdown();
 }
@@ -200,7 +201,7 @@ async fn properties_and_bodies_round_trip(url: String) {
     };
     let empty_offset = telemetry.append(empty).await.unwrap();
 
-    let got = telemetry.read(offset, 10, None).unwrap();
+    let got = telemetry.read(offset, 10, None).await.unwrap();
     assert_eq!(got.len(), 2);
     let m = &got[0];
     assert_eq!(m.offset, offset);
@@ -261,7 +262,7 @@ async fn stored_message_json_shape(url: String) {
         })
         .await
         .unwrap();
-    let m = telemetry.read(offset, 1, None).unwrap().remove(0);
+    let m = telemetry.read(offset, 1, None).await.unwrap().remove(0);
     assert_eq!(
         serde_json::to_value(&m).unwrap(),
         json!({
@@ -307,7 +308,7 @@ async fn concurrent_appends_are_group_committed(url: String) {
     }
     assert_eq!(sent.len(), TASKS * EACH);
 
-    let stored = read_all(&telemetry);
+    let stored = read_all(&telemetry).await;
     assert_eq!(stored.len(), TASKS * EACH);
     for m in &stored {
         let original = &sent[&m.offset];
@@ -382,7 +383,11 @@ async fn retention_by_age(url: String) {
         young.push(telemetry.append(message("young", n)).await.unwrap());
     }
     assert_eq!(telemetry.enforce_retention().unwrap(), 5);
-    let left: Vec<i64> = read_all(&telemetry).iter().map(|m| m.offset).collect();
+    let left: Vec<i64> = read_all(&telemetry)
+        .await
+        .iter()
+        .map(|m| m.offset)
+        .collect();
     assert_eq!(left, young);
     assert_eq!(telemetry.enforce_retention().unwrap(), 0);
     assert_eq!(telemetry.stats().deleted, 5);
@@ -410,7 +415,11 @@ async fn retention_by_size(url: String) {
     }
     // The oldest go until what is left fits: 5 of 12 messages.
     assert_eq!(telemetry.enforce_retention().unwrap(), 7);
-    let left: Vec<i64> = read_all(&telemetry).iter().map(|m| m.offset).collect();
+    let left: Vec<i64> = read_all(&telemetry)
+        .await
+        .iter()
+        .map(|m| m.offset)
+        .collect();
     assert_eq!(left, offsets[7..]);
     assert_eq!(telemetry.enforce_retention().unwrap(), 0);
     telemetry.shutdown();
@@ -434,7 +443,7 @@ async fn retention_by_size(url: String) {
         append.await.unwrap();
     }
     assert_eq!(telemetry.enforce_retention().unwrap(), 2505);
-    assert!(read_all(&telemetry).is_empty());
+    assert!(read_all(&telemetry).await.is_empty());
     telemetry.shutdown();
 }
 
@@ -452,7 +461,7 @@ async fn the_writer_enforces_retention_by_itself(url: String) {
         assert!(Instant::now() < deadline, "retention never ran");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(telemetry.read(0, 10, None).unwrap().is_empty());
+    assert!(telemetry.read(0, 10, None).await.unwrap().is_empty());
     telemetry.shutdown();
 }
 
@@ -470,7 +479,7 @@ async fn shutdown_flushes_what_is_queued(url: String) {
             reply,
             _room: None,
         };
-        telemetry.inner.queue.send(request).await.unwrap();
+        telemetry.table().queue.send(request).await.unwrap();
         answers.push(answer);
     }
     let stopping = telemetry.clone();
@@ -495,7 +504,7 @@ async fn shutdown_flushes_what_is_queued(url: String) {
     telemetry.shutdown();
 
     let reopened = Telemetry::start(&url, keep_all()).unwrap();
-    let stored: HashSet<i64> = read_all(&reopened).iter().map(|m| m.offset).collect();
+    let stored: HashSet<i64> = read_all(&reopened).await.iter().map(|m| m.offset).collect();
     assert_eq!(stored, offsets);
     reopened.shutdown();
 }
@@ -514,7 +523,7 @@ async fn dropping_every_handle_flushes_too(url: String) {
         acked.insert(task.await.unwrap().unwrap());
     }
     let reopened = Telemetry::start(&url, keep_all()).unwrap();
-    let stored: HashSet<i64> = read_all(&reopened).iter().map(|m| m.offset).collect();
+    let stored: HashSet<i64> = read_all(&reopened).await.iter().map(|m| m.offset).collect();
     assert_eq!(stored, acked);
     reopened.shutdown();
 }
@@ -580,7 +589,7 @@ async fn nul_in_ids_is_refused_without_failing_others(url: String) {
         task.await.unwrap().unwrap();
     }
     assert_eq!(telemetry.stats().failed_batches, 0);
-    assert_eq!(read_all(&telemetry).len(), 50);
+    assert_eq!(read_all(&telemetry).await.len(), 50);
     telemetry.shutdown();
 }
 
@@ -609,8 +618,8 @@ async fn large_messages_flow_through_the_byte_budget(url: String) {
     assert_eq!(stats.messages, COUNT as u64);
     // MAX_BATCH_BYTES stops a batch at 4 MiB: two of these per transaction at most.
     assert!(stats.batches >= (COUNT / 2) as u64, "{stats:?}");
-    assert_eq!(telemetry.inner.room.available_permits(), queue_max_bytes());
-    let stored = telemetry.read(0, 1, Some("big")).unwrap().remove(0);
+    assert_eq!(telemetry.table().room.available_permits(), queue_max_bytes());
+    let stored = telemetry.read(0, 1, Some("big")).await.unwrap().remove(0);
     use base64::Engine as _;
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(&stored.body)
@@ -666,7 +675,11 @@ async fn a_failed_batch_fails_every_caller_then_recovers(url: String) {
     execute_elsewhere(&url, "ALTER TABLE telemetry_away RENAME TO telemetry");
     let next = telemetry.append(message("d", 1)).await.unwrap();
     assert!(next > first);
-    let stored: Vec<i64> = read_all(&telemetry).iter().map(|m| m.offset).collect();
+    let stored: Vec<i64> = read_all(&telemetry)
+        .await
+        .iter()
+        .map(|m| m.offset)
+        .collect();
     assert_eq!(
         stored,
         [first, next],
@@ -754,7 +767,11 @@ async fn acknowledged_messages_survive_sigkill(url: String) {
     acked.extend(lines.try_iter());
 
     let telemetry = Telemetry::start(&url, keep_all()).unwrap();
-    let stored: HashSet<i64> = read_all(&telemetry).iter().map(|m| m.offset).collect();
+    let stored: HashSet<i64> = read_all(&telemetry)
+        .await
+        .iter()
+        .map(|m| m.offset)
+        .collect();
     let missing: Vec<i64> = acked
         .iter()
         .copied()

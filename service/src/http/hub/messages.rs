@@ -385,10 +385,9 @@ async fn read_events(
     let wait = Duration::from_secs(query.wait.unwrap_or(0).min(MAX_WAIT_SECONDS));
     let device = query.device_id.clone();
     let read = |hub: std::sync::Arc<Hub>, device: Option<String>| async move {
-        let telemetry = hub.telemetry.clone();
-        tokio::task::spawn_blocking(move || telemetry.read(from, limit, device.as_deref()))
+        hub.telemetry
+            .read(from, limit, device.as_deref())
             .await
-            .map_err(HubError::internal)?
             .map_err(HubError::store)
     };
     let mut messages = read(hub.clone(), device.clone()).await?;
