@@ -19,6 +19,29 @@ use crate::config::ClusterSettings;
 
 /// How long a replica waits for NATS at start before giving up with an error.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long start-up retries a JetStream step: a NATS cluster that has just started needs a
+/// few seconds to elect its JetStream leader.
+const JETSTREAM_START: Duration = Duration::from_secs(30);
+
+/// Runs `step` until it succeeds or [`JETSTREAM_START`] has passed (then its last error).
+pub async fn at_start<T, E, F, Fut>(what: &str, mut step: F) -> Result<T, E>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let deadline = tokio::time::Instant::now() + JETSTREAM_START;
+    loop {
+        match step().await {
+            Ok(value) => return Ok(value),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::info!("{what}: {e}; trying again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
 
 /// What one replica asks of the replica that holds a device's connection: the last token of
 /// the device subject.
@@ -120,11 +143,19 @@ impl Cluster {
             .clone()
             .unwrap_or_else(default_replica_name);
         let urls = settings.nats_url.join(",");
+        let servers = settings
+            .nats_url
+            .iter()
+            .map(|url| {
+                url.parse::<async_nats::ServerAddr>()
+                    .map_err(|e| anyhow::anyhow!("cluster.nats_url {url:?}: {e}"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let client = async_nats::ConnectOptions::new()
             .name(format!("zerotouch {replica}"))
             .connection_timeout(CONNECT_TIMEOUT)
             .max_reconnects(None)
-            .connect(urls.as_str())
+            .connect(servers)
             .await
             .map_err(|e| anyhow::anyhow!("connecting to NATS at {urls} (cluster.nats_url): {e}"))?;
         Ok(Cluster {
@@ -164,7 +195,11 @@ impl Cluster {
             discard: stream::DiscardPolicy::New,
             ..Default::default()
         };
-        if let Err(e) = jetstream.get_or_create_stream(config).await {
+        let created = at_start(&format!("creating the bucket {bucket}"), || {
+            jetstream.get_or_create_stream(config.clone())
+        })
+        .await;
+        if let Err(e) = created {
             return Err(ClusterError::Nats(format!(
                 "creating the bucket {bucket}: {e}"
             )));

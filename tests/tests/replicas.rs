@@ -24,7 +24,7 @@ struct Replicas {
     hub_connection_string: String,
     dps_connection_string: String,
     id_scope: String,
-    _nats: NatsServer,
+    nats: Vec<NatsServer>,
     _kek: tempfile::TempDir,
     // Dropped last: the replicas stop before their database goes.
     _pg: TempPostgres,
@@ -32,7 +32,12 @@ struct Replicas {
 
 impl Replicas {
     fn start(count: u8) -> Replicas {
-        let nats = NatsServer::start();
+        Replicas::start_on(count, vec![NatsServer::start()], 1)
+    }
+
+    /// `count` replicas on the NATS servers `nats`, streams kept on `stream_replicas` of them.
+    fn start_on(count: u8, nats: Vec<NatsServer>, stream_replicas: usize) -> Replicas {
+        let urls: Vec<String> = nats.iter().map(NatsServer::url).collect();
         let pg = TempPostgres::create().expect("PostgreSQL is needed for the replica tests");
         let kek = tempfile::tempdir().expect("tempdir");
         let kek_file = kek.path().join("kek");
@@ -43,11 +48,12 @@ impl Replicas {
             .map(|i| {
                 let config = format!(
                     "[database]\nurl = \"{}\"\n\n[hub]\nhostname = \"{HUB}\"\n\n\
-                     [cluster]\nnats_url = \"{}\"\nreplica = \"r{i}\"\n\n\
+                     [cluster]\nnats_url = \"{}\"\nreplica = \"r{i}\"\n\
+                     stream_replicas = {stream_replicas}\n\n\
                      [ca]\nkek_file = \"{}\"\n\n\
                      [telemetry]\nmax_bytes = 268435456\n",
                     pg.url,
-                    nats.url(),
+                    urls.join(","),
                     kek_file.display()
                 );
                 Node::start_replica(&address(block, i), &[HUB], &config, &[])
@@ -60,7 +66,7 @@ impl Replicas {
             hub_connection_string: text("hubConnectionString"),
             dps_connection_string: text("dpsConnectionString"),
             id_scope: text("idScope"),
-            _nats: nats,
+            nats,
             _kek: kek,
             _pg: pg,
         }
@@ -584,5 +590,113 @@ fn killing_a_replica_loses_no_acknowledged_telemetry() {
         acked.messages.len(),
         acked.reconnects.len(),
         outcomes.len()
+    );
+}
+
+#[test]
+fn losing_a_nats_server_loses_no_acknowledged_telemetry_and_delivery_goes_on() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let mut replicas = Replicas::start_on(2, NatsServer::cluster3(), 3);
+    const DEVICES: usize = 8;
+    let keys: Vec<String> = (0..DEVICES)
+        .map(|d| replicas.create_device(0, &format!("steady-{d}")).0)
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(Vec::<(String, u64)>::new()));
+    let senders: Vec<_> = (0..DEVICES)
+        .map(|d| {
+            let (stop, acked) = (stop.clone(), acked.clone());
+            let id = format!("steady-{d}");
+            let mut device = replicas.connect(d % 2, &id, &keys[d]);
+            let target = d % 2;
+            let (ip, bundle) = (
+                replicas.nodes[target].ip.clone(),
+                replicas.nodes[target].ca_bundle(),
+            );
+            let key = keys[d].clone();
+            std::thread::spawn(move || {
+                let mut seq = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let topic = format!("devices/{id}/messages/events/");
+                    match device.publish(&topic, json!({"seq": seq}).to_string().as_bytes()) {
+                        Ok(()) => acked.lock().unwrap().push((id.clone(), seq)),
+                        // Not acknowledged: the device reconnects (to the same replica) and
+                        // goes on, as an SDK does.
+                        Err(_) => {
+                            let expiry = zerotouch_service::time::now_unix() + 3600;
+                            let token = symmetric_key::sign(
+                                &format!("{HUB}/devices/{id}"),
+                                &key,
+                                expiry,
+                                None,
+                            )
+                            .expect("sign");
+                            let username = format!("{HUB}/{id}/?api-version={HUB_API}");
+                            let login = Login {
+                                client_id: &id,
+                                username: &username,
+                                password: Some(&token),
+                                identity: None,
+                                clean_session: true,
+                            };
+                            let failed_at = Instant::now();
+                            device = loop {
+                                if let Ok(device) = mqtt::connect_to(&ip, 8883, &bundle, &login) {
+                                    break device;
+                                }
+                                assert!(failed_at.elapsed() < Duration::from_secs(30));
+                                std::thread::sleep(Duration::from_millis(100));
+                            };
+                        }
+                    }
+                    seq += 1;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            })
+        })
+        .collect();
+
+    std::thread::sleep(Duration::from_secs(2));
+    replicas.nats[0].kill();
+    std::thread::sleep(Duration::from_secs(4));
+
+    // Orders between replicas still flow: C2D through replica 0 reaches a device on replica 1.
+    let (key, _) = replicas.create_device(0, "listener");
+    let mut listener = replicas.connect(1, "listener", &key);
+    let (status, body, _) = send(
+        replicas
+            .api(0)
+            .request(
+                Method::POST,
+                "/devices/listener/messages/deviceBound",
+                HUB_API,
+            )
+            .body("still here"),
+    );
+    assert_eq!(status, 204, "{body}");
+    let (_, payload) = listener
+        .receive("devices/listener/messages/devicebound/")
+        .expect("C2D after losing a NATS server");
+    assert_eq!(payload, b"still here");
+
+    stop.store(true, Ordering::Relaxed);
+    for sender in senders {
+        sender.join().expect("sender");
+    }
+    let acked = acked.lock().unwrap();
+    let stored: std::collections::HashSet<(String, u64)> = read_all_events(&replicas, 1)
+        .iter()
+        .map(|e| {
+            let device = e["deviceId"].as_str().expect("deviceId").to_string();
+            (device, body_json(e)["seq"].as_u64().expect("seq"))
+        })
+        .collect();
+    let lost: Vec<_> = acked.iter().filter(|m| !stored.contains(*m)).collect();
+    assert!(lost.is_empty(), "acknowledged but not stored: {lost:?}");
+    eprintln!(
+        "{} acknowledged messages with a NATS server killed, all stored",
+        acked.len()
     );
 }

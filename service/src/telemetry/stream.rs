@@ -93,10 +93,11 @@ impl StreamLog {
             discard: stream::DiscardPolicy::Old,
             ..Default::default()
         };
-        let stream = jetstream
-            .get_or_create_stream(config)
-            .await
-            .map_err(|e| unavailable("creating it", e))?;
+        let stream = crate::cluster::at_start("creating the telemetry stream", || {
+            jetstream.get_or_create_stream(config.clone())
+        })
+        .await
+        .map_err(|e| unavailable("creating it", e))?;
         let last = i64::try_from(stream.cached_info().state.last_sequence).unwrap_or(i64::MAX);
         tracing::info!(stream = %name, last_offset = last, "telemetry stream opened");
         Ok(StreamLog {

@@ -618,7 +618,10 @@ async fn large_messages_flow_through_the_byte_budget(url: String) {
     assert_eq!(stats.messages, COUNT as u64);
     // MAX_BATCH_BYTES stops a batch at 4 MiB: two of these per transaction at most.
     assert!(stats.batches >= (COUNT / 2) as u64, "{stats:?}");
-    assert_eq!(telemetry.table().room.available_permits(), queue_max_bytes());
+    assert_eq!(
+        telemetry.table().room.available_permits(),
+        queue_max_bytes()
+    );
     let stored = telemetry.read(0, 1, Some("big")).await.unwrap().remove(0);
     use base64::Engine as _;
     let decoded = base64::engine::general_purpose::STANDARD
