@@ -9,6 +9,8 @@
 //!   fails at once with "no responders". Device ids may contain `.` and `*`, which subjects
 //!   cannot, hence the hex.
 //! - `{prefix}.revoked`: every replica, a revoked certificate's serial (hex).
+//! - `{prefix}.replicas`: every replica says it is alive every [`HEARTBEAT`] (its name); a
+//!   replica not heard from for three heartbeats is gone from [`Cluster::members`].
 
 use std::time::Duration;
 
@@ -19,6 +21,9 @@ use crate::config::ClusterSettings;
 
 /// How long a replica waits for NATS at start before giving up with an error.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a replica tells the others it is alive.
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
+
 /// How long start-up retries a JetStream step: a NATS cluster that has just started needs a
 /// few seconds to elect its JetStream leader.
 const JETSTREAM_START: Duration = Duration::from_secs(30);
@@ -106,6 +111,8 @@ pub struct Cluster {
     /// The runtime the orders are sent and served on, so that code on any thread (a blocking
     /// store call, an MQTT worker) can hand one over.
     runtime: tokio::runtime::Handle,
+    /// Replicas heard from, with when.
+    seen: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, std::time::Instant>>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -158,12 +165,69 @@ impl Cluster {
             .connect(servers)
             .await
             .map_err(|e| anyhow::anyhow!("connecting to NATS at {urls} (cluster.nats_url): {e}"))?;
-        Ok(Cluster {
+        let cluster = Cluster {
             client,
             prefix: settings.subject_prefix.clone(),
             replica,
             runtime: tokio::runtime::Handle::current(),
-        })
+            seen: Default::default(),
+        };
+        cluster.start_heartbeats().await?;
+        Ok(cluster)
+    }
+
+    fn members_subject(&self) -> String {
+        format!("{}.replicas", self.prefix)
+    }
+
+    /// Says this replica is alive every [`HEARTBEAT`], and notes who else does.
+    async fn start_heartbeats(&self) -> anyhow::Result<()> {
+        let mut heard = self
+            .client
+            .subscribe(self.members_subject())
+            .await
+            .map_err(|e| anyhow::anyhow!("subscribing to {}: {e}", self.members_subject()))?;
+        let seen = std::sync::Arc::downgrade(&self.seen);
+        self.runtime.spawn(async move {
+            while let Some(message) = heard.next().await {
+                let Some(seen) = seen.upgrade() else { return };
+                if let Ok(name) = std::str::from_utf8(&message.payload) {
+                    let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+                    seen.insert(name.to_string(), std::time::Instant::now());
+                }
+            }
+        });
+        let (client, subject, name) = (
+            self.client.clone(),
+            self.members_subject(),
+            Bytes::from(self.replica.clone()),
+        );
+        let alive = std::sync::Arc::downgrade(&self.seen);
+        self.runtime.spawn(async move {
+            let mut every = tokio::time::interval(HEARTBEAT);
+            // Ends with the cluster (its `seen` map is gone).
+            while alive.strong_count() > 0 {
+                every.tick().await;
+                let _ = client.publish(subject.clone(), name.clone()).await;
+            }
+        });
+        Ok(())
+    }
+
+    /// The replicas heard from in the last three heartbeats, this one included, by name.
+    pub fn members(&self) -> Vec<String> {
+        let now = std::time::Instant::now();
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let mut members: Vec<String> = seen
+            .iter()
+            .filter(|(_, at)| now.duration_since(**at) < 3 * HEARTBEAT)
+            .map(|(name, _)| name.clone())
+            .collect();
+        if !members.contains(&self.replica) {
+            members.push(self.replica.clone());
+            members.sort();
+        }
+        members
     }
 
     /// The bucket `{prefix}_{name}` (dots in the prefix become `_`), created if missing, with

@@ -189,6 +189,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev:
     let state = web::Data::new(AppState {
         hub: hub.clone(),
         dps,
+        cluster: cluster.clone(),
         store: store.clone(),
         settings: settings.clone(),
         instance: instance.clone(),

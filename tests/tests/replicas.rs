@@ -558,6 +558,10 @@ fn killing_a_replica_loses_no_acknowledged_telemetry() {
     }
     let outcomes = registrar.join().expect("registrar");
 
+    // The survivors stop listing the killed replica after three missed heartbeats.
+    eventually(Duration::from_secs(15), "the killed replica leaves", || {
+        health(&replicas, 0).1["replica"]["replicas"] == json!(["r1", "r2"])
+    });
     let acked = acked.lock().unwrap();
     assert!(
         before > 0 && acked.messages.len() > before,
@@ -699,4 +703,66 @@ fn losing_a_nats_server_loses_no_acknowledged_telemetry_and_delivery_goes_on() {
         "{} acknowledged messages with a NATS server killed, all stored",
         acked.len()
     );
+}
+
+/// `/healthz` of replica `i`: status code and body.
+fn health(replicas: &Replicas, i: usize) -> (u16, Value) {
+    let node = &replicas.nodes[i];
+    let client = zerotouch_tests::client_trusting(&node.ca_bundle(), None);
+    let (status, body, _) = send(client.get(node.url("/healthz")));
+    (status, body)
+}
+
+/// Polls `check` every 200 ms until it holds; panics after `limit`.
+fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "{what}: not after {limit:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_replica_without_nats_refuses_devices_until_it_is_back() {
+    let mut replicas = Replicas::start(2);
+    eventually(Duration::from_secs(10), "both replicas listed", || {
+        health(&replicas, 0).1["replica"]["replicas"] == json!(["r1", "r2"])
+    });
+    let (status, body) = health(&replicas, 1);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["replica"]["name"], "r2");
+    assert_eq!(body["replica"]["nats"], "connected");
+    let (key, _) = replicas.create_device(0, "patient");
+
+    replicas.nats[0].kill();
+    eventually(Duration::from_secs(10), "health says NATS is gone", || {
+        let (status, body) = health(&replicas, 1);
+        status == 503 && body["replica"]["nats"] == "disconnected"
+    });
+    let node = &replicas.nodes[1];
+    let expiry = zerotouch_service::time::now_unix() + 3600;
+    let token =
+        symmetric_key::sign(&format!("{HUB}/devices/patient"), &key, expiry, None).expect("sign");
+    let username = format!("{HUB}/patient/?api-version={HUB_API}");
+    let login = Login {
+        client_id: "patient",
+        username: &username,
+        password: Some(&token),
+        identity: None,
+        clean_session: true,
+    };
+    let refused = mqtt::connect_to(&node.ip, 8883, &node.ca_bundle(), &login).err();
+    assert_eq!(
+        refused,
+        Some(mqtt::ConnectFailure::Refused(
+            rumqttc::ConnectReturnCode::ServiceUnavailable
+        ))
+    );
+
+    replicas.nats[0].restart();
+    eventually(Duration::from_secs(20), "health recovers with NATS", || {
+        health(&replicas, 1).0 == 200
+    });
+    let device = mqtt::connect_to(&node.ip, 8883, &node.ca_bundle(), &login);
+    assert!(device.is_ok(), "{:?}", device.err());
 }

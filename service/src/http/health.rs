@@ -26,11 +26,35 @@ async fn healthz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let checked = web::block(move || store.ping().and_then(|()| store.check_writable()))
         .await
         .map_err(ApiError::internal)?;
+    // Replica mode: which replicas are there, and whether this one reaches NATS.
+    let replica = state.cluster.as_ref().map(|cluster| {
+        json!({
+            "name": cluster.replica(),
+            "nats": if cluster.connected() { "connected" } else { "disconnected" },
+            "replicas": cluster.members(),
+        })
+    });
+    let nats_down = state.cluster.as_ref().is_some_and(|c| !c.connected());
     Ok(match checked {
-        Ok(()) => HttpResponse::Ok().json(json!({
-            "status": "ok",
-            "idScope": state.instance.id_scope,
-        })),
+        Ok(()) if nats_down => {
+            tracing::warn!("health check: NATS cannot be reached");
+            HttpResponse::ServiceUnavailable()
+                .insert_header(("retry-after", "5"))
+                .json(json!({
+                    "status": "degraded",
+                    "store": "ok",
+                    "reason": "NATS cannot be reached: new device connections are refused until it is back",
+                    "idScope": state.instance.id_scope,
+                    "replica": replica,
+                }))
+        }
+        Ok(()) => {
+            let mut body = json!({"status": "ok", "idScope": state.instance.id_scope});
+            if let Some(replica) = replica {
+                body["replica"] = replica;
+            }
+            HttpResponse::Ok().json(body)
+        }
         Err(fault) => {
             tracing::warn!(%fault, "health check: the store is degraded");
             HttpResponse::ServiceUnavailable()
@@ -40,6 +64,7 @@ async fn healthz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
                     "store": store_state(&fault),
                     "reason": reason(&fault),
                     "idScope": state.instance.id_scope,
+                    "replica": replica.unwrap_or(serde_json::Value::Null),
                 }))
         }
     })

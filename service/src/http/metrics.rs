@@ -60,6 +60,7 @@ impl Metrics {
         &self,
         hub: Option<&Hub>,
         dps: Option<&crate::dps::Dps>,
+        cluster: Option<&crate::cluster::Cluster>,
     ) -> Result<String, ApiError> {
         let mut buffer = Vec::new();
         let mut families = self.registry.gather();
@@ -73,6 +74,9 @@ impl Metrics {
         render_process(&mut text);
         if let Some(hub) = hub {
             render_hub(hub, &mut text);
+        }
+        if let Some(cluster) = cluster {
+            render_cluster(cluster, &mut text);
         }
         Ok(text)
     }
@@ -104,6 +108,25 @@ fn render_process(out: &mut String) {
          written or kept up\n# TYPE zerotouch_log_lines_dropped_total counter\n\
          zerotouch_log_lines_dropped_total {}",
         crate::logging::dropped_lines()
+    );
+}
+
+/// Replica mode: NATS and the replicas heard from.
+fn render_cluster(cluster: &crate::cluster::Cluster, out: &mut String) {
+    use std::fmt::Write as _;
+    let _ = writeln!(
+        out,
+        "# HELP zerotouch_cluster_nats_connected 1 while this replica's NATS connection is up\n\
+         # TYPE zerotouch_cluster_nats_connected gauge\n\
+         zerotouch_cluster_nats_connected {}",
+        u8::from(cluster.connected())
+    );
+    let _ = writeln!(
+        out,
+        "# HELP zerotouch_cluster_replicas Replicas heard from in the last three heartbeats, \
+         this one included\n# TYPE zerotouch_cluster_replicas gauge\n\
+         zerotouch_cluster_replicas {}",
+        cluster.members().len()
     );
 }
 
@@ -187,9 +210,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
-        .body(
-            state
-                .metrics
-                .render(state.hub.as_deref(), state.dps.as_deref())?,
-        ))
+        .body(state.metrics.render(
+            state.hub.as_deref(),
+            state.dps.as_deref(),
+            state.cluster.as_deref(),
+        )?))
 }

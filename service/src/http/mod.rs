@@ -49,6 +49,8 @@ pub struct AppState {
     pub hub: Option<Arc<crate::hub::Hub>>,
     /// The device registration service, when this process runs provisioning.
     pub dps: Option<Arc<crate::dps::Dps>>,
+    /// Replica mode: the other replicas, through NATS.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     pub settings: Settings,
     pub instance: Arc<Instance>,
     pub metrics: metrics::Metrics,

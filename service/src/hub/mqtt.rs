@@ -114,6 +114,14 @@ impl Application for HubApplication {
         outbound: Outbound,
     ) -> BoxFuture<'_, Result<Accepted, Refusal>> {
         Box::pin(async move {
+            // A replica without NATS could neither hear its devices' orders nor store their
+            // telemetry: devices retry (0x03), through the load balancer, on another replica.
+            if let Some(cluster) = self.hub.cluster()
+                && !cluster.connected()
+            {
+                tracing::warn!("device connection refused: NATS cannot be reached");
+                return Err(Refusal::ServerUnavailable);
+            }
             match self.authenticate(&request).await {
                 Ok((device_id, expires_at, method)) => {
                     tracing::info!(device_id, method, "device authenticated");
