@@ -170,7 +170,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev:
         None
     };
     if let (Some(dps), Some(cluster)) = (&dps, &cluster) {
-        dps.join_replicas(cluster, settings.cluster.stream_replicas)
+        dps.join_replicas(cluster.clone(), settings.cluster.stream_replicas)
             .await
             .context("sharing registration state through NATS JetStream")?;
     }

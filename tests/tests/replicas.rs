@@ -766,3 +766,78 @@ fn a_replica_without_nats_refuses_devices_until_it_is_back() {
     let device = mqtt::connect_to(&node.ip, 8883, &node.ca_bundle(), &login);
     assert!(device.is_ok(), "{:?}", device.err());
 }
+
+#[test]
+fn a_certificate_revoked_through_one_replica_drops_its_device_on_another() {
+    use base64::Engine as _;
+    use zerotouch_tests::pki;
+    const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+    let replicas = Replicas::start(2);
+    let id = "x509-dev";
+    let (status, enrollment, _) = send(
+        replicas
+            .dps_api(0)
+            .request(Method::PUT, &format!("/enrollments/{id}"), DPS_API)
+            .json(&json!({"attestation": {"type": "symmetricKey"}})),
+    );
+    assert_eq!(status, 200, "{enrollment}");
+    let key = enrollment["attestation"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .expect("key");
+    let (csr, device_key) = pki::csr(id);
+    let node = &replicas.nodes[0];
+    let state = zerotouch_tests::cluster::register(
+        &zerotouch_tests::client_trusting(&node.ca_bundle(), None),
+        &format!("https://{}:{HTTPS_PORT}", node.ip),
+        &replicas.id_scope,
+        id,
+        key,
+        Some(&json!({"csr": B64.encode(&csr)})),
+    );
+    assert_eq!(state["status"], "assigned", "{state}");
+    let chain: Vec<String> = state["issuedCertificateChain"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no certificate chain: {state}"))
+        .iter()
+        .map(|c| pki::pem_of_der(&B64.decode(c.as_str().expect("DER")).expect("base64")))
+        .collect();
+    let device_key = device_key.serialize_pem();
+    let serial = openssl::x509::X509::from_pem(chain[0].as_bytes())
+        .and_then(|cert| cert.serial_number().to_bn())
+        .and_then(|serial| serial.to_hex_str().map(|s| s.to_string()))
+        .expect("serial");
+
+    // The device connects to replica 1 with its certificate.
+    let holder = &replicas.nodes[1];
+    let username = format!("{HUB}/{id}/?api-version={HUB_API}");
+    let mut device = mqtt::connect_to(
+        &holder.ip,
+        8883,
+        &holder.ca_bundle(),
+        &Login {
+            client_id: id,
+            username: &username,
+            password: None,
+            identity: Some((&chain.concat(), &device_key)),
+            clean_session: true,
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:?}\n{}", holder.log_text()));
+
+    // Revoked through replica 0: replica 1 drops the connection within a second.
+    let start = Instant::now();
+    let (status, body, _) = send(
+        replicas
+            .dps_api(0)
+            .request(
+                Method::POST,
+                &format!("/certificates/issued/{serial}/revoke"),
+                DPS_API,
+            )
+            .json(&json!({"reason": "keyCompromise"})),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_closed_within(&mut device, Duration::from_secs(1), "a revoked certificate");
+    eprintln!("revoked device dropped after {:?}", start.elapsed());
+}

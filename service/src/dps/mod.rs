@@ -490,11 +490,14 @@ impl Dps {
         if let Some(error) = failure {
             return Err(error);
         }
-        // Replica mode: another replica may run (or have failed) the operation.
+        // Replica mode: another replica may run (or have failed) the operation. One that runs
+        // on a replica that has since died is finished, if at all, in the record below.
         if let Some(shared) = self.shared_operation(operation_id).await
             && shared
                 .registration_id()
                 .eq_ignore_ascii_case(registration_id)
+            && !matches!(&shared, replicas::SharedOperation::Running { replica, .. }
+                if !self.replica_alive(replica))
         {
             return match shared {
                 replicas::SharedOperation::Running { .. } => Ok(Outcome {
@@ -505,6 +508,7 @@ impl Dps {
                 replicas::SharedOperation::Failed { error, .. } => Err(error.into()),
             };
         }
+        // Not recorded (nor running anywhere alive): the device registers again.
         let (record, doc) = self
             .registration(registration_id)
             .await?

@@ -10,6 +10,7 @@
 //! The in-process maps stay the working set: a replica writes through to the buckets and reads
 //! from them on a miss.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -24,7 +25,7 @@ const OPERATION_AGE: Duration = Duration::from_secs(15 * 60);
 pub(crate) struct Shared {
     operations: Bucket,
     challenges: Bucket,
-    replica: String,
+    cluster: Arc<Cluster>,
 }
 
 /// An operation as the replicas share it.
@@ -110,7 +111,7 @@ impl Dps {
     /// Turns replica mode on for DPS: operations and TPM challenges are shared.
     pub async fn join_replicas(
         &self,
-        cluster: &Cluster,
+        cluster: Arc<Cluster>,
         stream_replicas: usize,
     ) -> anyhow::Result<()> {
         let challenge_age = Duration::from_secs(self.challenge_lifetime.max(1));
@@ -121,7 +122,7 @@ impl Dps {
             challenges: cluster
                 .bucket("tpm_challenges", challenge_age, stream_replicas)
                 .await?,
-            replica: cluster.replica().to_string(),
+            cluster,
         };
         if self.shared.set(shared).is_err() {
             anyhow::bail!("DPS already runs in replica mode");
@@ -136,7 +137,7 @@ impl Dps {
         };
         let state = SharedOperation::Running {
             registration_id: registration_id.to_ascii_lowercase(),
-            replica: shared.replica.clone(),
+            replica: shared.cluster.replica().to_string(),
         };
         put_json(&shared.operations, operation_id, &state).await;
     }
@@ -166,6 +167,13 @@ impl Dps {
                 }
             }
         }
+    }
+
+    /// Whether the replica `name` is alive (heard from lately).
+    pub(super) fn replica_alive(&self, name: &str) -> bool {
+        self.shared
+            .get()
+            .is_none_or(|shared| shared.cluster.members().iter().any(|m| m == name))
     }
 
     /// An operation another replica runs or ran.
