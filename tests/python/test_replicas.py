@@ -1,0 +1,146 @@
+"""Replica mode with the unmodified Azure SDKs: three `zerotouch` processes on one PostgreSQL
+database and a private NATS server (`[cluster]`), each on a loopback address of its own. Python
+SDK devices are spread over the replicas; the `azure-iot-hub` service SDK talks to one replica
+only, and its methods, desired patches and C2D reach the devices on the other two. Telemetry of
+every device is read back through that one replica."""
+
+import base64
+import os
+import queue
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from azure.iot.device import Message, MethodResponse
+from azure.iot.hub import IoTHubRegistryManager
+from azure.iot.hub.models import CloudToDeviceMethod, Twin, TwinProperties
+
+from conftest import BINARY, PG_ADMIN_URL, Server, psql
+from test_hub_sdk import device_client, new_key, service, stored_messages, wait_for
+
+
+def start_nats(directory: Path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(directory / "nats.log", "ab")
+    process = subprocess.Popen(
+        ["nats-server", "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(directory / "js")],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return process, f"nats://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("nats-server did not start")
+
+
+@pytest.fixture(scope="module")
+def replicas():
+    if BINARY.exists() is False:
+        pytest.fail(f"{BINARY} is missing: build it with cargo build --bin zerotouch")
+    if os.environ.get("ZEROTOUCH_TEST_SKIP_PG") == "1":
+        pytest.skip("replica mode needs PostgreSQL (ZEROTOUCH_TEST_SKIP_PG=1)")
+    database = f"zt_py_{uuid.uuid4().hex[:12]}"
+    psql(f"CREATE DATABASE {database}")
+    nodes = []
+    with tempfile.TemporaryDirectory() as tmp:
+        nats, nats_url = start_nats(Path(tmp))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ZEROTOUCH__")}
+        env["ZEROTOUCH__DATABASE__URL"] = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + database
+        env["ZEROTOUCH__CLUSTER__NATS_URL"] = nats_url
+        env["ZEROTOUCH__TELEMETRY__MAX_BYTES"] = str(256 << 20)
+        env["ZEROTOUCH_CA_KEK"] = base64.b64encode(os.urandom(32)).decode()
+        try:
+            for i in range(3):
+                (Path(tmp) / f"r{i}").mkdir()
+                node = Server(Path(tmp) / f"r{i}" / "data", {**env, "ZEROTOUCH__CLUSTER__REPLICA": f"r{i}"})
+                node.wait_ready()
+                nodes.append(node)
+            yield nodes
+        finally:
+            for node in nodes:
+                node.stop()
+            nats.kill()
+            nats.wait()
+            psql(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+
+
+def test_the_service_sdk_on_one_replica_reaches_devices_on_the_others(replicas):
+    front = replicas[0]
+    # One CA for all three: a replica with an empty data dir took it from the database.
+    bundles = {Path(r.credentials["caBundlePath"]).read_text() for r in replicas}
+    assert len(bundles) == 1
+    os.environ["REQUESTS_CA_BUNDLE"] = front.credentials["caBundlePath"]
+    registry = IoTHubRegistryManager.from_connection_string(front.credentials["hubConnectionString"])
+
+    clients = []
+    try:
+        for i, replica in enumerate(replicas):
+            device_id = f"spread-{i}-{uuid.uuid4().hex[:6]}"
+            key = new_key()
+            registry.create_device_with_sas(device_id, key, new_key(), "enabled")
+            # Each device dials its own replica (HostName is the replica's address).
+            client = device_client(replica, device_id, key)
+            desired, methods, c2d = queue.Queue(), queue.Queue(), queue.Queue()
+            client.on_twin_desired_properties_patch_received = desired.put
+
+            def on_method(request, client=client, methods=methods):
+                methods.put(request.name)
+                client.send_method_response(
+                    MethodResponse.create_from_method_request(request, 200, {"echo": request.payload})
+                )
+
+            client.on_method_request_received = on_method
+            client.on_message_received = c2d.put
+            client.connect()
+            client.send_message(Message(f'{{"replica": {i}}}', message_id=f"m-{i}"))
+            clients.append((device_id, client, desired, methods, c2d))
+
+        for i, (device_id, client, desired, methods, c2d) in enumerate(clients):
+            # Reported through the device's replica, visible through the front one.
+            client.patch_twin_reported_properties({"replica": i})
+            deadline = time.time() + 10
+            while registry.get_twin(device_id).properties.reported.get("replica") != i:
+                assert time.time() < deadline, f"{device_id}: reported patch not visible"
+                time.sleep(0.2)
+
+            # Direct method.
+            response = registry.invoke_device_method(
+                device_id, CloudToDeviceMethod(method_name="where", payload={"ask": i}, response_timeout_in_seconds=10)
+            )
+            assert response.status == 200
+            assert response.payload == {"echo": {"ask": i}}
+            assert wait_for(methods) == "where"
+
+            # Desired patch.
+            twin = registry.get_twin(device_id)
+            registry.update_twin(device_id, Twin(properties=TwinProperties(desired={"rate": 10 + i})), twin.etag)
+            patch = wait_for(desired, match=lambda p: "rate" in p)
+            assert patch["rate"] == 10 + i
+
+            # C2D (HTTPS service endpoint of the front replica).
+            r = service(front, "POST", f"/devices/{device_id}/messages/deviceBound", data=f"to-{i}".encode())
+            assert r.status_code == 204, r.text
+            assert wait_for(c2d).data == f"to-{i}".encode()
+
+            # Connected, as seen from the front replica.
+            assert registry.get_device(device_id).connection_state == "Connected"
+
+            # Telemetry, read back through the front replica from the shared stream.
+            stored = stored_messages(front, device_id)
+            assert len(stored) == 1, stored
+            assert base64.b64decode(stored[0]["body"]) == f'{{"replica": {i}}}'.encode()
+            assert stored[0]["systemProperties"]["message-id"] == f"m-{i}"
+    finally:
+        for _, client, *_ in clients:
+            client.shutdown()
