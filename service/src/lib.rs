@@ -21,7 +21,6 @@ pub mod logging;
 pub mod mqtt;
 pub mod pki;
 pub mod server;
-pub mod shared_ca;
 pub mod telemetry;
 pub mod time;
 pub mod tls;

@@ -6,14 +6,13 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
 use bytes::Bytes;
 
 use super::error::{HubError, HubErrorCode};
-use super::replicas::{MethodCall, MethodOutcome};
 use super::{Hub, HubMetrics};
 use crate::mqtt::QoS;
 
@@ -38,6 +37,39 @@ pub struct MethodRequest {
 pub struct MethodResponse {
     pub status: i64,
     pub payload: Value,
+}
+
+/// A method call carried to the replica that holds the device.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MethodCall {
+    pub method_name: String,
+    /// The payload as the device receives it (JSON text, or empty).
+    pub body: String,
+    pub response_timeout_in_seconds: u64,
+}
+
+/// How a carried method call ended.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "camelCase")]
+pub enum MethodOutcome {
+    Answered {
+        status: i64,
+        payload: Value,
+    },
+    /// The device is not subscribed to methods (or left before it was asked).
+    NotListening,
+    /// The device did not answer within the call's timeout.
+    TimedOut,
+}
+
+impl MethodOutcome {
+    pub fn from_response(response: MethodResponse) -> MethodOutcome {
+        MethodOutcome::Answered {
+            status: response.status,
+            payload: response.payload,
+        }
+    }
 }
 
 /// Calls waiting for their device's answer, by request id.

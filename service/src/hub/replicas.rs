@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::Hub;
-use super::methods::MethodResponse;
+use super::methods::{MethodCall, MethodOutcome};
 use crate::cluster::{Cluster, Order};
 
 /// How long the registry waits for another replica to report a connection's state.
@@ -35,39 +35,6 @@ impl Stamp {
         Stamp {
             nanos: u64::try_from(nanos).unwrap_or(0),
             replica: replica.to_string(),
-        }
-    }
-}
-
-/// A method call carried to the replica that holds the device.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct MethodCall {
-    pub method_name: String,
-    /// The payload as the device receives it (JSON text, or empty).
-    pub body: String,
-    pub response_timeout_in_seconds: u64,
-}
-
-/// How a carried method call ended.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "outcome", rename_all = "camelCase")]
-pub enum MethodOutcome {
-    Answered {
-        status: i64,
-        payload: Value,
-    },
-    /// The device is not subscribed to methods (or left before it was asked).
-    NotListening,
-    /// The device did not answer within the call's timeout.
-    TimedOut,
-}
-
-impl MethodOutcome {
-    pub fn from_response(response: MethodResponse) -> MethodOutcome {
-        MethodOutcome::Answered {
-            status: response.status,
-            payload: response.payload,
         }
     }
 }

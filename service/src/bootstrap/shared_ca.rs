@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 
-use crate::bootstrap::{Paths, create_private_dir, write_atomic};
+use super::{Paths, create_private_dir, write_atomic};
 use crate::db::DocumentStore;
 
 /// The setting that holds the CA files: a JSON object, path under `ca/` → file text.

@@ -9,6 +9,8 @@
 //! sharing one PostgreSQL database agree on them. CA and TLS keys live in the data dir, written
 //! with mode 0600; replicas share the data dir's `ca/` folder.
 
+pub mod shared_ca;
+
 use std::fmt;
 use std::fs;
 use std::io::Write as _;
@@ -117,14 +119,14 @@ pub fn bootstrap(settings: &Settings, store: &dyn DocumentStore) -> anyhow::Resu
     }
     // A replica's empty data dir takes the shared CA; otherwise this start creates one.
     let restored =
-        replica && !paths.intermediate_cert.exists() && crate::shared_ca::restore(store, &paths)?;
+        replica && !paths.intermediate_cert.exists() && shared_ca::restore(store, &paths)?;
     let created = !restored && !paths.intermediate_cert.exists();
     let load = || match &settings.ca.pkcs11 {
         Some(p11) => load_ca_with_token_key(&paths, p11, kek.as_ref()),
         None => load_or_create_ca(&paths, &id_scope, kek.as_ref()),
     };
     let mut ca = load()?;
-    if replica && crate::shared_ca::publish(store, &paths, created)? {
+    if replica && shared_ca::publish(store, &paths, created)? {
         ca = load()?;
     }
     write_public(&paths.ca_bundle, &ca.trust_bundle_pem())?;
