@@ -442,7 +442,8 @@ fn killing_a_replica_loses_no_acknowledged_telemetry() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
 
-    let mut replicas = Replicas::start(3);
+    // Three replicas on a three-server NATS cluster, streams on all three.
+    let mut replicas = Replicas::start_on(3, NatsServer::cluster3(), 3);
     const DEVICES: usize = 12;
     let keys: Vec<String> = (0..DEVICES)
         .map(|d| replicas.create_device(0, &format!("sender-{d}")).0)
