@@ -19,12 +19,18 @@ const DPS_API: &str = "2021-10-01";
 /// dial a replica's own address.
 const HUB: &str = "hub.replicas.test";
 
+/// The tests of this file run one at a time: each starts several servers and NATS, and the
+/// one-second bounds (revocation, disable) are about the product, not about a machine
+/// running eight clusters at once.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 struct Replicas {
     nodes: Vec<Node>,
     hub_connection_string: String,
     dps_connection_string: String,
     id_scope: String,
     nats: Vec<NatsServer>,
+    _turn: std::sync::MutexGuard<'static, ()>,
     _kek: tempfile::TempDir,
     // Dropped last: the replicas stop before their database goes.
     _pg: TempPostgres,
@@ -37,6 +43,9 @@ impl Replicas {
 
     /// `count` replicas on the NATS servers `nats`, streams kept on `stream_replicas` of them.
     fn start_on(count: u8, nats: Vec<NatsServer>, stream_replicas: usize) -> Replicas {
+        let turn = ONE_AT_A_TIME
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let urls: Vec<String> = nats.iter().map(NatsServer::url).collect();
         let pg = TempPostgres::create().expect("PostgreSQL is needed for the replica tests");
         let kek = tempfile::tempdir().expect("tempdir");
@@ -67,6 +76,7 @@ impl Replicas {
             dps_connection_string: text("dpsConnectionString"),
             id_scope: text("idScope"),
             nats,
+            _turn: turn,
             _kek: kek,
             _pg: pg,
         }
@@ -372,12 +382,22 @@ fn read_all_events(replicas: &Replicas, i: usize) -> Vec<Value> {
     let api = replicas.api(i);
     let mut out = Vec::new();
     let mut from = 0;
+    let mut unavailable_since: Option<Instant> = None;
     loop {
         let (status, page, _) = send(api.request(
             Method::GET,
             &format!("/messages/events?from={from}&limit=1000"),
             HUB_API,
         ));
+        // 503 while JetStream elects a new leader after losing a server: a reader retries.
+        if status == 503
+            && unavailable_since.get_or_insert_with(Instant::now).elapsed()
+                < Duration::from_secs(20)
+        {
+            std::thread::sleep(Duration::from_millis(250));
+            continue;
+        }
+        unavailable_since = None;
         assert_eq!(status, 200, "{page}");
         let messages = page["messages"].as_array().expect("messages").clone();
         if messages.is_empty() {

@@ -49,6 +49,8 @@ const POLL_EVERY: Duration = Duration::from_millis(100);
 
 pub struct StreamLog {
     jetstream: async_nats::jetstream::Context,
+    /// For direct gets, which any server holding a copy answers: no stream info call per read.
+    stream: stream::Stream,
     name: String,
     /// `{prefix}.telemetry`
     subjects: String,
@@ -102,6 +104,7 @@ impl StreamLog {
         tracing::info!(stream = %name, last_offset = last, "telemetry stream opened");
         Ok(StreamLog {
             jetstream,
+            stream,
             name,
             subjects,
             last: AtomicI64::new(last),
@@ -155,11 +158,7 @@ impl StreamLog {
         limit: usize,
         device_id: Option<&str>,
     ) -> Result<Vec<StoredMessage>, StoreError> {
-        let stream = self
-            .jetstream
-            .get_stream(&self.name)
-            .await
-            .map_err(|e| unavailable("opening it", e))?;
+        let stream = &self.stream;
         let filter = match device_id {
             Some(device) => self.subject(device),
             None => format!("{}.>", self.subjects),
