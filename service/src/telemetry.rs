@@ -369,6 +369,13 @@ impl Telemetry {
     /// Deletes messages older than `max_age`, then the oldest until the stored bytes are at
     /// most `max_bytes`; returns how many were deleted. Synchronous (`spawn_blocking`). The
     /// writer also does this by itself every [`Retention::check_every`].
+    /// Publishes a hub event (replica mode: the events stream); without NATS, nothing.
+    pub fn event(&self, event: stream::HubEvent) {
+        if let Log::Stream(log) = &self.log {
+            log.event(event);
+        }
+    }
+
     /// In replica mode JetStream enforces the stream's limits itself: 0.
     pub fn enforce_retention(&self) -> Result<u64, StoreError> {
         let Log::Table(inner) = &self.log else {

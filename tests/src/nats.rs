@@ -138,3 +138,43 @@ impl Drop for NatsServer {
         self.kill();
     }
 }
+
+/// One message read back from a stream.
+#[derive(Debug, Clone)]
+pub struct StreamedMessage {
+    pub subject: String,
+    pub headers: std::collections::BTreeMap<String, String>,
+    pub payload: Vec<u8>,
+}
+
+/// Every message of `stream` whose subject matches `filter`, oldest first, read with direct
+/// gets from the NATS server at `url`.
+pub fn read_stream(url: &str, stream: &str, filter: &str) -> Vec<StreamedMessage> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let client = async_nats::connect(url).await.expect("NATS");
+        let jetstream = async_nats::jetstream::new(client);
+        let stream = jetstream.get_stream(stream).await.expect("stream");
+        let mut out = Vec::new();
+        let mut next = 1;
+        while let Ok(message) = stream.direct_get_next_for_subject(filter, Some(next)).await {
+            next = message.sequence + 1;
+            let headers = message
+                .headers
+                .iter()
+                .filter_map(|(name, values)| {
+                    Some((name.to_string(), values.first()?.as_str().to_string()))
+                })
+                .collect();
+            out.push(StreamedMessage {
+                subject: message.subject.to_string(),
+                headers,
+                payload: message.payload.to_vec(),
+            });
+        }
+        out
+    })
+}

@@ -271,6 +271,50 @@ fn a_device_on_one_replica_is_reached_through_another() {
     assert_closed_within(&mut newer, Duration::from_secs(1), "a disabled device");
     eprintln!("disabled device dropped after {:?}", start.elapsed());
     assert_eq!(connection_state(&replicas, 1, "dev-b"), "Disconnected");
+
+    // The hub's events, in the events stream: created, connected twice and disconnected
+    // twice (on two replicas), the desired patch.
+    let subject_id = hex::encode("dev-b");
+    let events = || {
+        zerotouch_tests::nats::read_stream(
+            &replicas.nats[0].url(),
+            "ZEROTOUCH_EVENTS",
+            &format!("zerotouch.events.*.{subject_id}"),
+        )
+    };
+    let ops = |events: &[zerotouch_tests::nats::StreamedMessage]| -> Vec<String> {
+        events.iter().map(|e| e.headers["opType"].clone()).collect()
+    };
+    eventually(Duration::from_secs(5), "the events are stored", || {
+        let ops = ops(&events());
+        ops.iter().filter(|o| *o == "deviceDisconnected").count() == 2
+    });
+    let events = events();
+    let ops = ops(&events);
+    assert_eq!(
+        ops.iter().filter(|o| *o == "deviceConnected").count(),
+        2,
+        "{ops:?}"
+    );
+    assert_eq!(ops[0], "createDeviceIdentity", "{ops:?}");
+    let created = &events[0];
+    assert_eq!(
+        created.subject,
+        format!("zerotouch.events.lifecycle.{subject_id}")
+    );
+    assert_eq!(
+        created.headers["iothub-message-source"],
+        "deviceLifecycleEvents"
+    );
+    assert_eq!(created.headers["deviceId"], "dev-b");
+    assert_eq!(created.headers["hubName"], HUB);
+    let twin = events
+        .iter()
+        .find(|e| e.headers["opType"] == "updateTwin")
+        .expect("a twin change event");
+    assert_eq!(twin.headers["iothub-message-source"], "twinChangeEvents");
+    let change: Value = serde_json::from_slice(&twin.payload).expect("JSON");
+    assert_eq!(change["properties"]["desired"]["fan"], "on", "{change}");
 }
 
 #[test]

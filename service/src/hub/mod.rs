@@ -25,6 +25,7 @@ use zerotouch_twin::document::Twin;
 use crate::db::{Change, Collection, DocumentStore, StoreError, Write};
 use crate::mqtt::{Outbound, QoS};
 use crate::telemetry::Telemetry;
+use crate::telemetry::stream::{EventKind, HubEvent};
 use device::{ConnectionView, Device, NEVER};
 use error::{HubError, HubErrorCode};
 
@@ -198,6 +199,30 @@ impl Hub {
         let connection = outbound.connection_id();
         self.record_connection(device_id, outbound);
         self.listen_for_orders(device_id, connection);
+        self.connection_event(device_id, "deviceConnected");
+    }
+
+    /// Publishes a hub event (replica mode; see `telemetry::stream::HubEvent`).
+    fn event(&self, kind: EventKind, op_type: &'static str, device_id: &str, body: Value) {
+        self.telemetry.event(HubEvent {
+            kind,
+            op_type,
+            hub_name: self.hostname.clone(),
+            device_id: device_id.to_string(),
+            body,
+        });
+    }
+
+    /// A device's reported patch, as a twin change event.
+    pub fn reported_event(&self, device_id: &str, version: u64, patch: Value) {
+        let body = json!({"version": version, "properties": {"reported": patch}});
+        self.event(EventKind::Twin, "updateTwin", device_id, body);
+    }
+
+    fn connection_event(&self, device_id: &str, op_type: &'static str) {
+        let nanos = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
+        let body = json!({"sequenceNumber": format!("{nanos:032x}")});
+        self.event(EventKind::Connection, op_type, device_id, body);
     }
 
     fn record_connection(&self, device_id: &str, outbound: Outbound) {
@@ -234,6 +259,8 @@ impl Hub {
             activity
                 .state_updated
                 .insert(device_id.to_string(), crate::time::now_rfc3339());
+            drop(activity);
+            self.connection_event(device_id, "deviceDisconnected");
         }
     }
 
@@ -397,10 +424,15 @@ impl Hub {
         if previous.is_some_and(|p| p.credentials_changed(&device)) {
             self.close_connection(device_id);
         }
-        Ok(device.view(
+        let view = device.view(
             &bare_etag(&doc.etag),
             &self.connection_view(device_id).await,
-        ))
+        );
+        if created {
+            let op = "createDeviceIdentity";
+            self.event(EventKind::Lifecycle, op, device_id, view.clone());
+        }
+        Ok(view)
     }
 
     pub async fn device_view(&self, device_id: &str) -> Result<Value, HubError> {
@@ -432,6 +464,13 @@ impl Hub {
         })
         .await?;
         self.close_connection(device_id);
+        let body = json!({"deviceId": device_id});
+        self.event(
+            EventKind::Lifecycle,
+            "deleteDeviceIdentity",
+            device_id,
+            body,
+        );
         Ok(())
     }
 
@@ -550,6 +589,7 @@ impl Hub {
         replace: bool,
     ) -> Result<Value, HubError> {
         let (device, device_etag) = self.require_device(device_id).await?;
+        let change = json!({"properties": body.get("properties"), "tags": body.get("tags")});
         let (body, if_match) = (body.clone(), if_match.map(String::from));
         let (twin, notification) = self
             .update_twin(device_id, move |twin| {
@@ -573,6 +613,10 @@ impl Hub {
         if let Some(patch) = notification {
             self.notify_desired(device_id, &patch);
         }
+        let op = if replace { "replaceTwin" } else { "updateTwin" };
+        let mut change = change;
+        change["version"] = json!(twin.version());
+        self.event(EventKind::Twin, op, device_id, change);
         Ok(self.twin_service_view(&device, &device_etag, &twin).await)
     }
 

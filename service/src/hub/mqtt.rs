@@ -369,6 +369,7 @@ impl HubSession {
                 }
             };
             let now = crate::time::now_rfc3339();
+            let reported = patch.clone();
             let result = self
                 .hub
                 .update_twin(&self.device_id, move |twin| {
@@ -382,6 +383,7 @@ impl HubSession {
                 .await;
             match result {
                 Ok((_, version)) => {
+                    self.hub.reported_event(&self.device_id, version, reported);
                     self.respond_twin(204, &rid, &format!("&$version={version}"), Vec::new())
                 }
                 Err(e) => self.respond_twin(e.status().as_u16(), &rid, "", error_body(&e)),

@@ -18,6 +18,10 @@
 //!
 //! Header values are percent-encoded (RFC 3986) where they hold `%`, control characters or
 //! non-ASCII text; plain values read as they are.
+//!
+//! Beside it, the stream `{PREFIX}_EVENTS` (subjects `{prefix}.events.>`) carries the hub's
+//! events as IoT Hub sends them to its events endpoint: device lifecycle, connection state and
+//! twin changes ([`HubEvent`], docs/hub.md "Events").
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -47,6 +51,43 @@ const APP_PROPERTIES: &str = "Iothub-App-Properties";
 /// How often a long poll looks at the stream's last sequence.
 const POLL_EVERY: Duration = Duration::from_millis(100);
 
+/// What an event is about; its subject's third token and its `iothub-message-source`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Lifecycle,
+    Connection,
+    Twin,
+}
+
+impl EventKind {
+    fn token(self) -> &'static str {
+        match self {
+            EventKind::Lifecycle => "lifecycle",
+            EventKind::Connection => "connections",
+            EventKind::Twin => "twins",
+        }
+    }
+
+    fn source(self) -> &'static str {
+        match self {
+            EventKind::Lifecycle => "deviceLifecycleEvents",
+            EventKind::Connection => "deviceConnectionStateEvents",
+            EventKind::Twin => "twinChangeEvents",
+        }
+    }
+}
+
+/// A hub event: `op_type` is IoT Hub's (`createDeviceIdentity`, `deleteDeviceIdentity`,
+/// `deviceConnected`, `deviceDisconnected`, `updateTwin`, `replaceTwin`).
+#[derive(Debug, Clone)]
+pub struct HubEvent {
+    pub kind: EventKind,
+    pub op_type: &'static str,
+    pub hub_name: String,
+    pub device_id: String,
+    pub body: Value,
+}
+
 pub struct StreamLog {
     jetstream: async_nats::jetstream::Context,
     /// For direct gets, which any server holding a copy answers: no stream info call per read.
@@ -54,6 +95,8 @@ pub struct StreamLog {
     name: String,
     /// `{prefix}.telemetry`
     subjects: String,
+    /// `{prefix}.events`
+    events_prefix: String,
     /// The newest sequence this replica has seen (appended, or read in the stream's state).
     last: AtomicI64,
     messages: AtomicU64,
@@ -100,12 +143,28 @@ impl StreamLog {
         })
         .await
         .map_err(|e| unavailable("creating it", e))?;
+        let events = stream::Config {
+            name: format!("{}_EVENTS", prefix.replace('.', "_").to_uppercase()),
+            subjects: vec![format!("{prefix}.events.>")],
+            max_age: retention.max_age,
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            allow_direct: true,
+            discard: stream::DiscardPolicy::Old,
+            ..Default::default()
+        };
+        crate::cluster::at_start("creating the events stream", || {
+            jetstream.get_or_create_stream(events.clone())
+        })
+        .await
+        .map_err(|e| unavailable("creating the events stream", e))?;
         let last = i64::try_from(stream.cached_info().state.last_sequence).unwrap_or(i64::MAX);
         tracing::info!(stream = %name, last_offset = last, "telemetry stream opened");
         Ok(StreamLog {
             jetstream,
             stream,
             name,
+            events_prefix: format!("{prefix}.events"),
             subjects,
             last: AtomicI64::new(last),
             messages: AtomicU64::new(0),
@@ -213,6 +272,42 @@ impl StreamLog {
 
     pub fn last_offset(&self) -> i64 {
         self.last.load(Ordering::Relaxed)
+    }
+
+    /// Publishes a hub event in the background: the operation it reports does not wait for
+    /// it. A failure is logged (and the event lost, as with IoT Hub when no route takes it).
+    pub fn event(&self, event: HubEvent) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let subject = format!(
+            "{}.{}.{}",
+            self.events_prefix,
+            event.kind.token(),
+            hex::encode(event.device_id.as_bytes())
+        );
+        let value = |text: &str| utf8_percent_encode(text, VALUE).to_string();
+        let mut headers = HeaderMap::new();
+        headers.insert("iothub-message-source", event.kind.source());
+        headers.insert("opType", event.op_type);
+        headers.insert("hubName", value(&event.hub_name).as_str());
+        headers.insert("deviceId", value(&event.device_id).as_str());
+        let now = crate::time::rfc3339(time::OffsetDateTime::now_utc());
+        headers.insert("operationTimestamp", now.as_str());
+        let jetstream = self.jetstream.clone();
+        let body = event.body.to_string();
+        runtime.spawn(async move {
+            let stored = match jetstream
+                .publish_with_headers(subject, headers, body.into())
+                .await
+            {
+                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = stored {
+                tracing::warn!(device_id = %event.device_id, op_type = event.op_type, "a hub event was not stored: {e}");
+            }
+        });
     }
 
     pub fn stats(&self) -> TelemetryStats {
