@@ -906,3 +906,75 @@ fn a_certificate_revoked_through_one_replica_drops_its_device_on_another() {
     assert_closed_within(&mut device, Duration::from_secs(1), "a revoked certificate");
     eprintln!("revoked device dropped after {:?}", start.elapsed());
 }
+
+/// Runs SQL as the PostgreSQL admin (psql).
+fn admin_sql(sql: &str) {
+    let output = std::process::Command::new("psql")
+        .args([
+            zerotouch_tests::postgres_admin_url().as_str(),
+            "-q",
+            "-c",
+            sql,
+        ])
+        .output()
+        .expect("psql");
+    assert!(
+        output.status.success(),
+        "{sql}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn a_replica_without_its_database_refuses_devices_with_0x03_until_it_is_back() {
+    let replicas = Replicas::start(2);
+    let (key, _) = replicas.create_device(0, "steadfast");
+    let database = replicas
+        ._pg
+        .url
+        .rsplit('/')
+        .next()
+        .expect("name")
+        .to_string();
+    let node = &replicas.nodes[1];
+    let expiry = zerotouch_service::time::now_unix() + 3600;
+    let token =
+        symmetric_key::sign(&format!("{HUB}/devices/steadfast"), &key, expiry, None).expect("sign");
+    let username = format!("{HUB}/steadfast/?api-version={HUB_API}");
+    let login = Login {
+        client_id: "steadfast",
+        username: &username,
+        password: Some(&token),
+        identity: None,
+        clean_session: true,
+    };
+
+    admin_sql(&format!(
+        "ALTER DATABASE {database} ALLOW_CONNECTIONS false"
+    ));
+    admin_sql(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{database}'"
+    ));
+    eventually(
+        Duration::from_secs(30),
+        "health says the database is gone",
+        || health(&replicas, 1).0 == 503,
+    );
+    // Not "not authorized" (0x05, which makes SDKs give up): "server unavailable", retry.
+    let refused = mqtt::connect_to(&node.ip, 8883, &node.ca_bundle(), &login).err();
+    assert_eq!(
+        refused,
+        Some(mqtt::ConnectFailure::Refused(
+            rumqttc::ConnectReturnCode::ServiceUnavailable
+        ))
+    );
+
+    admin_sql(&format!("ALTER DATABASE {database} ALLOW_CONNECTIONS true"));
+    eventually(
+        Duration::from_secs(30),
+        "health recovers with the database",
+        || health(&replicas, 1).0 == 200,
+    );
+    let device = mqtt::connect_to(&node.ip, 8883, &node.ca_bundle(), &login);
+    assert!(device.is_ok(), "{:?}", device.err());
+}

@@ -146,6 +146,9 @@ pub enum DeviceAuthFailure {
     WrongMechanism,
     /// The certificate was issued by this service and has been revoked.
     Revoked,
+    /// The database could not be read: nothing is known about the device yet (a transient
+    /// refusal, not a verdict on its credentials).
+    StoreUnavailable,
 }
 
 impl DeviceAuthFailure {
@@ -163,6 +166,7 @@ impl DeviceAuthFailure {
             DeviceAuthFailure::NotForClientAuth => "not_for_client_auth",
             DeviceAuthFailure::WrongMechanism => "wrong_mechanism",
             DeviceAuthFailure::Revoked => "revoked_certificate",
+            DeviceAuthFailure::StoreUnavailable => "store_unavailable",
         }
     }
 }

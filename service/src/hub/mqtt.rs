@@ -18,6 +18,10 @@ use crate::mqtt::{
 };
 use crate::telemetry::NewMessage;
 
+/// How long a CONNECT may wait for the database before it is refused with 0x03 (server
+/// unavailable). Device SDKs give up on a CONNACK after 5 s or more.
+const AUTHENTICATION_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Largest telemetry message: body plus properties (256 KiB, as in IoT Hub).
 pub const MAX_MESSAGE: usize = 256 * 1024;
 
@@ -64,7 +68,7 @@ impl HubApplication {
             .hub
             .device(device_id)
             .await
-            .map_err(|_| DeviceAuthFailure::UnknownDevice)?
+            .map_err(|_| DeviceAuthFailure::StoreUnavailable)?
             .ok_or(DeviceAuthFailure::UnknownDevice)?;
         let now = crate::time::now_unix();
         if let Some(password) = request.password.as_deref().filter(|p| !p.is_empty()) {
@@ -73,7 +77,7 @@ impl HubApplication {
                 Some(name) => {
                     crate::db::blocking(self.hub.store(), move |s| auth::policy(s, &name))
                         .await
-                        .map_err(|_| DeviceAuthFailure::WrongKey)?
+                        .map_err(|_| DeviceAuthFailure::StoreUnavailable)?
                 }
                 None => None,
             };
@@ -88,14 +92,14 @@ impl HubApplication {
         let bundle = self.hub.trust_bundle();
         let trusted = crate::db::blocking(self.hub.store(), move |s| auth::trusted_cas(s, &bundle))
             .await
-            .map_err(|_| DeviceAuthFailure::UntrustedCertificate)?;
+            .map_err(|_| DeviceAuthFailure::StoreUnavailable)?;
         auth::verify_device_certificate(&device, &peer.leaf, &peer.chain, &trusted, now as i64)?;
         let leaf = peer.leaf.clone();
         let revoked = crate::db::blocking(self.hub.store(), move |s| {
             crate::pki::revocation_of(s, &leaf)
         })
         .await
-        .map_err(|_| DeviceAuthFailure::UntrustedCertificate)?;
+        .map_err(|_| DeviceAuthFailure::StoreUnavailable)?;
         if revoked.is_some() {
             return Err(DeviceAuthFailure::Revoked);
         }
@@ -122,7 +126,12 @@ impl Application for HubApplication {
                 tracing::warn!("device connection refused: NATS cannot be reached");
                 return Err(Refusal::ServerUnavailable);
             }
-            match self.authenticate(&request).await {
+            // A database that does not answer must not hold the device past its own connect
+            // timeout: it hears 0x03 and retries.
+            let verdict = tokio::time::timeout(AUTHENTICATION_WAIT, self.authenticate(&request))
+                .await
+                .unwrap_or(Err(DeviceAuthFailure::StoreUnavailable));
+            match verdict {
                 Ok((device_id, expires_at, method)) => {
                     tracing::info!(device_id, method, "device authenticated");
                     if let Some(peer) = request
@@ -144,6 +153,15 @@ impl Application for HubApplication {
                         }),
                         expires_at,
                     })
+                }
+                Err(DeviceAuthFailure::StoreUnavailable) => {
+                    // The device may be fine: it retries on 0x03 (here or, behind a load
+                    // balancer, on another replica); 0x05 would make it give up.
+                    tracing::warn!(
+                        client_id = %request.client_id,
+                        "device connection refused: the database cannot be read"
+                    );
+                    Err(Refusal::ServerUnavailable)
                 }
                 Err(failure) => {
                     self.hub.metrics.auth_failure(failure.reason());
