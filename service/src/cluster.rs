@@ -429,6 +429,45 @@ impl Bucket {
             .map_err(|e| ClusterError::Nats(e.to_string()))
     }
 
+    /// Adds one to the counter under `key` (0 when missing) and returns the new count; a
+    /// concurrent increment by another replica makes it try again (compare-and-set on the
+    /// entry's revision).
+    pub async fn increment(&self, key: &str) -> Result<u64, ClusterError> {
+        let key = hex::encode(key);
+        let nats = |e: &dyn std::fmt::Display| ClusterError::Nats(e.to_string());
+        for _ in 0..8 {
+            let entry = self.store.entry(key.as_str()).await.map_err(|e| nats(&e))?;
+            let written = match entry
+                .filter(|e| matches!(e.operation, async_nats::jetstream::kv::Operation::Put))
+            {
+                None => self
+                    .store
+                    .create(key.as_str(), Bytes::from_static(b"1"))
+                    .await
+                    .map(|_| 1)
+                    .ok(),
+                Some(entry) => {
+                    let count = std::str::from_utf8(&entry.value)
+                        .ok()
+                        .and_then(|t| t.parse::<u64>().ok())
+                        .unwrap_or(0)
+                        + 1;
+                    self.store
+                        .update(key.as_str(), count.to_string().into(), entry.revision)
+                        .await
+                        .map(|_| count)
+                        .ok()
+                }
+            };
+            if let Some(count) = written {
+                return Ok(count);
+            }
+        }
+        Err(ClusterError::Nats(
+            "a shared counter kept changing under us".into(),
+        ))
+    }
+
     pub async fn delete(&self, key: &str) -> Result<(), ClusterError> {
         self.store
             .delete(hex::encode(key))

@@ -148,7 +148,8 @@ pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev:
     );
     if let Some(hub) = &hub {
         if let Some(cluster) = &cluster {
-            hub.join_replicas(cluster.clone()).await?;
+            hub.join_replicas(cluster.clone(), settings.cluster.stream_replicas)
+                .await?;
         }
         let hub = hub.clone();
         pki.subscribe(Arc::new(move |serial| hub.certificate_revoked(serial)));

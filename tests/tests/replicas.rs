@@ -978,3 +978,43 @@ fn a_replica_without_its_database_refuses_devices_with_0x03_until_it_is_back() {
     let device = mqtt::connect_to(&node.ip, 8883, &node.ca_bundle(), &login);
     assert!(device.is_ok(), "{:?}", device.err());
 }
+
+#[test]
+fn the_reconnect_limit_counts_connects_on_every_replica() {
+    let replicas = Replicas::start(2);
+    let (key, _) = replicas.create_device(0, "restless");
+    let expiry = zerotouch_service::time::now_unix() + 3600;
+    let token =
+        symmetric_key::sign(&format!("{HUB}/devices/restless"), &key, expiry, None).expect("sign");
+    let username = format!("{HUB}/restless/?api-version={HUB_API}");
+    let login = Login {
+        client_id: "restless",
+        username: &username,
+        password: Some(&token),
+        identity: None,
+        clean_session: true,
+    };
+    // The count is per minute: start early in one, so that all connects fall into it.
+    let into_minute = zerotouch_service::time::now_unix() % 60;
+    if into_minute > 40 {
+        std::thread::sleep(Duration::from_secs(61 - into_minute));
+    }
+    // Alternating, each replica sees 15: under its own limit of 30 a minute.
+    let limit = 30;
+    for n in 0..limit {
+        let node = &replicas.nodes[n % 2];
+        let device = mqtt::connect_to(&node.ip, 8883, &node.ca_bundle(), &login)
+            .unwrap_or_else(|e| panic!("connect {n}: {e:?}"));
+        device.disconnect();
+    }
+    let node = &replicas.nodes[limit % 2];
+    let refused = mqtt::connect_to(&node.ip, 8883, &node.ca_bundle(), &login).err();
+    assert_eq!(
+        refused,
+        Some(mqtt::ConnectFailure::Refused(
+            rumqttc::ConnectReturnCode::ServiceUnavailable
+        )),
+        "connect {} of the minute, across replicas",
+        limit + 1
+    );
+}

@@ -71,6 +71,8 @@ pub struct Hub {
     twin_slots: tokio::sync::Semaphore,
     /// Replica mode: the other replicas, through NATS (`hub::replicas`).
     cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
+    /// Replica mode: limits counted together with the other replicas.
+    limits: std::sync::OnceLock<replicas::SharedLimits>,
 }
 
 /// Device twin requests served at once. Beyond this, a request waits at most
@@ -142,6 +144,7 @@ impl Hub {
             metrics: HubMetrics::default(),
             twin_slots: tokio::sync::Semaphore::new(TWIN_CONCURRENCY),
             cluster: std::sync::OnceLock::new(),
+            limits: std::sync::OnceLock::new(),
         }
     }
 

@@ -132,6 +132,14 @@ impl Application for HubApplication {
                 .await
                 .unwrap_or(Err(DeviceAuthFailure::StoreUnavailable));
             match verdict {
+                Ok((device_id, _, _)) if !self.hub.shared_connect_allowed(&device_id).await => {
+                    tracing::warn!(
+                        device_id,
+                        "device connection refused: over {} CONNECTs this minute across replicas",
+                        super::replicas::SHARED_CONNECTS_PER_MINUTE
+                    );
+                    Err(Refusal::ServerUnavailable)
+                }
                 Ok((device_id, expires_at, method)) => {
                     tracing::info!(device_id, method, "device authenticated");
                     if let Some(peer) = request

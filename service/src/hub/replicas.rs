@@ -22,6 +22,15 @@ use crate::cluster::{Cluster, Order};
 /// How long the registry waits for another replica to report a connection's state.
 const STATE_WAIT: Duration = Duration::from_millis(500);
 
+/// Accepted CONNECTs of one device per minute across all replicas (each replica's engine also
+/// allows `MqttLimits::reconnects_per_minute`, 30, on its own).
+pub const SHARED_CONNECTS_PER_MINUTE: u64 = 30;
+
+/// What the replicas count together.
+pub(super) struct SharedLimits {
+    connects: crate::cluster::Bucket,
+}
+
 /// A connection's place in the order of takeovers: newer wins; the replica name breaks ties.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Stamp {
@@ -63,7 +72,18 @@ impl Hub {
 
     /// Turns replica mode on: from now on orders for devices this replica does not hold go to
     /// the others, and revocations announced by any replica close connections here.
-    pub async fn join_replicas(self: &Arc<Self>, cluster: Arc<Cluster>) -> anyhow::Result<()> {
+    pub async fn join_replicas(
+        self: &Arc<Self>,
+        cluster: Arc<Cluster>,
+        stream_replicas: usize,
+    ) -> anyhow::Result<()> {
+        // Minute windows; two minutes of age keep the current and the previous one.
+        let connects = cluster
+            .bucket("connects", Duration::from_secs(120), stream_replicas)
+            .await?;
+        if self.limits.set(SharedLimits { connects }).is_err() {
+            anyhow::bail!("the hub already runs in replica mode");
+        }
         let hub = Arc::downgrade(self);
         cluster
             .on_revocation(move |serial| {
@@ -104,6 +124,27 @@ impl Hub {
             }
             // Gone already: dropping the listener stops the task.
             _ => {}
+        }
+    }
+
+    /// Counts an accepted CONNECT of the device across replicas; `false` beyond
+    /// [`SHARED_CONNECTS_PER_MINUTE`] in this minute. Without replica mode, or when NATS does
+    /// not answer, the local limit alone applies (`true`).
+    pub(super) async fn shared_connect_allowed(&self, device_id: &str) -> bool {
+        let Some(limits) = self.limits.get() else {
+            return true;
+        };
+        let minute = crate::time::now_unix() / 60;
+        match limits
+            .connects
+            .increment(&format!("{device_id}\n{minute}"))
+            .await
+        {
+            Ok(count) => count <= SHARED_CONNECTS_PER_MINUTE,
+            Err(e) => {
+                tracing::warn!(device_id, "the shared connect count failed: {e}");
+                true
+            }
         }
     }
 
