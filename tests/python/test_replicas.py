@@ -1,5 +1,5 @@
 """Replica mode with the unmodified Azure SDKs: three `zerotouch` processes on one PostgreSQL
-database and a private NATS server (`[cluster]`), each on a loopback address of its own. Python
+database and a private three-server NATS cluster with JetStream (`[cluster]`), each on a loopback address of its own. Python
 SDK devices are spread over the replicas; the `azure-iot-hub` service SDK talks to one replica
 only, and its methods, desired patches and C2D reach the devices on the other two. Telemetry of
 every device is read back through that one replica."""
@@ -23,25 +23,41 @@ from conftest import BINARY, PG_ADMIN_URL, Server, psql
 from test_hub_sdk import device_client, new_key, service, stored_messages, wait_for
 
 
-def start_nats(directory: Path):
+def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(directory / "nats.log", "ab")
-    process = subprocess.Popen(
-        ["nats-server", "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(directory / "js")],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+        return s.getsockname()[1]
+
+
+def start_nats_cluster(directory: Path, size=3):
+    """`size` nats-servers with JetStream, routed to each other; returns (processes, URLs)."""
+    ports = [free_port() for _ in range(size)]
+    routes = [free_port() for _ in range(size)]
+    processes = []
+    for i in range(size):
+        config = directory / f"nats-{i}.conf"
+        config.write_text(
+            f"server_name: n{i}\nlisten: 127.0.0.1:{ports[i]}\n"
+            f'jetstream {{ store_dir: "{directory / f"js-{i}"}", max_file_store: 4GB }}\n'
+            f"cluster {{ name: zt, listen: 127.0.0.1:{routes[i]}, routes: ["
+            + ", ".join(f'"nats-route://127.0.0.1:{r}"' for r in routes)
+            + "] }\n"
+        )
+        log = open(directory / f"nats-{i}.log", "ab")
+        processes.append(subprocess.Popen(["nats-server", "-c", str(config)], stdout=log, stderr=subprocess.STDOUT))
     deadline = time.time() + 20
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return process, f"nats://127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("nats-server did not start")
+    for port in ports:
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    for p in processes:
+                        p.kill()
+                    raise RuntimeError("nats-server did not start")
+                time.sleep(0.1)
+    return processes, [f"nats://127.0.0.1:{p}" for p in ports]
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +70,11 @@ def replicas():
     psql(f"CREATE DATABASE {database}")
     nodes = []
     with tempfile.TemporaryDirectory() as tmp:
-        nats, nats_url = start_nats(Path(tmp))
+        nats, nats_urls = start_nats_cluster(Path(tmp))
         env = {k: v for k, v in os.environ.items() if not k.startswith("ZEROTOUCH__")}
         env["ZEROTOUCH__DATABASE__URL"] = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + database
-        env["ZEROTOUCH__CLUSTER__NATS_URL"] = nats_url
+        env["ZEROTOUCH__CLUSTER__NATS_URL"] = ",".join(nats_urls)
+        env["ZEROTOUCH__CLUSTER__STREAM_REPLICAS"] = "3"
         env["ZEROTOUCH__TELEMETRY__MAX_BYTES"] = str(256 << 20)
         env["ZEROTOUCH_CA_KEK"] = base64.b64encode(os.urandom(32)).decode()
         try:
@@ -70,8 +87,9 @@ def replicas():
         finally:
             for node in nodes:
                 node.stop()
-            nats.kill()
-            nats.wait()
+            for process in nats:
+                process.kill()
+                process.wait()
             psql(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
 
 
