@@ -591,3 +591,49 @@ fn ca_upload_of_an_existing_name_points_at_etag() {
     let again = upload(&first, &["--etag", &etag]);
     assert!(again.status.success(), "{}", stderr(&again));
 }
+
+// Issue 17: `--output table` for people; JSON stays the default when stdout is not a terminal.
+#[test]
+fn list_and_show_verbs_print_tables_on_request_and_json_to_pipes() {
+    let node = Node::start(&address(address_block(), 1), "all", "", &[]);
+    node.cli(&["enrollment", "create", "table-dev-1"]);
+    node.cli(&["group", "create", "table-fleet"]);
+
+    let piped = node.cli(&["enrollment", "list"]);
+    let parsed: serde_json::Value = serde_json::from_str(&piped).expect("JSON when piped");
+    assert_eq!(parsed[0]["registrationId"], "table-dev-1", "{parsed}");
+
+    let table = node.cli(&["enrollment", "list", "--output", "table"]);
+    for expected in [
+        "ID",
+        "ATTESTATION",
+        "STATUS",
+        "table-dev-1",
+        "symmetricKey",
+        "1 item(s)",
+    ] {
+        assert!(table.contains(expected), "{expected} missing:\n{table}");
+    }
+    let groups = node.cli(&["group", "list", "--output", "table"]);
+    assert!(groups.contains("table-fleet"), "{groups}");
+
+    let shown = node.cli(&["enrollment", "show", "table-dev-1", "--output", "table"]);
+    assert!(
+        shown.contains("attestation.type") && shown.contains("symmetricKey"),
+        "{shown}"
+    );
+    // Keys stay hidden in tables too, unless asked for.
+    assert!(!shown.contains("primaryKey"), "{shown}");
+
+    let policies = node.cli(&["policy", "list", "--output", "table"]);
+    assert!(policies.contains("provisioningserviceowner"), "{policies}");
+    assert!(
+        !policies.contains("primaryKey"),
+        "no keys in the table: {policies}"
+    );
+    let json = node.cli(&["enrollment", "list", "--output", "json"]);
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&json).is_ok(),
+        "{json}"
+    );
+}

@@ -24,6 +24,7 @@ use crate::enrollment::Kind;
 mod client;
 mod local;
 mod remote;
+mod table;
 
 pub use client::{ApiClient, ApiFailure};
 pub use local::credentials;
@@ -69,6 +70,19 @@ pub struct Remote {
     /// PEM bundle to trust for the server. Default: the data dir's CA bundle.
     #[arg(long, global = true)]
     pub ca_file: Option<PathBuf>,
+    /// How list and show verbs print: table or json. Default: table on a terminal, json
+    /// otherwise (pipes, files, scripts).
+    #[arg(long, value_enum, global = true)]
+    pub output: Option<Output>,
+}
+
+/// `--output`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Columns for people.
+    Table,
+    /// The API's JSON, pretty-printed.
+    Json,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -613,6 +627,38 @@ pub fn undocumented(command: &clap::Command) -> Vec<String> {
 fn print_json(value: &Value) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
+}
+
+/// A list or show verb's result, as `--output` says (a table when unset and stdout is a
+/// terminal). A list uses `columns` (its first plain fields when empty).
+fn print_out(
+    output: Option<Output>,
+    value: &Value,
+    columns: &[table::Column],
+) -> anyhow::Result<()> {
+    use std::io::IsTerminal as _;
+    let output = output.unwrap_or(if std::io::stdout().is_terminal() {
+        Output::Table
+    } else {
+        Output::Json
+    });
+    // Some lists come wrapped, as Azure's do: {"value": [...]}.
+    let list = match value {
+        Value::Array(items) => Some(items),
+        Value::Object(map) if map.len() == 1 => map.get("value").and_then(Value::as_array),
+        _ => None,
+    };
+    match (output, list) {
+        (Output::Json, _) => print_json(value),
+        (Output::Table, Some(items)) => {
+            println!("{}", table::list(items, columns));
+            Ok(())
+        }
+        (Output::Table, None) => {
+            println!("{}", table::item(value));
+            Ok(())
+        }
+    }
 }
 
 #[cfg(test)]

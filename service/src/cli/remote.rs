@@ -7,10 +7,93 @@ use anyhow::Context;
 use serde_json::{Value, json};
 
 use super::client::{ApiClient, ApiFailure, encode};
+use super::table::Column;
 use super::{
     AttestationKind, AuditCommand, CaRemoteCommand, CertCommand, EnrollmentCommand,
-    EnrollmentFields, HubRemoteCommand, PolicyCommand, RegistrationCommand, print_json,
+    EnrollmentFields, HubRemoteCommand, PolicyCommand, RegistrationCommand, print_json, print_out,
 };
+
+const ENROLLMENTS: &[Column] = &[
+    Column {
+        header: "ID",
+        pointers: &["/registrationId", "/enrollmentGroupId"],
+    },
+    Column {
+        header: "ATTESTATION",
+        pointers: &["/attestation/type"],
+    },
+    Column {
+        header: "STATUS",
+        pointers: &["/provisioningStatus"],
+    },
+    Column {
+        header: "POLICY",
+        pointers: &["/allocationPolicy"],
+    },
+    Column {
+        header: "DEVICE",
+        pointers: &["/deviceId"],
+    },
+    Column {
+        header: "UPDATED",
+        pointers: &["/lastUpdatedDateTimeUtc"],
+    },
+];
+const REGISTRATIONS: &[Column] = &[
+    Column {
+        header: "REGISTRATION",
+        pointers: &["/registrationId"],
+    },
+    Column {
+        header: "STATUS",
+        pointers: &["/status"],
+    },
+    Column {
+        header: "HUB",
+        pointers: &["/assignedHub"],
+    },
+    Column {
+        header: "DEVICE",
+        pointers: &["/deviceId"],
+    },
+    Column {
+        header: "ERROR",
+        pointers: &["/errorMessage"],
+    },
+    Column {
+        header: "UPDATED",
+        pointers: &["/lastUpdatedDateTimeUtc"],
+    },
+];
+/// Names and rights; the keys only in `--output json`.
+const POLICIES: &[Column] = &[
+    Column {
+        header: "NAME",
+        pointers: &["/keyName"],
+    },
+    Column {
+        header: "RIGHTS",
+        pointers: &["/rights"],
+    },
+];
+const CA_CERTIFICATES: &[Column] = &[
+    Column {
+        header: "NAME",
+        pointers: &["/name"],
+    },
+    Column {
+        header: "SUBJECT",
+        pointers: &["/properties/subject"],
+    },
+    Column {
+        header: "VERIFIED",
+        pointers: &["/properties/isVerified"],
+    },
+    Column {
+        header: "EXPIRES",
+        pointers: &["/properties/expiry"],
+    },
+];
 use crate::enrollment::Kind;
 
 /// Escapes every character but ASCII letters and digits (ids in enrollment, registration,
@@ -136,11 +219,12 @@ pub(super) fn enrollment(kind: Kind, command: EnrollmentCommand) -> anyhow::Resu
                     )?
                     .0;
             }
-            print_json(&value)
+            print_out(remote.output, &value, &[])
         }
         EnrollmentCommand::List { remote } => {
             let client = ApiClient::new(&remote)?;
-            print_json(&client.query_all(&format!("{base}/query"), Some(&json!({"query": "*"})))?)
+            let all = client.query_all(&format!("{base}/query"), Some(&json!({"query": "*"})))?;
+            print_out(remote.output, &all, ENROLLMENTS)
         }
         EnrollmentCommand::Update {
             remote,
@@ -188,14 +272,17 @@ pub(super) fn enrollment(kind: Kind, command: EnrollmentCommand) -> anyhow::Resu
 
 pub(super) fn registration(command: RegistrationCommand) -> anyhow::Result<()> {
     match command {
-        RegistrationCommand::Show { remote, id } => print_json(
+        RegistrationCommand::Show { remote, id } => print_out(
+            remote.output,
             &ApiClient::new(&remote)?.get(&format!("/registrations/{}", escape_all(&id)))?,
+            &[],
         ),
         RegistrationCommand::List { remote, group } => {
-            print_json(&ApiClient::new(&remote)?.query_all(
+            let all = ApiClient::new(&remote)?.query_all(
                 &format!("/registrations/{}/query", escape_all(&group)),
                 None,
-            )?)
+            )?;
+            print_out(remote.output, &all, REGISTRATIONS)
         }
         RegistrationCommand::Delete { remote, id, etag } => {
             let headers: Vec<(&str, &str)> =
@@ -242,11 +329,14 @@ pub(super) fn ca(command: CaRemoteCommand) -> anyhow::Result<()> {
             print_json(&answer.0)
         }
         CaRemoteCommand::List { remote } => {
-            print_json(&ApiClient::new(&remote)?.get("/certificates")?)
+            let all = ApiClient::new(&remote)?.get("/certificates")?;
+            print_out(remote.output, &all, CA_CERTIFICATES)
         }
-        CaRemoteCommand::Show { remote, name } => {
-            print_json(&ApiClient::new(&remote)?.get(&format!("/certificates/{}", encode(&name)))?)
-        }
+        CaRemoteCommand::Show { remote, name } => print_out(
+            remote.output,
+            &ApiClient::new(&remote)?.get(&format!("/certificates/{}", encode(&name)))?,
+            &[],
+        ),
         CaRemoteCommand::VerificationCode { remote, name } => {
             let client = ApiClient::new(&remote)?;
             let current = client.get(&format!("/certificates/{}", encode(&name)))?;
@@ -296,9 +386,11 @@ pub(super) fn ca(command: CaRemoteCommand) -> anyhow::Result<()> {
 
 pub(super) fn policy(command: PolicyCommand) -> anyhow::Result<()> {
     match command {
-        PolicyCommand::List { remote } => {
-            print_json(&ApiClient::new(&remote)?.get("/authorizationPolicies")?)
-        }
+        PolicyCommand::List { remote } => print_out(
+            remote.output,
+            &ApiClient::new(&remote)?.get("/authorizationPolicies")?,
+            POLICIES,
+        ),
         PolicyCommand::Add {
             remote,
             name,
@@ -350,10 +442,14 @@ pub(super) fn hub(command: HubRemoteCommand) -> anyhow::Result<()> {
     let encode =
         |name: &str| url::form_urlencoded::byte_serialize(name.as_bytes()).collect::<String>();
     match command {
-        HubRemoteCommand::List { remote } => print_json(&ApiClient::new(&remote)?.get("/hubs")?),
-        HubRemoteCommand::Show { remote, name } => {
-            print_json(&ApiClient::new(&remote)?.get(&format!("/hubs/{}", encode(&name)))?)
+        HubRemoteCommand::List { remote } => {
+            print_out(remote.output, &ApiClient::new(&remote)?.get("/hubs")?, &[])
         }
+        HubRemoteCommand::Show { remote, name } => print_out(
+            remote.output,
+            &ApiClient::new(&remote)?.get(&format!("/hubs/{}", encode(&name)))?,
+            &[],
+        ),
         HubRemoteCommand::Drain { remote, name } => print_json(
             &ApiClient::new(&remote)?
                 .call(
@@ -419,10 +515,14 @@ pub(super) fn cert(command: CertCommand) -> anyhow::Result<()> {
             remote,
             registration_id,
             status,
-        } => print_json(&ApiClient::new(&remote)?.get_all(&with_filters(
-            "/certificates/issued",
-            &[("registrationId", &registration_id), ("status", &status)],
-        ))?),
+        } => print_out(
+            remote.output,
+            &ApiClient::new(&remote)?.get_all(&with_filters(
+                "/certificates/issued",
+                &[("registrationId", &registration_id), ("status", &status)],
+            ))?,
+            &[],
+        ),
     }
 }
 
@@ -433,13 +533,17 @@ pub(super) fn audit(command: AuditCommand) -> anyhow::Result<()> {
             serial,
             registration_id,
             action,
-        } => print_json(&ApiClient::new(&remote)?.get_all(&with_filters(
-            "/audit",
-            &[
-                ("serial", &serial),
-                ("registrationId", &registration_id),
-                ("action", &action),
-            ],
-        ))?),
+        } => print_out(
+            remote.output,
+            &ApiClient::new(&remote)?.get_all(&with_filters(
+                "/audit",
+                &[
+                    ("serial", &serial),
+                    ("registrationId", &registration_id),
+                    ("action", &action),
+                ],
+            ))?,
+            &[],
+        ),
     }
 }
