@@ -123,23 +123,9 @@ impl Replicas {
     /// patches.
     fn connect(&self, i: usize, id: &str, key: &str) -> Device {
         let node = &self.nodes[i];
-        let expiry = zerotouch_service::time::now_unix() + 3600;
-        let token =
-            symmetric_key::sign(&format!("{HUB}/devices/{id}"), key, expiry, None).expect("sign");
-        let username = format!("{HUB}/{id}/?api-version={HUB_API}");
-        let mut device = mqtt::connect_to(
-            &node.ip,
-            8883,
-            &node.ca_bundle(),
-            &Login {
-                client_id: id,
-                username: &username,
-                password: Some(&token),
-                identity: None,
-                clean_session: true,
-            },
-        )
-        .unwrap_or_else(|e| panic!("{id} on replica {i}: {e:?}\n{}", node.log_text()));
+        let credentials = Credentials::new(id, key);
+        let mut device = mqtt::connect_to(&node.ip, 8883, &node.ca_bundle(), &credentials.login())
+            .unwrap_or_else(|e| panic!("{id} on replica {i}: {e:?}\n{}", node.log_text()));
         for filter in [
             "$iothub/methods/POST/#",
             &format!("devices/{id}/messages/devicebound/#"),
@@ -148,6 +134,36 @@ impl Replicas {
             device.subscribe(filter).expect("subscribe");
         }
         device
+    }
+}
+
+/// A symmetric-key device's MQTT credentials for the shared hub name (token valid an hour).
+struct Credentials {
+    id: String,
+    username: String,
+    token: String,
+}
+
+impl Credentials {
+    fn new(id: &str, key: &str) -> Credentials {
+        let expiry = zerotouch_service::time::now_unix() + 3600;
+        let token =
+            symmetric_key::sign(&format!("{HUB}/devices/{id}"), key, expiry, None).expect("sign");
+        Credentials {
+            id: id.to_string(),
+            username: format!("{HUB}/{id}/?api-version={HUB_API}"),
+            token,
+        }
+    }
+
+    fn login(&self) -> Login<'_> {
+        Login {
+            client_id: &self.id,
+            username: &self.username,
+            password: Some(&self.token),
+            identity: None,
+            clean_session: true,
+        }
     }
 }
 
@@ -525,17 +541,8 @@ fn killing_a_replica_loses_no_acknowledged_telemetry() {
             let key = keys[d].clone();
             std::thread::spawn(move || {
                 let id = format!("sender-{d}");
-                let expiry = zerotouch_service::time::now_unix() + 3600;
-                let token = symmetric_key::sign(&format!("{HUB}/devices/{id}"), &key, expiry, None)
-                    .expect("sign");
-                let username = format!("{HUB}/{id}/?api-version={HUB_API}");
-                let login = Login {
-                    client_id: &id,
-                    username: &username,
-                    password: Some(&token),
-                    identity: None,
-                    clean_session: true,
-                };
+                let credentials = Credentials::new(&id, &key);
+                let login = credentials.login();
                 // Each device starts on replica d % 3 and moves to the next one when its
                 // connection fails, as an SDK behind a load balancer would.
                 let mut target = d % targets.len();
@@ -694,22 +701,8 @@ fn losing_a_nats_server_loses_no_acknowledged_telemetry_and_delivery_goes_on() {
                         // Not acknowledged: the device reconnects (to the same replica) and
                         // goes on, as an SDK does.
                         Err(_) => {
-                            let expiry = zerotouch_service::time::now_unix() + 3600;
-                            let token = symmetric_key::sign(
-                                &format!("{HUB}/devices/{id}"),
-                                &key,
-                                expiry,
-                                None,
-                            )
-                            .expect("sign");
-                            let username = format!("{HUB}/{id}/?api-version={HUB_API}");
-                            let login = Login {
-                                client_id: &id,
-                                username: &username,
-                                password: Some(&token),
-                                identity: None,
-                                clean_session: true,
-                            };
+                            let credentials = Credentials::new(&id, &key);
+                            let login = credentials.login();
                             let failed_at = Instant::now();
                             device = loop {
                                 if let Ok(device) = mqtt::connect_to(&ip, 8883, &bundle, &login) {
@@ -805,17 +798,8 @@ fn a_replica_without_nats_refuses_devices_until_it_is_back() {
         status == 503 && body["replica"]["nats"] == "disconnected"
     });
     let node = &replicas.nodes[1];
-    let expiry = zerotouch_service::time::now_unix() + 3600;
-    let token =
-        symmetric_key::sign(&format!("{HUB}/devices/patient"), &key, expiry, None).expect("sign");
-    let username = format!("{HUB}/patient/?api-version={HUB_API}");
-    let login = Login {
-        client_id: "patient",
-        username: &username,
-        password: Some(&token),
-        identity: None,
-        clean_session: true,
-    };
+    let credentials = Credentials::new("patient", &key);
+    let login = credentials.login();
     let refused = mqtt::connect_to(&node.ip, 8883, &node.ca_bundle(), &login).err();
     assert_eq!(
         refused,
@@ -937,17 +921,8 @@ fn a_replica_without_its_database_refuses_devices_with_0x03_until_it_is_back() {
         .expect("name")
         .to_string();
     let node = &replicas.nodes[1];
-    let expiry = zerotouch_service::time::now_unix() + 3600;
-    let token =
-        symmetric_key::sign(&format!("{HUB}/devices/steadfast"), &key, expiry, None).expect("sign");
-    let username = format!("{HUB}/steadfast/?api-version={HUB_API}");
-    let login = Login {
-        client_id: "steadfast",
-        username: &username,
-        password: Some(&token),
-        identity: None,
-        clean_session: true,
-    };
+    let credentials = Credentials::new("steadfast", &key);
+    let login = credentials.login();
 
     admin_sql(&format!(
         "ALTER DATABASE {database} ALLOW_CONNECTIONS false"
@@ -983,17 +958,8 @@ fn a_replica_without_its_database_refuses_devices_with_0x03_until_it_is_back() {
 fn the_reconnect_limit_counts_connects_on_every_replica() {
     let replicas = Replicas::start(2);
     let (key, _) = replicas.create_device(0, "restless");
-    let expiry = zerotouch_service::time::now_unix() + 3600;
-    let token =
-        symmetric_key::sign(&format!("{HUB}/devices/restless"), &key, expiry, None).expect("sign");
-    let username = format!("{HUB}/restless/?api-version={HUB_API}");
-    let login = Login {
-        client_id: "restless",
-        username: &username,
-        password: Some(&token),
-        identity: None,
-        clean_session: true,
-    };
+    let credentials = Credentials::new("restless", &key);
+    let login = credentials.login();
     // The count is per minute: start early in one, so that all connects fall into it.
     let into_minute = zerotouch_service::time::now_unix() % 60;
     if into_minute > 40 {
