@@ -984,3 +984,27 @@ fn the_reconnect_limit_counts_connects_on_every_replica() {
         limit + 1
     );
 }
+
+#[test]
+fn an_intermediate_rotated_on_one_replica_reaches_the_others_at_their_restart() {
+    let mut replicas = Replicas::start(2);
+    let before = std::fs::read_to_string(replicas.nodes[1].ca_bundle()).expect("bundle");
+    let rotated: Value =
+        serde_json::from_str(&replicas.nodes[0].cli(&["ca", "rotate-intermediate"])).expect("JSON");
+    let after = std::fs::read_to_string(replicas.nodes[0].ca_bundle()).expect("bundle");
+    assert_ne!(before, after, "{rotated}");
+
+    // Replica 2 restarts with its old ca/ and takes the rotated CA from the database.
+    replicas.nodes[1].kill();
+    replicas.nodes[1].spawn();
+    let taken = std::fs::read_to_string(replicas.nodes[1].ca_bundle()).expect("bundle");
+    assert_eq!(taken, after, "{}", replicas.nodes[1].log_text());
+    let current = rotated["current"]["serial"].as_str().expect("serial");
+    assert!(
+        replicas.nodes[1].log_text().contains("a rotation"),
+        "{}",
+        replicas.nodes[1].log_text()
+    );
+    // Its TLS certificate still chains to the bundle the devices trust.
+    assert_eq!(health(&replicas, 1).0, 200, "serial {current}");
+}

@@ -92,9 +92,13 @@ pub fn restore(store: &dyn DocumentStore, paths: &Paths) -> anyhow::Result<bool>
 }
 
 /// Stores `ca/` in the database if it holds no CA yet, and checks that this data dir's CA
-/// is the shared one. `created` says this start created the CA: when another replica shared
-/// its CA first (replicas started together), ours is replaced by the shared one and `Ok(true)`
-/// asks the caller to load it again.
+/// is the shared one. When it is not, the shared one replaces it, and `Ok(true)` asks the
+/// caller to load it again:
+/// - `created` (this start created the CA): another replica shared its CA first (replicas
+///   started together);
+/// - the same root: another replica rotated or retired an intermediate ([`replace`]).
+///
+/// A data dir with another root is refused.
 pub fn publish(store: &dyn DocumentStore, paths: &Paths, created: bool) -> anyhow::Result<bool> {
     let dir = ca_dir(paths);
     let ours = read_files(&dir)?;
@@ -107,7 +111,8 @@ pub fn publish(store: &dyn DocumentStore, paths: &Paths, created: bool) -> anyho
     if same_ca(&stored, &ours) {
         return Ok(false);
     }
-    if !created {
+    let same_root = stored.get("root.pem") == ours.get("root.pem");
+    if !created && !same_root {
         bail!(
             "the CA in {} is not the CA the replicas share in the database: a replica's data \
              dir must start empty (or hold the shared CA); move {} away and start again",
@@ -115,8 +120,23 @@ pub fn publish(store: &dyn DocumentStore, paths: &Paths, created: bool) -> anyho
             dir.display()
         );
     }
-    tracing::info!("another replica shared its CA first; using it");
+    if created {
+        tracing::info!("another replica shared its CA first; using it");
+    } else {
+        tracing::info!("the replicas' CA changed its intermediates (a rotation); using it");
+    }
     fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     restore(store, paths)?;
     Ok(true)
+}
+
+/// After `zerotouch ca rotate-intermediate` or `retire-intermediate` on one replica: the
+/// database's copy becomes this data dir's `ca/`, which the other replicas take at their next
+/// start ([`publish`]).
+pub fn replace(store: &dyn DocumentStore, paths: &Paths) -> anyhow::Result<()> {
+    let files = read_files(&ca_dir(paths))?;
+    store
+        .setting_set(SETTING, &serde_json::to_string(&files)?)
+        .context("storing the shared CA files")?;
+    Ok(())
 }

@@ -62,7 +62,7 @@ pub fn rotate_intermediate(settings: &Settings) -> anyhow::Result<Value> {
              supported yet (docs/pki.md, \"PKCS#11\")"
         );
     }
-    let (_store, instance) = open(settings)?;
+    let (store, instance) = open(settings)?;
     let paths = &instance.paths;
     if !paths.root_key.exists() {
         bail!(
@@ -103,6 +103,9 @@ pub fn rotate_intermediate(settings: &Settings) -> anyhow::Result<Value> {
     bootstrap::write_public(&paths.intermediate_cert, rotated.intermediate_cert_pem())?;
     bootstrap::write_public(&paths.ca_bundle, &rotated.trust_bundle_pem())?;
     let (new_subject, new_serial) = describe(rotated.intermediate_cert_pem())?;
+    if settings.cluster.enabled() {
+        bootstrap::shared_ca::replace(&store, paths)?;
+    }
     tracing::info!(
         new = %new_subject,
         previous = %old_subject,
@@ -152,6 +155,9 @@ pub fn retire_intermediate(settings: &Settings) -> anyhow::Result<Value> {
     drop(instance);
     let (_, instance) = open(settings)?;
     bootstrap::write_public(&instance.paths.ca_bundle, &instance.ca.trust_bundle_pem())?;
+    if settings.cluster.enabled() {
+        bootstrap::shared_ca::replace(&store, &instance.paths)?;
+    }
     Ok(json!({
         "retired": retired,
         "bundle": instance.paths.ca_bundle,
