@@ -366,9 +366,12 @@ impl Telemetry {
         }
     }
 
-    /// Deletes messages older than `max_age`, then the oldest until the stored bytes are at
-    /// most `max_bytes`; returns how many were deleted. Synchronous (`spawn_blocking`). The
-    /// writer also does this by itself every [`Retention::check_every`].
+    /// Whether hub events are published (replica mode: the events stream). Without it, callers
+    /// need not build them.
+    pub fn publishes_events(&self) -> bool {
+        matches!(self.log, Log::Stream(_))
+    }
+
     /// Publishes a hub event (replica mode: the events stream); without NATS, nothing.
     pub fn event(&self, event: stream::HubEvent) {
         if let Log::Stream(log) = &self.log {
@@ -376,7 +379,10 @@ impl Telemetry {
         }
     }
 
-    /// In replica mode JetStream enforces the stream's limits itself: 0.
+    /// Deletes messages older than `max_age`, then the oldest until the stored bytes are at
+    /// most `max_bytes`; returns how many were deleted. Synchronous (`spawn_blocking`). The
+    /// writer also does this by itself every [`Retention::check_every`]. In replica mode
+    /// JetStream enforces the stream's limits itself: 0.
     pub fn enforce_retention(&self) -> Result<u64, StoreError> {
         let Log::Table(inner) = &self.log else {
             return Ok(0);

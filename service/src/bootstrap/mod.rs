@@ -7,7 +7,8 @@
 //!
 //! Instance-wide values (ID scope, policies, token secret) live in the database, so replicas
 //! sharing one PostgreSQL database agree on them. CA and TLS keys live in the data dir, written
-//! with mode 0600; replicas share the data dir's `ca/` folder.
+//! with mode 0600. Replicas share the data dir's `ca/` folder, or, in replica mode
+//! (`[cluster]`), take it from the database ([`shared_ca`]).
 
 pub mod shared_ca;
 

@@ -205,27 +205,42 @@ impl Hub {
         self.connection_event(device_id, "deviceConnected");
     }
 
-    /// Publishes a hub event (replica mode; see `telemetry::stream::HubEvent`).
-    fn event(&self, kind: EventKind, op_type: &'static str, device_id: &str, body: Value) {
+    /// Publishes a hub event (replica mode; see `telemetry::stream::HubEvent`). `body` is built
+    /// only when events are published: single-process mode does no work for them.
+    fn event(
+        &self,
+        kind: EventKind,
+        op_type: &'static str,
+        device_id: &str,
+        body: impl FnOnce() -> Value,
+    ) {
+        if !self.telemetry.publishes_events() {
+            return;
+        }
         self.telemetry.event(HubEvent {
             kind,
             op_type,
             hub_name: self.hostname.clone(),
             device_id: device_id.to_string(),
-            body,
+            body: body(),
         });
     }
 
     /// A device's reported patch, as a twin change event.
-    pub fn reported_event(&self, device_id: &str, version: u64, patch: Value) {
-        let body = json!({"version": version, "properties": {"reported": patch}});
-        self.event(EventKind::Twin, "updateTwin", device_id, body);
+    pub fn reported_event(&self, device_id: &str, version: u64, patch: &Value) {
+        self.event(
+            EventKind::Twin,
+            "updateTwin",
+            device_id,
+            || json!({"version": version, "properties": {"reported": patch}}),
+        );
     }
 
     fn connection_event(&self, device_id: &str, op_type: &'static str) {
-        let nanos = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
-        let body = json!({"sequenceNumber": format!("{nanos:032x}")});
-        self.event(EventKind::Connection, op_type, device_id, body);
+        self.event(EventKind::Connection, op_type, device_id, || {
+            let nanos = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
+            json!({"sequenceNumber": format!("{nanos:032x}")})
+        });
     }
 
     fn record_connection(&self, device_id: &str, outbound: Outbound) {
@@ -312,7 +327,11 @@ impl Hub {
             outbound.close();
         }
         if let Some(cluster) = self.cluster() {
-            cluster.tell_soon(device_id, crate::cluster::Order::Close, Default::default());
+            // Stamped: a connection that opens after the order (the device back with new
+            // credentials) must not be closed by it when it arrives.
+            let now = replicas::Stamp::now(cluster.replica()).nanos;
+            let order = crate::cluster::Order::Close;
+            cluster.tell_soon(device_id, order, now.to_string().into());
         }
     }
 
@@ -433,7 +452,7 @@ impl Hub {
         );
         if created {
             let op = "createDeviceIdentity";
-            self.event(EventKind::Lifecycle, op, device_id, view.clone());
+            self.event(EventKind::Lifecycle, op, device_id, || view.clone());
         }
         Ok(view)
     }
@@ -467,12 +486,12 @@ impl Hub {
         })
         .await?;
         self.close_connection(device_id);
-        let body = json!({"deviceId": device_id});
+        let op = "deleteDeviceIdentity";
         self.event(
             EventKind::Lifecycle,
-            "deleteDeviceIdentity",
+            op,
             device_id,
-            body,
+            || json!({"deviceId": device_id}),
         );
         Ok(())
     }
@@ -592,7 +611,7 @@ impl Hub {
         replace: bool,
     ) -> Result<Value, HubError> {
         let (device, device_etag) = self.require_device(device_id).await?;
-        let change = json!({"properties": body.get("properties"), "tags": body.get("tags")});
+        let (properties, tags) = (body.get("properties").cloned(), body.get("tags").cloned());
         let (body, if_match) = (body.clone(), if_match.map(String::from));
         let (twin, notification) = self
             .update_twin(device_id, move |twin| {
@@ -617,9 +636,12 @@ impl Hub {
             self.notify_desired(device_id, &patch);
         }
         let op = if replace { "replaceTwin" } else { "updateTwin" };
-        let mut change = change;
-        change["version"] = json!(twin.version());
-        self.event(EventKind::Twin, op, device_id, change);
+        self.event(
+            EventKind::Twin,
+            op,
+            device_id,
+            || json!({"version": twin.version(), "properties": properties, "tags": tags}),
+        );
         Ok(self.twin_service_view(&device, &device_etag, &twin).await)
     }
 

@@ -395,7 +395,8 @@ impl HubSession {
                 }
             };
             let now = crate::time::now_rfc3339();
-            let reported = patch.clone();
+            // Kept for the twin change event (replica mode only).
+            let reported = self.hub.telemetry.publishes_events().then(|| patch.clone());
             let result = self
                 .hub
                 .update_twin(&self.device_id, move |twin| {
@@ -409,7 +410,9 @@ impl HubSession {
                 .await;
             match result {
                 Ok((_, version)) => {
-                    self.hub.reported_event(&self.device_id, version, reported);
+                    if let Some(patch) = &reported {
+                        self.hub.reported_event(&self.device_id, version, patch);
+                    }
                     self.respond_twin(204, &rid, &format!("&$version={version}"), Vec::new())
                 }
                 Err(e) => self.respond_twin(e.status().as_u16(), &rid, "", error_body(&e)),

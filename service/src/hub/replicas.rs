@@ -2,10 +2,11 @@
 //! it serves those orders for the connections it holds (`cluster` carries them over NATS).
 //!
 //! While a replica holds a device's connection it listens for that device's orders. When a
-//! connection opens it announces itself with a takeover order stamped with its start time (nanoseconds
-//! since the epoch) and replica name; of two connections of one device, the one with the
-//! older stamp closes, wherever the two live. Both listen before announcing, so of two
-//! overlapping connections at least one hears the other.
+//! connection opens it announces itself with a takeover order stamped with its start time
+//! (nanoseconds since the epoch) and replica name; of two connections of one device, the one
+//! with the older stamp closes, wherever the two live. Both listen before announcing, so of
+//! two overlapping connections at least one hears the other. A close order carries the time it
+//! was given, and closes only connections older than that.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -251,7 +252,15 @@ async fn serve_orders(
                         .await;
                 }
             }
-            Order::Close => hub.close_local(&device_id, connection),
+            Order::Close => {
+                // Only connections older than the order (see `Hub::close_connection`).
+                let issued = std::str::from_utf8(&message.payload)
+                    .ok()
+                    .and_then(|t| t.parse::<u64>().ok());
+                if issued.is_none_or(|issued| stamp.nanos <= issued) {
+                    hub.close_local(&device_id, connection);
+                }
+            }
             Order::C2d => {
                 let device_id = device_id.clone();
                 tokio::spawn(async move { hub.deliver_c2d(&device_id).await });
