@@ -195,7 +195,9 @@ pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev:
         settings: settings.clone(),
         instance: instance.clone(),
         metrics: http::metrics::Metrics::new().context("creating metrics")?,
+        console: http::console::Console::default(),
     });
+    actix_web::rt::spawn(http::console::sample_rates(state.clone()));
     let pki_data = web::Data::from(pki.clone());
     let server = HttpServer::new(move || {
         App::new()

@@ -589,6 +589,25 @@ impl DpsMetrics {
         })
     }
 
+    /// Registrations so far, and those of them that did not end assigned.
+    pub fn totals(&self) -> (u64, u64) {
+        let (mut all, mut not_assigned) = (0, 0);
+        for family in prometheus::core::Collector::collect(&self.registrations) {
+            for metric in family.get_metric() {
+                let count = metric.get_counter().get_value() as u64;
+                all += count;
+                let assigned = metric
+                    .get_label()
+                    .iter()
+                    .any(|l| l.name() == "outcome" && l.value() == "assigned");
+                if !assigned {
+                    not_assigned += count;
+                }
+            }
+        }
+        (all, not_assigned)
+    }
+
     fn count(&self, attestation: &str, outcome: &str, elapsed: std::time::Duration) {
         self.registrations
             .with_label_values(&[attestation, outcome])

@@ -64,6 +64,10 @@ pub enum ErrorCode {
     InvalidAudience,
     /// The credentials are good but lack the right.
     InsufficientRights,
+    /// The console session's cookie does not open, or the session has expired.
+    SessionExpired,
+    /// A change from a console session without the session's CSRF token.
+    CsrfTokenInvalid,
     /// A certificate renewal outside the renewal window of its policy.
     RenewalNotAllowed,
     /// A hub join token that was already used once.
@@ -136,6 +140,8 @@ impl ErrorCode {
         ErrorCode::InvalidSignature,
         ErrorCode::InvalidAudience,
         ErrorCode::InsufficientRights,
+        ErrorCode::SessionExpired,
+        ErrorCode::CsrfTokenInvalid,
         ErrorCode::RenewalNotAllowed,
         ErrorCode::JoinTokenUsed,
         ErrorCode::CertificateRevoked,
@@ -198,8 +204,10 @@ impl ErrorCode {
             InvalidAudience => (StatusCode::UNAUTHORIZED, 401_003, "InvalidAudience"),
             JoinTokenUsed => (StatusCode::UNAUTHORIZED, 401_004, "JoinTokenUsed"),
             CertificateRevoked => (StatusCode::UNAUTHORIZED, 401_005, "CertificateRevoked"),
+            SessionExpired => (StatusCode::UNAUTHORIZED, 401_007, "SessionExpired"),
             InsufficientRights => (StatusCode::FORBIDDEN, 403_001, "InsufficientRights"),
             RenewalNotAllowed => (StatusCode::FORBIDDEN, 403_002, "RenewalNotAllowed"),
+            CsrfTokenInvalid => (StatusCode::FORBIDDEN, 403_003, "CsrfTokenInvalid"),
             NotFound => (StatusCode::NOT_FOUND, 404_000, "NotFound"),
             EnrollmentNotFound => (StatusCode::NOT_FOUND, 404_201, "EnrollmentNotFound"),
             RegistrationNotFound => (StatusCode::NOT_FOUND, 404_202, "RegistrationNotFound"),
@@ -522,8 +530,10 @@ mod tests {
             (ErrorCode::InvalidAudience, 401, 401_003),
             (ErrorCode::JoinTokenUsed, 401, 401_004),
             (ErrorCode::CertificateRevoked, 401, 401_005),
+            (ErrorCode::SessionExpired, 401, 401_007),
             (ErrorCode::InsufficientRights, 403, 403_001),
             (ErrorCode::RenewalNotAllowed, 403, 403_002),
+            (ErrorCode::CsrfTokenInvalid, 403, 403_003),
             (ErrorCode::NotFound, 404, 404_000),
             (ErrorCode::EnrollmentNotFound, 404, 404_201),
             (ErrorCode::RegistrationNotFound, 404, 404_202),

@@ -6,6 +6,7 @@
 //! renders [`ApiError`]s.
 
 pub mod certificates;
+pub mod console;
 pub mod dps;
 pub mod enrollments;
 pub mod error;
@@ -54,6 +55,7 @@ pub struct AppState {
     pub settings: Settings,
     pub instance: Arc<Instance>,
     pub metrics: metrics::Metrics,
+    pub console: console::Console,
 }
 
 /// The id of one request.
@@ -89,6 +91,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .configure(policies::configure)
     .configure(hubs::configure)
     .configure(hub::configure)
+    .configure(console::configure)
     // Last: its `/{idScope}/registrations/…` patterns would shadow nothing above, but keep the
     // fixed management paths first.
     .configure(dps::configure)
@@ -278,6 +281,10 @@ pub async fn authorize(
         ));
     }
     require_api_version(req)?;
+    if let Some(caller) = console::caller(req, state).await? {
+        caller.require(needed)?;
+        return Ok(caller);
+    }
     let header = req
         .headers()
         .get(actix_web::http::header::AUTHORIZATION)

@@ -84,6 +84,14 @@ pub const DEVICE: &str = "/devices/{id}";
 pub const STATISTICS_DEVICES: &str = "/statistics/devices";
 pub const STATISTICS_SERVICE: &str = "/statistics/service";
 
+// The web console (docs/console.md).
+pub const ROOT: &str = "/";
+pub const CONSOLE: &str = "/console";
+pub const CONSOLE_ASSET: &str = "/console/assets/{file}";
+pub const CONSOLE_SESSION: &str = "/console/session";
+pub const CONSOLE_RATES: &str = "/console/rates";
+pub const CONSOLE_PKI: &str = "/console/pki";
+
 // The DPS device API (dps-protocol §1.1). Last: its first segment is a parameter.
 pub const DPS_REGISTER: &str = "/{id_scope}/registrations/{registration_id}/register";
 pub const DPS_OPERATION: &str =
@@ -149,6 +157,12 @@ pub const ALL: &[&str] = &[
     DEVICE,
     STATISTICS_DEVICES,
     STATISTICS_SERVICE,
+    ROOT,
+    CONSOLE,
+    CONSOLE_ASSET,
+    CONSOLE_SESSION,
+    CONSOLE_RATES,
+    CONSOLE_PKI,
     DPS_REGISTER,
     DPS_OPERATION,
     DPS_STATUS,
@@ -310,11 +324,9 @@ mod tests {
     #[test]
     fn unknown_paths_stay_unknown() {
         for path in [
-            "/",
             "",
             "/nothing",
             "/devices/a/b/c/d/e/f/g",
-            "//",
             "/devices//",
         ] {
             assert_eq!(normalize(path), None, "{path}");
@@ -322,10 +334,17 @@ mod tests {
     }
 
     #[test]
+    fn the_root_is_the_console_redirect() {
+        assert_eq!(normalize("/"), None);
+        assert_eq!(normalize("//").as_deref(), Some("/"));
+        assert_eq!(normalize("/Console/").as_deref(), Some("/console"));
+    }
+
+    #[test]
     fn every_template_is_well_formed() {
         for template in ALL {
             assert!(template.starts_with('/'), "{template}");
-            assert!(!template.ends_with('/'), "{template}");
+            assert!(!template.ends_with('/') || *template == ROOT, "{template}");
             let tails = segments(template)
                 .filter(|s| matches!(s, Segment::Tail))
                 .count();

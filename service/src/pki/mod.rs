@@ -35,7 +35,7 @@ pub const CRL_LIFETIME_SECONDS: i64 = 24 * 3600;
 /// A CRL with less than this left before `nextUpdate` is re-signed when it is asked for.
 pub const CRL_REFRESH_MARGIN: i64 = 3600;
 /// The `pki_state` document holding the current CRL.
-const CRL_DOCUMENT: &str = "crl";
+pub const CRL_DOCUMENT: &str = "crl";
 
 /// What an audit event records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

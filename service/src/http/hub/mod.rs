@@ -64,6 +64,30 @@ pub async fn authorize(
     needed: &[Rights],
 ) -> Result<(Arc<Hub>, Caller), HubError> {
     let hub = hub_of(state)?;
+    let console = crate::http::console::caller(req, state)
+        .await
+        .map_err(from_session)?;
+    if let Some(caller) = console {
+        return holding_any(hub, caller, needed);
+    }
+    if let Some(token) = bearer_token(req) {
+        let secret = crate::db::blocking(hub.store(), |s| {
+            s.setting_get(crate::bootstrap::TOKEN_SECRET_KEY)
+        })
+        .await?
+        .unwrap_or_default();
+        let caller = crate::auth::verify_token(
+            &token,
+            &secret,
+            &state.instance.id_scope,
+            crate::time::now_unix(),
+        )
+        .map_err(|e| {
+            hub.metrics.auth_failure("bearer_token");
+            from_api(&crate::http::error::ApiError::from(e))
+        })?;
+        return holding_any(hub, caller, needed);
+    }
     let token = sas_token(req)?;
     let name = token.skn.clone().unwrap_or_default();
     let policy = crate::db::blocking(hub.store(), move |s| auth::policy(s, &name)).await?;
@@ -80,6 +104,41 @@ pub async fn authorize(
         }
     }
     Err(last.unwrap_or_else(|| HubError::new(HubErrorCode::Forbidden, "no right grants this")))
+}
+
+/// The token of `Authorization: Bearer …` (from `zerotouch token create`), if that is sent.
+fn bearer_token(req: &HttpRequest) -> Option<String> {
+    let header = req
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .trim();
+    let (scheme, token) = header.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_string())
+}
+
+/// `caller`, if it holds one of `needed`.
+fn holding_any(
+    hub: Arc<Hub>,
+    caller: Caller,
+    needed: &[Rights],
+) -> Result<(Arc<Hub>, Caller), HubError> {
+    if needed.iter().any(|right| caller.rights.contains(*right)) {
+        Ok((hub, caller))
+    } else {
+        Err(HubError::new(
+            HubErrorCode::Forbidden,
+            format!("{} holds none of the rights this needs", caller.principal),
+        ))
+    }
+}
+
+/// A refused console session, in IoT Hub's terms.
+fn from_session(error: crate::http::console::session::SessionError) -> HubError {
+    from_api(&crate::http::error::ApiError::from(error))
 }
 
 /// `If-Match`, normalised: none, or the etag (`*` kept).
