@@ -219,6 +219,15 @@ impl TestServer {
         )
     }
 
+    /// The hub's `iothubowner` connection string.
+    pub fn hub_connection_string(&self) -> String {
+        format!(
+            "HostName={};SharedAccessKeyName=iothubowner;SharedAccessKey={}",
+            self.host(),
+            self.hub_key
+        )
+    }
+
     pub fn url(&self, path: &str) -> String {
         let sep = if path.contains('?') { '&' } else { '?' };
         format!(
