@@ -191,7 +191,7 @@ impl BatchItem {
     operation_id = "sendDeviceEvent",
     tag = "device",
     params(("id" = String, Path, description = "The device id"), crate::http::openapi::MessageProperties),
-    request_body(content((String = "application/json"), (String = "text/plain"), (Vec<u8> = "application/octet-stream"), (Vec<Object> = "application/vnd.microsoft.iothub.json")), description = "The message body; a batch with `application/vnd.microsoft.iothub.json`"),
+    request_body(content((crate::http::openapi::AnyJson = "application/json"), (String = "text/plain"), (crate::http::openapi::Bytes = "application/octet-stream"), (Vec<crate::http::openapi::BatchMessage> = "application/vnd.microsoft.iothub.json")), description = "The message body; a batch with `application/vnd.microsoft.iothub.json`"),
     responses((status = 204, description = "Accepted and committed"), crate::http::openapi::HubErrors),
     security(("deviceSharedAccessSignature" = []), ("x509" = [])),
 )]
@@ -249,7 +249,7 @@ async fn device_event(
     operation_id = "sendCloudToDevice",
     tag = "hub",
     params(("id" = String, Path, description = "The device id"), crate::http::openapi::MessageProperties),
-    request_body(content((String = "application/json"), (String = "text/plain"), (Vec<u8> = "application/octet-stream")), description = "The message body"),
+    request_body(content((crate::http::openapi::AnyJson = "application/json"), (String = "text/plain"), (crate::http::openapi::Bytes = "application/octet-stream")), description = "The message body"),
     responses((status = 204, description = "Queued for the device"), crate::http::openapi::HubErrors),
     security(("hubSharedAccessSignature" = [])),
 )]
@@ -293,7 +293,7 @@ async fn send_c2d(
     operation_id = "receiveCloudToDevice",
     tag = "device",
     params(("id" = String, Path, description = "The device id")),
-    responses((status = 200, description = "The next message, locked; its lock token is the `etag` header", content_type = "application/octet-stream", body = Vec<u8>, headers(("etag" = String, description = "The lock token"))), (status = 204, description = "No message is waiting"), crate::http::openapi::HubErrors),
+    responses((status = 200, description = "The next message, locked; its lock token is the `etag` header", content_type = "application/octet-stream", body = crate::http::openapi::Bytes, headers(("etag" = String, description = "The lock token"))), (status = 204, description = "No message is waiting"), crate::http::openapi::HubErrors),
     security(("deviceSharedAccessSignature" = []), ("x509" = [])),
 )]
 async fn receive_c2d(
@@ -438,7 +438,14 @@ async fn read_events(
             format!("limit must be 1 to {}", crate::telemetry::MAX_READ),
         ));
     }
-    let wait = Duration::from_secs(query.wait.unwrap_or(0).min(MAX_WAIT_SECONDS));
+    let wait = query.wait.unwrap_or(0);
+    if wait > MAX_WAIT_SECONDS {
+        return Err(HubError::new(
+            HubErrorCode::ArgumentInvalid,
+            format!("wait must be 0 to {MAX_WAIT_SECONDS} seconds"),
+        ));
+    }
+    let wait = Duration::from_secs(wait);
     let device = query.device_id.clone();
     let read = |hub: std::sync::Arc<Hub>, device: Option<String>| async move {
         hub.telemetry
