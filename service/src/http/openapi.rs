@@ -446,6 +446,27 @@ mod schemas {
     use serde_json::Value;
     use utoipa::{IntoParams, ToSchema};
 
+    /// Raw bytes: DER, or whatever the client sends.
+    #[derive(ToSchema)]
+    #[schema(value_type = String, format = Binary)]
+    pub struct Bytes(Vec<u8>);
+
+    /// Any JSON value.
+    #[derive(ToSchema)]
+    #[schema(value_type = Value)]
+    pub struct AnyJson(Value);
+
+    /// One message of a telemetry batch (`application/vnd.microsoft.iothub.json`).
+    #[derive(ToSchema)]
+    #[schema(rename_all = "camelCase")]
+    pub struct BatchMessage {
+        /// Base64 of the message bytes, unless `base64Encoded` is `false`.
+        body: String,
+        base64_encoded: Option<bool>,
+        /// Application properties (and `iothub-*` system properties).
+        properties: Option<std::collections::BTreeMap<String, String>>,
+    }
+
     /// The body of an enrollment query.
     #[derive(ToSchema)]
     pub struct QuerySpecification {
@@ -615,8 +636,8 @@ mod schemas {
 
     #[derive(ToSchema)]
     pub struct Revoked {
-        /// How many certificates were revoked.
-        revoked: u64,
+        /// The records of the certificates revoked by this request.
+        revoked: Vec<IssuedCertificate>,
     }
 
     /// One issuance audit event.
@@ -903,12 +924,12 @@ mod schemas {
     pub struct ReadEvents {
         /// The first offset to read (default 0).
         from: Option<i64>,
-        /// At most this many messages.
-        #[param(minimum = 1)]
+        /// At most this many messages (1 to 1000, default 100).
+        #[param(minimum = 1, maximum = 1000)]
         limit: Option<u64>,
         device_id: Option<String>,
-        /// Seconds to wait for a message when there is none yet (at most 60).
-        #[param(maximum = 60)]
+        /// Seconds to wait for a message when there is none yet (0 to 60, default 0).
+        #[param(minimum = 0, maximum = 60)]
         wait: Option<u64>,
     }
 

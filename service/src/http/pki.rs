@@ -399,8 +399,8 @@ fn ocsp_response(der: Vec<u8>) -> HttpResponse {
     path = routes::OCSP,
     operation_id = "ocsp",
     tag = "pki",
-    request_body(content = Vec<u8>, content_type = "application/ocsp-request", description = "A DER OCSP request"),
-    responses((status = 200, description = "The OCSP response (`malformedRequest` for a bad request)", content_type = "application/ocsp-response", body = Vec<u8>), crate::http::openapi::PublicErrors),
+    request_body(content = crate::http::openapi::Bytes, content_type = "application/ocsp-request", description = "A DER OCSP request"),
+    responses((status = 200, description = "The OCSP response (`malformedRequest` for a bad request)", content_type = "application/ocsp-response", body = crate::http::openapi::Bytes), crate::http::openapi::PublicErrors),
 )]
 async fn ocsp_post(req: HttpRequest, body: web::Bytes) -> Result<HttpResponse, ApiError> {
     let pki = pki_of(&req)?;
@@ -414,7 +414,7 @@ async fn ocsp_post(req: HttpRequest, body: web::Bytes) -> Result<HttpResponse, A
     operation_id = "ocspGet",
     tag = "pki",
     params(("request" = String, Path, description = "The DER OCSP request, base64 and URL-encoded")),
-    responses((status = 200, description = "The OCSP response (`malformedRequest` for a bad request)", content_type = "application/ocsp-response", body = Vec<u8>), crate::http::openapi::PublicErrors),
+    responses((status = 200, description = "The OCSP response (`malformedRequest` for a bad request)", content_type = "application/ocsp-response", body = crate::http::openapi::Bytes), crate::http::openapi::PublicErrors),
 )]
 async fn ocsp_get(req: HttpRequest) -> Result<HttpResponse, ApiError> {
     let pki = pki_of(&req)?;
