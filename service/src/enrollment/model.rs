@@ -5,12 +5,13 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use utoipa::ToSchema;
 
 use super::Kind;
 use crate::db::Document;
 
 /// An individual enrollment or an enrollment group.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Enrollment {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -24,8 +25,10 @@ pub struct Enrollment {
     #[serde(default)]
     pub capabilities: Capabilities,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     pub initial_twin: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     pub optional_device_information: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iot_hub_host_name: Option<String>,
@@ -45,11 +48,12 @@ pub struct Enrollment {
     pub provisioning_status: ProvisioningStatus,
     /// Fields this version does not interpret, kept as stored.
     #[serde(flatten)]
+    #[schema(ignore)]
     pub other: Map<String, Value>,
 }
 
 /// How a device proves who it is. The stored form is DPS's: `{"type": "x509", "x509": {…}}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(
     tag = "type",
     rename_all = "camelCase",
@@ -59,6 +63,7 @@ pub enum Attestation {
     SymmetricKey {
         /// `None` only in a view without secrets.
         #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[serde(rename = "symmetricKey")]
         symmetric_key: Option<SymmetricKeys>,
     },
     Tpm {
@@ -69,7 +74,7 @@ pub enum Attestation {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SymmetricKeys {
     pub primary_key: String,
@@ -78,7 +83,7 @@ pub struct SymmetricKeys {
 
 /// An individual TPM enrollment names its endorsement key; a TPM group names the manufacturer
 /// roots its devices' EK certificates chain to.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum TpmAttestation {
     #[serde(rename_all = "camelCase")]
@@ -93,7 +98,7 @@ pub enum TpmAttestation {
 }
 
 /// Exactly one of DPS's three X.509 forms.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum X509Attestation {
     /// Individual: the device's own certificate(s).
@@ -104,7 +109,7 @@ pub enum X509Attestation {
     CaReferences(CaReferences),
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct CertificatePair {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub primary: Option<CertificateSlot>,
@@ -131,17 +136,18 @@ impl CertificatePair {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct CertificateSlot {
     /// `None` only in a view without secrets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate: Option<String>,
     /// The parsed certificate's summary, computed at enrollment time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     pub info: Option<Value>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct CaReferences {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub primary: Option<String>,
@@ -158,13 +164,13 @@ impl CaReferences {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Capabilities {
     pub iot_edge: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum AllocationPolicy {
     Hashed,
@@ -184,7 +190,7 @@ impl From<AllocationPolicy> for zerotouch_policies::Policy {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CustomAllocationDefinition {
     pub webhook_url: String,
@@ -192,7 +198,7 @@ pub struct CustomAllocationDefinition {
 }
 
 /// What a repeat registration does (dps-protocol §5.5). Both default to true, as in DPS.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ReprovisionPolicy {
     pub update_hub_assignment: bool,
@@ -209,7 +215,7 @@ impl Default for ReprovisionPolicy {
 }
 
 /// The stored form of a renewal window (`certs::renewal::RenewalPolicy`).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RenewalPolicy {
     pub window_fraction: f64,
@@ -234,7 +240,7 @@ impl From<zerotouch_certs::renewal::RenewalPolicy> for RenewalPolicy {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum ProvisioningStatus {
     #[default]

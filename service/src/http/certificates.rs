@@ -87,6 +87,15 @@ struct Upload {
     properties: Option<UploadProperties>,
 }
 
+#[utoipa::path(
+    get,
+    path = routes::CERTIFICATES,
+    operation_id = "listCertificates",
+    tag = "certificates",
+    params(crate::http::openapi::ApiVersion),
+    responses((status = 200, description = "The CA certificates", body = crate::http::openapi::CertificateList), crate::http::openapi::ManagementErrors),
+    security(("SharedAccessSignature" = []), ("bearer" = [])),
+)]
 async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state, Rights::SERVICE_CONFIG).await?;
     let docs = crate::db::blocking(&state.store, |store| {
@@ -97,6 +106,15 @@ async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRespon
     Ok(HttpResponse::Ok().json(json!({"value": items})))
 }
 
+#[utoipa::path(
+    get,
+    path = routes::CERTIFICATE,
+    operation_id = "getCertificate",
+    tag = "certificates",
+    params(crate::http::openapi::ApiVersion, ("name" = String, Path, description = "The CA certificate's name")),
+    responses((status = 200, description = "The CA certificate", body = crate::http::openapi::CaCertificate), crate::http::openapi::ManagementErrors),
+    security(("SharedAccessSignature" = []), ("bearer" = [])),
+)]
 async fn get(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -120,6 +138,16 @@ async fn load(state: &web::Data<AppState>, name: String) -> Result<Document, Api
     })
 }
 
+#[utoipa::path(
+    put,
+    path = routes::CERTIFICATE,
+    operation_id = "createOrUpdateCertificate",
+    tag = "certificates",
+    params(crate::http::openapi::ApiVersion, ("name" = String, Path, description = "The CA certificate's name"), crate::http::openapi::IfMatch),
+    request_body(content = crate::http::openapi::CertificateUpload, content_type = "application/json"),
+    responses((status = 200, description = "The stored CA certificate", body = crate::http::openapi::CaCertificate), crate::http::openapi::ManagementErrors, crate::http::openapi::ManagementWriteErrors),
+    security(("SharedAccessSignature" = []), ("bearer" = [])),
+)]
 async fn put(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -167,6 +195,15 @@ async fn put(
     Ok(HttpResponse::Ok().json(view(&doc)))
 }
 
+#[utoipa::path(
+    delete,
+    path = routes::CERTIFICATE,
+    operation_id = "deleteCertificate",
+    tag = "certificates",
+    params(crate::http::openapi::ApiVersion, ("name" = String, Path, description = "The CA certificate's name"), crate::http::openapi::IfMatch),
+    responses((status = 204, description = "Deleted"), crate::http::openapi::ManagementErrors, crate::http::openapi::ManagementWriteErrors),
+    security(("SharedAccessSignature" = []), ("bearer" = [])),
+)]
 async fn delete(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -222,6 +259,15 @@ fn require_if_match(req: &HttpRequest) -> Result<String, ApiError> {
     })
 }
 
+#[utoipa::path(
+    post,
+    path = routes::CERTIFICATE_VERIFICATION_CODE,
+    operation_id = "generateVerificationCode",
+    tag = "certificates",
+    params(crate::http::openapi::ApiVersion, ("name" = String, Path, description = "The CA certificate's name"), crate::http::openapi::IfMatch),
+    responses((status = 200, description = "The CA certificate with its verification code", body = crate::http::openapi::CaCertificate), crate::http::openapi::ManagementErrors, crate::http::openapi::ManagementWriteErrors),
+    security(("SharedAccessSignature" = []), ("bearer" = [])),
+)]
 async fn generate_verification_code(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -253,6 +299,16 @@ struct VerifyRequest {
     certificate: Option<String>,
 }
 
+#[utoipa::path(
+    post,
+    path = routes::CERTIFICATE_VERIFY,
+    operation_id = "verifyCertificate",
+    tag = "certificates",
+    params(crate::http::openapi::ApiVersion, ("name" = String, Path, description = "The CA certificate's name"), crate::http::openapi::IfMatch),
+    request_body(content = crate::http::openapi::VerificationRequest, content_type = "application/json"),
+    responses((status = 200, description = "The CA certificate, now verified", body = crate::http::openapi::CaCertificate), crate::http::openapi::ManagementErrors, crate::http::openapi::ManagementWriteErrors),
+    security(("SharedAccessSignature" = []), ("bearer" = [])),
+)]
 async fn verify(
     req: HttpRequest,
     state: web::Data<AppState>,

@@ -72,6 +72,16 @@ fn json(status: actix_web::http::StatusCode, body: Value) -> HttpResponse {
         .body(body.to_string())
 }
 
+#[utoipa::path(
+    put,
+    path = routes::DPS_REGISTER,
+    operation_id = "registerDevice",
+    tag = "device",
+    params(crate::http::openapi::ApiVersion, ("id_scope" = String, Path, description = "The ID scope"), ("registration_id" = String, Path, description = "The registration id")),
+    request_body(content = Option<crate::http::openapi::DeviceRegistration>, content_type = "application/json"),
+    responses((status = 200, description = "Registered (within a few seconds)", body = crate::http::openapi::RegistrationOperation), (status = 202, description = "Registering: poll the operation", body = crate::http::openapi::RegistrationOperation), crate::http::openapi::DeviceErrors),
+    security(("deviceSharedAccessSignature" = []), ("x509" = [])),
+)]
 async fn register(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -119,6 +129,15 @@ async fn register(
     Ok(response)
 }
 
+#[utoipa::path(
+    get,
+    path = routes::DPS_OPERATION,
+    operation_id = "operationStatus",
+    tag = "device",
+    params(crate::http::openapi::ApiVersion, ("id_scope" = String, Path, description = "The ID scope"), ("registration_id" = String, Path, description = "The registration id"), ("operation_id" = String, Path, description = "The operation id of the register")),
+    responses((status = 200, description = "The operation's state", body = crate::http::openapi::RegistrationOperation), (status = 202, description = "Still registering", body = crate::http::openapi::RegistrationOperation), crate::http::openapi::DeviceErrors),
+    security(("deviceSharedAccessSignature" = []), ("x509" = [])),
+)]
 async fn operation(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -141,6 +160,16 @@ async fn operation(
     Ok(json(actix_web::http::StatusCode::OK, outcome.body()))
 }
 
+#[utoipa::path(
+    post,
+    path = routes::DPS_STATUS,
+    operation_id = "deviceRegistrationStatus",
+    tag = "device",
+    params(crate::http::openapi::ApiVersion, ("id_scope" = String, Path, description = "The ID scope"), ("registration_id" = String, Path, description = "The registration id")),
+    request_body(content = Option<crate::http::openapi::DeviceRegistration>, content_type = "application/json"),
+    responses((status = 200, description = "The device's registration state", body = crate::http::openapi::RegistrationState), crate::http::openapi::DeviceErrors),
+    security(("deviceSharedAccessSignature" = []), ("x509" = [])),
+)]
 async fn status(
     req: HttpRequest,
     state: web::Data<AppState>,

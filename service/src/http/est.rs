@@ -60,11 +60,57 @@ fn certs_only(certificates: &[Vec<u8>]) -> HttpResponse {
         .body(est::certs_only_body(certificates))
 }
 
+/// The operations of the labelled routes, which share the handlers with the plain ones.
+#[allow(non_camel_case_types)]
+#[derive(Clone)]
+pub struct __path_label_cacerts;
+#[allow(non_camel_case_types)]
+#[derive(Clone)]
+pub struct __path_label_csrattrs;
+#[allow(non_camel_case_types)]
+#[derive(Clone)]
+pub struct __path_label_simpleenroll;
+#[allow(non_camel_case_types)]
+#[derive(Clone)]
+pub struct __path_label_simplereenroll;
+
+#[utoipa::path(
+    get,
+    path = routes::EST_CACERTS,
+    operation_id = "estCacerts",
+    tag = "est",
+    responses((status = 200, description = "Certificates, certs-only PKCS#7 in base64", content_type = "application/pkcs7-mime", body = String), crate::http::openapi::PublicErrors),
+)]
+#[utoipa::path(
+    get,
+    path = routes::EST_LABEL_CACERTS,
+    operation_id = "estCacertsLabelled",
+    tag = "est",
+    impl_for = __path_label_cacerts,
+    params(("label" = String, Path, description = "Accepted and ignored: there is one profile")),
+    responses((status = 200, description = "Certificates, certs-only PKCS#7 in base64", content_type = "application/pkcs7-mime", body = String), crate::http::openapi::PublicErrors),
+)]
 async fn cacerts(req: HttpRequest) -> Result<HttpResponse, ApiError> {
     let pki = pki_of(&req)?;
     Ok(certs_only(pki.ca_chain_der()))
 }
 
+#[utoipa::path(
+    get,
+    path = routes::EST_CSRATTRS,
+    operation_id = "estCsrattrs",
+    tag = "est",
+    responses((status = 200, description = "CSR attributes, base64 DER", content_type = "application/csrattrs", body = String), (status = 204, description = "No attributes are asked for"), crate::http::openapi::PublicErrors),
+)]
+#[utoipa::path(
+    get,
+    path = routes::EST_LABEL_CSRATTRS,
+    operation_id = "estCsrattrsLabelled",
+    tag = "est",
+    impl_for = __path_label_csrattrs,
+    params(("label" = String, Path, description = "Accepted and ignored: there is one profile")),
+    responses((status = 200, description = "CSR attributes, base64 DER", content_type = "application/csrattrs", body = String), (status = 204, description = "No attributes are asked for"), crate::http::openapi::PublicErrors),
+)]
 async fn csrattrs() -> HttpResponse {
     if est::DEFAULT_CSR_ATTRIBUTES.is_empty() {
         return HttpResponse::NoContent().finish();
@@ -145,6 +191,26 @@ fn enrollment_evidence(
     Ok((id, Evidence::Certificate(peer)))
 }
 
+#[utoipa::path(
+    post,
+    path = routes::EST_SIMPLEENROLL,
+    operation_id = "estSimpleenroll",
+    tag = "est",
+    request_body(content = String, content_type = "application/pkcs10", description = "A PKCS#10 CSR, base64 DER; its CN is the registration id"),
+    responses((status = 200, description = "Certificates, certs-only PKCS#7 in base64", content_type = "application/pkcs7-mime", body = String), crate::http::openapi::DeviceErrors),
+    security(("deviceSharedAccessSignature" = []), ("estBasic" = []), ("x509" = [])),
+)]
+#[utoipa::path(
+    post,
+    path = routes::EST_LABEL_SIMPLEENROLL,
+    operation_id = "estSimpleenrollLabelled",
+    tag = "est",
+    impl_for = __path_label_simpleenroll,
+    params(("label" = String, Path, description = "Accepted and ignored: there is one profile")),
+    request_body(content = String, content_type = "application/pkcs10", description = "A PKCS#10 CSR, base64 DER; its CN is the registration id"),
+    responses((status = 200, description = "Certificates, certs-only PKCS#7 in base64", content_type = "application/pkcs7-mime", body = String), crate::http::openapi::DeviceErrors),
+    security(("deviceSharedAccessSignature" = []), ("estBasic" = []), ("x509" = [])),
+)]
 async fn simpleenroll(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -241,6 +307,26 @@ async fn sign_and_record(
     Ok(issued.certificate_der)
 }
 
+#[utoipa::path(
+    post,
+    path = routes::EST_SIMPLEREENROLL,
+    operation_id = "estSimplereenroll",
+    tag = "est",
+    request_body(content = String, content_type = "application/pkcs10", description = "A PKCS#10 CSR, base64 DER; its CN is the registration id"),
+    responses((status = 200, description = "Certificates, certs-only PKCS#7 in base64", content_type = "application/pkcs7-mime", body = String), crate::http::openapi::DeviceErrors),
+    security(("x509" = [])),
+)]
+#[utoipa::path(
+    post,
+    path = routes::EST_LABEL_SIMPLEREENROLL,
+    operation_id = "estSimplereenrollLabelled",
+    tag = "est",
+    impl_for = __path_label_simplereenroll,
+    params(("label" = String, Path, description = "Accepted and ignored: there is one profile")),
+    request_body(content = String, content_type = "application/pkcs10", description = "A PKCS#10 CSR, base64 DER; its CN is the registration id"),
+    responses((status = 200, description = "Certificates, certs-only PKCS#7 in base64", content_type = "application/pkcs7-mime", body = String), crate::http::openapi::DeviceErrors),
+    security(("x509" = [])),
+)]
 async fn simplereenroll(
     req: HttpRequest,
     state: web::Data<AppState>,

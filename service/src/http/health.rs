@@ -12,15 +12,24 @@ use crate::http::routes;
 use crate::http::{AppState, peer_certificates};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route(routes::HEALTHZ, web::get().to(healthz)).route(
-        routes::TLS_CLIENT_CERTIFICATE,
-        web::get().to(client_certificate),
-    );
+    // Resources, not `cfg.route`: another method on these paths is then a 405, as on every
+    // other resource, instead of falling through to the 404 of the default service.
+    cfg.service(web::resource(routes::HEALTHZ).route(web::get().to(healthz)))
+        .service(
+            web::resource(routes::TLS_CLIENT_CERTIFICATE).route(web::get().to(client_certificate)),
+        );
 }
 
 /// The store must answer and take writes: a database that reads but cannot write (a full
 /// disk) is degraded, and a load balancer should send traffic elsewhere until it recovers,
 /// which it does by itself (`DocumentStore::check_writable` probes).
+#[utoipa::path(
+    get,
+    path = routes::HEALTHZ,
+    operation_id = "healthz",
+    tag = "service",
+    responses((status = 200, description = "The store answers and takes writes", body = crate::http::openapi::Health), (status = 503, description = "Degraded: the store (or NATS) fails; retry after `retry-after`", body = crate::http::openapi::Health), (status = 500, description = "Internal error", body = crate::http::openapi::AzureError)),
+)]
 async fn healthz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let store = state.store.clone();
     let checked = web::block(move || store.ping().and_then(|()| store.check_writable()))
@@ -88,6 +97,13 @@ fn reason(fault: &StoreError) -> &'static str {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = routes::TLS_CLIENT_CERTIFICATE,
+    operation_id = "tlsClientCertificate",
+    tag = "service",
+    responses((status = 200, description = "What the TLS client presented on this connection", body = crate::http::openapi::ClientCertificate)),
+)]
 async fn client_certificate(req: HttpRequest) -> HttpResponse {
     match peer_certificates(&req) {
         None => HttpResponse::Ok().json(json!({"presented": false})),

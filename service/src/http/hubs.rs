@@ -85,6 +85,15 @@ fn built_in_refusal(name: &str, action: &str) -> ApiError {
     )
 }
 
+#[utoipa::path(
+    get,
+    path = routes::HUBS,
+    operation_id = "listHubs",
+    tag = "hubs",
+    params(crate::http::openapi::ApiVersion),
+    responses((status = 200, description = "The linked hubs", body = crate::http::openapi::HubList), crate::http::openapi::ManagementErrors),
+    security(("SharedAccessSignature" = []), ("bearer" = [])),
+)]
 async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state, Rights::SERVICE_CONFIG).await?;
     let linked = crate::db::blocking(&state.store, hubs::load_all).await?;
@@ -100,6 +109,15 @@ async fn load(state: &web::Data<AppState>, name: String) -> Result<LinkedHub, Ap
         .ok_or_else(|| ApiError::new(ErrorCode::HubNotFound, "no linked hub with this name"))
 }
 
+#[utoipa::path(
+    get,
+    path = routes::HUB,
+    operation_id = "getHub",
+    tag = "hubs",
+    params(crate::http::openapi::ApiVersion, ("name" = String, Path, description = "The linked hub's name (its host name)")),
+    responses((status = 200, description = "The linked hub", body = crate::http::openapi::LinkedHub), crate::http::openapi::ManagementErrors),
+    security(("SharedAccessSignature" = []), ("bearer" = [])),
+)]
 async fn get(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -163,6 +181,15 @@ async fn set_state(
     Ok(HttpResponse::Ok().json(hub.view(crate::time::now_unix(), timeout(&state))))
 }
 
+#[utoipa::path(
+    post,
+    path = routes::HUB_DRAIN,
+    operation_id = "drainHub",
+    tag = "hubs",
+    params(crate::http::openapi::ApiVersion, ("name" = String, Path, description = "The linked hub's name (its host name)")),
+    responses((status = 200, description = "The hub, draining", body = crate::http::openapi::LinkedHub), crate::http::openapi::ManagementErrors, crate::http::openapi::ManagementWriteErrors),
+    security(("SharedAccessSignature" = []), ("bearer" = [])),
+)]
 async fn drain(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -171,6 +198,15 @@ async fn drain(
     set_state(req, state, name, HubState::Draining).await
 }
 
+#[utoipa::path(
+    post,
+    path = routes::HUB_ACTIVATE,
+    operation_id = "activateHub",
+    tag = "hubs",
+    params(crate::http::openapi::ApiVersion, ("name" = String, Path, description = "The linked hub's name (its host name)")),
+    responses((status = 200, description = "The hub, active", body = crate::http::openapi::LinkedHub), crate::http::openapi::ManagementErrors, crate::http::openapi::ManagementWriteErrors),
+    security(("SharedAccessSignature" = []), ("bearer" = [])),
+)]
 async fn activate(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -179,6 +215,15 @@ async fn activate(
     set_state(req, state, name, HubState::Active).await
 }
 
+#[utoipa::path(
+    delete,
+    path = routes::HUB,
+    operation_id = "removeHub",
+    tag = "hubs",
+    params(crate::http::openapi::ApiVersion, ("name" = String, Path, description = "The linked hub's name (its host name)")),
+    responses((status = 204, description = "Removed"), crate::http::openapi::ManagementErrors, crate::http::openapi::ManagementWriteErrors),
+    security(("SharedAccessSignature" = []), ("bearer" = [])),
+)]
 async fn remove(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -206,6 +251,16 @@ struct JoinTokenRequest {
     ttl_seconds: Option<u64>,
 }
 
+#[utoipa::path(
+    post,
+    path = routes::HUB_JOIN_TOKENS,
+    operation_id = "createHubJoinToken",
+    tag = "hubs",
+    params(crate::http::openapi::ApiVersion),
+    request_body(content = Option<crate::http::openapi::JoinTokenRequest>, content_type = "application/json"),
+    responses((status = 200, description = "A one-time join token", body = crate::http::openapi::JoinToken), crate::http::openapi::ManagementErrors),
+    security(("SharedAccessSignature" = []), ("bearer" = [])),
+)]
 async fn join_token(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -268,6 +323,13 @@ async fn bundle(state: &web::Data<AppState>) -> Result<String, ApiError> {
     Ok(pems.iter().map(|p| format!("{}\n", p.trim())).collect())
 }
 
+#[utoipa::path(
+    get,
+    path = routes::HUB_TRUST_BUNDLE,
+    operation_id = "hubTrustBundle",
+    tag = "hubs",
+    responses((status = 200, description = "The CA certificates a hub trusts, PEM", content_type = "application/x-pem-file", body = String), crate::http::openapi::PublicErrors),
+)]
 async fn trust_bundle(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     require_dps(&state)?;
     Ok(HttpResponse::Ok()
@@ -291,6 +353,16 @@ pub struct JoinRequest {
     pub credential: HubCredential,
 }
 
+#[utoipa::path(
+    post,
+    path = routes::HUB_JOIN,
+    operation_id = "joinHub",
+    tag = "hubs",
+    description = "A hub joins with a join token (`Authorization: Bearer <join token>`).",
+    request_body(content = crate::http::openapi::JoinRequestSchema, content_type = "application/json"),
+    responses((status = 200, description = "The joined hub's identity: heartbeat token, TLS certificate and key, trust bundle", body = crate::http::openapi::JoinResponse), crate::http::openapi::ManagementErrors, crate::http::openapi::ManagementWriteErrors),
+    security(("hubToken" = [])),
+)]
 async fn join(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -398,6 +470,16 @@ async fn join(
     })))
 }
 
+#[utoipa::path(
+    post,
+    path = routes::HUB_HEARTBEAT,
+    operation_id = "hubHeartbeat",
+    tag = "hubs",
+    description = "A linked hub reports in with its heartbeat token (`Authorization: Bearer <heartbeat token>`).",
+    params(("name" = String, Path, description = "The linked hub's name (its host name)")),
+    responses((status = 200, description = "The hub's state and what it must trust", body = crate::http::openapi::HeartbeatResponse), crate::http::openapi::ManagementErrors),
+    security(("hubToken" = [])),
+)]
 async fn heartbeat(
     req: HttpRequest,
     state: web::Data<AppState>,

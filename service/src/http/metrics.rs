@@ -204,9 +204,17 @@ fn render_hub(hub: &Hub, out: &mut String) {
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route(routes::METRICS, web::get().to(metrics));
+    // A resource, not `cfg.route`: another method is then a 405, not the default service's 404.
+    cfg.service(web::resource(routes::METRICS).route(web::get().to(metrics)));
 }
 
+#[utoipa::path(
+    get,
+    path = routes::METRICS,
+    operation_id = "metrics",
+    tag = "service",
+    responses((status = 200, description = "Prometheus text exposition format", content_type = "text/plain", body = String), (status = 500, description = "Internal error", body = crate::http::openapi::AzureError)),
+)]
 async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")

@@ -15,6 +15,7 @@ pub mod health;
 pub mod hub;
 pub mod hubs;
 pub mod metrics;
+pub mod openapi;
 pub mod pki;
 pub mod policies;
 pub mod registrations;
@@ -82,6 +83,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     )
     .configure(health::configure)
     .configure(metrics::configure)
+    .configure(openapi::configure)
     .configure(enrollments::configure)
     .configure(registrations::configure)
     // Before `certificates`: `/certificates/issued` would otherwise be a CA named "issued".

@@ -96,6 +96,16 @@ fn record_view(doc: &Document) -> Value {
     with_metadata(doc, body)
 }
 
+#[utoipa::path(
+    post,
+    path = routes::ISSUED_CERTIFICATE_REVOKE,
+    operation_id = "revokeCertificate",
+    tag = "pki",
+    params(crate::http::openapi::ApiVersion, ("serial" = String, Path, description = "The certificate serial, hex")),
+    request_body(content = Option<crate::http::openapi::RevokeRequest>, content_type = "application/json", description = "Optional: the reason"),
+    responses((status = 200, description = "The certificate's record, now revoked", body = crate::http::openapi::IssuedCertificate), crate::http::openapi::ManagementErrors, crate::http::openapi::ManagementWriteErrors),
+    security(("SharedAccessSignature" = []), ("bearer" = [])),
+)]
 async fn revoke(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -109,6 +119,16 @@ async fn revoke(
     Ok(HttpResponse::Ok().json(record))
 }
 
+#[utoipa::path(
+    post,
+    path = routes::REGISTRATION_REVOKE,
+    operation_id = "revokeRegistrationCertificates",
+    tag = "pki",
+    params(crate::http::openapi::ApiVersion, ("id" = String, Path, description = "The registration id")),
+    request_body(content = Option<crate::http::openapi::RevokeRequest>, content_type = "application/json", description = "Optional: the reason"),
+    responses((status = 200, description = "How many certificates were revoked", body = crate::http::openapi::Revoked), crate::http::openapi::ManagementErrors, crate::http::openapi::ManagementWriteErrors),
+    security(("SharedAccessSignature" = []), ("bearer" = [])),
+)]
 async fn revoke_registration(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -124,6 +144,16 @@ async fn revoke_registration(
     Ok(HttpResponse::Ok().json(json!({ "revoked": revoked })))
 }
 
+#[utoipa::path(
+    post,
+    path = routes::GROUP_REVOKE,
+    operation_id = "revokeGroupCertificates",
+    tag = "pki",
+    params(crate::http::openapi::ApiVersion, ("id" = String, Path, description = "The enrollment group id")),
+    request_body(content = Option<crate::http::openapi::RevokeRequest>, content_type = "application/json", description = "Optional: the reason"),
+    responses((status = 200, description = "How many certificates were revoked", body = crate::http::openapi::Revoked), crate::http::openapi::ManagementErrors, crate::http::openapi::ManagementWriteErrors),
+    security(("SharedAccessSignature" = []), ("bearer" = [])),
+)]
 async fn revoke_group(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -153,6 +183,15 @@ async fn revoke_group(
     Ok(HttpResponse::Ok().json(json!({ "revoked": revoked })))
 }
 
+#[utoipa::path(
+    get,
+    path = routes::ISSUED_CERTIFICATE,
+    operation_id = "getIssuedCertificate",
+    tag = "pki",
+    params(crate::http::openapi::ApiVersion, ("serial" = String, Path, description = "The certificate serial, hex")),
+    responses((status = 200, description = "The certificate's record", body = crate::http::openapi::IssuedCertificate), crate::http::openapi::ManagementErrors),
+    security(("SharedAccessSignature" = []), ("bearer" = [])),
+)]
 async fn get_issued(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -229,6 +268,15 @@ fn field_is(doc: &Document, field: &str, wanted: Option<&str>) -> bool {
 
 /// `GET /certificates/issued?registrationId=&status=`: paged like the other lists (a page may
 /// hold fewer items than asked when filters drop some; follow `x-ms-continuation`).
+#[utoipa::path(
+    get,
+    path = routes::ISSUED_CERTIFICATES,
+    operation_id = "listIssuedCertificates",
+    tag = "pki",
+    params(crate::http::openapi::ApiVersion, crate::http::openapi::Paging, crate::http::openapi::IssuedFilters),
+    responses((status = 200, description = "A page of certificates issued here", body = Vec<crate::http::openapi::IssuedCertificate>, headers(("x-ms-continuation" = String, description = "The next page, when there is one"), ("x-ms-max-item-count" = u32), ("x-ms-item-type" = String))), crate::http::openapi::ManagementErrors),
+    security(("SharedAccessSignature" = []), ("bearer" = [])),
+)]
 async fn list_issued(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -261,6 +309,15 @@ async fn list_issued(
 }
 
 /// `GET /audit?serial=&registrationId=&action=`, oldest first.
+#[utoipa::path(
+    get,
+    path = routes::AUDIT,
+    operation_id = "listAudit",
+    tag = "pki",
+    params(crate::http::openapi::ApiVersion, crate::http::openapi::Paging, crate::http::openapi::AuditFilters),
+    responses((status = 200, description = "A page of the issuance audit log", body = Vec<crate::http::openapi::AuditEvent>, headers(("x-ms-continuation" = String, description = "The next page, when there is one"), ("x-ms-max-item-count" = u32), ("x-ms-item-type" = String))), crate::http::openapi::ManagementErrors),
+    security(("SharedAccessSignature" = []), ("bearer" = [])),
+)]
 async fn list_audit(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -299,6 +356,14 @@ async fn list_audit(
 }
 
 /// `GET /crl`: DER (`application/pkix-crl`), or PEM with `?format=pem`.
+#[utoipa::path(
+    get,
+    path = routes::CRL,
+    operation_id = "crl",
+    tag = "pki",
+    params(crate::http::openapi::CrlFormat),
+    responses((status = 200, description = "The CRL: DER, or PEM with `format=pem`", content((String = "application/pkix-crl"), (String = "application/x-pem-file"))), crate::http::openapi::PublicErrors),
+)]
 async fn crl(req: HttpRequest) -> Result<HttpResponse, ApiError> {
     let pki = pki_of(&req)?;
     let pem = url::form_urlencoded::parse(req.query_string().as_bytes())
@@ -329,12 +394,28 @@ fn ocsp_response(der: Vec<u8>) -> HttpResponse {
 }
 
 /// `POST /ocsp` with an `application/ocsp-request` body.
+#[utoipa::path(
+    post,
+    path = routes::OCSP,
+    operation_id = "ocsp",
+    tag = "pki",
+    request_body(content = crate::http::openapi::Bytes, content_type = "application/ocsp-request", description = "A DER OCSP request"),
+    responses((status = 200, description = "The OCSP response (`malformedRequest` for a bad request)", content_type = "application/ocsp-response", body = crate::http::openapi::Bytes), crate::http::openapi::PublicErrors),
+)]
 async fn ocsp_post(req: HttpRequest, body: web::Bytes) -> Result<HttpResponse, ApiError> {
     let pki = pki_of(&req)?;
     Ok(ocsp_response(pki.ocsp(&body).await))
 }
 
 /// `GET /ocsp/{url-encoded base64 of the DER request}`.
+#[utoipa::path(
+    get,
+    path = routes::OCSP_GET,
+    operation_id = "ocspGet",
+    tag = "pki",
+    params(("request" = String, Path, description = "The DER OCSP request, base64 and URL-encoded")),
+    responses((status = 200, description = "The OCSP response (`malformedRequest` for a bad request)", content_type = "application/ocsp-response", body = crate::http::openapi::Bytes), crate::http::openapi::PublicErrors),
+)]
 async fn ocsp_get(req: HttpRequest) -> Result<HttpResponse, ApiError> {
     let pki = pki_of(&req)?;
     let raw = req.uri().path().strip_prefix("/ocsp/").unwrap_or_default();

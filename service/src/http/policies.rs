@@ -51,6 +51,15 @@ fn another_admin_exists(docs: &[Document], except: &str) -> bool {
     })
 }
 
+#[utoipa::path(
+    get,
+    path = routes::POLICIES,
+    operation_id = "listAuthorizationPolicies",
+    tag = "authorizationPolicies",
+    params(crate::http::openapi::ApiVersion),
+    responses((status = 200, description = "The policies, with their keys", body = crate::http::openapi::PolicyList), crate::http::openapi::ManagementErrors),
+    security(("SharedAccessSignature" = []), ("bearer" = [])),
+)]
 async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state, Rights::SERVICE_CONFIG).await?;
     let docs = crate::db::blocking(&state.store, all_policies).await?;
@@ -58,6 +67,15 @@ async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRespon
     Ok(HttpResponse::Ok().json(json!({"value": items})))
 }
 
+#[utoipa::path(
+    get,
+    path = routes::POLICY,
+    operation_id = "getAuthorizationPolicy",
+    tag = "authorizationPolicies",
+    params(crate::http::openapi::ApiVersion, ("name" = String, Path, description = "The policy's key name")),
+    responses((status = 200, description = "The policy, with its keys", body = crate::http::openapi::AuthorizationPolicy), crate::http::openapi::ManagementErrors),
+    security(("SharedAccessSignature" = []), ("bearer" = [])),
+)]
 async fn get(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -98,6 +116,16 @@ fn check_name(name: &str) -> Result<(), ApiError> {
     }
 }
 
+#[utoipa::path(
+    put,
+    path = routes::POLICY,
+    operation_id = "createOrUpdateAuthorizationPolicy",
+    tag = "authorizationPolicies",
+    params(crate::http::openapi::ApiVersion, ("name" = String, Path, description = "The policy's key name"), crate::http::openapi::IfMatch),
+    request_body(content = crate::http::openapi::AuthorizationPolicyInput, content_type = "application/json"),
+    responses((status = 200, description = "The stored policy", body = crate::http::openapi::AuthorizationPolicy), crate::http::openapi::ManagementErrors, crate::http::openapi::ManagementWriteErrors),
+    security(("SharedAccessSignature" = []), ("bearer" = [])),
+)]
 async fn put(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -191,6 +219,16 @@ struct RegenerateRequest {
     key_type: String,
 }
 
+#[utoipa::path(
+    post,
+    path = routes::POLICY_REGENERATE_KEY,
+    operation_id = "regenerateAuthorizationPolicyKey",
+    tag = "authorizationPolicies",
+    params(crate::http::openapi::ApiVersion, ("name" = String, Path, description = "The policy's key name")),
+    request_body(content = crate::http::openapi::RegenerateKeyRequest, content_type = "application/json"),
+    responses((status = 200, description = "The policy with its new key", body = crate::http::openapi::AuthorizationPolicy), crate::http::openapi::ManagementErrors, crate::http::openapi::ManagementWriteErrors),
+    security(("SharedAccessSignature" = []), ("bearer" = [])),
+)]
 async fn regenerate_key(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -238,6 +276,15 @@ async fn regenerate_key(
     Ok(HttpResponse::Ok().json(view(&doc)?))
 }
 
+#[utoipa::path(
+    delete,
+    path = routes::POLICY,
+    operation_id = "deleteAuthorizationPolicy",
+    tag = "authorizationPolicies",
+    params(crate::http::openapi::ApiVersion, ("name" = String, Path, description = "The policy's key name"), crate::http::openapi::IfMatch),
+    responses((status = 204, description = "Deleted"), crate::http::openapi::ManagementErrors, crate::http::openapi::ManagementWriteErrors),
+    security(("SharedAccessSignature" = []), ("bearer" = [])),
+)]
 async fn delete(
     req: HttpRequest,
     state: web::Data<AppState>,

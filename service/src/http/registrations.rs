@@ -24,6 +24,15 @@ pub fn view(doc: &Document) -> Value {
     with_metadata(doc, crate::dps::device_view(doc))
 }
 
+#[utoipa::path(
+    get,
+    path = routes::REGISTRATION,
+    operation_id = "getRegistrationState",
+    tag = "registrations",
+    params(crate::http::openapi::ApiVersion, ("id" = String, Path, description = "The registration id")),
+    responses((status = 200, description = "The registration state", body = crate::http::openapi::RegistrationState), crate::http::openapi::ManagementErrors),
+    security(("SharedAccessSignature" = []), ("bearer" = [])),
+)]
 async fn get(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -44,6 +53,15 @@ async fn get(
     Ok(HttpResponse::Ok().json(view(&doc)))
 }
 
+#[utoipa::path(
+    delete,
+    path = routes::REGISTRATION,
+    operation_id = "deleteRegistrationState",
+    tag = "registrations",
+    params(crate::http::openapi::ApiVersion, ("id" = String, Path, description = "The registration id"), crate::http::openapi::IfMatch),
+    responses((status = 204, description = "Deleted"), crate::http::openapi::ManagementErrors, crate::http::openapi::ManagementWriteErrors),
+    security(("SharedAccessSignature" = []), ("bearer" = [])),
+)]
 async fn delete(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -61,6 +79,15 @@ async fn delete(
 }
 
 /// `POST /registrations/{enrollmentGroupId}/query`: the devices registered through a group.
+#[utoipa::path(
+    post,
+    path = routes::REGISTRATIONS_QUERY,
+    operation_id = "queryRegistrationStates",
+    tag = "registrations",
+    params(crate::http::openapi::ApiVersion, ("id" = String, Path, description = "The enrollment group id"), crate::http::openapi::Paging),
+    responses((status = 200, description = "A page of the group's registration states", body = Vec<crate::http::openapi::RegistrationState>, headers(("x-ms-continuation" = String, description = "The next page, when there is one"), ("x-ms-max-item-count" = u32), ("x-ms-item-type" = String))), crate::http::openapi::ManagementErrors),
+    security(("SharedAccessSignature" = []), ("bearer" = [])),
+)]
 async fn query(
     req: HttpRequest,
     state: web::Data<AppState>,

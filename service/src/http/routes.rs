@@ -17,6 +17,8 @@
 pub const HEALTHZ: &str = "/healthz";
 pub const TLS_CLIENT_CERTIFICATE: &str = "/tls/client-certificate";
 pub const METRICS: &str = "/metrics";
+/// The OpenAPI description of everything below (`http::openapi`).
+pub const OPENAPI: &str = "/openapi.json";
 
 // Management API: enrollments, groups, registration states (dps-protocol §4.2).
 pub const ENROLLMENTS_QUERY: &str = "/enrollments/query";
@@ -103,6 +105,7 @@ pub const ALL: &[&str] = &[
     HEALTHZ,
     TLS_CLIENT_CERTIFICATE,
     METRICS,
+    OPENAPI,
     ENROLLMENTS_QUERY,
     ENROLLMENTS,
     ENROLLMENT_ATTESTATION,

@@ -14,7 +14,7 @@ use actix_web::cookie::{Cookie, SameSite, time::Duration as CookieDuration};
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::auth::Caller;
 use crate::db::Collection;
@@ -38,21 +38,29 @@ const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'; st
      form-action 'self'";
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route(routes::ROOT, web::get().to(root))
-        .route(routes::CONSOLE, web::get().to(index))
-        .route(routes::CONSOLE_ASSET, web::get().to(asset))
+    // Resources, so another method is a 405 as everywhere else.
+    cfg.service(web::resource(routes::ROOT).route(web::get().to(root)))
+        .service(web::resource(routes::CONSOLE).route(web::get().to(index)))
+        .service(web::resource(routes::CONSOLE_ASSET).route(web::get().to(asset)))
         .service(
             web::resource(routes::CONSOLE_SESSION)
                 .route(web::get().to(get_session))
                 .route(web::post().to(sign_in))
                 .route(web::delete().to(sign_out)),
         )
-        .route(routes::CONSOLE_RATES, web::get().to(get_rates))
-        .route(routes::CONSOLE_PKI, web::get().to(get_pki));
+        .service(web::resource(routes::CONSOLE_RATES).route(web::get().to(get_rates)))
+        .service(web::resource(routes::CONSOLE_PKI).route(web::get().to(get_pki)));
 }
 
 /// `/` is the console's address for people.
-async fn root() -> HttpResponse {
+#[utoipa::path(
+    get,
+    path = routes::ROOT,
+    operation_id = "root",
+    tag = "console",
+    responses((status = 302, description = "Redirects to /console")),
+)]
+pub(crate) async fn root() -> HttpResponse {
     HttpResponse::Found()
         .insert_header((header::LOCATION, routes::CONSOLE))
         .finish()
@@ -69,11 +77,29 @@ fn page(content_type: &str, body: &'static str) -> HttpResponse {
         .body(body)
 }
 
-async fn index() -> HttpResponse {
+#[utoipa::path(
+    get,
+    path = routes::CONSOLE,
+    operation_id = "console",
+    tag = "console",
+    responses((status = 200, description = "The console's page", content_type = "text/html", body = String)),
+)]
+pub(crate) async fn index() -> HttpResponse {
     page("text/html; charset=utf-8", INDEX_HTML)
 }
 
-async fn asset(file: web::Path<String>) -> Result<HttpResponse, ApiError> {
+#[utoipa::path(
+    get,
+    path = routes::CONSOLE_ASSET,
+    operation_id = "consoleAsset",
+    tag = "console",
+    params(("file" = String, Path, description = "`app.js` or `app.css`")),
+    responses(
+        (status = 200, description = "The script or the style sheet", content_type = "text/plain", body = String),
+        (status = 404, description = "No such file", body = crate::http::openapi::AzureError),
+    ),
+)]
+pub(crate) async fn asset(file: web::Path<String>) -> Result<HttpResponse, ApiError> {
     match file.as_str() {
         "app.js" => Ok(page("text/javascript; charset=utf-8", APP_JS)),
         "app.css" => Ok(page("text/css; charset=utf-8", APP_CSS)),
@@ -171,8 +197,8 @@ impl From<SessionError> for ApiError {
 
 /// What the page learns about its session. The CSRF token is here and nowhere else a script
 /// of another origin could read it.
-fn describe(state: &AppState, session: &Session, caller: &Caller) -> Value {
-    let credentials: Vec<Value> = session
+fn describe(state: &AppState, session: &Session, caller: &Caller) -> ConsoleSession {
+    let credentials = session
         .credentials
         .iter()
         .map(|c| match c {
@@ -180,17 +206,22 @@ fn describe(state: &AppState, session: &Session, caller: &Caller) -> Value {
             Credential::Policy { name, .. } => json!({"kind": "policy", "name": name}),
         })
         .collect();
-    json!({
-        "principal": caller.principal,
-        "rights": caller.rights.names(),
-        "csrfToken": session.csrf,
-        "expiresUtc": crate::time::rfc3339_of_unix(session.expires),
-        "credentials": credentials,
-        "idScope": state.instance.id_scope,
-        "runsProvisioning": state.dps.is_some(),
-        "runsHub": state.hub.is_some(),
-        "hostName": state.settings.service.hostnames.first(),
-    })
+    ConsoleSession {
+        principal: caller.principal.clone(),
+        rights: caller
+            .rights
+            .names()
+            .into_iter()
+            .map(String::from)
+            .collect(),
+        csrf_token: session.csrf.clone(),
+        expires_utc: crate::time::rfc3339_of_unix(session.expires),
+        credentials,
+        id_scope: state.instance.id_scope.clone(),
+        runs_provisioning: state.dps.is_some(),
+        runs_hub: state.hub.is_some(),
+        host_name: state.settings.service.hostnames.first().cloned(),
+    }
 }
 
 fn session_cookie(value: String, max_age_seconds: i64) -> Cookie<'static> {
@@ -203,7 +234,18 @@ fn session_cookie(value: String, max_age_seconds: i64) -> Cookie<'static> {
         .finish()
 }
 
-async fn get_session(
+#[utoipa::path(
+    get,
+    path = routes::CONSOLE_SESSION,
+    operation_id = "consoleSession",
+    tag = "console",
+    security(("consoleSession" = [])),
+    responses(
+        (status = 200, description = "The session: principal, rights, CSRF token, expiry", body = ConsoleSession),
+        (status = 401, description = "No session, or one that ended with its credential (`SessionExpired`, a rotated key)", body = crate::http::openapi::AzureError),
+    ),
+)]
+pub(crate) async fn get_session(
     req: HttpRequest,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
@@ -218,14 +260,44 @@ async fn get_session(
     }
 }
 
-#[derive(Deserialize)]
-struct SignIn {
+#[derive(Deserialize, utoipa::ToSchema)]
+pub(crate) struct SignIn {
+    /// A connection string (`HostName=…;SharedAccessKeyName=…;SharedAccessKey=…`) or a token
+    /// from `zerotouch token create`.
     credential: Option<String>,
+}
+
+/// A console session as the page sees it (the schema of `describe`'s JSON).
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ConsoleSession {
+    principal: String,
+    rights: Vec<String>,
+    csrf_token: String,
+    expires_utc: String,
+    credentials: Vec<serde_json::Value>,
+    id_scope: String,
+    runs_provisioning: bool,
+    runs_hub: bool,
+    host_name: Option<String>,
 }
 
 /// Signs in with a credential, or adds one to the current session (which then needs its
 /// CSRF token). The answer sets the session cookie.
-async fn sign_in(
+#[utoipa::path(
+    post,
+    path = routes::CONSOLE_SESSION,
+    operation_id = "consoleSignIn",
+    tag = "console",
+    request_body = SignIn,
+    responses(
+        (status = 200, description = "Signed in (or the credential added); sets the session cookie", body = ConsoleSession),
+        (status = 400, description = "Not JSON, or not a credential", body = crate::http::openapi::AzureError),
+        (status = 401, description = "The credential does not verify", body = crate::http::openapi::AzureError),
+        (status = 403, description = "Adding to a session without its CSRF token", body = crate::http::openapi::AzureError),
+    ),
+)]
+pub(crate) async fn sign_in(
     req: HttpRequest,
     state: web::Data<AppState>,
     body: web::Bytes,
@@ -282,7 +354,14 @@ async fn sign_in(
 }
 
 /// Clears the cookie. (The session's credentials stay valid until they are rotated.)
-async fn sign_out() -> HttpResponse {
+#[utoipa::path(
+    delete,
+    path = routes::CONSOLE_SESSION,
+    operation_id = "consoleSignOut",
+    tag = "console",
+    responses((status = 204, description = "The cookie is cleared")),
+)]
+pub(crate) async fn sign_out() -> HttpResponse {
     HttpResponse::NoContent()
         .cookie(session_cookie(String::new(), 0))
         .finish()
@@ -298,7 +377,21 @@ async fn require_session(
         .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "no console session: sign in"))
 }
 
-async fn get_rates(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+#[utoipa::path(
+    get,
+    path = routes::CONSOLE_RATES,
+    operation_id = "consoleRates",
+    tag = "console",
+    security(("consoleSession" = [])),
+    responses(
+        (status = 200, description = "The last hour of registrations and telemetry per second", body = serde_json::Value),
+        (status = 401, description = "No console session", body = crate::http::openapi::AzureError),
+    ),
+)]
+pub(crate) async fn get_rates(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     require_session(&req, &state).await?;
     Ok(HttpResponse::Ok().json(json!({
         "intervalSeconds": rates::INTERVAL.as_secs(),
@@ -307,7 +400,22 @@ async fn get_rates(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpR
 }
 
 /// The CRL as last signed, and where the CRL and the OCSP responder are published.
-async fn get_pki(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+#[utoipa::path(
+    get,
+    path = routes::CONSOLE_PKI,
+    operation_id = "consolePki",
+    tag = "console",
+    security(("consoleSession" = [])),
+    responses(
+        (status = 200, description = "The CRL as last signed, and the CRL and OCSP URLs", body = serde_json::Value),
+        (status = 401, description = "No console session", body = crate::http::openapi::AzureError),
+        (status = 403, description = "The session lacks EnrollmentRead", body = crate::http::openapi::AzureError),
+    ),
+)]
+pub(crate) async fn get_pki(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let caller = require_session(&req, &state).await?;
     caller.require(crate::auth::Rights::ENROLLMENT_READ)?;
     let pki = crate::http::pki::pki_of(&req)?;

@@ -17,6 +17,26 @@ use crate::http::{
     AppState, authorize, if_match, json_body, page_response, paging, with_metadata, write_mode,
 };
 
+/// The operations of the group routes, which share the handlers with the individual ones.
+#[allow(non_camel_case_types)]
+#[derive(Clone)]
+pub struct __path_group_query;
+#[allow(non_camel_case_types)]
+#[derive(Clone)]
+pub struct __path_group_bulk;
+#[allow(non_camel_case_types)]
+#[derive(Clone)]
+pub struct __path_group_attestation_mechanism;
+#[allow(non_camel_case_types)]
+#[derive(Clone)]
+pub struct __path_group_get;
+#[allow(non_camel_case_types)]
+#[derive(Clone)]
+pub struct __path_group_put;
+#[allow(non_camel_case_types)]
+#[derive(Clone)]
+pub struct __path_group_delete;
+
 /// Most items in one bulk request, as in Azure DPS.
 pub const MAX_BULK_ITEMS: usize = 10;
 
@@ -106,6 +126,25 @@ pub fn view(doc: &Document, with_secrets: bool) -> Result<Value, ApiError> {
     Ok(with_metadata(doc, body))
 }
 
+#[utoipa::path(
+    get,
+    path = routes::ENROLLMENT,
+    operation_id = "getEnrollment",
+    tag = "enrollments",
+    params(crate::http::openapi::ApiVersion, ("id" = String, Path, description = "The registration id (individual) or the enrollment group id")),
+    responses((status = 200, description = "The enrollment without secrets (an individual enrollment with its registrationState, once registered)", body = crate::enrollment::Enrollment), crate::http::openapi::ManagementErrors),
+    security(("SharedAccessSignature" = []), ("bearer" = [])),
+)]
+#[utoipa::path(
+    get,
+    path = routes::GROUP,
+    operation_id = "getEnrollmentGroup",
+    tag = "enrollments",
+    impl_for = __path_group_get,
+    params(crate::http::openapi::ApiVersion, ("id" = String, Path, description = "The registration id (individual) or the enrollment group id")),
+    responses((status = 200, description = "The enrollment without secrets (an individual enrollment with its registrationState, once registered)", body = crate::enrollment::Enrollment), crate::http::openapi::ManagementErrors),
+    security(("SharedAccessSignature" = []), ("bearer" = [])),
+)]
 async fn get(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -132,6 +171,25 @@ async fn get(
     Ok(HttpResponse::Ok().json(body))
 }
 
+#[utoipa::path(
+    post,
+    path = routes::ENROLLMENT_ATTESTATION,
+    operation_id = "attestationMechanismEnrollment",
+    tag = "enrollments",
+    params(crate::http::openapi::ApiVersion, ("id" = String, Path, description = "The registration id (individual) or the enrollment group id")),
+    responses((status = 200, description = "The attestation mechanism, with its keys and certificates", body = crate::enrollment::Attestation), crate::http::openapi::ManagementErrors),
+    security(("SharedAccessSignature" = []), ("bearer" = [])),
+)]
+#[utoipa::path(
+    post,
+    path = routes::GROUP_ATTESTATION,
+    operation_id = "attestationMechanismEnrollmentGroup",
+    tag = "enrollments",
+    impl_for = __path_group_attestation_mechanism,
+    params(crate::http::openapi::ApiVersion, ("id" = String, Path, description = "The registration id (individual) or the enrollment group id")),
+    responses((status = 200, description = "The attestation mechanism, with its keys and certificates", body = crate::enrollment::Attestation), crate::http::openapi::ManagementErrors),
+    security(("SharedAccessSignature" = []), ("bearer" = [])),
+)]
 async fn attestation_mechanism(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -147,6 +205,27 @@ async fn attestation_mechanism(
     Ok(HttpResponse::Ok().json(Enrollment::from_document(&doc)?.attestation))
 }
 
+#[utoipa::path(
+    put,
+    path = routes::ENROLLMENT,
+    operation_id = "createOrUpdateEnrollment",
+    tag = "enrollments",
+    params(crate::http::openapi::ApiVersion, ("id" = String, Path, description = "The registration id (individual) or the enrollment group id"), crate::http::openapi::IfMatch),
+    request_body(content = crate::enrollment::Enrollment, content_type = "application/json"),
+    responses((status = 200, description = "The stored enrollment, with its secrets", body = crate::enrollment::Enrollment), crate::http::openapi::ManagementErrors, crate::http::openapi::ManagementWriteErrors),
+    security(("SharedAccessSignature" = []), ("bearer" = [])),
+)]
+#[utoipa::path(
+    put,
+    path = routes::GROUP,
+    operation_id = "createOrUpdateEnrollmentGroup",
+    tag = "enrollments",
+    impl_for = __path_group_put,
+    params(crate::http::openapi::ApiVersion, ("id" = String, Path, description = "The registration id (individual) or the enrollment group id"), crate::http::openapi::IfMatch),
+    request_body(content = crate::enrollment::Enrollment, content_type = "application/json"),
+    responses((status = 200, description = "The stored enrollment, with its secrets", body = crate::enrollment::Enrollment), crate::http::openapi::ManagementErrors, crate::http::openapi::ManagementWriteErrors),
+    security(("SharedAccessSignature" = []), ("bearer" = [])),
+)]
 async fn put(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -223,6 +302,25 @@ async fn upsert(
     .map_err(|e| crate::http::error::store_error(e, not_found(kind)))
 }
 
+#[utoipa::path(
+    delete,
+    path = routes::ENROLLMENT,
+    operation_id = "deleteEnrollment",
+    tag = "enrollments",
+    params(crate::http::openapi::ApiVersion, ("id" = String, Path, description = "The registration id (individual) or the enrollment group id"), crate::http::openapi::IfMatch),
+    responses((status = 204, description = "Deleted"), crate::http::openapi::ManagementErrors, crate::http::openapi::ManagementWriteErrors),
+    security(("SharedAccessSignature" = []), ("bearer" = [])),
+)]
+#[utoipa::path(
+    delete,
+    path = routes::GROUP,
+    operation_id = "deleteEnrollmentGroup",
+    tag = "enrollments",
+    impl_for = __path_group_delete,
+    params(crate::http::openapi::ApiVersion, ("id" = String, Path, description = "The registration id (individual) or the enrollment group id"), crate::http::openapi::IfMatch),
+    responses((status = 204, description = "Deleted"), crate::http::openapi::ManagementErrors, crate::http::openapi::ManagementWriteErrors),
+    security(("SharedAccessSignature" = []), ("bearer" = [])),
+)]
 async fn delete(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -263,6 +361,27 @@ pub fn check_query(text: &str, table: &str) -> Result<(), ApiError> {
     }
 }
 
+#[utoipa::path(
+    post,
+    path = routes::ENROLLMENTS_QUERY,
+    operation_id = "queryEnrollment",
+    tag = "enrollments",
+    params(crate::http::openapi::ApiVersion, crate::http::openapi::Paging),
+    request_body(content = Option<crate::http::openapi::QuerySpecification>, content_type = "application/json", description = "Optional: `*` or `SELECT * FROM enrollments` (resp. `enrollmentGroups`)"),
+    responses((status = 200, description = "A page of enrollments (without secrets); x-ms-continuation names the next", body = Vec<crate::enrollment::Enrollment>, headers(("x-ms-continuation" = String, description = "The next page, when there is one"), ("x-ms-max-item-count" = u32), ("x-ms-item-type" = String))), crate::http::openapi::ManagementErrors),
+    security(("SharedAccessSignature" = []), ("bearer" = [])),
+)]
+#[utoipa::path(
+    post,
+    path = routes::GROUPS_QUERY,
+    operation_id = "queryEnrollmentGroup",
+    tag = "enrollments",
+    impl_for = __path_group_query,
+    params(crate::http::openapi::ApiVersion, crate::http::openapi::Paging),
+    request_body(content = Option<crate::http::openapi::QuerySpecification>, content_type = "application/json", description = "Optional: `*` or `SELECT * FROM enrollments` (resp. `enrollmentGroups`)"),
+    responses((status = 200, description = "A page of enrollments (without secrets); x-ms-continuation names the next", body = Vec<crate::enrollment::Enrollment>, headers(("x-ms-continuation" = String, description = "The next page, when there is one"), ("x-ms-max-item-count" = u32), ("x-ms-item-type" = String))), crate::http::openapi::ManagementErrors),
+    security(("SharedAccessSignature" = []), ("bearer" = [])),
+)]
 async fn query(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -303,6 +422,27 @@ enum BulkMode {
     Delete,
 }
 
+#[utoipa::path(
+    post,
+    path = routes::ENROLLMENTS,
+    operation_id = "bulkEnrollment",
+    tag = "enrollments",
+    params(crate::http::openapi::ApiVersion),
+    request_body(content = crate::http::openapi::BulkOperation, content_type = "application/json"),
+    responses((status = 200, description = "Each item applied or refused on its own", body = crate::http::openapi::BulkResult), crate::http::openapi::ManagementErrors),
+    security(("SharedAccessSignature" = []), ("bearer" = [])),
+)]
+#[utoipa::path(
+    post,
+    path = routes::GROUPS,
+    operation_id = "bulkEnrollmentGroup",
+    tag = "enrollments",
+    impl_for = __path_group_bulk,
+    params(crate::http::openapi::ApiVersion),
+    request_body(content = crate::http::openapi::BulkOperation, content_type = "application/json"),
+    responses((status = 200, description = "Each item applied or refused on its own", body = crate::http::openapi::BulkResult), crate::http::openapi::ManagementErrors),
+    security(("SharedAccessSignature" = []), ("bearer" = [])),
+)]
 async fn bulk(
     req: HttpRequest,
     state: web::Data<AppState>,

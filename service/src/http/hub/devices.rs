@@ -28,6 +28,15 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         );
 }
 
+#[utoipa::path(
+    get,
+    path = routes::DEVICE,
+    operation_id = "getDevice",
+    tag = "hub",
+    params(("id" = String, Path, description = "The device id")),
+    responses((status = 200, description = "The device identity", body = crate::http::openapi::Device), crate::http::openapi::HubErrors),
+    security(("hubSharedAccessSignature" = [])),
+)]
 async fn get(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -37,6 +46,16 @@ async fn get(
     Ok(HttpResponse::Ok().json(hub.device_view(&id).await?))
 }
 
+#[utoipa::path(
+    put,
+    path = routes::DEVICE,
+    operation_id = "createOrUpdateDevice",
+    tag = "hub",
+    params(("id" = String, Path, description = "The device id"), crate::http::openapi::IfMatch),
+    request_body(content = crate::http::openapi::Device, content_type = "application/json"),
+    responses((status = 200, description = "The stored device identity", body = crate::http::openapi::Device), crate::http::openapi::HubErrors, crate::http::openapi::HubWriteErrors),
+    security(("hubSharedAccessSignature" = [])),
+)]
 async fn put(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -49,6 +68,15 @@ async fn put(
     Ok(HttpResponse::Ok().json(device))
 }
 
+#[utoipa::path(
+    delete,
+    path = routes::DEVICE,
+    operation_id = "deleteDevice",
+    tag = "hub",
+    params(("id" = String, Path, description = "The device id"), crate::http::openapi::IfMatch),
+    responses((status = 204, description = "Deleted"), crate::http::openapi::HubErrors, crate::http::openapi::HubWriteErrors),
+    security(("hubSharedAccessSignature" = [])),
+)]
 async fn delete(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -64,6 +92,15 @@ struct ListQuery {
     top: Option<i64>,
 }
 
+#[utoipa::path(
+    get,
+    path = routes::DEVICES,
+    operation_id = "listDevices",
+    tag = "hub",
+    params(crate::http::openapi::Top),
+    responses((status = 200, description = "Devices", body = Vec<crate::http::openapi::Device>), crate::http::openapi::HubErrors),
+    security(("hubSharedAccessSignature" = [])),
+)]
 async fn list(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -78,6 +115,14 @@ async fn list(
     Ok(HttpResponse::Ok().json(hub.list_devices(top).await?))
 }
 
+#[utoipa::path(
+    get,
+    path = routes::STATISTICS_DEVICES,
+    operation_id = "registryStatistics",
+    tag = "hub",
+    responses((status = 200, description = "Device counts", body = crate::http::openapi::RegistryStatistics), crate::http::openapi::HubErrors),
+    security(("hubSharedAccessSignature" = [])),
+)]
 async fn registry_statistics(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -111,6 +156,14 @@ async fn registry_statistics(
     })))
 }
 
+#[utoipa::path(
+    get,
+    path = routes::STATISTICS_SERVICE,
+    operation_id = "serviceStatistics",
+    tag = "hub",
+    responses((status = 200, description = "Connected devices", body = crate::http::openapi::ServiceStatistics), crate::http::openapi::HubErrors),
+    security(("hubSharedAccessSignature" = [])),
+)]
 async fn service_statistics(
     req: HttpRequest,
     state: web::Data<AppState>,

@@ -185,6 +185,16 @@ impl BatchItem {
     }
 }
 
+#[utoipa::path(
+    post,
+    path = routes::DEVICE_EVENTS,
+    operation_id = "sendDeviceEvent",
+    tag = "device",
+    params(("id" = String, Path, description = "The device id"), crate::http::openapi::MessageProperties),
+    request_body(content((crate::http::openapi::AnyJson = "application/json"), (String = "text/plain"), (crate::http::openapi::Bytes = "application/octet-stream"), (Vec<crate::http::openapi::BatchMessage> = "application/vnd.microsoft.iothub.json")), description = "The message body; a batch with `application/vnd.microsoft.iothub.json`"),
+    responses((status = 204, description = "Accepted and committed"), crate::http::openapi::HubErrors),
+    security(("deviceSharedAccessSignature" = []), ("x509" = [])),
+)]
 async fn device_event(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -233,6 +243,16 @@ async fn device_event(
     Ok(HttpResponse::NoContent().finish())
 }
 
+#[utoipa::path(
+    post,
+    path = routes::DEVICE_BOUND,
+    operation_id = "sendCloudToDevice",
+    tag = "hub",
+    params(("id" = String, Path, description = "The device id"), crate::http::openapi::MessageProperties),
+    request_body(content((crate::http::openapi::AnyJson = "application/json"), (String = "text/plain"), (crate::http::openapi::Bytes = "application/octet-stream")), description = "The message body"),
+    responses((status = 204, description = "Queued for the device"), crate::http::openapi::HubErrors),
+    security(("hubSharedAccessSignature" = [])),
+)]
 async fn send_c2d(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -267,6 +287,15 @@ async fn send_c2d(
 
 /// `GET /devices/{id}/messages/deviceBound`: the oldest waiting message, locked for
 /// `c2d::LOCK_TIMEOUT`, with IoT Hub's headers (`ETag` is the lock token); 204 when none waits.
+#[utoipa::path(
+    get,
+    path = routes::DEVICE_BOUND,
+    operation_id = "receiveCloudToDevice",
+    tag = "device",
+    params(("id" = String, Path, description = "The device id")),
+    responses((status = 200, description = "The next message, locked; its lock token is the `etag` header", content_type = "application/octet-stream", body = crate::http::openapi::Bytes, headers(("etag" = String, description = "The lock token"))), (status = 204, description = "No message is waiting"), crate::http::openapi::HubErrors),
+    security(("deviceSharedAccessSignature" = []), ("x509" = [])),
+)]
 async fn receive_c2d(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -325,6 +354,15 @@ fn lock_token_of(path: &(String, String)) -> &str {
 }
 
 /// `DELETE /devices/{id}/messages/deviceBound/{lockToken}`: complete, or reject with `?reject`.
+#[utoipa::path(
+    delete,
+    path = routes::DEVICE_BOUND_LOCK,
+    operation_id = "completeCloudToDevice",
+    tag = "device",
+    params(("id" = String, Path, description = "The device id"), ("lock_token" = String, Path, description = "The lock token of the received message"), ("reject" = Option<String>, Query, description = "Present: reject instead of complete")),
+    responses((status = 204, description = "Settled"), crate::http::openapi::HubErrors, crate::http::openapi::HubWriteErrors),
+    security(("deviceSharedAccessSignature" = []), ("x509" = [])),
+)]
 async fn complete_c2d(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -346,6 +384,15 @@ async fn complete_c2d(
 }
 
 /// `POST /devices/{id}/messages/deviceBound/{lockToken}/abandon`.
+#[utoipa::path(
+    post,
+    path = routes::DEVICE_BOUND_ABANDON,
+    operation_id = "abandonCloudToDevice",
+    tag = "device",
+    params(("id" = String, Path, description = "The device id"), ("lock_token" = String, Path, description = "The lock token of the received message")),
+    responses((status = 204, description = "Abandoned: the message is delivered again"), crate::http::openapi::HubErrors, crate::http::openapi::HubWriteErrors),
+    security(("deviceSharedAccessSignature" = []), ("x509" = [])),
+)]
 async fn abandon_c2d(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -368,6 +415,15 @@ struct ReadQuery {
     wait: Option<u64>,
 }
 
+#[utoipa::path(
+    get,
+    path = routes::MESSAGES_EVENTS,
+    operation_id = "readEvents",
+    tag = "hub",
+    params(crate::http::openapi::ReadEvents),
+    responses((status = 200, description = "Telemetry from `from` on", body = crate::http::openapi::EventsPage), crate::http::openapi::HubErrors),
+    security(("hubSharedAccessSignature" = [])),
+)]
 async fn read_events(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -382,7 +438,14 @@ async fn read_events(
             format!("limit must be 1 to {}", crate::telemetry::MAX_READ),
         ));
     }
-    let wait = Duration::from_secs(query.wait.unwrap_or(0).min(MAX_WAIT_SECONDS));
+    let wait = query.wait.unwrap_or(0);
+    if wait > MAX_WAIT_SECONDS {
+        return Err(HubError::new(
+            HubErrorCode::ArgumentInvalid,
+            format!("wait must be 0 to {MAX_WAIT_SECONDS} seconds"),
+        ));
+    }
+    let wait = Duration::from_secs(wait);
     let device = query.device_id.clone();
     let read = |hub: std::sync::Arc<Hub>, device: Option<String>| async move {
         hub.telemetry

@@ -67,6 +67,16 @@ fn header(req: &HttpRequest, name: &str) -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
+#[utoipa::path(
+    post,
+    path = routes::DEVICES_QUERY,
+    operation_id = "queryDevices",
+    tag = "hub",
+    params(crate::http::openapi::QueryPaging),
+    request_body(content = crate::http::openapi::HubQuery, content_type = "application/json"),
+    responses((status = 200, description = "A page of rows (twins, or projections and aggregates)", body = Vec<Object>, headers(("x-ms-continuation" = String, description = "The next page, when there is one"), ("x-ms-max-item-count" = u32), ("x-ms-item-type" = String))), crate::http::openapi::HubErrors),
+    security(("hubSharedAccessSignature" = [])),
+)]
 async fn query(
     req: HttpRequest,
     state: web::Data<AppState>,

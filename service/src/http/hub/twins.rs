@@ -23,6 +23,15 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 /// Twin reads are ServiceConnect in IoT Hub; RegistryRead may read too.
 const READERS: &[Rights] = &[Rights::SERVICE_CONNECT, Rights::REGISTRY_READ];
 
+#[utoipa::path(
+    get,
+    path = routes::TWIN,
+    operation_id = "getTwin",
+    tag = "hub",
+    params(("id" = String, Path, description = "The device id")),
+    responses((status = 200, description = "The twin", body = crate::http::openapi::Twin), crate::http::openapi::HubErrors),
+    security(("hubSharedAccessSignature" = [])),
+)]
 async fn get(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -52,6 +61,16 @@ async fn write(
     Ok(HttpResponse::Ok().json(view))
 }
 
+#[utoipa::path(
+    patch,
+    path = routes::TWIN,
+    operation_id = "updateTwin",
+    tag = "hub",
+    params(("id" = String, Path, description = "The device id"), crate::http::openapi::IfMatch),
+    request_body(content = crate::http::openapi::Twin, content_type = "application/json", description = "Tags and desired properties to merge"),
+    responses((status = 200, description = "The twin after the patch", body = crate::http::openapi::Twin), crate::http::openapi::HubErrors, crate::http::openapi::HubWriteErrors),
+    security(("hubSharedAccessSignature" = [])),
+)]
 async fn patch(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -61,6 +80,16 @@ async fn patch(
     write(req, state, id, body, false).await
 }
 
+#[utoipa::path(
+    put,
+    path = routes::TWIN,
+    operation_id = "replaceTwin",
+    tag = "hub",
+    params(("id" = String, Path, description = "The device id"), crate::http::openapi::IfMatch),
+    request_body(content = crate::http::openapi::Twin, content_type = "application/json", description = "Tags and desired properties that replace the current ones"),
+    responses((status = 200, description = "The replaced twin", body = crate::http::openapi::Twin), crate::http::openapi::HubErrors, crate::http::openapi::HubWriteErrors),
+    security(("hubSharedAccessSignature" = [])),
+)]
 async fn put(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -70,6 +99,16 @@ async fn put(
     write(req, state, id, body, true).await
 }
 
+#[utoipa::path(
+    post,
+    path = routes::TWIN_METHODS,
+    operation_id = "invokeMethod",
+    tag = "hub",
+    params(("id" = String, Path, description = "The device id")),
+    request_body(content = crate::http::openapi::MethodInvocation, content_type = "application/json"),
+    responses((status = 200, description = "The device's answer", body = crate::http::openapi::MethodResult), crate::http::openapi::HubErrors),
+    security(("hubSharedAccessSignature" = [])),
+)]
 async fn invoke(
     req: HttpRequest,
     state: web::Data<AppState>,
