@@ -16,6 +16,8 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_HTTPS_PORT: u16 = 8443;
 /// Default MQTT-over-TLS port: the Azure device SDKs hard-code 8883.
 pub const DEFAULT_MQTT_PORT: u16 = 8883;
+/// AMQP 1.0 over TLS: the port the Azure service SDKs dial.
+pub const DEFAULT_AMQP_PORT: u16 = 5671;
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -379,6 +381,19 @@ pub struct Listen {
     pub https: SocketAddr,
     /// Device MQTT over TLS.
     pub mqtt: SocketAddr,
+    /// AMQP 1.0 over TLS (the service SDKs). Unset: `0.0.0.0:5671`, and a start goes on
+    /// without AMQP (with a warning) when that address is taken; set, it must bind.
+    pub amqp: Option<SocketAddr>,
+}
+
+impl Listen {
+    /// The AMQP address in force, and whether it was configured.
+    pub fn amqp(&self) -> (SocketAddr, bool) {
+        match self.amqp {
+            Some(addr) => (addr, true),
+            None => (SocketAddr::from(([0, 0, 0, 0], DEFAULT_AMQP_PORT)), false),
+        }
+    }
 }
 
 #[derive(Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -446,6 +461,7 @@ impl Default for Listen {
         Listen {
             https: SocketAddr::from(([0, 0, 0, 0], DEFAULT_HTTPS_PORT)),
             mqtt: SocketAddr::from(([0, 0, 0, 0], DEFAULT_MQTT_PORT)),
+            amqp: None,
         }
     }
 }

@@ -5,6 +5,7 @@
 //! key material, and never answer a client's bad input with a panic or a 500.
 #![forbid(unsafe_code)]
 
+pub mod amqp;
 pub mod auth;
 pub mod bootstrap;
 pub mod cli;

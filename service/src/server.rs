@@ -22,6 +22,8 @@ pub struct Bound {
     pub instance: Arc<Instance>,
     /// The MQTT listener (connection count for metrics, shutdown).
     pub mqtt_listener: mqtt::listener::MqttListener,
+    /// The AMQP listener, when this process runs a hub and could bind it.
+    pub amqp: Option<crate::amqp::AmqpListener>,
     /// The hub, when this process runs one.
     pub hub: Option<Arc<crate::hub::Hub>>,
     /// This process's lock on the data dir (one server per data dir), held while this lives.
@@ -85,6 +87,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev:
             .ok_or(openssl::ssl::AlpnError::NOACK)
     });
     let mqtt_tls = tls::acceptor(server_chain, server_key, ca_bundle)?.build();
+    let amqp_tls = tls::acceptor(server_chain, server_key, ca_bundle)?.build();
 
     let cluster = if settings.cluster.enabled() {
         let cluster = crate::cluster::Cluster::connect(&settings.cluster).await?;
@@ -233,12 +236,17 @@ pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev:
     .await
     .with_context(|| format!("binding MQTT to {}", settings.listen.mqtt))?;
     let mqtt = mqtt_listener.local_addr();
+    let amqp = match &hub {
+        Some(hub) => start_amqp(&settings, amqp_tls, hub.clone()).await?,
+        None => None,
+    };
     if let (Some(joined), Some(hub)) = (joined, hub.clone()) {
         actix_web::rt::spawn(crate::hub::join::heartbeats(joined, hub));
     }
     tracing::info!(
         %https,
         %mqtt,
+        amqp = ?amqp.as_ref().map(crate::amqp::AmqpListener::local_addr),
         mqtt_workers = mqtt_listener.workers(),
         id_scope = %instance.id_scope,
         "zerotouch is ready"
@@ -249,12 +257,36 @@ pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev:
             mqtt,
             instance,
             mqtt_listener,
+            amqp,
             hub,
             data_dir_lock,
             hub_lock,
         },
         server,
     ))
+}
+
+/// The AMQP listener. A configured address must bind; the default one (`0.0.0.0:5671`) is
+/// given up with a warning when something else holds it, so that a second server on one
+/// machine still starts.
+async fn start_amqp(
+    settings: &Settings,
+    tls: openssl::ssl::SslAcceptor,
+    hub: Arc<crate::hub::Hub>,
+) -> anyhow::Result<Option<crate::amqp::AmqpListener>> {
+    let (addr, configured) = settings.listen.amqp();
+    match crate::amqp::start(addr, tls, hub).await {
+        Ok(listener) => Ok(Some(listener)),
+        Err(e) if !configured => {
+            tracing::warn!(
+                %addr,
+                error = %e,
+                "AMQP is off: the default address is not available; set listen.amqp to serve it"
+            );
+            Ok(None)
+        }
+        Err(e) => Err(e).with_context(|| format!("binding AMQP to {addr}")),
+    }
 }
 
 /// Fails with the cause and the fix when this process may not bind `addr` (a port below 1024

@@ -36,13 +36,13 @@ function portFree(ip, port) {
   });
 }
 
-/** A 127.x.y.z whose ports 443 and 8883 are free: each server gets an address of its own. */
+/** A 127.x.y.z whose ports 443, 8883 and 5671 are free: each server gets an address of its own. */
 async function freeLoopbackIp() {
   for (let i = 0; i < 200; i++) {
     const ip = `127.${1 + crypto.randomInt(254)}.${crypto.randomInt(255)}.${2 + crypto.randomInt(252)}`;
-    if ((await portFree(ip, 443)) && (await portFree(ip, 8883))) return ip;
+    if ((await portFree(ip, 443)) && (await portFree(ip, 8883)) && (await portFree(ip, 5671))) return ip;
   }
-  throw new Error('no free loopback address with ports 443 and 8883');
+  throw new Error('no free loopback address with ports 443, 8883 and 5671');
 }
 
 function psql(sql) {
@@ -108,7 +108,7 @@ class Server {
     this.ip = await freeLoopbackIp();
     this.config = path.join(this.tmp, 'zerotouch.toml');
     fs.writeFileSync(this.config,
-      `[listen]\nhttps = "${this.ip}:443"\nmqtt = "${this.ip}:8883"\n` +
+      `[listen]\nhttps = "${this.ip}:443"\nmqtt = "${this.ip}:8883"\namqp = "${this.ip}:5671"\n` +
       `[service]\nhostnames = ["${this.ip}", "localhost"]\n${this.extraConfig}`);
     this.env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('ZEROTOUCH__')));
     if (this.backend === 'postgres') {

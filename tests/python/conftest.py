@@ -27,17 +27,19 @@ def free_port(ip="127.0.0.1"):
 
 
 def free_loopback_ip():
-    """A 127.0.0.x whose port 8883 is free: the Azure device SDK always dials 8883, so each
-    server gets an address of its own and tests can run side by side."""
+    """A 127.0.x.y whose ports 8883 and 5671 are free: the Azure device SDK always dials 8883
+    and the service SDKs' AMQP 5671, so each server gets an address of its own and tests can
+    run side by side."""
     for _ in range(200):
         ip = f"127.0.{random.randint(1, 254)}.{random.randint(2, 254)}"
-        with socket.socket() as s:
+        with socket.socket() as a, socket.socket() as b:
             try:
-                s.bind((ip, 8883))
+                a.bind((ip, 8883))
+                b.bind((ip, 5671))
                 return ip
             except OSError:
                 continue
-    raise RuntimeError("no free loopback address with port 8883")
+    raise RuntimeError("no free loopback address with ports 8883 and 5671")
 
 
 class Server:
@@ -52,6 +54,7 @@ class Server:
             "[listen]\n"
             f'https = "{self.ip}:{self.https_port}"\n'
             f'mqtt = "{self.ip}:{self.mqtt_port}"\n'
+            f'amqp = "{self.ip}:5671"\n'
             "[service]\n"
             f'hostnames = ["{self.ip}", "localhost"]\n'
         )

@@ -137,6 +137,7 @@ impl TestServer {
         settings.service.data_dir = dir.path().join("data");
         settings.listen.https = "127.0.0.1:0".parse().expect("addr");
         settings.listen.mqtt = "127.0.0.1:0".parse().expect("addr");
+        settings.listen.amqp = Some("127.0.0.1:0".parse().expect("addr"));
         settings.database.url = pg.as_ref().map(|p| p.url.clone());
         adjust(&mut settings);
         let mut server = TestServer {

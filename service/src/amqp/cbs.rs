@@ -1,0 +1,179 @@
+//! Claims-based security (CBS): how an AMQP client proves who it is after an anonymous SASL
+//! handshake. It sends `put-token` requests on a link to `$cbs`, and gets the answer on a
+//! link from `$cbs` (hub-protocol §7; the Azure service SDKs always do this).
+//!
+//! A request's application properties are `operation = "put-token"`, `type` (a SAS token:
+//! `servicebus.windows.net:sastoken` or `azure-devices.net:sastoken`) and `name` (the
+//! audience), and its body is the token as an AMQP string. The answer correlates with the
+//! request's message id and carries `status-code` (200, 400 or 401) and `status-description`.
+//! A token that verifies becomes a [`Grant`] of the connection until it expires. Every link
+//! and every message on it is checked against the grants.
+
+use std::sync::{Arc, Mutex};
+
+use fe2o3_amqp_types::messaging::{
+    AmqpValue, ApplicationProperties, Body, Message, MessageId, Properties,
+};
+use fe2o3_amqp_types::primitives::{SimpleValue, Value};
+use zerotouch_attestation::symmetric_key::SasToken;
+
+use crate::auth::{Caller, Rights};
+use crate::hub::Hub;
+
+/// The address of the CBS node.
+pub const NODE: &str = "$cbs";
+
+/// What one verified token allows, until when.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    pub audience: String,
+    pub caller: Caller,
+    /// Unix seconds.
+    pub expires: u64,
+}
+
+/// The grants of one connection.
+#[derive(Debug, Default)]
+pub struct Grants {
+    grants: Mutex<Vec<Grant>>,
+}
+
+impl Grants {
+    pub fn add(&self, grant: Grant) {
+        if let Ok(mut grants) = self.grants.lock() {
+            grants.retain(|g| g.audience != grant.audience);
+            grants.push(grant);
+        }
+    }
+
+    /// The first live grant holding `needed`.
+    pub fn holding(&self, needed: Rights, now_unix: u64) -> Option<Grant> {
+        let grants = self.grants.lock().ok()?;
+        grants
+            .iter()
+            .find(|g| g.expires >= now_unix && g.caller.rights.contains(needed))
+            .cloned()
+    }
+}
+
+/// The answer to one CBS request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub status: i32,
+    pub description: String,
+}
+
+impl Answer {
+    fn new(status: i32, description: impl Into<String>) -> Answer {
+        Answer {
+            status,
+            description: description.into(),
+        }
+    }
+}
+
+fn property<'a>(message: &'a Message<Body<Value>>, name: &str) -> Option<&'a str> {
+    let properties = message.application_properties.as_ref()?;
+    match properties.0.get(name)? {
+        SimpleValue::String(text) => Some(text),
+        SimpleValue::Symbol(symbol) => Some(symbol.as_str()),
+        _ => None,
+    }
+}
+
+fn body_text(message: &Message<Body<Value>>) -> Option<&str> {
+    match &message.body {
+        Body::Value(value) => match &value.0 {
+            Value::String(text) => Some(text),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Handles one CBS request: a verified token becomes a grant of `grants`.
+pub async fn handle(hub: &Arc<Hub>, grants: &Grants, message: &Message<Body<Value>>) -> Answer {
+    match property(message, "operation") {
+        Some("put-token") => {}
+        Some(other) => return Answer::new(400, format!("unknown CBS operation {other:?}")),
+        None => return Answer::new(400, "a CBS request needs the operation property"),
+    }
+    let kind = property(message, "type").unwrap_or_default();
+    if !kind.ends_with(":sastoken") {
+        return Answer::new(
+            400,
+            format!("token type {kind:?} is not supported: send a SAS token"),
+        );
+    }
+    let Some(audience) = property(message, "name") else {
+        return Answer::new(
+            400,
+            "a put-token request needs the name (audience) property",
+        );
+    };
+    let Some(text) = body_text(message) else {
+        return Answer::new(400, "the token must be the body, as an AMQP string");
+    };
+    let token = match SasToken::parse(text) {
+        Ok(token) => token,
+        Err(e) => return Answer::new(400, format!("malformed SAS token: {e}")),
+    };
+    let name = token.skn.clone().unwrap_or_default();
+    let policy =
+        match crate::db::blocking(hub.store(), move |s| crate::hub::auth::policy(s, &name)).await {
+            Ok(policy) => policy,
+            Err(e) => {
+                tracing::warn!(error = %e, "CBS: reading the policy failed");
+                return Answer::new(503, "the service cannot check tokens right now");
+            }
+        };
+    let now = crate::time::now_unix();
+    // No right is asked here: each link asks for its own when it attaches.
+    match crate::hub::auth::verify_service_token(
+        &token,
+        policy.as_ref(),
+        hub,
+        "/",
+        Rights::default(),
+        now,
+    ) {
+        Ok(caller) => {
+            tracing::info!(principal = %caller.principal, audience, "AMQP: CBS token accepted");
+            grants.add(Grant {
+                audience: audience.to_string(),
+                caller,
+                expires: token.se,
+            });
+            Answer::new(200, "OK")
+        }
+        Err(e) => {
+            hub.metrics.auth_failure("amqp_cbs");
+            Answer::new(401, e.message)
+        }
+    }
+}
+
+/// The answer as a message for the client's `$cbs` receiver link.
+pub fn reply(request: &Message<Body<Value>>, answer: &Answer) -> Message<Body<Value>> {
+    let request_properties = request.properties.as_ref();
+    let correlation_id: Option<MessageId> = request_properties
+        .and_then(|p| p.message_id.clone())
+        .or_else(|| request_properties.and_then(|p| p.correlation_id.clone()));
+    let properties = Properties {
+        correlation_id,
+        to: request_properties.and_then(|p| p.reply_to.clone()),
+        ..Properties::default()
+    };
+    let application_properties = ApplicationProperties::builder()
+        .insert("status-code", SimpleValue::Int(answer.status))
+        .insert(
+            "status-description",
+            SimpleValue::String(answer.description.clone()),
+        )
+        .build();
+    Message::builder()
+        .properties(properties)
+        .application_properties(application_properties)
+        .body(Body::Value(AmqpValue(Value::Null)))
+        .build()
+}

@@ -1,0 +1,326 @@
+//! The AMQP 1.0 listener (TLS, port 5671 by default): the back-end half of the Azure SDKs.
+//!
+//! TLS is ours (the same certificate and policy as HTTPS and MQTT); AMQP framing, sessions
+//! and links are `fe2o3-amqp`'s acceptor. A connection may negotiate SASL (ANONYMOUS) or skip
+//! it (rhea, under the Node SDKs, sends the plain AMQP header); either way it is anonymous
+//! until it puts a token on `$cbs` ([`cbs`]). Each link is checked against the connection's
+//! grants when it attaches and for every message.
+//!
+//! Links served:
+//! - `$cbs`, both directions: put-token requests and their answers;
+//! - `/messages/devicebound` (the client sends): cloud-to-device messages ([`c2d`]), which
+//!   need `ServiceConnect`.
+//!
+//! Any other address is attached and at once closed with `amqp:not-found`, so a client learns
+//! why; a link without the right is closed with `amqp:unauthorized-access`.
+
+pub mod c2d;
+pub mod cbs;
+mod replay;
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fe2o3_amqp::acceptor::{
+    ConnectionAcceptor, LinkAcceptor, LinkEndpoint, ListenerConnectionHandle,
+    ListenerSessionHandle, SaslAnonymousMechanism, SessionAcceptor,
+};
+use fe2o3_amqp::link::{Receiver, Sender};
+use fe2o3_amqp_types::definitions::Role;
+use fe2o3_amqp_types::definitions::{AmqpError, ErrorCondition};
+use fe2o3_amqp_types::messaging::TargetArchetype;
+use fe2o3_amqp_types::messaging::{Body, Message};
+use fe2o3_amqp_types::performatives::Attach;
+use fe2o3_amqp_types::primitives::Value;
+use openssl::ssl::SslAcceptor;
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, mpsc};
+
+use crate::auth::Rights;
+use crate::hub::Hub;
+
+/// How long a client has for TLS and its protocol header.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest message we take (C2D bodies are at most 64 KiB; properties come on top).
+const MAX_MESSAGE_SIZE: u64 = 256 * 1024;
+/// How long a CBS answer waits for the client's `$cbs` receiver link.
+const CBS_REPLY_WAIT: Duration = Duration::from_secs(5);
+
+/// What every connection shares.
+struct Shared {
+    tls: SslAcceptor,
+    hub: Arc<Hub>,
+    stop: Notify,
+}
+
+/// A running listener; dropping it does not stop it, [`AmqpListener::shutdown`] does.
+#[derive(Clone)]
+pub struct AmqpListener {
+    shared: Arc<Shared>,
+    local_addr: SocketAddr,
+}
+
+impl std::fmt::Debug for AmqpListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpListener")
+            .field("local_addr", &self.local_addr)
+            .finish()
+    }
+}
+
+impl AmqpListener {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting connections.
+    pub fn shutdown(&self) {
+        self.shared.stop.notify_waiters();
+    }
+}
+
+/// Binds `addr` and serves AMQP for `hub`.
+pub async fn start(
+    addr: SocketAddr,
+    tls: SslAcceptor,
+    hub: Arc<Hub>,
+) -> std::io::Result<AmqpListener> {
+    let listener = TcpListener::bind(addr).await?;
+    let local_addr = listener.local_addr()?;
+    let shared = Arc::new(Shared {
+        tls,
+        hub,
+        stop: Notify::new(),
+    });
+    tokio::spawn(accept_loop(listener, shared.clone()));
+    tracing::info!(%local_addr, "AMQP listener started");
+    Ok(AmqpListener { shared, local_addr })
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = shared.stop.notified() => break,
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = serve(tcp, &shared).await {
+                        tracing::info!(%peer, error = %e, "AMQP connection ended");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!("AMQP accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    tracing::info!("AMQP listener stopped accepting");
+}
+
+/// One connection: TLS, the protocol header, SASL or not, then its sessions.
+async fn serve(tcp: TcpStream, shared: &Arc<Shared>) -> anyhow::Result<()> {
+    let _ = tcp.set_nodelay(true);
+    let ssl = openssl::ssl::Ssl::new(shared.tls.context())?;
+    let mut stream = tokio_openssl::SslStream::new(ssl, tcp)?;
+    let mut header = [0u8; 8];
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        Pin::new(&mut stream)
+            .accept()
+            .await
+            .map_err(std::io::Error::other)?;
+        stream.read_exact(&mut header).await.map(drop)
+    })
+    .await
+    .map_err(|_| {
+        anyhow::anyhow!("no TLS handshake and protocol header within {HANDSHAKE_TIMEOUT:?}")
+    })??;
+    let stream = replay::Replay::new(header.to_vec(), stream);
+    let mut connection = if header[..4] == *b"AMQP" && header[4] == 3 {
+        ConnectionAcceptor::builder()
+            .container_id("zerotouch")
+            .sasl_acceptor(SaslAnonymousMechanism::new())
+            .build()
+            .accept(stream)
+            .await?
+    } else {
+        // A plain AMQP header, or garbage, which the acceptor answers with its own header
+        // and refuses.
+        ConnectionAcceptor::new("zerotouch").accept(stream).await?
+    };
+    let state = Arc::new(ConnectionState {
+        hub: shared.hub.clone(),
+        grants: cbs::Grants::default(),
+        cbs_replies: tokio::sync::Mutex::new(None),
+        cbs_ready: Notify::new(),
+    });
+    let sessions = SessionAcceptor::new();
+    loop {
+        tokio::select! {
+            accepted = sessions.accept(&mut connection) => match accepted {
+                Ok(session) => {
+                    tokio::spawn(serve_session(session, state.clone()));
+                }
+                Err(_) => break,
+            },
+            () = shared.stop.notified() => break,
+        }
+    }
+    close(connection).await;
+    Ok(())
+}
+
+async fn close(mut connection: ListenerConnectionHandle) {
+    let _ = connection.close().await;
+}
+
+/// What the links of one connection share.
+struct ConnectionState {
+    hub: Arc<Hub>,
+    grants: cbs::Grants,
+    /// Where CBS answers go: the client's receiver link from `$cbs`, once attached.
+    cbs_replies: tokio::sync::Mutex<Option<mpsc::Sender<Message<Body<Value>>>>>,
+    cbs_ready: Notify,
+}
+
+fn address_of(attach: &Attach) -> Option<String> {
+    // The client's sender names our receiving end in its target; its receiver names our
+    // sending end in its source.
+    match attach.role {
+        Role::Sender => match attach.target.as_deref() {
+            Some(TargetArchetype::Target(target)) => target.address.clone(),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        },
+        Role::Receiver => attach.source.as_ref().and_then(|s| s.address.clone()),
+    }
+}
+
+async fn serve_session(mut session: ListenerSessionHandle, state: Arc<ConnectionState>) {
+    let links = LinkAcceptor::builder()
+        .max_message_size(MAX_MESSAGE_SIZE)
+        .build();
+    while let Some(attach) = session.next_incoming_attach().await {
+        let address = address_of(&attach).unwrap_or_default();
+        let endpoint = match links.accept_incoming_attach(attach, &mut session).await {
+            Ok(endpoint) => endpoint,
+            Err(e) => {
+                tracing::info!(address, error = ?e, "AMQP: a link could not attach");
+                continue;
+            }
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            match endpoint {
+                LinkEndpoint::Receiver(receiver) => serve_incoming(receiver, &address, state).await,
+                LinkEndpoint::Sender(sender) => serve_outgoing(sender, &address, state).await,
+            }
+        });
+    }
+    let _ = session.end().await;
+}
+
+fn not_found(address: &str) -> fe2o3_amqp_types::definitions::Error {
+    c2d::error(
+        ErrorCondition::AmqpError(AmqpError::NotFound),
+        format!("no node {address:?} here"),
+    )
+}
+
+fn unauthorized(needed: Rights) -> fe2o3_amqp_types::definitions::Error {
+    c2d::error(
+        ErrorCondition::AmqpError(AmqpError::UnauthorizedAccess),
+        format!("put a token with {needed} on $cbs first"),
+    )
+}
+
+/// A link on which the client sends.
+async fn serve_incoming(mut receiver: Receiver, address: &str, state: Arc<ConnectionState>) {
+    match address {
+        cbs::NODE => {
+            while let Ok(delivery) = receiver.recv::<Body<Value>>().await {
+                let _ = receiver.accept(&delivery).await;
+                let request = delivery.into_message();
+                let answer = cbs::handle(&state.hub, &state.grants, &request).await;
+                send_cbs_reply(&state, cbs::reply(&request, &answer)).await;
+            }
+        }
+        c2d::ADDRESS => {
+            let needed = Rights::SERVICE_CONNECT;
+            if state
+                .grants
+                .holding(needed, crate::time::now_unix())
+                .is_none()
+            {
+                let _ = receiver.close_with_error(unauthorized(needed)).await;
+                return;
+            }
+            while let Ok(delivery) = receiver.recv::<Body<Value>>().await {
+                let outcome = match state.grants.holding(needed, crate::time::now_unix()) {
+                    None => Err(unauthorized(needed)),
+                    Some(_) => match c2d::outgoing(delivery.message().clone()) {
+                        Err(e) => Err(e),
+                        Ok((device, message)) => state
+                            .hub
+                            .send_c2d(&device, message)
+                            .await
+                            .map_err(|e| c2d::hub_error(&e)),
+                    },
+                };
+                let disposed = match outcome {
+                    Ok(_) => receiver.accept(&delivery).await,
+                    Err(e) => {
+                        tracing::info!(error = %e, "AMQP: a C2D message was refused");
+                        receiver.reject(&delivery, e).await
+                    }
+                };
+                if disposed.is_err() {
+                    break;
+                }
+            }
+        }
+        other => {
+            let _ = receiver.close_with_error(not_found(other)).await;
+        }
+    }
+}
+
+/// A link on which the client receives.
+async fn serve_outgoing(mut sender: Sender, address: &str, state: Arc<ConnectionState>) {
+    match address {
+        cbs::NODE => {
+            let (tx, mut rx) = mpsc::channel(16);
+            *state.cbs_replies.lock().await = Some(tx);
+            state.cbs_ready.notify_waiters();
+            while let Some(reply) = rx.recv().await {
+                if sender.send(reply).await.is_err() {
+                    break;
+                }
+            }
+        }
+        other => {
+            let _ = sender.close_with_error(not_found(other)).await;
+        }
+    }
+}
+
+async fn send_cbs_reply(state: &ConnectionState, reply: Message<Body<Value>>) {
+    let deadline = tokio::time::Instant::now() + CBS_REPLY_WAIT;
+    loop {
+        let ready = state.cbs_ready.notified();
+        if let Some(tx) = state.cbs_replies.lock().await.clone() {
+            let _ = tx.send(reply).await;
+            return;
+        }
+        if tokio::time::timeout_at(deadline, ready).await.is_err() {
+            tracing::info!("AMQP: a CBS answer had no $cbs receiver link to go to");
+            return;
+        }
+    }
+}
