@@ -9,13 +9,16 @@
 //! Links served:
 //! - `$cbs`, both directions: put-token requests and their answers;
 //! - `/messages/devicebound` (the client sends): cloud-to-device messages ([`c2d`]), which
-//!   need `ServiceConnect`.
+//!   need `ServiceConnect`;
+//! - `/messages/servicebound/feedback` (the client receives): their delivery feedback
+//!   ([`feedback`]), which needs `ServiceConnect`.
 //!
 //! Any other address is attached and at once closed with `amqp:not-found`, so a client learns
 //! why; a link without the right is closed with `amqp:unauthorized-access`.
 
 pub mod c2d;
 pub mod cbs;
+pub mod feedback;
 mod replay;
 
 use std::net::SocketAddr;
@@ -294,6 +297,25 @@ async fn serve_incoming(mut receiver: Receiver, address: &str, state: Arc<Connec
 /// A link on which the client receives.
 async fn serve_outgoing(mut sender: Sender, address: &str, state: Arc<ConnectionState>) {
     match address {
+        feedback if feedback::is_feedback(feedback) => {
+            let needed = Rights::SERVICE_CONNECT;
+            if state
+                .grants
+                .holding(needed, crate::time::now_unix())
+                .is_none()
+            {
+                let _ = sender.close_with_error(unauthorized(needed)).await;
+                return;
+            }
+            let hub = state.hub.clone();
+            feedback::serve(sender, hub, move || {
+                state
+                    .grants
+                    .holding(needed, crate::time::now_unix())
+                    .is_some()
+            })
+            .await;
+        }
         cbs::NODE => {
             let (tx, mut rx) = mpsc::channel(16);
             *state.cbs_replies.lock().await = Some(tx);

@@ -69,10 +69,13 @@ pub enum Collection {
     /// Moved devices' identities still to be removed from their old hub, keyed
     /// `{hub lower-cased}/{device id}`; `parent` is the hub's lower-cased name (see `dps`).
     StaleIdentities,
+    /// Feedback records of ended C2D messages sent with an `ack`, waiting to be read on the
+    /// AMQP feedback link; keyed like the message; `parent` is the device id.
+    C2dFeedback,
 }
 
 impl Collection {
-    pub const ALL: [Collection; 16] = [
+    pub const ALL: [Collection; 17] = [
         Collection::IndividualEnrollments,
         Collection::EnrollmentGroups,
         Collection::Registrations,
@@ -89,6 +92,7 @@ impl Collection {
         Collection::AuditEvents,
         Collection::PkiState,
         Collection::StaleIdentities,
+        Collection::C2dFeedback,
     ];
 
     /// The table that holds this collection (for logs).
@@ -110,6 +114,7 @@ impl Collection {
             Collection::AuditEvents => "audit_events",
             Collection::PkiState => "pki_state",
             Collection::StaleIdentities => "stale_identities",
+            Collection::C2dFeedback => "c2d_feedback",
         }
     }
 
@@ -123,6 +128,7 @@ impl Collection {
                 | Collection::MqttSessions
                 | Collection::C2dMessages
                 | Collection::StaleIdentities
+                | Collection::C2dFeedback
         )
     }
 }

@@ -217,3 +217,16 @@ diesel::table! {
         updated_at -> BigInt,
     }
 }
+
+diesel::table! {
+    c2d_feedback (id_key) {
+        id_key -> Text,
+        id -> Text,
+        parent_key -> Nullable<Text>,
+        parent -> Nullable<Text>,
+        body -> Text,
+        etag -> Text,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+    }
+}

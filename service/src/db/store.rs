@@ -89,6 +89,10 @@ macro_rules! with_table {
                 use $crate::db::schema::stale_identities as $t;
                 $body
             }
+            Collection::C2dFeedback => {
+                use $crate::db::schema::c2d_feedback as $t;
+                $body
+            }
         }
     };
 }

@@ -4,12 +4,17 @@
 //! One queue and one life cycle for both transports, as in IoT Hub: a delivered message is
 //! locked (invisible) for [`LOCK_TIMEOUT`] and its delivery count goes up. Completing it (an
 //! MQTT PUBACK, or HTTPS `DELETE …/deviceBound/{lockToken}`) removes it; rejecting it (HTTPS
-//! `…?reject`) dead-letters it, which here means it is removed too (there is no feedback
-//! endpoint); abandoning it (HTTPS `POST …/{lockToken}/abandon`, or an MQTT connection lost
+//! `…?reject`) dead-letters it, which here means it is removed too; abandoning it (HTTPS `POST …/{lockToken}/abandon`, or an MQTT connection lost
 //! before its PUBACK) makes it available again at once. A lock that expires does the same. A
 //! message delivered [`MAX_DELIVERY_COUNT`] times without completion, or past its expiry, is
 //! dead-lettered instead of delivered. Every change is a conditional write on the message's
 //! etag, so two deliveries (MQTT and HTTPS, or two replicas) never hold one message at once.
+//!
+//! A message sent with `ack` leaves a [`Feedback`] record when it ends: `Success` when
+//! completed (acks `positive` and `full`), `Rejected`, `Expired` or `DeliveryCountExceeded`
+//! otherwise (acks `negative` and `full`). The record is written before the message is
+//! removed (and taken back if the removal loses a race), so a crash can repeat a record but
+//! never lose one. The service reads them on the AMQP feedback link (`amqp::feedback`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -148,6 +153,103 @@ fn to_body(message: &QueuedMessage) -> Result<serde_json::Value, StoreError> {
     serde_json::to_value(message).map_err(|e| StoreError::Backend(e.to_string()))
 }
 
+/// How a message with `ack` ended, as IoT Hub's feedback `statusCode` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Feedback {
+    Success,
+    Expired,
+    DeliveryCountExceeded,
+    Rejected,
+}
+
+impl Feedback {
+    pub fn status_code(self) -> &'static str {
+        match self {
+            Feedback::Success => "Success",
+            Feedback::Expired => "Expired",
+            Feedback::DeliveryCountExceeded => "DeliveryCountExceeded",
+            Feedback::Rejected => "Rejected",
+        }
+    }
+
+    fn description(self) -> &'static str {
+        match self {
+            Feedback::Success => "Success",
+            Feedback::Expired => "Message expired",
+            Feedback::DeliveryCountExceeded => "Message delivery count exceeded",
+            Feedback::Rejected => "Message rejected",
+        }
+    }
+
+    /// Whether a message sent with `ack` asks for this outcome.
+    pub fn wanted_by(self, ack: Option<&str>) -> bool {
+        match ack.map(str::to_ascii_lowercase).as_deref() {
+            Some("full") => true,
+            Some("positive") => self == Feedback::Success,
+            Some("negative") => self != Feedback::Success,
+            _ => false,
+        }
+    }
+}
+
+/// Writes the feedback record of a message that ends as `outcome`, if its `ack` asks for it.
+/// `true` when a record was written now (and must be taken back if the message stays).
+fn record_feedback(
+    s: &dyn DocumentStore,
+    device_id: &str,
+    key: &str,
+    message: &QueuedMessage,
+    outcome: Feedback,
+) -> Result<bool, StoreError> {
+    if !outcome.wanted_by(message.ack.as_deref()) {
+        return Ok(false);
+    }
+    let generation = s
+        .get(Collection::Devices, device_id)?
+        .and_then(|d| {
+            d.body
+                .get("generationId")
+                .and_then(|g| g.as_str().map(String::from))
+        })
+        .unwrap_or_default();
+    let record = serde_json::json!({
+        "originalMessageId": message.message_id,
+        "description": outcome.description(),
+        "deviceGenerationId": generation,
+        "deviceId": device_id,
+        "enqueuedTimeUtc": crate::time::now_rfc3339(),
+        "statusCode": outcome.status_code(),
+    });
+    match s.put(
+        Collection::C2dFeedback,
+        key,
+        Some(device_id),
+        &record,
+        Write::Create,
+    ) {
+        Ok(_) => Ok(true),
+        // Written before, by an attempt that then lost its race or crashed: one record.
+        Err(StoreError::Conflict) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Removes a message that ends as `outcome`, leaving its feedback record; `false` (and no
+/// record) when it is no longer the version `etag` names.
+fn end(
+    s: &dyn DocumentStore,
+    device_id: &str,
+    locked: &Locked,
+    outcome: Feedback,
+) -> Result<bool, StoreError> {
+    let recorded = record_feedback(s, device_id, &locked.key, &locked.message, outcome)?;
+    let removed = remove(s, &locked.key, &locked.etag)?;
+    if recorded && !removed {
+        let _ = s.delete(Collection::C2dFeedback, &locked.key, None);
+    }
+    Ok(removed)
+}
+
 /// Removes a message that will not be delivered (completed, rejected, expired, or delivered
 /// too often), if it is still the version `etag` names.
 fn remove(s: &dyn DocumentStore, key: &str, etag: &str) -> Result<bool, StoreError> {
@@ -184,6 +286,12 @@ pub fn lock_next(
             }
             if message.expired_at(now) || message.delivery_count >= MAX_DELIVERY_COUNT {
                 tracing::info!(device_id, message_id = %message.message_id, deliveries = message.delivery_count, "C2D message dead-lettered");
+                let outcome = if message.expired_at(now) {
+                    Feedback::Expired
+                } else {
+                    Feedback::DeliveryCountExceeded
+                };
+                record_feedback(s, device_id, &doc.id, &message, outcome)?;
                 return Ok(Change::Delete(None));
             }
             message.delivery_count += 1;
@@ -216,9 +324,10 @@ fn settle_locked(
     how: Settlement,
 ) -> Result<bool, StoreError> {
     match how {
-        Settlement::Complete | Settlement::Reject => remove(s, &locked.key, &locked.etag),
+        Settlement::Complete => end(s, device_id, locked, Feedback::Success),
+        Settlement::Reject => end(s, device_id, locked, Feedback::Rejected),
         Settlement::Abandon if locked.message.delivery_count >= MAX_DELIVERY_COUNT => {
-            remove(s, &locked.key, &locked.etag)
+            end(s, device_id, locked, Feedback::DeliveryCountExceeded)
         }
         Settlement::Abandon => {
             let mut message = locked.message.clone();

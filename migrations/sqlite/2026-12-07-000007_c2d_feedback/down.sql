@@ -1,0 +1,1 @@
+DROP TABLE c2d_feedback;
