@@ -14,6 +14,7 @@
 
 use std::time::Duration;
 
+use async_nats::jetstream::kv;
 use bytes::Bytes;
 use futures_util::StreamExt;
 
@@ -437,26 +438,35 @@ impl Bucket {
         let nats = |e: &dyn std::fmt::Display| ClusterError::Nats(e.to_string());
         for _ in 0..8 {
             let entry = self.store.entry(key.as_str()).await.map_err(|e| nats(&e))?;
+            // Only a lost race (someone wrote first) is worth another round; any other failure
+            // (a timeout while JetStream elects a leader) is the caller's to handle, now.
             let written = match entry
                 .filter(|e| matches!(e.operation, async_nats::jetstream::kv::Operation::Put))
             {
-                None => self
+                None => match self
                     .store
                     .create(key.as_str(), Bytes::from_static(b"1"))
                     .await
-                    .map(|_| 1)
-                    .ok(),
+                {
+                    Ok(_) => Some(1),
+                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => None,
+                    Err(e) => return Err(nats(&e)),
+                },
                 Some(entry) => {
                     let count = std::str::from_utf8(&entry.value)
                         .ok()
                         .and_then(|t| t.parse::<u64>().ok())
                         .unwrap_or(0)
                         + 1;
-                    self.store
+                    match self
+                        .store
                         .update(key.as_str(), count.to_string().into(), entry.revision)
                         .await
-                        .map(|_| count)
-                        .ok()
+                    {
+                        Ok(_) => Some(count),
+                        Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => None,
+                        Err(e) => return Err(nats(&e)),
+                    }
                 }
             };
             if let Some(count) = written {

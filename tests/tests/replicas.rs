@@ -705,10 +705,14 @@ fn losing_a_nats_server_loses_no_acknowledged_telemetry_and_delivery_goes_on() {
                             let login = credentials.login();
                             let failed_at = Instant::now();
                             device = loop {
-                                if let Ok(device) = mqtt::connect_to(&ip, 8883, &bundle, &login) {
-                                    break device;
-                                }
-                                assert!(failed_at.elapsed() < Duration::from_secs(30));
+                                let refusal = match mqtt::connect_to(&ip, 8883, &bundle, &login) {
+                                    Ok(device) => break device,
+                                    Err(e) => e,
+                                };
+                                assert!(
+                                    failed_at.elapsed() < Duration::from_secs(30),
+                                    "{id} could not reconnect for 30 s: {refusal:?}"
+                                );
                                 std::thread::sleep(Duration::from_millis(100));
                             };
                         }

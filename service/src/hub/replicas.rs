@@ -27,6 +27,11 @@ const STATE_WAIT: Duration = Duration::from_millis(500);
 /// allows `MqttLimits::reconnects_per_minute`, 30, on its own).
 pub const SHARED_CONNECTS_PER_MINUTE: u64 = 30;
 
+/// How long a CONNECT waits for the shared count. JetStream electing a new leader after a NATS
+/// server is lost can take longer than a device waits for its CONNACK; the local limit covers
+/// that time.
+const SHARED_COUNT_WAIT: Duration = Duration::from_secs(2);
+
 /// What the replicas count together.
 pub(super) struct SharedLimits {
     connects: crate::cluster::Bucket,
@@ -136,14 +141,19 @@ impl Hub {
             return true;
         };
         let minute = crate::time::now_unix() / 60;
-        match limits
-            .connects
-            .increment(&format!("{device_id}\n{minute}"))
-            .await
-        {
-            Ok(count) => count <= SHARED_CONNECTS_PER_MINUTE,
-            Err(e) => {
+        let counted = tokio::time::timeout(
+            SHARED_COUNT_WAIT,
+            limits.connects.increment(&format!("{device_id}\n{minute}")),
+        )
+        .await;
+        match counted {
+            Ok(Ok(count)) => count <= SHARED_CONNECTS_PER_MINUTE,
+            Ok(Err(e)) => {
                 tracing::warn!(device_id, "the shared connect count failed: {e}");
+                true
+            }
+            Err(_) => {
+                tracing::warn!(device_id, "the shared connect count did not answer in time");
                 true
             }
         }
