@@ -343,6 +343,9 @@ pub fn serve(settings: Settings) -> anyhow::Result<()> {
         server.await.context("the HTTPS server failed")?;
         // SIGINT/SIGTERM stopped HTTPS; close MQTT sessions (devices reconnect elsewhere or
         // later) and wait until their tasks are gone.
+        if let Some(amqp) = &bound.amqp {
+            amqp.shutdown();
+        }
         bound.mqtt_listener.shutdown();
         bound.mqtt_listener.stopped().await;
         anyhow::Ok(bound)
@@ -403,6 +406,9 @@ impl Running {
             // The stop future completes once the server has shut down; drive it on a tiny runtime.
             actix_web::rt::System::new().block_on(async move { handle.stop(true).await });
             let _ = thread.join();
+            if let Some(amqp) = &self.bound.amqp {
+                amqp.shutdown();
+            }
             self.bound.mqtt_listener.shutdown();
             if let Some(hub) = &self.bound.hub {
                 // Flush and stop the telemetry writer, so a restart in this process reopens cleanly.

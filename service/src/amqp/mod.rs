@@ -1,10 +1,12 @@
 //! The AMQP 1.0 listener (TLS, port 5671 by default): the back-end half of the Azure SDKs.
 //!
 //! TLS is ours (the same certificate and policy as HTTPS and MQTT); AMQP framing, sessions
-//! and links are `fe2o3-amqp`'s acceptor. A connection may negotiate SASL (ANONYMOUS) or skip
-//! it (rhea, under the Node SDKs, sends the plain AMQP header); either way it is anonymous
-//! until it puts a token on `$cbs` ([`cbs`]). Each link is checked against the connection's
-//! grants when it attaches and for every message.
+//! and links are `fe2o3-amqp`'s acceptor. A connection may negotiate SASL (ANONYMOUS, or
+//! uamqp's MSSBCBS, which says the same: a token follows on `$cbs`) or skip it (rhea, under
+//! the Node SDKs, sends the plain AMQP header); either way it is anonymous until it puts a
+//! token on `$cbs` ([`cbs`]). Each link is checked against the connection's grants when it
+//! attaches and for every message. Addresses are matched by path: uamqp sends whole URLs
+//! (`amqps://{host}/messages/devicebound`), rhea paths.
 //!
 //! Links served:
 //! - `$cbs`, both directions: put-token requests and their answers;
@@ -26,17 +28,20 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fe2o3_amqp::acceptor::sasl_acceptor::SaslServerFrame;
 use fe2o3_amqp::acceptor::{
     ConnectionAcceptor, LinkAcceptor, LinkEndpoint, ListenerConnectionHandle,
-    ListenerSessionHandle, SaslAnonymousMechanism, SessionAcceptor,
+    ListenerSessionHandle, SaslAcceptor, SessionAcceptor, SupportedReceiverSettleModes,
 };
 use fe2o3_amqp::link::{Receiver, Sender};
-use fe2o3_amqp_types::definitions::Role;
 use fe2o3_amqp_types::definitions::{AmqpError, ErrorCondition};
+use fe2o3_amqp_types::definitions::{ReceiverSettleMode, Role};
 use fe2o3_amqp_types::messaging::TargetArchetype;
 use fe2o3_amqp_types::messaging::{Body, Message};
 use fe2o3_amqp_types::performatives::Attach;
 use fe2o3_amqp_types::primitives::Value;
+use fe2o3_amqp_types::primitives::{Array, Symbol};
+use fe2o3_amqp_types::sasl::{SaslCode, SaslInit, SaslOutcome, SaslResponse};
 use openssl::ssl::SslAcceptor;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -79,9 +84,10 @@ impl AmqpListener {
         self.local_addr
     }
 
-    /// Stops accepting connections.
+    /// Stops accepting connections (open ones end with the runtime).
     pub fn shutdown(&self) {
-        self.shared.stop.notify_waiters();
+        // One accept loop waits on it; `notify_one` keeps the permit if it is not waiting now.
+        self.shared.stop.notify_one();
     }
 }
 
@@ -127,6 +133,46 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     tracing::info!("AMQP listener stopped accepting");
 }
 
+/// The SASL mechanisms after which a client proves itself on `$cbs`: `ANONYMOUS` (rhea,
+/// Python's pyamqp) and Microsoft's `MSSBCBS` (uamqp, under azure-iot-hub and the older
+/// Event Hubs SDKs). Both carry no credential; anything else is refused.
+#[derive(Debug, Clone)]
+struct CbsFollows;
+
+impl CbsFollows {
+    const MECHANISMS: [&'static str; 2] = ["MSSBCBS", "ANONYMOUS"];
+}
+
+impl SaslAcceptor for CbsFollows {
+    fn mechanisms(&self) -> Array<Symbol> {
+        Array::from(
+            Self::MECHANISMS
+                .iter()
+                .map(|m| Symbol::from(*m))
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    fn on_init(&mut self, init: SaslInit) -> SaslServerFrame {
+        let code = if Self::MECHANISMS.contains(&init.mechanism.as_str()) {
+            SaslCode::Ok
+        } else {
+            SaslCode::Auth
+        };
+        SaslServerFrame::Outcome(SaslOutcome {
+            code,
+            additional_data: None,
+        })
+    }
+
+    fn on_response(&mut self, _response: SaslResponse) -> SaslServerFrame {
+        SaslServerFrame::Outcome(SaslOutcome {
+            code: SaslCode::Sys,
+            additional_data: None,
+        })
+    }
+}
+
 /// One connection: TLS, the protocol header, SASL or not, then its sessions.
 async fn serve(tcp: TcpStream, shared: &Arc<Shared>) -> anyhow::Result<()> {
     let _ = tcp.set_nodelay(true);
@@ -148,7 +194,7 @@ async fn serve(tcp: TcpStream, shared: &Arc<Shared>) -> anyhow::Result<()> {
     let mut connection = if header[..4] == *b"AMQP" && header[4] == 3 {
         ConnectionAcceptor::builder()
             .container_id("zerotouch")
-            .sasl_acceptor(SaslAnonymousMechanism::new())
+            .sasl_acceptor(CbsFollows)
             .build()
             .accept(stream)
             .await?
@@ -205,12 +251,29 @@ fn address_of(attach: &Attach) -> Option<String> {
     }
 }
 
+/// The node an address names: uamqp writes whole URLs (`amqps://host/messages/devicebound`),
+/// rhea bare paths; the host of a URL is the one the client dialed, so only the path counts.
+fn node_of(address: &str) -> &str {
+    for scheme in ["amqps://", "amqp://"] {
+        if let Some(rest) = address.strip_prefix(scheme) {
+            return rest.find('/').map_or("", |i| &rest[i..]);
+        }
+    }
+    address
+}
+
 async fn serve_session(mut session: ListenerSessionHandle, state: Arc<ConnectionState>) {
+    // Deliveries are settled in one step, as IoT Hub does: uamqp asks for receiver settle
+    // mode `second` but waits for a settled disposition, which mode `second` would hold back
+    // until it settled first.
     let links = LinkAcceptor::builder()
         .max_message_size(MAX_MESSAGE_SIZE)
+        .supported_receiver_settle_modes(SupportedReceiverSettleModes::First)
+        .fallback_receiver_settle_mode(ReceiverSettleMode::First)
         .build();
     while let Some(attach) = session.next_incoming_attach().await {
         let address = address_of(&attach).unwrap_or_default();
+        let address = node_of(&address).to_string();
         let endpoint = match links.accept_incoming_attach(attach, &mut session).await {
             Ok(endpoint) => endpoint,
             Err(e) => {
@@ -246,7 +309,7 @@ fn unauthorized(needed: Rights) -> fe2o3_amqp_types::definitions::Error {
 /// A link on which the client sends.
 async fn serve_incoming(mut receiver: Receiver, address: &str, state: Arc<ConnectionState>) {
     match address {
-        cbs::NODE => {
+        cbs if cbs.trim_start_matches('/') == cbs::NODE => {
             while let Ok(delivery) = receiver.recv::<Body<Value>>().await {
                 let _ = receiver.accept(&delivery).await;
                 let request = delivery.into_message();
@@ -316,7 +379,7 @@ async fn serve_outgoing(mut sender: Sender, address: &str, state: Arc<Connection
             })
             .await;
         }
-        cbs::NODE => {
+        cbs if cbs.trim_start_matches('/') == cbs::NODE => {
             let (tx, mut rx) = mpsc::channel(16);
             *state.cbs_replies.lock().await = Some(tx);
             state.cbs_ready.notify_waiters();
@@ -344,5 +407,22 @@ async fn send_cbs_reply(state: &ConnectionState, reply: Message<Body<Value>>) {
             tracing::info!("AMQP: a CBS answer had no $cbs receiver link to go to");
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_is_the_path_of_a_url_or_the_address_itself() {
+        assert_eq!(
+            node_of("amqps://h:5671/messages/devicebound"),
+            "/messages/devicebound"
+        );
+        assert_eq!(node_of("amqp://h/$cbs"), "/$cbs");
+        assert_eq!(node_of("$cbs"), "$cbs");
+        assert_eq!(node_of("/messages/devicebound"), "/messages/devicebound");
+        assert_eq!(node_of("amqps://h"), "");
     }
 }
