@@ -14,7 +14,8 @@
 //! completed (acks `positive` and `full`), `Rejected`, `Expired` or `DeliveryCountExceeded`
 //! otherwise (acks `negative` and `full`). The record is written before the message is
 //! removed (and taken back if the removal loses a race), so a crash can repeat a record but
-//! never lose one. The service reads them on the AMQP feedback link (`amqp::feedback`).
+//! never lose one. The service reads them on the AMQP feedback link (`amqp::feedback`); a
+//! record nobody reads goes after [`FEEDBACK_TTL`].
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -41,6 +42,10 @@ pub const LOCK_TIMEOUT: Duration = Duration::from_secs(60);
 pub const MAX_DELIVERY_COUNT: u32 = 10;
 /// Messages read per pass over a device's queue (the queue holds about [`MAX_PENDING`]).
 const PAGE: usize = 1000;
+/// How long a feedback record nobody reads is kept: IoT Hub's longest feedback time to live.
+pub const FEEDBACK_TTL: Duration = Duration::from_secs(48 * 3600);
+/// Feedback records written (by this process) between two prunes of expired ones.
+const PRUNE_EVERY: u64 = 64;
 
 /// Property-bag encoding: everything but unreserved characters, so no raw `/ & =` appears.
 const BAG: &AsciiSet = &NON_ALPHANUMERIC
@@ -227,11 +232,48 @@ fn record_feedback(
         &record,
         Write::Create,
     ) {
-        Ok(_) => Ok(true),
+        Ok(_) => {
+            static WRITTEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            if WRITTEN
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                .is_multiple_of(PRUNE_EVERY)
+            {
+                prune_feedback(s, time::OffsetDateTime::now_utc())?;
+            }
+            Ok(true)
+        }
         // Written before, by an attempt that then lost its race or crashed: one record.
         Err(StoreError::Conflict) => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+/// Deletes feedback records older than [`FEEDBACK_TTL`] among the oldest messages' records
+/// (records are keyed by their message, oldest first), so records no service reads do not
+/// pile up. Returns how many went.
+pub fn prune_feedback(
+    s: &dyn DocumentStore,
+    now: time::OffsetDateTime,
+) -> Result<usize, StoreError> {
+    let page = s.list(Collection::C2dFeedback, None, PAGE, None)?;
+    let mut removed = 0;
+    for record in page.items {
+        let written = record
+            .body
+            .get("enqueuedTimeUtc")
+            .and_then(|t| t.as_str())
+            .and_then(|t| {
+                time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+            });
+        if written.is_none_or(|at| now - at > FEEDBACK_TTL) {
+            match s.delete(Collection::C2dFeedback, &record.id, Some(&record.etag)) {
+                Ok(_) => removed += 1,
+                Err(StoreError::NotFound | StoreError::PreconditionFailed) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(removed)
 }
 
 /// Removes a message that ends as `outcome`, leaving its feedback record; `false` (and no
@@ -820,6 +862,41 @@ mod tests {
                 .items
                 .is_empty()
         );
+    }
+
+    /// Unread feedback records go after [`FEEDBACK_TTL`]; younger ones stay.
+    #[test]
+    fn feedback_records_expire() {
+        let empty = crate::db::telemetry::TestDatabase::sqlite().unwrap();
+        let store = crate::db::open(&empty.url).unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let record = |key: &str, at: time::OffsetDateTime| {
+            let body = serde_json::json!({
+                "originalMessageId": key, "statusCode": "Success", "deviceId": "dev",
+                "enqueuedTimeUtc": crate::time::rfc3339(at),
+            });
+            store
+                .put(
+                    Collection::C2dFeedback,
+                    key,
+                    Some("dev"),
+                    &body,
+                    Write::Create,
+                )
+                .unwrap();
+        };
+        record("001", now - FEEDBACK_TTL - Duration::from_secs(1));
+        record("002", now - FEEDBACK_TTL + Duration::from_secs(60));
+        record("003", now);
+        assert_eq!(prune_feedback(&store, now).unwrap(), 1);
+        let left: Vec<String> = store
+            .list(Collection::C2dFeedback, None, 10, None)
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|d| d.id)
+            .collect();
+        assert_eq!(left, ["002", "003"]);
     }
 
     #[test]
