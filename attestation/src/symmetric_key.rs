@@ -183,6 +183,24 @@ pub fn registration_resource(id_scope: &str, registration_id: &str) -> String {
 /// not checked here; see [`SasToken::is_for_registration`] and
 /// [`SasToken::key_name_is_acceptable`].
 pub fn verify(token: &SasToken, keys: &[&str], now_unix: u64) -> Result<usize, SasError> {
+    verify_with(token, keys, now_unix, decode_key)
+}
+
+/// [`verify`] as Service Bus and Event Hubs clients sign: the HMAC key is the key's text
+/// itself (its UTF-8 bytes), not what its base64 decodes to. Event Hubs SDKs sign so for any
+/// connection string, IoT Hub's Event Hubs-compatible one included.
+pub fn verify_text_key(token: &SasToken, keys: &[&str], now_unix: u64) -> Result<usize, SasError> {
+    verify_with(token, keys, now_unix, |key| {
+        (!key.is_empty()).then(|| key.as_bytes().to_vec())
+    })
+}
+
+fn verify_with(
+    token: &SasToken,
+    keys: &[&str],
+    now_unix: u64,
+    key_bytes: impl Fn(&str) -> Option<Vec<u8>>,
+) -> Result<usize, SasError> {
     let signature = STANDARD
         .decode(&token.sig)
         .map_err(|_| SasError::Malformed("sig is not base64"))?;
@@ -190,7 +208,7 @@ pub fn verify(token: &SasToken, keys: &[&str], now_unix: u64) -> Result<usize, S
     let mut usable = false;
     let mut matched = None;
     for (index, key) in keys.iter().enumerate() {
-        let Some(key) = decode_key(key) else { continue };
+        let Some(key) = key_bytes(key) else { continue };
         usable = true;
         let key = hmac::Key::new(hmac::HMAC_SHA256, &key);
         if hmac::verify(&key, message.as_bytes(), &signature).is_ok() {

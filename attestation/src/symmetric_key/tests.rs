@@ -675,3 +675,32 @@ fn attestor_refusals() {
         Err(SymmetricKeyAttestationError::Malformed(_))
     ));
 }
+
+/// Event Hubs clients sign with the key's text as the HMAC key; [`verify_text_key`] takes
+/// those tokens, [`verify`] does not, and the other way round.
+#[test]
+fn text_keys_verify_service_bus_tokens() {
+    let sr = enc("sb://hub.example/zerotouch");
+    let tag = hmac::sign(
+        &hmac::Key::new(hmac::HMAC_SHA256, GROUP_KEY.as_bytes()),
+        string_to_sign(&sr, SE).as_bytes(),
+    );
+    let sig = enc(&STANDARD.encode(tag.as_ref()));
+    let token = SasToken::parse(&format!(
+        "SharedAccessSignature sr={sr}&sig={sig}&se={SE}&skn=service"
+    ))
+    .unwrap();
+    assert_eq!(
+        verify_text_key(&token, &[DEVICE_KEY, GROUP_KEY], NOW),
+        Ok(1)
+    );
+    assert_eq!(
+        verify(&token, &[GROUP_KEY], NOW),
+        Err(SasError::SignatureMismatch)
+    );
+    let iot_hub = SasToken::parse(&sign("hub.example", GROUP_KEY, SE, None).unwrap()).unwrap();
+    assert_eq!(
+        verify_text_key(&iot_hub, &[GROUP_KEY], NOW),
+        Err(SasError::SignatureMismatch)
+    );
+}

@@ -27,6 +27,8 @@ pub const NODE: &str = "$cbs";
 #[derive(Debug, Clone)]
 pub struct Grant {
     pub audience: String,
+    /// The path the token's `sr` is scoped to (`""`: the whole hub).
+    pub scope: String,
     pub caller: Caller,
     /// Unix seconds.
     pub expires: u64,
@@ -46,12 +48,21 @@ impl Grants {
         }
     }
 
-    /// The first live grant holding `needed`.
-    pub fn holding(&self, needed: Rights, now_unix: u64) -> Option<Grant> {
+    /// The first live grant holding `needed` whose scope covers `path` (a link's node),
+    /// compared case-insensitively: Event Hubs clients lower-case the path they sign
+    /// (`/zerotouch/consumergroups/$Default`) but not the one they attach. No AMQP node here
+    /// is per device, so case carries no identity.
+    pub fn holding(&self, needed: Rights, now_unix: u64, path: &str) -> Option<Grant> {
         let grants = self.grants.lock().ok()?;
+        // rhea attaches `zerotouch/…`, pyamqp `/zerotouch/…`.
+        let path = format!("/{}", path.trim_start_matches('/').to_ascii_lowercase());
         grants
             .iter()
-            .find(|g| g.expires >= now_unix && g.caller.rights.contains(needed))
+            .find(|g| {
+                g.expires >= now_unix
+                    && g.caller.rights.contains(needed)
+                    && crate::hub::auth::segment_prefix(&g.scope.to_ascii_lowercase(), &path)
+            })
             .cloned()
     }
 }
@@ -128,19 +139,34 @@ pub async fn handle(hub: &Arc<Hub>, grants: &Grants, message: &Message<Body<Valu
             }
         };
     let now = crate::time::now_unix();
-    // No right is asked here: each link asks for its own when it attaches.
-    match crate::hub::auth::verify_service_token(
+    // Neither a right nor a path is asked here: each link asks for its own when it attaches.
+    let scope = token
+        .resource_decoded()
+        .map(|r| {
+            crate::hub::auth::split_resource(&r)
+                .1
+                .trim_end_matches('/')
+                .to_string()
+        })
+        .unwrap_or_default();
+    // Event Hubs clients sign for `sb://…` with the key's text (Service Bus's convention).
+    let text_key = token
+        .resource_decoded()
+        .is_ok_and(|r| r.to_ascii_lowercase().starts_with("sb://"));
+    match crate::hub::auth::verify_policy_token(
         &token,
         policy.as_ref(),
         hub,
-        "/",
+        &scope,
         Rights::default(),
         now,
+        text_key,
     ) {
         Ok(caller) => {
             tracing::info!(principal = %caller.principal, audience, "AMQP: CBS token accepted");
             grants.add(Grant {
                 audience: audience.to_string(),
+                scope,
                 caller,
                 expires: token.se,
             });
@@ -176,4 +202,60 @@ pub fn reply(request: &Message<Body<Value>>, answer: &Answer) -> Message<Body<Va
         .application_properties(application_properties)
         .body(Body::Value(AmqpValue(Value::Null)))
         .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grant(scope: &str, rights: Rights, expires: u64) -> Grant {
+        Grant {
+            audience: format!("sb://hub{scope}"),
+            scope: scope.into(),
+            caller: Caller {
+                principal: "hub-policy:service".into(),
+                rights,
+            },
+            expires,
+        }
+    }
+
+    /// A grant covers its scope and what is under it, whatever the case or leading slash of
+    /// the link's address; not other paths, missing rights or after it expires.
+    #[test]
+    fn grants_cover_their_scope_and_rights_until_they_expire() {
+        let grants = Grants::default();
+        grants.add(grant(
+            "/zerotouch/consumergroups/$Default",
+            Rights::SERVICE_CONNECT,
+            100,
+        ));
+        let partition = "zerotouch/ConsumerGroups/$Default/Partitions/0";
+        assert!(
+            grants
+                .holding(Rights::SERVICE_CONNECT, 50, partition)
+                .is_some()
+        );
+        assert!(
+            grants
+                .holding(Rights::SERVICE_CONNECT, 101, partition)
+                .is_none()
+        );
+        assert!(
+            grants
+                .holding(Rights::REGISTRY_READ, 50, partition)
+                .is_none()
+        );
+        assert!(
+            grants
+                .holding(Rights::SERVICE_CONNECT, 50, "/messages/devicebound")
+                .is_none()
+        );
+        grants.add(grant("", Rights::SERVICE_CONNECT, 100));
+        assert!(
+            grants
+                .holding(Rights::SERVICE_CONNECT, 50, "/messages/devicebound")
+                .is_some()
+        );
+    }
 }

@@ -85,7 +85,7 @@ pub async fn serve(mut sender: Sender, hub: Arc<Hub>, allowed: impl Fn() -> bool
             tokio::time::sleep(POLL).await;
             continue;
         }
-        let outcome = match sender.send(batch_message(&records)).await {
+        let outcome = match super::send(&mut sender, batch_message(&records)).await {
             Ok(outcome) => outcome,
             Err(e) => {
                 tracing::info!(error = %e, "AMQP feedback link ended");

@@ -13,13 +13,21 @@
 //! - `/messages/devicebound` (the client sends): cloud-to-device messages ([`c2d`]), which
 //!   need `ServiceConnect`;
 //! - `/messages/servicebound/feedback` (the client receives): their delivery feedback
-//!   ([`feedback`]), which needs `ServiceConnect`.
+//!   ([`feedback`]), which needs `ServiceConnect`;
+//! - `$management`, both directions, and `/{entity}/ConsumerGroups/{group}/Partitions/{id}`
+//!   (the client receives): the Event Hubs-compatible endpoint for telemetry ([`eventhubs`]),
+//!   which needs `ServiceConnect` for the entity's path.
+//!
+//! Our `open`, `begin` and `attach` carry every field up to `properties`, and transfers go out
+//! batchable (all eleven fields): pyamqp, under azure-eventhub, reads performatives by field
+//! index and fails on the trailing fields AMQP lets a peer leave out.
 //!
 //! Any other address is attached and at once closed with `amqp:not-found`, so a client learns
 //! why; a link without the right is closed with `amqp:unauthorized-access`.
 
 pub mod c2d;
 pub mod cbs;
+pub mod eventhubs;
 pub mod feedback;
 mod replay;
 
@@ -54,8 +62,13 @@ use crate::hub::Hub;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest message we take (C2D bodies are at most 64 KiB; properties come on top).
 const MAX_MESSAGE_SIZE: u64 = 256 * 1024;
-/// How long a CBS answer waits for the client's `$cbs` receiver link.
-const CBS_REPLY_WAIT: Duration = Duration::from_secs(5);
+/// The idle timeout we announce in `open`, as IoT Hub (4 minutes): clients send a frame at
+/// least that often. pyamqp (azure-eventhub) also needs the field present to read `open`.
+const IDLE_TIMEOUT_MS: u32 = 240_000;
+/// The highest link handle a session may use (so at most this many links plus one).
+const MAX_LINKS_PER_SESSION: u32 = 255;
+/// How long an answer (CBS, management) waits for the client's receiver link.
+const REPLY_WAIT: Duration = Duration::from_secs(5);
 
 /// What every connection shares.
 struct Shared {
@@ -133,6 +146,18 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     tracing::info!("AMQP listener stopped accepting");
 }
 
+/// The `properties` of our `open`, `begin` and `attach`. Sent always: pyamqp (azure-eventhub)
+/// reads those performatives by field index, so the last field must be there.
+fn product() -> fe2o3_amqp_types::definitions::Fields {
+    let mut fields = fe2o3_amqp_types::definitions::Fields::new();
+    fields.insert(Symbol::from("product"), Value::String("zerotouch".into()));
+    fields.insert(
+        Symbol::from("version"),
+        Value::String(env!("CARGO_PKG_VERSION").into()),
+    );
+    fields
+}
+
 /// The SASL mechanisms after which a client proves itself on `$cbs`: `ANONYMOUS` (rhea,
 /// Python's pyamqp) and Microsoft's `MSSBCBS` (uamqp, under azure-iot-hub and the older
 /// Event Hubs SDKs). Both carry no credential; anything else is refused.
@@ -194,6 +219,8 @@ async fn serve(tcp: TcpStream, shared: &Arc<Shared>) -> anyhow::Result<()> {
     let mut connection = if header[..4] == *b"AMQP" && header[4] == 3 {
         ConnectionAcceptor::builder()
             .container_id("zerotouch")
+            .idle_time_out(IDLE_TIMEOUT_MS)
+            .properties(product())
             .sasl_acceptor(CbsFollows)
             .build()
             .accept(stream)
@@ -201,15 +228,26 @@ async fn serve(tcp: TcpStream, shared: &Arc<Shared>) -> anyhow::Result<()> {
     } else {
         // A plain AMQP header, or garbage, which the acceptor answers with its own header
         // and refuses.
-        ConnectionAcceptor::new("zerotouch").accept(stream).await?
+        ConnectionAcceptor::builder()
+            .container_id("zerotouch")
+            .idle_time_out(IDLE_TIMEOUT_MS)
+            .properties(product())
+            .build()
+            .accept(stream)
+            .await?
     };
     let state = Arc::new(ConnectionState {
         hub: shared.hub.clone(),
         grants: cbs::Grants::default(),
-        cbs_replies: tokio::sync::Mutex::new(None),
-        cbs_ready: Notify::new(),
+        replies: tokio::sync::Mutex::new(Default::default()),
+        replies_ready: Notify::new(),
     });
-    let sessions = SessionAcceptor::new();
+    // `handle-max` explicitly: left at its default it is sent as null, which pyamqp cannot
+    // count links against.
+    let sessions = SessionAcceptor::builder()
+        .handle_max(MAX_LINKS_PER_SESSION)
+        .properties(product())
+        .build();
     loop {
         tokio::select! {
             accepted = sessions.accept(&mut connection) => match accepted {
@@ -233,9 +271,12 @@ async fn close(mut connection: ListenerConnectionHandle) {
 struct ConnectionState {
     hub: Arc<Hub>,
     grants: cbs::Grants,
-    /// Where CBS answers go: the client's receiver link from `$cbs`, once attached.
-    cbs_replies: tokio::sync::Mutex<Option<mpsc::Sender<Message<Body<Value>>>>>,
-    cbs_ready: Notify,
+    /// Where answers go, by node (`$cbs`, `$management`): the client's receiver link from
+    /// it, once attached.
+    replies: tokio::sync::Mutex<
+        std::collections::HashMap<&'static str, mpsc::Sender<Message<Body<Value>>>>,
+    >,
+    replies_ready: Notify,
 }
 
 fn address_of(attach: &Attach) -> Option<String> {
@@ -268,12 +309,19 @@ async fn serve_session(mut session: ListenerSessionHandle, state: Arc<Connection
     // until it settled first.
     let links = LinkAcceptor::builder()
         .max_message_size(MAX_MESSAGE_SIZE)
+        .properties(product())
         .supported_receiver_settle_modes(SupportedReceiverSettleModes::First)
         .fallback_receiver_settle_mode(ReceiverSettleMode::First)
         .build();
     while let Some(attach) = session.next_incoming_attach().await {
         let address = address_of(&attach).unwrap_or_default();
         let address = node_of(&address).to_string();
+        let selector = match attach.role {
+            Role::Receiver => {
+                eventhubs::selector_of(attach.source.as_ref().and_then(|s| s.filter.as_ref()))
+            }
+            Role::Sender => None,
+        };
         let endpoint = match links.accept_incoming_attach(attach, &mut session).await {
             Ok(endpoint) => endpoint,
             Err(e) => {
@@ -285,7 +333,9 @@ async fn serve_session(mut session: ListenerSessionHandle, state: Arc<Connection
         tokio::spawn(async move {
             match endpoint {
                 LinkEndpoint::Receiver(receiver) => serve_incoming(receiver, &address, state).await,
-                LinkEndpoint::Sender(sender) => serve_outgoing(sender, &address, state).await,
+                LinkEndpoint::Sender(sender) => {
+                    serve_outgoing(sender, &address, selector.as_deref(), state).await
+                }
             }
         });
     }
@@ -314,21 +364,47 @@ async fn serve_incoming(mut receiver: Receiver, address: &str, state: Arc<Connec
                 let _ = receiver.accept(&delivery).await;
                 let request = delivery.into_message();
                 let answer = cbs::handle(&state.hub, &state.grants, &request).await;
-                send_cbs_reply(&state, cbs::reply(&request, &answer)).await;
+                send_reply(&state, cbs::NODE, cbs::reply(&request, &answer)).await;
+            }
+        }
+        management if management.trim_start_matches('/') == eventhubs::MANAGEMENT => {
+            while let Ok(delivery) = receiver.recv::<Body<Value>>().await {
+                let _ = receiver.accept(&delivery).await;
+                let request = delivery.into_message();
+                // Python's client signs for the event hub, Node's for its management node.
+                let entity = format!("/{}/{}", eventhubs::ENTITY, eventhubs::MANAGEMENT);
+                let needed = Rights::SERVICE_CONNECT;
+                let (status, description, body) =
+                    match state
+                        .grants
+                        .holding(needed, crate::time::now_unix(), &entity)
+                    {
+                        Some(_) => eventhubs::manage(&state.hub, &request).await,
+                        None => (
+                            401,
+                            format!("put a token with {needed} for {entity} on $cbs first"),
+                            Value::Null,
+                        ),
+                    };
+                let reply = eventhubs::reply(&request, status, &description, body);
+                send_reply(&state, eventhubs::MANAGEMENT, reply).await;
             }
         }
         c2d::ADDRESS => {
             let needed = Rights::SERVICE_CONNECT;
             if state
                 .grants
-                .holding(needed, crate::time::now_unix())
+                .holding(needed, crate::time::now_unix(), address)
                 .is_none()
             {
                 let _ = receiver.close_with_error(unauthorized(needed)).await;
                 return;
             }
             while let Ok(delivery) = receiver.recv::<Body<Value>>().await {
-                let outcome = match state.grants.holding(needed, crate::time::now_unix()) {
+                let outcome = match state
+                    .grants
+                    .holding(needed, crate::time::now_unix(), address)
+                {
                     None => Err(unauthorized(needed)),
                     Some(_) => match c2d::outgoing(delivery.message().clone()) {
                         Err(e) => Err(e),
@@ -357,14 +433,55 @@ async fn serve_incoming(mut receiver: Receiver, address: &str, state: Arc<Connec
     }
 }
 
-/// A link on which the client receives.
-async fn serve_outgoing(mut sender: Sender, address: &str, state: Arc<ConnectionState>) {
+/// A link on which the client receives; `selector` is its source's filter, if any.
+async fn serve_outgoing(
+    mut sender: Sender,
+    address: &str,
+    selector: Option<&str>,
+    state: Arc<ConnectionState>,
+) {
     match address {
+        partition if eventhubs::partition_of(partition).is_some() => {
+            let needed = Rights::SERVICE_CONNECT;
+            if state
+                .grants
+                .holding(needed, crate::time::now_unix(), address)
+                .is_none()
+            {
+                let _ = sender.close_with_error(unauthorized(needed)).await;
+                return;
+            }
+            let (_group, id) = eventhubs::partition_of(partition).unwrap_or_default();
+            if !eventhubs::PARTITIONS.contains(&id.as_str()) {
+                let _ = sender.close_with_error(not_found(address)).await;
+                return;
+            }
+            let start = match eventhubs::start_of(selector) {
+                Ok(start) => start,
+                Err(e) => {
+                    let _ = sender
+                        .close_with_error(c2d::error(
+                            ErrorCondition::AmqpError(AmqpError::InvalidField),
+                            e,
+                        ))
+                        .await;
+                    return;
+                }
+            };
+            let hub = state.hub.clone();
+            eventhubs::serve_partition(sender, hub, start, move || {
+                state
+                    .grants
+                    .holding(needed, crate::time::now_unix(), address)
+                    .is_some()
+            })
+            .await;
+        }
         feedback if feedback::is_feedback(feedback) => {
             let needed = Rights::SERVICE_CONNECT;
             if state
                 .grants
-                .holding(needed, crate::time::now_unix())
+                .holding(needed, crate::time::now_unix(), address)
                 .is_none()
             {
                 let _ = sender.close_with_error(unauthorized(needed)).await;
@@ -374,17 +491,22 @@ async fn serve_outgoing(mut sender: Sender, address: &str, state: Arc<Connection
             feedback::serve(sender, hub, move || {
                 state
                     .grants
-                    .holding(needed, crate::time::now_unix())
+                    .holding(needed, crate::time::now_unix(), address)
                     .is_some()
             })
             .await;
         }
-        cbs if cbs.trim_start_matches('/') == cbs::NODE => {
+        node if [cbs::NODE, eventhubs::MANAGEMENT].contains(&node.trim_start_matches('/')) => {
+            let node = if node.trim_start_matches('/') == cbs::NODE {
+                cbs::NODE
+            } else {
+                eventhubs::MANAGEMENT
+            };
             let (tx, mut rx) = mpsc::channel(16);
-            *state.cbs_replies.lock().await = Some(tx);
-            state.cbs_ready.notify_waiters();
+            state.replies.lock().await.insert(node, tx);
+            state.replies_ready.notify_waiters();
             while let Some(reply) = rx.recv().await {
-                if sender.send(reply).await.is_err() {
+                if send(&mut sender, reply).await.is_err() {
                     break;
                 }
             }
@@ -395,16 +517,27 @@ async fn serve_outgoing(mut sender: Sender, address: &str, state: Arc<Connection
     }
 }
 
-async fn send_cbs_reply(state: &ConnectionState, reply: Message<Body<Value>>) {
-    let deadline = tokio::time::Instant::now() + CBS_REPLY_WAIT;
+/// Sends a message and waits for its outcome. Through `send_batchable`, whose transfer carries
+/// all eleven fields: pyamqp (azure-eventhub) finds the payload by field count, and a transfer
+/// without its trailing `batchable` puts it at the wrong index.
+pub(crate) async fn send(
+    sender: &mut Sender,
+    message: Message<Body<Value>>,
+) -> Result<fe2o3_amqp_types::messaging::Outcome, fe2o3_amqp::link::SendError> {
+    sender.send_batchable(message).await?.await
+}
+
+/// Sends an answer on the client's receiver link from `node`, waiting for it to attach.
+async fn send_reply(state: &ConnectionState, node: &'static str, reply: Message<Body<Value>>) {
+    let deadline = tokio::time::Instant::now() + REPLY_WAIT;
     loop {
-        let ready = state.cbs_ready.notified();
-        if let Some(tx) = state.cbs_replies.lock().await.clone() {
+        let ready = state.replies_ready.notified();
+        if let Some(tx) = state.replies.lock().await.get(node).cloned() {
             let _ = tx.send(reply).await;
             return;
         }
         if tokio::time::timeout_at(deadline, ready).await.is_err() {
-            tracing::info!("AMQP: a CBS answer had no $cbs receiver link to go to");
+            tracing::info!(node, "AMQP: an answer had no receiver link to go to");
             return;
         }
     }

@@ -91,8 +91,36 @@ pub fn credentials(settings: &Settings) -> anyhow::Result<Value> {
             }
         }
         out["hubPolicies"] = serde_json::Value::Object(policies);
+        // The Event Hubs-compatible endpoint (docs/hub.md): the `service` policy, on AMQP.
+        if let Some(service) = crate::hub::auth::policy(&store, "service")? {
+            out["eventHubsConnectionString"] = json!(event_hubs_connection_string(
+                &settings.hub_hostname(),
+                settings.listen.amqp().0.port(),
+                &service
+            ));
+        }
     }
     Ok(out)
+}
+
+/// The Event Hubs-compatible connection string of the hub's telemetry (`amqp::eventhubs`):
+/// the AMQP port appears only when it is not 5671, which the Event Hubs SDKs assume.
+fn event_hubs_connection_string(
+    host: &str,
+    amqp_port: u16,
+    policy: &crate::auth::AuthorizationPolicy,
+) -> String {
+    let endpoint = if amqp_port == 5671 {
+        host.to_string()
+    } else {
+        format!("{host}:{amqp_port}")
+    };
+    format!(
+        "Endpoint=sb://{endpoint}/;SharedAccessKeyName={};SharedAccessKey={};EntityPath={}",
+        policy.key_name,
+        policy.primary_key,
+        crate::amqp::eventhubs::ENTITY
+    )
 }
 
 pub(super) fn token(command: TokenCommand) -> anyhow::Result<()> {

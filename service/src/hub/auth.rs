@@ -69,12 +69,32 @@ pub fn verify_service_token(
     needed: Rights,
     now_unix: u64,
 ) -> Result<Caller, HubError> {
+    verify_policy_token(token, policy, hub, request_path, needed, now_unix, false)
+}
+
+/// [`verify_service_token`], with `text_key` for tokens signed as Service Bus and Event Hubs
+/// clients sign them (the key's text is the HMAC key; `symmetric_key::verify_text_key`).
+pub fn verify_policy_token(
+    token: &SasToken,
+    policy: Option<&AuthorizationPolicy>,
+    hub: &super::Hub,
+    request_path: &str,
+    needed: Rights,
+    now_unix: u64,
+    text_key: bool,
+) -> Result<Caller, HubError> {
     let policy = policy.ok_or_else(|| unauthorized("the SAS token names no policy of this hub"))?;
-    verify_signature(
-        token,
-        &[&policy.primary_key, &policy.secondary_key],
-        now_unix,
-    )?;
+    let keys = [policy.primary_key.as_str(), policy.secondary_key.as_str()];
+    if text_key {
+        symmetric_key::verify_text_key(token, &keys, now_unix)
+            .map(drop)
+            .map_err(|e| match e {
+                SasError::Expired => unauthorized("the SAS token has expired"),
+                _ => unauthorized("the SAS token signature does not verify"),
+            })?;
+    } else {
+        verify_signature(token, &keys, now_unix)?;
+    }
     let resource = token
         .resource_decoded()
         .map_err(|_| unauthorized("sr is not URL-encoded text"))?;
@@ -109,11 +129,13 @@ fn verify_signature(token: &SasToken, keys: &[&str], now_unix: u64) -> Result<()
         })
 }
 
-/// `host/devices/x` → (`host`, `/devices/x`).
-fn split_resource(resource: &str) -> (&str, &str) {
-    let resource = resource
-        .trim_start_matches("https://")
-        .trim_start_matches("http://");
+/// `host/devices/x` → (`host`, `/devices/x`); a scheme in front (`https://`, and `sb://` or
+/// `amqps://` as Event Hubs clients write) is dropped.
+pub fn split_resource(resource: &str) -> (&str, &str) {
+    let resource = ["https://", "http://", "sb://", "amqps://", "amqp://"]
+        .iter()
+        .find_map(|scheme| resource.strip_prefix(scheme))
+        .unwrap_or(resource);
     match resource.find('/') {
         Some(i) => (&resource[..i], &resource[i..]),
         None => (resource, ""),
@@ -121,7 +143,7 @@ fn split_resource(resource: &str) -> (&str, &str) {
 }
 
 /// `/a/b` covers `/a/b` and `/a/b/c`, not `/a/bc` (case-sensitive: device ids are).
-fn segment_prefix(prefix: &str, path: &str) -> bool {
+pub fn segment_prefix(prefix: &str, path: &str) -> bool {
     let prefix = prefix.trim_end_matches('/');
     let path = path.trim_end_matches('/');
     prefix.is_empty()
