@@ -162,3 +162,61 @@ def test_the_service_sdk_on_one_replica_reaches_devices_on_the_others(replicas):
     finally:
         for _, client, *_ in clients:
             client.shutdown()
+
+
+def test_event_hubs_and_amqp_c2d_work_through_any_replica(replicas):
+    """The Event Hubs endpoint of one replica reads the shared telemetry stream, devices on every
+    replica included; C2D sent over AMQP to another replica reaches a device on a third."""
+    from azure.eventhub import EventHubConsumerClient
+    import threading
+
+    front = replicas[0]
+    os.environ["REQUESTS_CA_BUNDLE"] = front.credentials["caBundlePath"]
+    registry = IoTHubRegistryManager.from_connection_string(front.credentials["hubConnectionString"])
+    tag = uuid.uuid4().hex[:6]
+    clients = []
+    try:
+        for i, replica in enumerate(replicas):
+            device_id = f"eh-{i}-{tag}"
+            key = new_key()
+            registry.create_device_with_sas(device_id, key, new_key(), "enabled")
+            client = device_client(replica, device_id, key)
+            c2d = queue.Queue()
+            client.on_message_received = c2d.put
+            client.connect()
+            client.send_message(Message(f'{{"replica": {i}}}', message_id=f"eh-{i}-{tag}"))
+            clients.append((device_id, client, c2d))
+
+        reader = replicas[2]
+        consumer = EventHubConsumerClient.from_connection_string(
+            reader.credentials["eventHubsConnectionString"], consumer_group="$Default",
+            connection_verify=reader.credentials["caBundlePath"], retry_total=1)
+        seen, done = {}, threading.Event()
+
+        def on_event(_partition, event):
+            device = (event.system_properties.get(b"iothub-connection-device-id") or b"").decode()
+            if device.endswith(tag):
+                seen[device] = event.body_as_str()
+                if len(seen) == len(replicas):
+                    done.set()
+
+        worker = threading.Thread(target=consumer.receive, daemon=True, kwargs={
+            "on_event": on_event, "starting_position": "-1", "max_wait_time": 1})
+        worker.start()
+        done.wait(30)
+        consumer.close()
+        worker.join(10)
+        assert seen == {f"eh-{i}-{tag}": f'{{"replica": {i}}}' for i in range(len(replicas))}
+
+        # AMQP C2D through replica 1 (its host name alone: uamqp dials {HostName}:5671).
+        os.environ["SSL_CERT_FILE"] = replicas[1].credentials["caBundlePath"]
+        parts = dict(p.split("=", 1) for p in replicas[1].credentials["hubConnectionString"].split(";"))
+        amqp = IoTHubRegistryManager.from_connection_string(
+            f"HostName={replicas[1].ip};SharedAccessKeyName={parts['SharedAccessKeyName']};"
+            f"SharedAccessKey={parts['SharedAccessKey']}")
+        device_id, _, c2d = clients[0]
+        amqp.send_c2d_message(device_id, "over amqp, across replicas")
+        assert wait_for(c2d).data == b"over amqp, across replicas"
+    finally:
+        for _, client, _ in clients:
+            client.shutdown()
