@@ -1,7 +1,7 @@
 'use strict';
 // azure-iot-device 1.18 against the Zerotouch hub: over MQTT (telemetry with properties, twin,
-// desired patches, direct methods, C2D) and over HTTP (telemetry, batches, C2D receive with
-// complete, reject and abandon), with the service side through azure-iothub 1.16 where it
+// desired patches, direct methods, C2D), over HTTP (telemetry, batches, C2D receive with
+// complete, reject and abandon) and over AMQP (telemetry, C2D), with the service side through azure-iothub 1.16 where it
 // works over HTTPS (registry, twins, methods) and the hub's own C2D send endpoint (IoT Hub's
 // is AMQP).
 
@@ -10,6 +10,7 @@ const { test } = require('node:test');
 const { Client, Message } = require('azure-iot-device');
 const { Mqtt } = require('azure-iot-device-mqtt');
 const { Http } = require('azure-iot-device-http');
+const { Amqp: AmqpDevice } = require('azure-iot-device-amqp');
 const { Registry, Client: ServiceClient } = require('azure-iothub');
 
 const { eachBackend, uniqueId, sleep, eventually, request, sasToken } = require('./harness');
@@ -214,5 +215,56 @@ eachBackend('device over HTTP', (server) => {
     const empty = await asDevice(server(), device, 'GET', `/devices/${device.deviceId}/messages/deviceBound`);
     assert.strictEqual(empty.status, 204, empty.body);
     assert.strictEqual((await device.registry.get(device.deviceId)).responseBody.cloudToDeviceMessageCount, 0);
+  });
+});
+
+eachBackend('device over AMQP', (server) => {
+  test('telemetry with properties, and C2D from the service client completed by the device', { timeout: 60000 }, async () => {
+    const device = await createDevice(server(), 'node-amqp-dev');
+    const client = await deviceClient(server(), device, AmqpDevice);
+    const received = [];
+    client.on('message', (msg) => {
+      received.push(msg);
+      client.complete(msg, () => {});
+    });
+    await client.open();
+    const service = ServiceClient.fromConnectionString(server().hubConnectionString);
+    try {
+      const message = new Message(JSON.stringify({ t: 3 }));
+      message.messageId = 'amqp-tel-1';
+      message.contentType = 'application/json';
+      message.properties.add('level', 'mid');
+      await client.sendEvent(message); // resolves once the hub accepted it: stored
+      const [stored] = await server().storedMessages(device.deviceId);
+      assert.deepStrictEqual(JSON.parse(Buffer.from(stored.body, 'base64')), { t: 3 });
+      assert.strictEqual(stored.properties.level, 'mid');
+      assert.strictEqual(stored.systemProperties['message-id'], 'amqp-tel-1');
+      assert.strictEqual(stored.systemProperties['content-type'], 'application/json');
+
+      await service.open();
+      const down = new Message('down over amqp');
+      down.messageId = 'amqp-c2d-1';
+      down.properties.add('color', 'blue');
+      await service.send(device.deviceId, down);
+      await eventually(() => received.length > 0, 15000, 'the C2D message');
+      assert.strictEqual(received[0].data.toString(), 'down over amqp');
+      assert.strictEqual(received[0].messageId, 'amqp-c2d-1');
+      assert.strictEqual(received[0].properties.getValue('color'), 'blue');
+      // Completed: the queue is empty.
+      await eventually(async () => {
+        const r = await asDevice(server(), device, 'GET', `/devices/${device.deviceId}/messages/deviceBound`);
+        return r.status === 204;
+      }, 10000, 'the completed message gone from the queue');
+    } finally {
+      await service.close();
+      await client.close();
+    }
+  });
+
+  test('a wrong key is refused at open', { timeout: 60000 }, async () => {
+    const device = await createDevice(server(), 'node-amqp-bad');
+    const wrong = { ...device, key: Buffer.alloc(32, 7).toString('base64') };
+    const client = await deviceClient(server(), wrong, AmqpDevice);
+    await assert.rejects(client.open(), (err) => /Unauthorized|401|refused/i.test(`${err.name} ${err.message}`));
   });
 });

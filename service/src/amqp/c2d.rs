@@ -42,7 +42,7 @@ pub fn hub_error(e: &HubError) -> definitions::Error {
     error(condition, e.message.clone())
 }
 
-fn id_text(id: &MessageId) -> String {
+pub fn id_text(id: &MessageId) -> String {
     match id {
         MessageId::String(text) => text.clone(),
         MessageId::Ulong(n) => n.to_string(),
@@ -56,7 +56,7 @@ fn id_text(id: &MessageId) -> String {
     }
 }
 
-fn simple_text(value: &SimpleValue) -> Option<String> {
+pub fn simple_text(value: &SimpleValue) -> Option<String> {
     Some(match value {
         SimpleValue::String(text) => text.clone(),
         SimpleValue::Symbol(symbol) => symbol.as_str().to_string(),
@@ -73,6 +73,30 @@ fn simple_text(value: &SimpleValue) -> Option<String> {
         SimpleValue::Float(n) => n.to_string(),
         SimpleValue::Null => return None,
         _ => return None,
+    })
+}
+
+/// A message's payload: its data sections, or a string or binary value.
+pub fn body_bytes(body: Body<Value>) -> Result<Vec<u8>, definitions::Error> {
+    let invalid = || {
+        error(
+            ErrorCondition::AmqpError(AmqpError::InvalidField),
+            "the body must be data, a string or binary",
+        )
+    };
+    Ok(match body {
+        Body::Data(batch) => batch
+            .into_iter()
+            .flat_map(|data| data.0.into_vec())
+            .collect(),
+        Body::Value(value) => match value.0 {
+            Value::String(text) => text.into_bytes(),
+            Value::Binary(bytes) => bytes.into_vec(),
+            Value::Null => Vec::new(),
+            _ => return Err(invalid()),
+        },
+        Body::Empty => Vec::new(),
+        Body::Sequence(_) => return Err(invalid()),
     })
 }
 
@@ -94,20 +118,7 @@ pub fn outgoing(
         .decode_utf8()
         .map_err(|_| invalid("the device id in `to` is not UTF-8"))?
         .into_owned();
-    let body = match message.body {
-        Body::Data(batch) => batch
-            .into_iter()
-            .flat_map(|data| data.0.into_vec())
-            .collect(),
-        Body::Value(value) => match value.0 {
-            Value::String(text) => text.into_bytes(),
-            Value::Binary(bytes) => bytes.into_vec(),
-            Value::Null => Vec::new(),
-            _ => return Err(invalid("the body must be data, a string or binary")),
-        },
-        Body::Empty => Vec::new(),
-        Body::Sequence(_) => return Err(invalid("the body must be data, a string or binary")),
-    };
+    let body = body_bytes(message.body)?;
     let mut ack = None;
     let mut application = Vec::new();
     if let Some(props) = message.application_properties {

@@ -129,6 +129,9 @@ pub async fn handle(hub: &Arc<Hub>, grants: &Grants, message: &Message<Body<Valu
         Ok(token) => token,
         Err(e) => return Answer::new(400, format!("malformed SAS token: {e}")),
     };
+    if token.skn.is_none() {
+        return device_token(hub, grants, audience, &token).await;
+    }
     let name = token.skn.clone().unwrap_or_default();
     let policy =
         match crate::db::blocking(hub.store(), move |s| crate::hub::auth::policy(s, &name)).await {
@@ -175,6 +178,55 @@ pub async fn handle(hub: &Arc<Hub>, grants: &Grants, message: &Message<Body<Valu
         Err(e) => {
             hub.metrics.auth_failure("amqp_cbs");
             Answer::new(401, e.message)
+        }
+    }
+}
+
+/// A device's own token (no `skn`; `sr = {host}/devices/{id}`, signed with its key): a grant
+/// of `DeviceConnect` for that device's paths.
+async fn device_token(hub: &Arc<Hub>, grants: &Grants, audience: &str, token: &SasToken) -> Answer {
+    let resource = token.resource_decoded().unwrap_or_default();
+    let (_, path) = crate::hub::auth::split_resource(&resource);
+    let Some(device_id) = path
+        .strip_prefix("/devices/")
+        .and_then(|rest| rest.split('/').next())
+        .filter(|id| !id.is_empty())
+        .map(str::to_string)
+    else {
+        return Answer::new(
+            401,
+            "a token without skn must be a device's: sr = {host}/devices/{id}",
+        );
+    };
+    let device = match hub.device(&device_id).await {
+        Ok(Some((device, _))) => device,
+        Ok(None) => {
+            hub.metrics.auth_failure("amqp_cbs");
+            return Answer::new(401, format!("device {device_id} is not registered"));
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "CBS: reading the device failed");
+            return Answer::new(503, "the service cannot check tokens right now");
+        }
+    };
+    let now = crate::time::now_unix();
+    match crate::hub::auth::verify_device_token(token, &device, None, hub, now) {
+        Ok(_) => {
+            tracing::info!(device_id, audience, "AMQP: CBS device token accepted");
+            grants.add(Grant {
+                audience: audience.to_string(),
+                scope: format!("/devices/{device_id}"),
+                caller: Caller {
+                    principal: format!("device:{device_id}"),
+                    rights: Rights::DEVICE_CONNECT,
+                },
+                expires: token.se,
+            });
+            Answer::new(200, "OK")
+        }
+        Err(failure) => {
+            hub.metrics.auth_failure(failure.reason());
+            Answer::new(401, format!("device refused: {}", failure.reason()))
         }
     }
 }

@@ -14,6 +14,9 @@
 //!   need `ServiceConnect`;
 //! - `/messages/servicebound/feedback` (the client receives): their delivery feedback
 //!   ([`feedback`]), which needs `ServiceConnect`;
+//! - `/devices/{id}/messages/events` (the device sends) and `/devices/{id}/messages/devicebound`
+//!   (the device receives): devices' telemetry and C2D ([`device`]), which need
+//!   `DeviceConnect` for that device's path;
 //! - `$management`, both directions, and `/{entity}/ConsumerGroups/{group}/Partitions/{id}`
 //!   (the client receives): the Event Hubs-compatible endpoint for telemetry ([`eventhubs`]),
 //!   which needs `ServiceConnect` for the entity's path.
@@ -27,6 +30,7 @@
 
 pub mod c2d;
 pub mod cbs;
+pub mod device;
 pub mod eventhubs;
 pub mod feedback;
 mod replay;
@@ -367,6 +371,27 @@ async fn serve_incoming(mut receiver: Receiver, address: &str, state: Arc<Connec
                 send_reply(&state, cbs::NODE, cbs::reply(&request, &answer)).await;
             }
         }
+        events if device::events_of(events).is_some() => {
+            let device_id = device::events_of(events).unwrap_or_default();
+            let needed = Rights::DEVICE_CONNECT;
+            if state
+                .grants
+                .holding(needed, crate::time::now_unix(), address)
+                .is_none()
+                || !device::enabled(&state.hub, &device_id).await
+            {
+                let _ = receiver.close_with_error(unauthorized(needed)).await;
+                return;
+            }
+            let hub = state.hub.clone();
+            device::serve_events(receiver, hub, device_id, move || {
+                state
+                    .grants
+                    .holding(needed, crate::time::now_unix(), address)
+                    .is_some()
+            })
+            .await;
+        }
         management if management.trim_start_matches('/') == eventhubs::MANAGEMENT => {
             while let Ok(delivery) = receiver.recv::<Body<Value>>().await {
                 let _ = receiver.accept(&delivery).await;
@@ -441,6 +466,27 @@ async fn serve_outgoing(
     state: Arc<ConnectionState>,
 ) {
     match address {
+        devicebound if device::devicebound_of(devicebound).is_some() => {
+            let device_id = device::devicebound_of(devicebound).unwrap_or_default();
+            let needed = Rights::DEVICE_CONNECT;
+            if state
+                .grants
+                .holding(needed, crate::time::now_unix(), address)
+                .is_none()
+                || !device::enabled(&state.hub, &device_id).await
+            {
+                let _ = sender.close_with_error(unauthorized(needed)).await;
+                return;
+            }
+            let hub = state.hub.clone();
+            device::serve_c2d(sender, hub, device_id, move || {
+                state
+                    .grants
+                    .holding(needed, crate::time::now_unix(), address)
+                    .is_some()
+            })
+            .await;
+        }
         partition if eventhubs::partition_of(partition).is_some() => {
             let needed = Rights::SERVICE_CONNECT;
             if state
