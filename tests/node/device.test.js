@@ -261,6 +261,42 @@ eachBackend('device over AMQP', (server) => {
     }
   });
 
+  test('twin: GET, reported patch, desired patches pushed to the device; a direct method', { timeout: 60000 }, async () => {
+    const device = await createDevice(server(), 'node-amqp-twin');
+    const client = await deviceClient(server(), device, AmqpDevice);
+    await client.open();
+    try {
+      const twin = await client.getTwin();
+      await new Promise((resolve, reject) => twin.properties.reported.update({ fw: '2.0.1', nested: { a: 1 } }, (e) => (e ? reject(e) : resolve())));
+      const serviceTwin = (await device.registry.getTwin(device.deviceId)).responseBody;
+      assert.strictEqual(serviceTwin.properties.reported.fw, '2.0.1');
+      assert.deepStrictEqual(serviceTwin.properties.reported.nested, { a: 1 });
+
+      const desired = [];
+      twin.on('properties.desired', (delta) => desired.push(delta));
+      await eventually(() => desired.length > 0, 15000, 'the desired section after subscribing');
+      await device.registry.updateTwin(device.deviceId, { properties: { desired: { rate: 9 } } }, serviceTwin.etag);
+      await eventually(() => desired.some((d) => d.rate === 9), 15000, 'the desired patch');
+      assert.strictEqual(twin.properties.desired.rate, 9);
+      // Read back through the device's own GET.
+      const again = await client.getTwin();
+      assert.strictEqual(again.properties.reported.fw, '2.0.1');
+
+      client.onDeviceMethod('blink', (req, res) => {
+        res.send(201, { blinked: req.payload.times }, () => {});
+      });
+      await sleep(500); // the method links
+      const service = ServiceClient.fromConnectionString(server().hubConnectionString);
+      const answer = (await service.invokeDeviceMethod(device.deviceId, {
+        methodName: 'blink', payload: { times: 4 }, responseTimeoutInSeconds: 15,
+      })).result;
+      assert.strictEqual(answer.status, 201);
+      assert.deepStrictEqual(answer.payload, { blinked: 4 });
+    } finally {
+      await client.close();
+    }
+  });
+
   test('a wrong key is refused at open', { timeout: 60000 }, async () => {
     const device = await createDevice(server(), 'node-amqp-bad');
     const wrong = { ...device, key: Buffer.alloc(32, 7).toString('base64') };

@@ -8,15 +8,24 @@
 //!   with MQTT and HTTPS), one message at a time; its outcome settles the message (accepted:
 //!   complete, rejected: reject, released or modified: abandon).
 //!
-//! Twins and direct methods over AMQP, and X.509 (SASL EXTERNAL) devices, are not served.
+//! - both links of `/devices/{id}/twin`: GET, reported-properties PATCH, and the desired-patch
+//!   subscription (PUT/DELETE `/notifications/twin/properties/desired`), whose patches go out
+//!   on the device's receiver link without a correlation id.
+//!
+//! - both links of `/devices/{id}/methods/devicebound`: direct method calls (the request id
+//!   as correlation id, the name in `IoThub-methodname`) and the device's answers
+//!   (`IoThub-status`).
+//!
+//! X.509 (SASL EXTERNAL) devices are not served over AMQP.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use fe2o3_amqp::link::{Receiver, Sender};
 use fe2o3_amqp_types::definitions::{AmqpError, ErrorCondition, LinkError};
+use fe2o3_amqp_types::messaging::annotations::OwnedKey;
 use fe2o3_amqp_types::messaging::{
-    ApplicationProperties, Body, Data, Message, MessageId, Outcome, Properties,
+    ApplicationProperties, Body, Data, Message, MessageAnnotations, MessageId, Outcome, Properties,
 };
 use fe2o3_amqp_types::primitives::{Binary, SimpleValue, Symbol, Value};
 
@@ -224,6 +233,239 @@ pub async fn serve_c2d(
         }
         if ended {
             return;
+        }
+    }
+}
+
+/// `/devices/{id}/twin` → the device id.
+pub fn twin_of(path: &str) -> Option<String> {
+    device_of(path, "/twin")
+}
+
+/// What a twin request asks, from its `operation` and `resource` annotations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TwinOperation {
+    Get,
+    PatchReported,
+    Subscribe,
+    Unsubscribe,
+}
+
+fn annotation<'a>(message: &'a Message<Body<Value>>, name: &str) -> Option<&'a str> {
+    let annotations = message.message_annotations.as_ref()?;
+    annotations
+        .0
+        .iter()
+        .find_map(|(key, value)| match (key, value) {
+            (OwnedKey::Symbol(key), Value::String(text)) if key.as_str() == name => {
+                Some(text.as_str())
+            }
+            (OwnedKey::Symbol(key), Value::Symbol(text)) if key.as_str() == name => {
+                Some(text.as_str())
+            }
+            _ => None,
+        })
+}
+
+/// The operation of a twin request; `None` for one we do not serve.
+pub fn twin_operation(message: &Message<Body<Value>>) -> Option<TwinOperation> {
+    let resource = annotation(message, "resource").unwrap_or_default();
+    match (annotation(message, "operation")?, resource) {
+        ("GET", "" | "/") => Some(TwinOperation::Get),
+        ("PATCH", "/properties/reported") => Some(TwinOperation::PatchReported),
+        ("PUT", "/notifications/twin/properties/desired") => Some(TwinOperation::Subscribe),
+        ("DELETE", "/notifications/twin/properties/desired") => Some(TwinOperation::Unsubscribe),
+        _ => None,
+    }
+}
+
+/// The answer to a twin request: its correlation id, `status` (and `version`) annotations, and
+/// a JSON body if any.
+pub fn twin_answer(
+    request: &Message<Body<Value>>,
+    status: i32,
+    version: Option<i64>,
+    body: Option<Vec<u8>>,
+) -> Message<Body<Value>> {
+    let properties = Properties {
+        correlation_id: request
+            .properties
+            .as_ref()
+            .and_then(|p| p.correlation_id.clone()),
+        ..Properties::default()
+    };
+    let mut annotations =
+        MessageAnnotations::builder().insert(Symbol::from("status"), Value::Int(status));
+    if let Some(version) = version {
+        annotations = annotations.insert(Symbol::from("version"), Value::Long(version));
+    }
+    let body = match body {
+        Some(bytes) => Body::Data(vec![Data(Binary::from(bytes))].into()),
+        None => Body::Empty,
+    };
+    Message::builder()
+        .properties(properties)
+        .message_annotations(annotations.build())
+        .body(body)
+        .build()
+}
+
+/// A desired-properties patch pushed to the device: no correlation id, the patch as body.
+pub fn desired_delta(patch: &serde_json::Value) -> Message<Body<Value>> {
+    Message::builder()
+        .body(Body::Data(
+            vec![Data(Binary::from(patch.to_string().into_bytes()))].into(),
+        ))
+        .build()
+}
+
+fn refusal(message: &str) -> Option<Vec<u8>> {
+    Some(
+        serde_json::json!({ "message": message })
+            .to_string()
+            .into_bytes(),
+    )
+}
+
+/// Serves a twin GET or reported-properties PATCH of `device_id`, as over MQTT.
+pub async fn twin_request(
+    hub: &Hub,
+    device_id: &str,
+    request: &Message<Body<Value>>,
+) -> Message<Body<Value>> {
+    match twin_operation(request) {
+        Some(TwinOperation::Get) => match hub.twin(device_id).await {
+            Ok(twin) => {
+                crate::hub::HubMetrics::count(&hub.metrics.twin_operations, 1);
+                twin_answer(
+                    request,
+                    200,
+                    None,
+                    Some(twin.device_view().to_string().into_bytes()),
+                )
+            }
+            Err(e) => twin_answer(
+                request,
+                i32::from(e.status().as_u16()),
+                None,
+                refusal(&e.message),
+            ),
+        },
+        Some(TwinOperation::PatchReported) => {
+            let patch = body_bytes(request.body.clone())
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+                .filter(serde_json::Value::is_object);
+            let Some(patch) = patch else {
+                return twin_answer(
+                    request,
+                    400,
+                    None,
+                    refusal("the reported patch must be a JSON object"),
+                );
+            };
+            let now = crate::time::now_rfc3339();
+            let reported = hub.telemetry.publishes_events().then(|| patch.clone());
+            let result = hub
+                .update_twin(device_id, move |twin| {
+                    twin.patch_reported(&patch, &now).map_err(|e| {
+                        crate::hub::error::HubError::new(
+                            crate::hub::error::HubErrorCode::ArgumentInvalid,
+                            e.to_string(),
+                        )
+                    })
+                })
+                .await;
+            match result {
+                Ok((_, version)) => {
+                    if let Some(patch) = &reported {
+                        hub.reported_event(device_id, version, patch);
+                    }
+                    crate::hub::HubMetrics::count(&hub.metrics.twin_operations, 1);
+                    twin_answer(request, 204, i64::try_from(version).ok(), None)
+                }
+                Err(e) => twin_answer(
+                    request,
+                    i32::from(e.status().as_u16()),
+                    None,
+                    refusal(&e.message),
+                ),
+            }
+        }
+        _ => twin_answer(request, 404, None, refusal("no such twin operation")),
+    }
+}
+
+/// `/devices/{id}/methods/devicebound` → the device id.
+pub fn methods_of(path: &str) -> Option<String> {
+    device_of(path, "/methods/devicebound")
+}
+
+/// A method call as the device SDK receives it: the request id as correlation id, the name in
+/// `IoThub-methodname`, the payload as data.
+pub fn method_call(call: &crate::hub::methods::Invocation) -> Message<Body<Value>> {
+    let properties = Properties {
+        correlation_id: Some(MessageId::String(call.rid.clone())),
+        ..Properties::default()
+    };
+    let application = ApplicationProperties::builder()
+        .insert(
+            "IoThub-methodname",
+            SimpleValue::String(call.method_name.clone()),
+        )
+        .build();
+    Message::builder()
+        .properties(properties)
+        .application_properties(application)
+        .body(Body::Data(
+            vec![Data(Binary::from(call.body.clone().into_bytes()))].into(),
+        ))
+        .build()
+}
+
+/// Sends the device's method calls until the link or the connection ends.
+pub async fn serve_method_calls(mut sender: Sender, hub: Arc<Hub>, device_id: String) {
+    let mut calls = hub.methods.listen(&device_id);
+    while let Some(call) = calls.recv().await {
+        if let Err(e) = super::send(&mut sender, method_call(&call)).await {
+            tracing::info!(device_id, error = %e, "AMQP methods link ended");
+            return;
+        }
+    }
+}
+
+/// Takes the device's method answers (correlation id = request id, `IoThub-status`, JSON
+/// payload) until the link or the connection ends.
+pub async fn serve_method_answers(mut receiver: Receiver, hub: Arc<Hub>, device_id: String) {
+    while let Ok(delivery) = receiver.recv::<Body<Value>>().await {
+        let _ = receiver.accept(&delivery).await;
+        let message = delivery.into_message();
+        let rid = message
+            .properties
+            .as_ref()
+            .and_then(|p| p.correlation_id.as_ref())
+            .map(id_text);
+        let status = message
+            .application_properties
+            .as_ref()
+            .and_then(|a| a.0.get("IoThub-status"))
+            .and_then(simple_text)
+            .and_then(|s| s.parse::<i64>().ok());
+        let (Some(rid), Some(status)) = (rid, status) else {
+            tracing::info!(device_id, "a malformed AMQP method answer was ignored");
+            continue;
+        };
+        let body = body_bytes(message.body).unwrap_or_default();
+        let payload = if body.iter().all(u8::is_ascii_whitespace) {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&body).unwrap_or_else(|_| {
+                serde_json::Value::String(String::from_utf8_lossy(&body).into_owned())
+            })
+        };
+        let answer = crate::hub::methods::MethodResponse { status, payload };
+        if !hub.methods.complete(&device_id, &rid, answer) {
+            tracing::debug!(device_id, rid, "late or unknown method answer");
         }
     }
 }

@@ -245,6 +245,8 @@ async fn serve(tcp: TcpStream, shared: &Arc<Shared>) -> anyhow::Result<()> {
         grants: cbs::Grants::default(),
         replies: tokio::sync::Mutex::new(Default::default()),
         replies_ready: Notify::new(),
+        twin_subscriptions: Default::default(),
+        method_listeners: Default::default(),
     });
     // `handle-max` explicitly: left at its default it is sent as null, which pyamqp cannot
     // count links against.
@@ -263,6 +265,15 @@ async fn serve(tcp: TcpStream, shared: &Arc<Shared>) -> anyhow::Result<()> {
             () = shared.stop.notified() => break,
         }
     }
+    // What the connection's links left running: desired-property forwarders, and reply
+    // channels that would keep their links' tasks waiting.
+    for (_, forwarder) in state.twin_subscriptions.lock().await.drain() {
+        forwarder.abort();
+    }
+    for (_, calls) in state.method_listeners.lock().await.drain() {
+        calls.abort();
+    }
+    state.replies.lock().await.clear();
     close(connection).await;
     Ok(())
 }
@@ -277,10 +288,15 @@ struct ConnectionState {
     grants: cbs::Grants,
     /// Where answers go, by node (`$cbs`, `$management`): the client's receiver link from
     /// it, once attached.
-    replies: tokio::sync::Mutex<
-        std::collections::HashMap<&'static str, mpsc::Sender<Message<Body<Value>>>>,
-    >,
+    replies:
+        tokio::sync::Mutex<std::collections::HashMap<String, mpsc::Sender<Message<Body<Value>>>>>,
     replies_ready: Notify,
+    /// Method-call senders of devices' method links, by device id.
+    method_listeners:
+        tokio::sync::Mutex<std::collections::HashMap<String, tokio::task::AbortHandle>>,
+    /// Desired-property forwarders of devices' twin links, by device id.
+    twin_subscriptions:
+        tokio::sync::Mutex<std::collections::HashMap<String, tokio::task::AbortHandle>>,
 }
 
 fn address_of(attach: &Attach) -> Option<String> {
@@ -392,6 +408,70 @@ async fn serve_incoming(mut receiver: Receiver, address: &str, state: Arc<Connec
             })
             .await;
         }
+        methods if device::methods_of(methods).is_some() => {
+            let device_id = device::methods_of(methods).unwrap_or_default();
+            let needed = Rights::DEVICE_CONNECT;
+            if state
+                .grants
+                .holding(needed, crate::time::now_unix(), address)
+                .is_none()
+            {
+                let _ = receiver.close_with_error(unauthorized(needed)).await;
+                return;
+            }
+            device::serve_method_answers(receiver, state.hub.clone(), device_id).await;
+        }
+        twin if device::twin_of(twin).is_some() => {
+            let device_id = device::twin_of(twin).unwrap_or_default();
+            let needed = Rights::DEVICE_CONNECT;
+            if state
+                .grants
+                .holding(needed, crate::time::now_unix(), address)
+                .is_none()
+                || !device::enabled(&state.hub, &device_id).await
+            {
+                let _ = receiver.close_with_error(unauthorized(needed)).await;
+                return;
+            }
+            let key = format!("twin:{device_id}");
+            while let Ok(delivery) = receiver.recv::<Body<Value>>().await {
+                let _ = receiver.accept(&delivery).await;
+                let request = delivery.into_message();
+                let answer = match device::twin_operation(&request) {
+                    Some(device::TwinOperation::Subscribe) => {
+                        let mut patches = state.hub.listen_desired(&device_id);
+                        let replies = state.replies.lock().await.get(&key).cloned();
+                        if let Some(replies) = replies {
+                            let forward = tokio::spawn(async move {
+                                while let Some(patch) = patches.recv().await {
+                                    if replies.send(device::desired_delta(&patch)).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            });
+                            if let Some(old) = state
+                                .twin_subscriptions
+                                .lock()
+                                .await
+                                .insert(device_id.clone(), forward.abort_handle())
+                            {
+                                old.abort();
+                            }
+                        }
+                        device::twin_answer(&request, 200, None, None)
+                    }
+                    Some(device::TwinOperation::Unsubscribe) => {
+                        if let Some(old) = state.twin_subscriptions.lock().await.remove(&device_id)
+                        {
+                            old.abort();
+                        }
+                        device::twin_answer(&request, 200, None, None)
+                    }
+                    _ => device::twin_request(&state.hub, &device_id, &request).await,
+                };
+                send_reply(&state, &key, answer).await;
+            }
+        }
         management if management.trim_start_matches('/') == eventhubs::MANAGEMENT => {
             while let Ok(delivery) = receiver.recv::<Body<Value>>().await {
                 let _ = receiver.accept(&delivery).await;
@@ -466,6 +546,57 @@ async fn serve_outgoing(
     state: Arc<ConnectionState>,
 ) {
     match address {
+        methods if device::methods_of(methods).is_some() => {
+            let device_id = device::methods_of(methods).unwrap_or_default();
+            let needed = Rights::DEVICE_CONNECT;
+            if state
+                .grants
+                .holding(needed, crate::time::now_unix(), address)
+                .is_none()
+                || !device::enabled(&state.hub, &device_id).await
+            {
+                let _ = sender.close_with_error(unauthorized(needed)).await;
+                return;
+            }
+            // Ended with the connection (the task waits on calls, not on the link).
+            let calls = tokio::spawn(device::serve_method_calls(
+                sender,
+                state.hub.clone(),
+                device_id.clone(),
+            ));
+            if let Some(old) = state
+                .method_listeners
+                .lock()
+                .await
+                .insert(device_id, calls.abort_handle())
+            {
+                old.abort();
+            }
+        }
+        twin if device::twin_of(twin).is_some() => {
+            let device_id = device::twin_of(twin).unwrap_or_default();
+            let needed = Rights::DEVICE_CONNECT;
+            if state
+                .grants
+                .holding(needed, crate::time::now_unix(), address)
+                .is_none()
+            {
+                let _ = sender.close_with_error(unauthorized(needed)).await;
+                return;
+            }
+            let (tx, mut rx) = mpsc::channel(16);
+            state
+                .replies
+                .lock()
+                .await
+                .insert(format!("twin:{device_id}"), tx);
+            state.replies_ready.notify_waiters();
+            while let Some(reply) = rx.recv().await {
+                if send(&mut sender, reply).await.is_err() {
+                    break;
+                }
+            }
+        }
         devicebound if device::devicebound_of(devicebound).is_some() => {
             let device_id = device::devicebound_of(devicebound).unwrap_or_default();
             let needed = Rights::DEVICE_CONNECT;
@@ -549,7 +680,7 @@ async fn serve_outgoing(
                 eventhubs::MANAGEMENT
             };
             let (tx, mut rx) = mpsc::channel(16);
-            state.replies.lock().await.insert(node, tx);
+            state.replies.lock().await.insert(node.to_string(), tx);
             state.replies_ready.notify_waiters();
             while let Some(reply) = rx.recv().await {
                 if send(&mut sender, reply).await.is_err() {
@@ -574,7 +705,7 @@ pub(crate) async fn send(
 }
 
 /// Sends an answer on the client's receiver link from `node`, waiting for it to attach.
-async fn send_reply(state: &ConnectionState, node: &'static str, reply: Message<Body<Value>>) {
+async fn send_reply(state: &ConnectionState, node: &str, reply: Message<Body<Value>>) {
     let deadline = tokio::time::Instant::now() + REPLY_WAIT;
     loop {
         let ready = state.replies_ready.notified();

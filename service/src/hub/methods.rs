@@ -72,14 +72,48 @@ impl MethodOutcome {
     }
 }
 
+/// A method call handed to a device connection without an `Outbound` (AMQP).
+#[derive(Debug, Clone)]
+pub struct Invocation {
+    /// The request id the answer must carry.
+    pub rid: String,
+    pub method_name: String,
+    /// The payload as the device receives it (JSON text, or empty).
+    pub body: String,
+}
+
 /// Calls waiting for their device's answer, by request id.
 #[derive(Default)]
 pub struct PendingMethods {
     waiting: Mutex<HashMap<String, (String, oneshot::Sender<MethodResponse>)>>,
     next: AtomicU64,
+    /// Devices listening for methods on a transport without an `Outbound` (AMQP), by id.
+    listeners: Mutex<HashMap<String, tokio::sync::mpsc::UnboundedSender<Invocation>>>,
 }
 
 impl PendingMethods {
+    /// Method calls for `device_id` from now on (the latest listener of a device wins), for a
+    /// connection that is not an MQTT one. Dropping the receiver stops listening.
+    pub fn listen(&self, device_id: &str) -> tokio::sync::mpsc::UnboundedReceiver<Invocation> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        if let Ok(mut listeners) = self.listeners.lock() {
+            listeners.insert(device_id.to_string(), tx);
+        }
+        rx
+    }
+
+    fn listener(&self, device_id: &str) -> Option<tokio::sync::mpsc::UnboundedSender<Invocation>> {
+        let mut listeners = self.listeners.lock().ok()?;
+        match listeners.get(device_id) {
+            Some(tx) if !tx.is_closed() => Some(tx.clone()),
+            Some(_) => {
+                listeners.remove(device_id);
+                None
+            }
+            None => None,
+        }
+    }
+
     fn register(&self, device_id: &str) -> (String, oneshot::Receiver<MethodResponse>) {
         let rid = format!("{:x}", self.next.fetch_add(1, Ordering::Relaxed) + 1);
         let (tx, rx) = oneshot::channel();
@@ -205,14 +239,34 @@ impl Hub {
     pub(super) async fn call_local(&self, device_id: &str, call: &MethodCall) -> MethodOutcome {
         let topic_probe = format!("{METHODS_TOPIC}{}/?$rid=0", call.method_name);
         let outbound = match self.outbound(device_id) {
-            Some(o) if o.is_subscribed(&topic_probe) => o,
-            _ => return MethodOutcome::NotListening,
+            Some(o) if o.is_subscribed(&topic_probe) => Some(o),
+            _ => None,
+        };
+        let listener = match &outbound {
+            Some(_) => None,
+            None => match self.methods.listener(device_id) {
+                Some(listener) => Some(listener),
+                None => return MethodOutcome::NotListening,
+            },
         };
         HubMetrics::count(&self.metrics.method_calls, 1);
         let (rid, answer) = self.methods.register(device_id);
-        let topic = format!("{METHODS_TOPIC}{}/?$rid={rid}", call.method_name);
-        let body = Bytes::from(call.body.clone().into_bytes());
-        if outbound.send(topic, body, QoS::AtMostOnce).is_err() {
+        let sent = match (outbound, listener) {
+            (Some(outbound), _) => {
+                let topic = format!("{METHODS_TOPIC}{}/?$rid={rid}", call.method_name);
+                let body = Bytes::from(call.body.clone().into_bytes());
+                outbound.send(topic, body, QoS::AtMostOnce).is_ok()
+            }
+            (None, Some(listener)) => listener
+                .send(Invocation {
+                    rid: rid.clone(),
+                    method_name: call.method_name.clone(),
+                    body: call.body.clone(),
+                })
+                .is_ok(),
+            (None, None) => false,
+        };
+        if !sent {
             self.methods.forget(&rid);
             return MethodOutcome::NotListening;
         }

@@ -73,6 +73,9 @@ pub struct Hub {
     cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
     /// Replica mode: limits counted together with the other replicas.
     limits: std::sync::OnceLock<replicas::SharedLimits>,
+    /// Desired-property patches for devices on transports without an `Outbound` (AMQP), by
+    /// device id; see [`Hub::listen_desired`].
+    desired_listeners: Mutex<HashMap<String, Vec<tokio::sync::mpsc::UnboundedSender<Value>>>>,
 }
 
 /// Device twin requests served at once. Beyond this, a request waits at most
@@ -145,6 +148,30 @@ impl Hub {
             twin_slots: tokio::sync::Semaphore::new(TWIN_CONCURRENCY),
             cluster: std::sync::OnceLock::new(),
             limits: std::sync::OnceLock::new(),
+            desired_listeners: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Desired-property patches of `device_id` from now on, for a connection that is not an
+    /// MQTT one (AMQP twin links). Dropping the receiver ends the subscription (pruned at the
+    /// next patch). Local to this process: in replica mode a patch made through another replica
+    /// reaches it only if that replica holds the device's MQTT connection.
+    pub fn listen_desired(&self, device_id: &str) -> tokio::sync::mpsc::UnboundedReceiver<Value> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        lock(&self.desired_listeners)
+            .entry(device_id.to_string())
+            .or_default()
+            .push(tx);
+        rx
+    }
+
+    fn notify_desired_listeners(&self, device_id: &str, patch: &Value) {
+        let mut listeners = lock(&self.desired_listeners);
+        if let Some(senders) = listeners.get_mut(device_id) {
+            senders.retain(|tx| tx.send(patch.clone()).is_ok());
+            if senders.is_empty() {
+                listeners.remove(device_id);
+            }
         }
     }
 
@@ -648,6 +675,7 @@ impl Hub {
     /// Pushes a desired-properties patch to the device if it is connected (to this replica or
     /// another) and subscribed. Offline devices catch up with a twin GET (hub-protocol §2.4).
     pub fn notify_desired(&self, device_id: &str, patch: &Value) {
+        self.notify_desired_listeners(device_id, patch);
         if self.outbound(device_id).is_some() {
             self.notify_desired_local(device_id, patch);
         } else if let Some(cluster) = self.cluster() {
