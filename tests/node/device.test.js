@@ -13,7 +13,8 @@ const { Http } = require('azure-iot-device-http');
 const { Amqp: AmqpDevice } = require('azure-iot-device-amqp');
 const { Registry, Client: ServiceClient } = require('azure-iothub');
 
-const { eachBackend, uniqueId, sleep, eventually, request, sasToken } = require('./harness');
+const crypto = require('node:crypto');
+const { eachBackend, uniqueId, sleep, eventually, request, sasToken, selfSigned } = require('./harness');
 
 async function createDevice(server, prefix) {
   const registry = Registry.fromConnectionString(server.hubConnectionString);
@@ -295,6 +296,39 @@ eachBackend('device over AMQP', (server) => {
     } finally {
       await client.close();
     }
+  });
+
+  test('an X.509 device (self-signed) sends telemetry and reads its twin; another certificate is refused', { timeout: 60000 }, async () => {
+    const registry = Registry.fromConnectionString(server().hubConnectionString);
+    const deviceId = uniqueId('node-amqp-x509');
+    const identity = selfSigned(deviceId);
+    const thumbprint = new crypto.X509Certificate(identity.cert).fingerprint.replace(/:/g, '');
+    await registry.create({ deviceId, authentication: { type: 'selfSigned', x509Thumbprint: { primaryThumbprint: thumbprint } } });
+    const client = Client.fromConnectionString(`HostName=${server().ip};DeviceId=${deviceId};x509=true`, AmqpDevice);
+    await client.setOptions({ ca: server().ca, cert: identity.cert, key: identity.key });
+    await client.open();
+    try {
+      await client.sendEvent(new Message('x509 over amqp'));
+      const [stored] = await server().storedMessages(deviceId);
+      assert.strictEqual(Buffer.from(stored.body, 'base64').toString(), 'x509 over amqp');
+      const twin = await client.getTwin();
+      assert.ok(twin.properties.reported);
+    } finally {
+      await client.close();
+    }
+
+    const stranger = selfSigned(deviceId);
+    const impostor = Client.fromConnectionString(`HostName=${server().ip};DeviceId=${deviceId};x509=true`, AmqpDevice);
+    await impostor.setOptions({ ca: server().ca, cert: stranger.cert, key: stranger.key });
+    try {
+      await assert.rejects(async () => {
+        await impostor.open();
+        await impostor.sendEvent(new Message('not mine'));
+      });
+    } finally {
+      await impostor.close().catch(() => {});
+    }
+    assert.strictEqual((await server().storedMessages(deviceId)).length, 1);
   });
 
   test('a wrong key is refused at open', { timeout: 60000 }, async () => {

@@ -16,7 +16,8 @@
 //!   as correlation id, the name in `IoThub-methodname`) and the device's answers
 //!   (`IoThub-status`).
 //!
-//! X.509 (SASL EXTERNAL) devices are not served over AMQP.
+//! An X.509 device presents its certificate in the TLS handshake and puts no token: its first
+//! device link authenticates the certificate for the device the link names.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -468,6 +469,43 @@ pub async fn serve_method_answers(mut receiver: Receiver, hub: Arc<Hub>, device_
             tracing::debug!(device_id, rid, "late or unknown method answer");
         }
     }
+}
+
+/// Authenticates the TLS client certificate of a connection as `device_id` (a self-signed
+/// or CA-signed X.509 device), as MQTT and HTTPS do; the Unix time the certificate expires.
+pub async fn authenticate_x509(
+    hub: &Hub,
+    device_id: &str,
+    peer: &crate::tls::PeerCertificates,
+) -> Result<u64, crate::hub::auth::DeviceAuthFailure> {
+    use crate::hub::auth::{self, DeviceAuthFailure};
+    let (device, _) = hub
+        .device(device_id)
+        .await
+        .map_err(|_| DeviceAuthFailure::StoreUnavailable)?
+        .ok_or(DeviceAuthFailure::UnknownDevice)?;
+    if device.status == crate::hub::device::DeviceStatus::Disabled {
+        return Err(DeviceAuthFailure::Disabled);
+    }
+    let bundle = hub.trust_bundle();
+    let trusted = crate::db::blocking(hub.store(), move |s| auth::trusted_cas(s, &bundle))
+        .await
+        .map_err(|_| DeviceAuthFailure::StoreUnavailable)?;
+    let now = crate::time::now_unix();
+    auth::verify_device_certificate(&device, &peer.leaf, &peer.chain, &trusted, now as i64)?;
+    let leaf = peer.leaf.clone();
+    let revoked = crate::db::blocking(hub.store(), move |s| crate::pki::revocation_of(s, &leaf))
+        .await
+        .map_err(|_| DeviceAuthFailure::StoreUnavailable)?;
+    if revoked.is_some() {
+        return Err(DeviceAuthFailure::Revoked);
+    }
+    Ok(
+        zerotouch_attestation::x509::Certificate::from_der(&peer.leaf)
+            .ok()
+            .and_then(|c| u64::try_from(c.not_after_unix()).ok())
+            .unwrap_or(now),
+    )
 }
 
 #[cfg(test)]

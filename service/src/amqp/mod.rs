@@ -219,6 +219,7 @@ async fn serve(tcp: TcpStream, shared: &Arc<Shared>) -> anyhow::Result<()> {
     .map_err(|_| {
         anyhow::anyhow!("no TLS handshake and protocol header within {HANDSHAKE_TIMEOUT:?}")
     })??;
+    let peer = crate::tls::peer_certificates(stream.ssl());
     let stream = replay::Replay::new(header.to_vec(), stream);
     let mut connection = if header[..4] == *b"AMQP" && header[4] == 3 {
         ConnectionAcceptor::builder()
@@ -243,6 +244,7 @@ async fn serve(tcp: TcpStream, shared: &Arc<Shared>) -> anyhow::Result<()> {
     let state = Arc::new(ConnectionState {
         hub: shared.hub.clone(),
         grants: cbs::Grants::default(),
+        peer,
         replies: tokio::sync::Mutex::new(Default::default()),
         replies_ready: Notify::new(),
         twin_subscriptions: Default::default(),
@@ -286,6 +288,8 @@ async fn close(mut connection: ListenerConnectionHandle) {
 struct ConnectionState {
     hub: Arc<Hub>,
     grants: cbs::Grants,
+    /// The TLS client certificate, if the client sent one (X.509 devices).
+    peer: Option<crate::tls::PeerCertificates>,
     /// Where answers go, by node (`$cbs`, `$management`): the client's receiver link from
     /// it, once attached.
     replies:
@@ -369,6 +373,47 @@ fn not_found(address: &str) -> fe2o3_amqp_types::definitions::Error {
     )
 }
 
+/// Whether a device link at `address` for `device_id` may attach: a live `DeviceConnect`
+/// grant covering it (and the device registered and enabled), or the connection's client
+/// certificate authenticating as that device, which then becomes a grant until it expires.
+async fn device_allowed(state: &ConnectionState, address: &str, device_id: &str) -> bool {
+    let now = crate::time::now_unix();
+    if state
+        .grants
+        .holding(Rights::DEVICE_CONNECT, now, address)
+        .is_some()
+    {
+        return device::enabled(&state.hub, device_id).await;
+    }
+    let Some(peer) = &state.peer else {
+        return false;
+    };
+    match device::authenticate_x509(&state.hub, device_id, peer).await {
+        Ok(expires) => {
+            tracing::info!(device_id, "AMQP: device certificate accepted");
+            state.grants.add(cbs::Grant {
+                audience: format!("x509:{device_id}"),
+                scope: format!("/devices/{device_id}"),
+                caller: crate::auth::Caller {
+                    principal: format!("device:{device_id}"),
+                    rights: Rights::DEVICE_CONNECT,
+                },
+                expires,
+            });
+            true
+        }
+        Err(failure) => {
+            state.hub.metrics.auth_failure(failure.reason());
+            tracing::info!(
+                device_id,
+                reason = failure.reason(),
+                "AMQP: device certificate refused"
+            );
+            false
+        }
+    }
+}
+
 fn unauthorized(needed: Rights) -> fe2o3_amqp_types::definitions::Error {
     c2d::error(
         ErrorCondition::AmqpError(AmqpError::UnauthorizedAccess),
@@ -390,12 +435,7 @@ async fn serve_incoming(mut receiver: Receiver, address: &str, state: Arc<Connec
         events if device::events_of(events).is_some() => {
             let device_id = device::events_of(events).unwrap_or_default();
             let needed = Rights::DEVICE_CONNECT;
-            if state
-                .grants
-                .holding(needed, crate::time::now_unix(), address)
-                .is_none()
-                || !device::enabled(&state.hub, &device_id).await
-            {
+            if !device_allowed(&state, address, &device_id).await {
                 let _ = receiver.close_with_error(unauthorized(needed)).await;
                 return;
             }
@@ -411,11 +451,7 @@ async fn serve_incoming(mut receiver: Receiver, address: &str, state: Arc<Connec
         methods if device::methods_of(methods).is_some() => {
             let device_id = device::methods_of(methods).unwrap_or_default();
             let needed = Rights::DEVICE_CONNECT;
-            if state
-                .grants
-                .holding(needed, crate::time::now_unix(), address)
-                .is_none()
-            {
+            if !device_allowed(&state, address, &device_id).await {
                 let _ = receiver.close_with_error(unauthorized(needed)).await;
                 return;
             }
@@ -424,12 +460,7 @@ async fn serve_incoming(mut receiver: Receiver, address: &str, state: Arc<Connec
         twin if device::twin_of(twin).is_some() => {
             let device_id = device::twin_of(twin).unwrap_or_default();
             let needed = Rights::DEVICE_CONNECT;
-            if state
-                .grants
-                .holding(needed, crate::time::now_unix(), address)
-                .is_none()
-                || !device::enabled(&state.hub, &device_id).await
-            {
+            if !device_allowed(&state, address, &device_id).await {
                 let _ = receiver.close_with_error(unauthorized(needed)).await;
                 return;
             }
@@ -549,12 +580,7 @@ async fn serve_outgoing(
         methods if device::methods_of(methods).is_some() => {
             let device_id = device::methods_of(methods).unwrap_or_default();
             let needed = Rights::DEVICE_CONNECT;
-            if state
-                .grants
-                .holding(needed, crate::time::now_unix(), address)
-                .is_none()
-                || !device::enabled(&state.hub, &device_id).await
-            {
+            if !device_allowed(&state, address, &device_id).await {
                 let _ = sender.close_with_error(unauthorized(needed)).await;
                 return;
             }
@@ -576,11 +602,7 @@ async fn serve_outgoing(
         twin if device::twin_of(twin).is_some() => {
             let device_id = device::twin_of(twin).unwrap_or_default();
             let needed = Rights::DEVICE_CONNECT;
-            if state
-                .grants
-                .holding(needed, crate::time::now_unix(), address)
-                .is_none()
-            {
+            if !device_allowed(&state, address, &device_id).await {
                 let _ = sender.close_with_error(unauthorized(needed)).await;
                 return;
             }
@@ -600,12 +622,7 @@ async fn serve_outgoing(
         devicebound if device::devicebound_of(devicebound).is_some() => {
             let device_id = device::devicebound_of(devicebound).unwrap_or_default();
             let needed = Rights::DEVICE_CONNECT;
-            if state
-                .grants
-                .holding(needed, crate::time::now_unix(), address)
-                .is_none()
-                || !device::enabled(&state.hub, &device_id).await
-            {
+            if !device_allowed(&state, address, &device_id).await {
                 let _ = sender.close_with_error(unauthorized(needed)).await;
                 return;
             }
