@@ -864,6 +864,60 @@ mod tests {
         );
     }
 
+    /// Messages that asked for feedback and are dead-lettered leave `Expired` and
+    /// `DeliveryCountExceeded` records; one without `ack` leaves none.
+    #[test]
+    fn dead_lettered_messages_leave_feedback() {
+        let empty = crate::db::telemetry::TestDatabase::sqlite().unwrap();
+        let store = crate::db::open(&empty.url).unwrap();
+        let put = |key: &str, m: &QueuedMessage| {
+            store
+                .put(
+                    Collection::C2dMessages,
+                    key,
+                    Some("dev"),
+                    &to_body(m).unwrap(),
+                    Write::Create,
+                )
+                .unwrap();
+        };
+        let mut expired = message("expired");
+        expired.ack = Some("full".into());
+        expired.expiry_time_utc = Some("1970-01-01T00:00:01Z".into());
+        put("001", &expired);
+        let mut tired = message("tired");
+        tired.ack = Some("negative".into());
+        tired.delivery_count = MAX_DELIVERY_COUNT;
+        put("002", &tired);
+        let mut quiet = message("quiet");
+        quiet.expiry_time_utc = Some("1970-01-01T00:00:01Z".into());
+        put("003", &quiet);
+        assert!(
+            lock_next(&store, "dev", 1_000_000_000_000_000, LOCK_TIMEOUT)
+                .unwrap()
+                .is_none()
+        );
+        let records: Vec<(String, String)> = store
+            .list(Collection::C2dFeedback, None, 10, None)
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|d| {
+                (
+                    d.body["originalMessageId"].as_str().unwrap().to_string(),
+                    d.body["statusCode"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            records,
+            [
+                ("expired".to_string(), "Expired".to_string()),
+                ("tired".to_string(), "DeliveryCountExceeded".to_string())
+            ]
+        );
+    }
+
     /// Unread feedback records go after [`FEEDBACK_TTL`]; younger ones stay.
     #[test]
     fn feedback_records_expire() {
