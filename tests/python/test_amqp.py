@@ -64,3 +64,53 @@ def test_send_c2d_message_reaches_an_mqtt_device(server, registry, amqp_registry
 def test_send_to_an_unknown_device_fails(server, amqp_registry):
     with pytest.raises(Exception, match="C2D message send failure"):
         amqp_registry.send_c2d_message(f"nobody-{uuid.uuid4().hex[:8]}", "x")
+
+
+def test_malformed_amqp_input_leaves_the_hub_serving(server, amqp_registry):
+    """Garbage at every stage (no TLS, TLS then nonsense, each protocol header then random or
+    oversized frames, a connection dropped mid-frame) is closed; the process stays up and the
+    next real client is served."""
+    import random
+    import socket
+    import ssl
+    import struct
+
+    import requests
+
+    rng = random.Random(16)
+    context = ssl.create_default_context(cafile=server.credentials["caBundlePath"])
+    context.check_hostname = False
+
+    def exchange(payload, tls=True):
+        with socket.create_connection((server.ip, 5671), timeout=5) as raw:
+            sock = context.wrap_socket(raw, server_hostname=server.ip) if tls else raw
+            try:
+                sock.sendall(payload)
+                sock.settimeout(2)
+                while sock.recv(4096):
+                    pass
+            except (OSError, ssl.SSLError):
+                pass  # closed on us: what we want
+
+    sasl, plain = b"AMQP\x03\x01\x00\x00", b"AMQP\x00\x01\x00\x00"
+    cases = [
+        (b"\x16\x03\x01\x00\x05hello", False),  # not TLS
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", True),
+        (b"AMQP\x09\x09\x09\x09", True),
+        (plain + struct.pack(">IBBH", 0xFFFFFFFF, 2, 0, 0), True),  # a 4 GiB frame
+        (plain + struct.pack(">IBBH", 8, 2, 0, 0), True),  # an empty frame, then EOF
+        (sasl + struct.pack(">IBBH", 12, 2, 1, 0) + b"\x00\x53\x41\x45", True),  # bad SASL init
+        (plain + struct.pack(">IBBH", 40, 2, 0, 0) + b"\x00\x53\x10", True),  # open, cut short
+    ]
+    for _ in range(40):
+        header = rng.choice([sasl, plain])
+        cases.append((header + bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 300))), True))
+    for payload, tls in cases:
+        exchange(payload, tls)
+
+    assert server.process.poll() is None, "the server exited"
+    assert "panicked" not in server.log_path.read_text(errors="replace")
+    r = requests.get(f"https://{server.ip}:{server.https_port}/healthz", verify=server.credentials["caBundlePath"], timeout=5)
+    assert r.status_code == 200
+    with pytest.raises(Exception, match="C2D message send failure"):
+        amqp_registry.send_c2d_message(f"after-{uuid.uuid4().hex[:8]}", "x")
