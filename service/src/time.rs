@@ -28,6 +28,12 @@ pub fn rfc3339_of_unix(seconds: u64) -> String {
     rfc3339(at)
 }
 
+/// An RFC 3339 time (any offset, any number of fractional digits), as stored documents and
+/// clients write them.
+pub fn parse_rfc3339(text: &str) -> Option<OffsetDateTime> {
+    OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()
+}
+
 pub fn now_unix() -> u64 {
     u64::try_from(OffsetDateTime::now_utc().unix_timestamp()).unwrap_or(0)
 }

@@ -109,15 +109,14 @@ pub fn outgoing(
     let to = properties.to.as_deref().ok_or_else(|| {
         invalid("the message needs `to`: /devices/{deviceId}/messages/devicebound")
     })?;
-    let device = to
-        .strip_prefix("/devices/")
-        .and_then(|rest| rest.strip_suffix("/messages/devicebound"))
-        .filter(|id| !id.is_empty() && !id.contains('/'))
-        .ok_or_else(|| invalid("`to` must be /devices/{deviceId}/messages/devicebound"))?;
-    let device = percent_encoding::percent_decode_str(device)
-        .decode_utf8()
-        .map_err(|_| invalid("the device id in `to` is not UTF-8"))?
-        .into_owned();
+    let device = match super::link_of(to) {
+        Some((super::Link::DeviceBound, device)) => device,
+        _ => {
+            return Err(invalid(
+                "`to` must be /devices/{deviceId}/messages/devicebound",
+            ));
+        }
+    };
     let body = body_bytes(message.body)?;
     let mut ack = None;
     let mut application = Vec::new();

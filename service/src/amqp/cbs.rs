@@ -83,7 +83,8 @@ impl Answer {
     }
 }
 
-fn property<'a>(message: &'a Message<Body<Value>>, name: &str) -> Option<&'a str> {
+/// An application property of a request, as text.
+pub(super) fn property<'a>(message: &'a Message<Body<Value>>, name: &str) -> Option<&'a str> {
     let properties = message.application_properties.as_ref()?;
     match properties.0.get(name)? {
         SimpleValue::String(text) => Some(text),
@@ -233,6 +234,18 @@ async fn device_token(hub: &Arc<Hub>, grants: &Grants, audience: &str, token: &S
 
 /// The answer as a message for the client's `$cbs` receiver link.
 pub fn reply(request: &Message<Body<Value>>, answer: &Answer) -> Message<Body<Value>> {
+    response(request, answer.status, &answer.description, Value::Null)
+}
+
+/// The answer to a request on a request-response node (`$cbs`, `$management`): correlated
+/// with the request's message id, addressed to its `reply-to`, with `status-code` and
+/// `status-description`, and `body`.
+pub fn response(
+    request: &Message<Body<Value>>,
+    status: i32,
+    description: &str,
+    body: Value,
+) -> Message<Body<Value>> {
     let request_properties = request.properties.as_ref();
     let correlation_id: Option<MessageId> = request_properties
         .and_then(|p| p.message_id.clone())
@@ -243,16 +256,16 @@ pub fn reply(request: &Message<Body<Value>>, answer: &Answer) -> Message<Body<Va
         ..Properties::default()
     };
     let application_properties = ApplicationProperties::builder()
-        .insert("status-code", SimpleValue::Int(answer.status))
+        .insert("status-code", SimpleValue::Int(status))
         .insert(
             "status-description",
-            SimpleValue::String(answer.description.clone()),
+            SimpleValue::String(description.to_string()),
         )
         .build();
     Message::builder()
         .properties(properties)
         .application_properties(application_properties)
-        .body(Body::Value(AmqpValue(Value::Null)))
+        .body(Body::Value(AmqpValue(body)))
         .build()
 }
 

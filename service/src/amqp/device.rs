@@ -37,30 +37,6 @@ use crate::hub::c2d::{QueuedMessage, Settlement};
 /// How often an idle C2D link looks for a message.
 const C2D_POLL: Duration = Duration::from_millis(500);
 
-fn device_of(path: &str, suffix: &str) -> Option<String> {
-    let id = path
-        .trim_start_matches('/')
-        .strip_prefix("devices/")?
-        .strip_suffix(suffix)?;
-    if id.is_empty() || id.contains('/') {
-        return None;
-    }
-    percent_encoding::percent_decode_str(id)
-        .decode_utf8()
-        .ok()
-        .map(|id| id.into_owned())
-}
-
-/// `/devices/{id}/messages/events` → the device id.
-pub fn events_of(path: &str) -> Option<String> {
-    device_of(path, "/messages/events")
-}
-
-/// `/devices/{id}/messages/devicebound` → the device id.
-pub fn devicebound_of(path: &str) -> Option<String> {
-    device_of(path, "/messages/devicebound")
-}
-
 /// Whether the device is registered and enabled.
 pub async fn enabled(hub: &Hub, device_id: &str) -> bool {
     matches!(
@@ -110,6 +86,7 @@ pub async fn serve_events(
     mut receiver: Receiver,
     hub: Arc<Hub>,
     device_id: String,
+    auth_method: &'static str,
     allowed: impl Fn() -> bool,
 ) {
     while let Ok(delivery) = receiver.recv::<Body<Value>>().await {
@@ -125,14 +102,15 @@ pub async fn serve_events(
         let bag = bag_of(delivery.message());
         let stored = match body_bytes(delivery.message().body.clone()) {
             Err(e) => Err(e),
-            Ok(body) => match crate::hub::mqtt::telemetry_message(&device_id, "sas", body, bag) {
-                Err(why) => Err(error(
-                    ErrorCondition::LinkError(LinkError::MessageSizeExceeded),
-                    why,
-                )),
-                Ok(message) => {
-                    let size = message.body.len() as u64;
-                    hub.telemetry
+            Ok(body) => {
+                match crate::hub::mqtt::telemetry_message(&device_id, auth_method, body, bag) {
+                    Err(why) => Err(error(
+                        ErrorCondition::LinkError(LinkError::MessageSizeExceeded),
+                        why,
+                    )),
+                    Ok(message) => {
+                        let size = message.body.len() as u64;
+                        hub.telemetry
                         .append(message)
                         .await
                         .map(|_| size)
@@ -143,8 +121,9 @@ pub async fn serve_events(
                                 "the message could not be stored; send it again",
                             )
                         })
+                    }
                 }
-            },
+            }
         };
         let disposed = match stored {
             Ok(size) => {
@@ -238,11 +217,6 @@ pub async fn serve_c2d(
     }
 }
 
-/// `/devices/{id}/twin` → the device id.
-pub fn twin_of(path: &str) -> Option<String> {
-    device_of(path, "/twin")
-}
-
 /// What a twin request asks, from its `operation` and `resource` annotations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TwinOperation {
@@ -320,37 +294,33 @@ pub fn desired_delta(patch: &serde_json::Value) -> Message<Body<Value>> {
         .build()
 }
 
-fn refusal(message: &str) -> Option<Vec<u8>> {
-    Some(
-        serde_json::json!({ "message": message })
-            .to_string()
-            .into_bytes(),
-    )
-}
-
-/// Serves a twin GET or reported-properties PATCH of `device_id`, as over MQTT.
+/// Serves a twin GET or reported-properties PATCH of `device_id` as over MQTT: the same
+/// store operations, the same 429 beyond the hub's twin capacity, the same error bodies.
 pub async fn twin_request(
     hub: &Hub,
     device_id: &str,
     request: &Message<Body<Value>>,
 ) -> Message<Body<Value>> {
+    use crate::hub::mqtt::{THROTTLED, error_body, refusal_body};
+    let failed = |e: &crate::hub::error::HubError| {
+        twin_answer(
+            request,
+            i32::from(e.status().as_u16()),
+            None,
+            Some(error_body(e)),
+        )
+    };
+    let Some(_turn) = hub.twin_slot(std::time::Instant::now()).await else {
+        return twin_answer(request, 429, None, Some(refusal_body(THROTTLED)));
+    };
     match twin_operation(request) {
         Some(TwinOperation::Get) => match hub.twin(device_id).await {
             Ok(twin) => {
                 crate::hub::HubMetrics::count(&hub.metrics.twin_operations, 1);
-                twin_answer(
-                    request,
-                    200,
-                    None,
-                    Some(twin.device_view().to_string().into_bytes()),
-                )
+                let view = twin.device_view().to_string().into_bytes();
+                twin_answer(request, 200, None, Some(view))
             }
-            Err(e) => twin_answer(
-                request,
-                i32::from(e.status().as_u16()),
-                None,
-                refusal(&e.message),
-            ),
+            Err(e) => failed(&e),
         },
         Some(TwinOperation::PatchReported) => {
             let patch = body_bytes(request.body.clone())
@@ -358,48 +328,24 @@ pub async fn twin_request(
                 .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
                 .filter(serde_json::Value::is_object);
             let Some(patch) = patch else {
-                return twin_answer(
-                    request,
-                    400,
-                    None,
-                    refusal("the reported patch must be a JSON object"),
-                );
+                let why = refusal_body("the reported patch must be a JSON object");
+                return twin_answer(request, 400, None, Some(why));
             };
-            let now = crate::time::now_rfc3339();
-            let reported = hub.telemetry.publishes_events().then(|| patch.clone());
-            let result = hub
-                .update_twin(device_id, move |twin| {
-                    twin.patch_reported(&patch, &now).map_err(|e| {
-                        crate::hub::error::HubError::new(
-                            crate::hub::error::HubErrorCode::ArgumentInvalid,
-                            e.to_string(),
-                        )
-                    })
-                })
-                .await;
-            match result {
-                Ok((_, version)) => {
-                    if let Some(patch) = &reported {
-                        hub.reported_event(device_id, version, patch);
-                    }
+            match hub.patch_reported(device_id, patch).await {
+                Ok(version) => {
                     crate::hub::HubMetrics::count(&hub.metrics.twin_operations, 1);
                     twin_answer(request, 204, i64::try_from(version).ok(), None)
                 }
-                Err(e) => twin_answer(
-                    request,
-                    i32::from(e.status().as_u16()),
-                    None,
-                    refusal(&e.message),
-                ),
+                Err(e) => failed(&e),
             }
         }
-        _ => twin_answer(request, 404, None, refusal("no such twin operation")),
+        _ => twin_answer(
+            request,
+            404,
+            None,
+            Some(refusal_body("no such twin operation")),
+        ),
     }
-}
-
-/// `/devices/{id}/methods/devicebound` → the device id.
-pub fn methods_of(path: &str) -> Option<String> {
-    device_of(path, "/methods/devicebound")
 }
 
 /// A method call as the device SDK receives it: the request id as correlation id, the name in
@@ -506,28 +452,4 @@ pub async fn authenticate_x509(
             .and_then(|c| u64::try_from(c.not_after_unix()).ok())
             .unwrap_or(now),
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn device_paths_name_their_device() {
-        assert_eq!(
-            events_of("/devices/d-1/messages/events"),
-            Some("d-1".into())
-        );
-        assert_eq!(
-            events_of("devices/d%201/messages/events"),
-            Some("d 1".into())
-        );
-        assert_eq!(
-            devicebound_of("/devices/d-1/messages/devicebound"),
-            Some("d-1".into())
-        );
-        assert_eq!(events_of("/devices//messages/events"), None);
-        assert_eq!(events_of("/devices/a/b/messages/events"), None);
-        assert_eq!(devicebound_of("/devices/d-1/messages/events"), None);
-    }
 }

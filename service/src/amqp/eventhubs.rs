@@ -18,8 +18,7 @@ use std::time::Duration;
 use fe2o3_amqp::link::Sender;
 use fe2o3_amqp_types::definitions::{AmqpError, ErrorCondition};
 use fe2o3_amqp_types::messaging::{
-    AmqpValue, ApplicationProperties, Body, Data, Message, MessageAnnotations, MessageId,
-    Properties,
+    ApplicationProperties, Body, Data, Message, MessageAnnotations, MessageId, Properties,
 };
 use fe2o3_amqp_types::primitives::{Binary, OrderedMap, SimpleValue, Symbol, Timestamp, Value};
 
@@ -131,7 +130,7 @@ pub fn selector_of(filter: Option<&OrderedMap<Symbol, Value>>) -> Option<String>
 }
 
 fn millis_of(rfc3339: &str) -> i64 {
-    time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
+    crate::time::parse_rfc3339(rfc3339)
         .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
         .unwrap_or(0)
 }
@@ -291,14 +290,6 @@ pub async fn serve_partition(
     }
 }
 
-fn property<'a>(message: &'a Message<Body<Value>>, name: &str) -> Option<&'a str> {
-    match message.application_properties.as_ref()?.0.get(name)? {
-        SimpleValue::String(text) => Some(text),
-        SimpleValue::Symbol(symbol) => Some(symbol.as_str()),
-        _ => None,
-    }
-}
-
 fn map(entries: Vec<(&str, Value)>) -> Value {
     Value::Map(
         entries
@@ -310,6 +301,7 @@ fn map(entries: Vec<(&str, Value)>) -> Value {
 
 /// The answer to a `$management` request: status, description and body.
 pub async fn manage(hub: &Hub, request: &Message<Body<Value>>) -> (i32, String, Value) {
+    use super::cbs::property;
     if property(request, "operation") != Some("READ") {
         return (
             400,
@@ -406,33 +398,6 @@ pub async fn manage(hub: &Hub, request: &Message<Body<Value>>) -> (i32, String, 
             Value::Null,
         ),
     }
-}
-
-/// The answer as a message for the client's receiver link from `$management`.
-pub fn reply(
-    request: &Message<Body<Value>>,
-    status: i32,
-    description: &str,
-    body: Value,
-) -> Message<Body<Value>> {
-    let request_properties = request.properties.as_ref();
-    let properties = Properties {
-        correlation_id: request_properties.and_then(|p| p.message_id.clone()),
-        to: request_properties.and_then(|p| p.reply_to.clone()),
-        ..Properties::default()
-    };
-    let application_properties = ApplicationProperties::builder()
-        .insert("status-code", SimpleValue::Int(status))
-        .insert(
-            "status-description",
-            SimpleValue::String(description.to_string()),
-        )
-        .build();
-    Message::builder()
-        .properties(properties)
-        .application_properties(application_properties)
-        .body(Body::Value(AmqpValue(body)))
-        .build()
 }
 
 #[cfg(test)]

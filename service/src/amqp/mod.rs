@@ -303,6 +303,15 @@ struct ConnectionState {
         tokio::sync::Mutex<std::collections::HashMap<String, tokio::task::AbortHandle>>,
 }
 
+impl ConnectionState {
+    /// Whether a live grant holds `needed` for `path` now.
+    fn holds(&self, needed: Rights, path: &str) -> bool {
+        self.grants
+            .holding(needed, crate::time::now_unix(), path)
+            .is_some()
+    }
+}
+
 fn address_of(attach: &Attach) -> Option<String> {
     // The client's sender names our receiving end in its target; its receiver names our
     // sending end in its source.
@@ -314,6 +323,44 @@ fn address_of(attach: &Attach) -> Option<String> {
         },
         Role::Receiver => attach.source.as_ref().and_then(|s| s.address.clone()),
     }
+}
+
+/// The device links, by their address `/devices/{id}/{suffix}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    /// `messages/events`: telemetry, sent by the device.
+    Events,
+    /// `messages/devicebound`: C2D, received by the device.
+    DeviceBound,
+    /// `twin`: twin requests one way, answers and desired patches the other.
+    Twin,
+    /// `methods/devicebound`: method calls one way, answers the other.
+    Methods,
+}
+
+impl Link {
+    const ALL: [(Link, &'static str); 4] = [
+        (Link::Events, "/messages/events"),
+        (Link::DeviceBound, "/messages/devicebound"),
+        (Link::Twin, "/twin"),
+        (Link::Methods, "/methods/devicebound"),
+    ];
+}
+
+/// `/devices/{id}/…` (the leading slash optional, the id percent-decoded) → the link and the
+/// device id.
+pub fn link_of(path: &str) -> Option<(Link, String)> {
+    let rest = path.trim_start_matches('/').strip_prefix("devices/")?;
+    Link::ALL.iter().find_map(|(link, suffix)| {
+        let id = rest.strip_suffix(suffix)?;
+        if id.is_empty() || id.contains('/') {
+            return None;
+        }
+        let id = percent_encoding::percent_decode_str(id)
+            .decode_utf8()
+            .ok()?;
+        Some((*link, id.into_owned()))
+    })
 }
 
 /// The node an address names: uamqp writes whole URLs (`amqps://host/messages/devicebound`),
@@ -373,26 +420,32 @@ fn not_found(address: &str) -> fe2o3_amqp_types::definitions::Error {
     )
 }
 
-/// Whether a device link at `address` for `device_id` may attach: a live `DeviceConnect`
-/// grant covering it (and the device registered and enabled), or the connection's client
-/// certificate authenticating as that device, which then becomes a grant until it expires.
-async fn device_allowed(state: &ConnectionState, address: &str, device_id: &str) -> bool {
+/// How a device link at `address` for `device_id` may attach (`"sas"` or `"x509"`), or `None`:
+/// a live `DeviceConnect` grant covering it (and the device registered and enabled), or the
+/// connection's client certificate authenticating as that device, which then becomes a grant
+/// until it expires.
+async fn device_allowed(
+    state: &ConnectionState,
+    address: &str,
+    device_id: &str,
+) -> Option<&'static str> {
     let now = crate::time::now_unix();
-    if state
-        .grants
-        .holding(Rights::DEVICE_CONNECT, now, address)
-        .is_some()
-    {
-        return device::enabled(&state.hub, device_id).await;
+    if let Some(grant) = state.grants.holding(Rights::DEVICE_CONNECT, now, address) {
+        let method = if grant.audience.starts_with(X509_AUDIENCE) {
+            "x509"
+        } else {
+            "sas"
+        };
+        return device::enabled(&state.hub, device_id)
+            .await
+            .then_some(method);
     }
-    let Some(peer) = &state.peer else {
-        return false;
-    };
+    let peer = state.peer.as_ref()?;
     match device::authenticate_x509(&state.hub, device_id, peer).await {
         Ok(expires) => {
             tracing::info!(device_id, "AMQP: device certificate accepted");
             state.grants.add(cbs::Grant {
-                audience: format!("x509:{device_id}"),
+                audience: format!("{X509_AUDIENCE}{device_id}"),
                 scope: format!("/devices/{device_id}"),
                 caller: crate::auth::Caller {
                     principal: format!("device:{device_id}"),
@@ -400,7 +453,7 @@ async fn device_allowed(state: &ConnectionState, address: &str, device_id: &str)
                 },
                 expires,
             });
-            true
+            Some("x509")
         }
         Err(failure) => {
             state.hub.metrics.auth_failure(failure.reason());
@@ -409,10 +462,13 @@ async fn device_allowed(state: &ConnectionState, address: &str, device_id: &str)
                 reason = failure.reason(),
                 "AMQP: device certificate refused"
             );
-            false
+            None
         }
     }
 }
+
+/// The audience of the grant a client certificate gives (no CBS audience starts so).
+const X509_AUDIENCE: &str = "x509:";
 
 fn unauthorized(needed: Rights) -> fe2o3_amqp_types::definitions::Error {
     c2d::error(
@@ -423,6 +479,29 @@ fn unauthorized(needed: Rights) -> fe2o3_amqp_types::definitions::Error {
 
 /// A link on which the client sends.
 async fn serve_incoming(mut receiver: Receiver, address: &str, state: Arc<ConnectionState>) {
+    if let Some((link, device_id)) = link_of(address) {
+        let Some(auth_method) = device_allowed(&state, address, &device_id).await else {
+            let _ = receiver
+                .close_with_error(unauthorized(Rights::DEVICE_CONNECT))
+                .await;
+            return;
+        };
+        let hub = state.hub.clone();
+        match link {
+            Link::Events => {
+                device::serve_events(receiver, hub, device_id, auth_method, || {
+                    state.holds(Rights::DEVICE_CONNECT, address)
+                })
+                .await
+            }
+            Link::Methods => device::serve_method_answers(receiver, hub, device_id).await,
+            Link::Twin => serve_twin_requests(receiver, &state, device_id).await,
+            Link::DeviceBound => {
+                let _ = receiver.close_with_error(not_found(address)).await;
+            }
+        }
+        return;
+    }
     match address {
         cbs if cbs.trim_start_matches('/') == cbs::NODE => {
             while let Ok(delivery) = receiver.recv::<Body<Value>>().await {
@@ -432,124 +511,41 @@ async fn serve_incoming(mut receiver: Receiver, address: &str, state: Arc<Connec
                 send_reply(&state, cbs::NODE, cbs::reply(&request, &answer)).await;
             }
         }
-        events if device::events_of(events).is_some() => {
-            let device_id = device::events_of(events).unwrap_or_default();
-            let needed = Rights::DEVICE_CONNECT;
-            if !device_allowed(&state, address, &device_id).await {
-                let _ = receiver.close_with_error(unauthorized(needed)).await;
-                return;
-            }
-            let hub = state.hub.clone();
-            device::serve_events(receiver, hub, device_id, move || {
-                state
-                    .grants
-                    .holding(needed, crate::time::now_unix(), address)
-                    .is_some()
-            })
-            .await;
-        }
-        methods if device::methods_of(methods).is_some() => {
-            let device_id = device::methods_of(methods).unwrap_or_default();
-            let needed = Rights::DEVICE_CONNECT;
-            if !device_allowed(&state, address, &device_id).await {
-                let _ = receiver.close_with_error(unauthorized(needed)).await;
-                return;
-            }
-            device::serve_method_answers(receiver, state.hub.clone(), device_id).await;
-        }
-        twin if device::twin_of(twin).is_some() => {
-            let device_id = device::twin_of(twin).unwrap_or_default();
-            let needed = Rights::DEVICE_CONNECT;
-            if !device_allowed(&state, address, &device_id).await {
-                let _ = receiver.close_with_error(unauthorized(needed)).await;
-                return;
-            }
-            let key = format!("twin:{device_id}");
-            while let Ok(delivery) = receiver.recv::<Body<Value>>().await {
-                let _ = receiver.accept(&delivery).await;
-                let request = delivery.into_message();
-                let answer = match device::twin_operation(&request) {
-                    Some(device::TwinOperation::Subscribe) => {
-                        let mut patches = state.hub.listen_desired(&device_id);
-                        let replies = state.replies.lock().await.get(&key).cloned();
-                        if let Some(replies) = replies {
-                            let forward = tokio::spawn(async move {
-                                while let Some(patch) = patches.recv().await {
-                                    if replies.send(device::desired_delta(&patch)).await.is_err() {
-                                        return;
-                                    }
-                                }
-                            });
-                            if let Some(old) = state
-                                .twin_subscriptions
-                                .lock()
-                                .await
-                                .insert(device_id.clone(), forward.abort_handle())
-                            {
-                                old.abort();
-                            }
-                        }
-                        device::twin_answer(&request, 200, None, None)
-                    }
-                    Some(device::TwinOperation::Unsubscribe) => {
-                        if let Some(old) = state.twin_subscriptions.lock().await.remove(&device_id)
-                        {
-                            old.abort();
-                        }
-                        device::twin_answer(&request, 200, None, None)
-                    }
-                    _ => device::twin_request(&state.hub, &device_id, &request).await,
-                };
-                send_reply(&state, &key, answer).await;
-            }
-        }
         management if management.trim_start_matches('/') == eventhubs::MANAGEMENT => {
+            // Python's client signs for the event hub, Node's for its management node.
+            let entity = format!("/{}/{}", eventhubs::ENTITY, eventhubs::MANAGEMENT);
+            let needed = Rights::SERVICE_CONNECT;
             while let Ok(delivery) = receiver.recv::<Body<Value>>().await {
                 let _ = receiver.accept(&delivery).await;
                 let request = delivery.into_message();
-                // Python's client signs for the event hub, Node's for its management node.
-                let entity = format!("/{}/{}", eventhubs::ENTITY, eventhubs::MANAGEMENT);
-                let needed = Rights::SERVICE_CONNECT;
-                let (status, description, body) =
-                    match state
-                        .grants
-                        .holding(needed, crate::time::now_unix(), &entity)
-                    {
-                        Some(_) => eventhubs::manage(&state.hub, &request).await,
-                        None => (
-                            401,
-                            format!("put a token with {needed} for {entity} on $cbs first"),
-                            Value::Null,
-                        ),
-                    };
-                let reply = eventhubs::reply(&request, status, &description, body);
+                let (status, description, body) = if state.holds(needed, &entity) {
+                    eventhubs::manage(&state.hub, &request).await
+                } else {
+                    let why = format!("put a token with {needed} for {entity} on $cbs first");
+                    (401, why, Value::Null)
+                };
+                let reply = cbs::response(&request, status, &description, body);
                 send_reply(&state, eventhubs::MANAGEMENT, reply).await;
             }
         }
         c2d::ADDRESS => {
             let needed = Rights::SERVICE_CONNECT;
-            if state
-                .grants
-                .holding(needed, crate::time::now_unix(), address)
-                .is_none()
-            {
+            if !state.holds(needed, address) {
                 let _ = receiver.close_with_error(unauthorized(needed)).await;
                 return;
             }
             while let Ok(delivery) = receiver.recv::<Body<Value>>().await {
-                let outcome = match state
-                    .grants
-                    .holding(needed, crate::time::now_unix(), address)
-                {
-                    None => Err(unauthorized(needed)),
-                    Some(_) => match c2d::outgoing(delivery.message().clone()) {
+                let outcome = if !state.holds(needed, address) {
+                    Err(unauthorized(needed))
+                } else {
+                    match c2d::outgoing(delivery.message().clone()) {
                         Err(e) => Err(e),
                         Ok((device, message)) => state
                             .hub
                             .send_c2d(&device, message)
                             .await
                             .map_err(|e| c2d::hub_error(&e)),
-                    },
+                    }
                 };
                 let disposed = match outcome {
                     Ok(_) => receiver.accept(&delivery).await,
@@ -569,79 +565,101 @@ async fn serve_incoming(mut receiver: Receiver, address: &str, state: Arc<Connec
     }
 }
 
+/// A device's twin requests: GET and reported patches answered as over MQTT, and the
+/// desired-patch subscription, whose patches go to the twin receiver link as they come.
+async fn serve_twin_requests(
+    mut receiver: Receiver,
+    state: &Arc<ConnectionState>,
+    device_id: String,
+) {
+    let key = twin_replies(&device_id);
+    while let Ok(delivery) = receiver.recv::<Body<Value>>().await {
+        let _ = receiver.accept(&delivery).await;
+        let request = delivery.into_message();
+        let answer = match device::twin_operation(&request) {
+            Some(device::TwinOperation::Subscribe) => {
+                let mut patches = state.hub.listen_desired(&device_id);
+                let (forward_state, forward_key) = (state.clone(), key.clone());
+                let forward = tokio::spawn(async move {
+                    while let Some(patch) = patches.recv().await {
+                        let delta = device::desired_delta(&patch);
+                        send_reply(&forward_state, &forward_key, delta).await;
+                    }
+                });
+                let previous = state
+                    .twin_subscriptions
+                    .lock()
+                    .await
+                    .insert(device_id.clone(), forward.abort_handle());
+                if let Some(previous) = previous {
+                    previous.abort();
+                }
+                device::twin_answer(&request, 200, None, None)
+            }
+            Some(device::TwinOperation::Unsubscribe) => {
+                let previous = state.twin_subscriptions.lock().await.remove(&device_id);
+                if let Some(previous) = previous {
+                    previous.abort();
+                }
+                device::twin_answer(&request, 200, None, None)
+            }
+            _ => device::twin_request(&state.hub, &device_id, &request).await,
+        };
+        send_reply(state, &key, answer).await;
+    }
+}
+
+/// The reply channel of a device's twin receiver link.
+fn twin_replies(device_id: &str) -> String {
+    format!("twin:{device_id}")
+}
+
 /// A link on which the client receives; `selector` is its source's filter, if any.
 async fn serve_outgoing(
-    mut sender: Sender,
+    sender: Sender,
     address: &str,
     selector: Option<&str>,
     state: Arc<ConnectionState>,
 ) {
-    match address {
-        methods if device::methods_of(methods).is_some() => {
-            let device_id = device::methods_of(methods).unwrap_or_default();
-            let needed = Rights::DEVICE_CONNECT;
-            if !device_allowed(&state, address, &device_id).await {
-                let _ = sender.close_with_error(unauthorized(needed)).await;
-                return;
-            }
-            // Ended with the connection (the task waits on calls, not on the link).
-            let calls = tokio::spawn(device::serve_method_calls(
-                sender,
-                state.hub.clone(),
-                device_id.clone(),
-            ));
-            if let Some(old) = state
-                .method_listeners
-                .lock()
-                .await
-                .insert(device_id, calls.abort_handle())
-            {
-                old.abort();
-            }
+    if let Some((link, device_id)) = link_of(address) {
+        if device_allowed(&state, address, &device_id).await.is_none() {
+            let _ = sender
+                .close_with_error(unauthorized(Rights::DEVICE_CONNECT))
+                .await;
+            return;
         }
-        twin if device::twin_of(twin).is_some() => {
-            let device_id = device::twin_of(twin).unwrap_or_default();
-            let needed = Rights::DEVICE_CONNECT;
-            if !device_allowed(&state, address, &device_id).await {
-                let _ = sender.close_with_error(unauthorized(needed)).await;
-                return;
-            }
-            let (tx, mut rx) = mpsc::channel(16);
-            state
-                .replies
-                .lock()
+        let hub = state.hub.clone();
+        match link {
+            Link::DeviceBound => {
+                device::serve_c2d(sender, hub, device_id, || {
+                    state.holds(Rights::DEVICE_CONNECT, address)
+                })
                 .await
-                .insert(format!("twin:{device_id}"), tx);
-            state.replies_ready.notify_waiters();
-            while let Some(reply) = rx.recv().await {
-                if send(&mut sender, reply).await.is_err() {
-                    break;
+            }
+            Link::Methods => {
+                // Ended with the connection (the task waits on calls, not on the link).
+                let calls =
+                    tokio::spawn(device::serve_method_calls(sender, hub, device_id.clone()));
+                let previous = state
+                    .method_listeners
+                    .lock()
+                    .await
+                    .insert(device_id, calls.abort_handle());
+                if let Some(previous) = previous {
+                    previous.abort();
                 }
             }
-        }
-        devicebound if device::devicebound_of(devicebound).is_some() => {
-            let device_id = device::devicebound_of(devicebound).unwrap_or_default();
-            let needed = Rights::DEVICE_CONNECT;
-            if !device_allowed(&state, address, &device_id).await {
-                let _ = sender.close_with_error(unauthorized(needed)).await;
-                return;
+            Link::Twin => serve_replies(sender, &state, twin_replies(&device_id)).await,
+            Link::Events => {
+                let _ = sender.close_with_error(not_found(address)).await;
             }
-            let hub = state.hub.clone();
-            device::serve_c2d(sender, hub, device_id, move || {
-                state
-                    .grants
-                    .holding(needed, crate::time::now_unix(), address)
-                    .is_some()
-            })
-            .await;
         }
+        return;
+    }
+    match address {
         partition if eventhubs::partition_of(partition).is_some() => {
             let needed = Rights::SERVICE_CONNECT;
-            if state
-                .grants
-                .holding(needed, crate::time::now_unix(), address)
-                .is_none()
-            {
+            if !state.holds(needed, address) {
                 let _ = sender.close_with_error(unauthorized(needed)).await;
                 return;
             }
@@ -653,60 +671,44 @@ async fn serve_outgoing(
             let start = match eventhubs::start_of(selector) {
                 Ok(start) => start,
                 Err(e) => {
-                    let _ = sender
-                        .close_with_error(c2d::error(
-                            ErrorCondition::AmqpError(AmqpError::InvalidField),
-                            e,
-                        ))
-                        .await;
+                    let invalid = ErrorCondition::AmqpError(AmqpError::InvalidField);
+                    let _ = sender.close_with_error(c2d::error(invalid, e)).await;
                     return;
                 }
             };
             let hub = state.hub.clone();
-            eventhubs::serve_partition(sender, hub, start, move || {
-                state
-                    .grants
-                    .holding(needed, crate::time::now_unix(), address)
-                    .is_some()
-            })
-            .await;
+            eventhubs::serve_partition(sender, hub, start, || state.holds(needed, address)).await;
         }
         feedback if feedback::is_feedback(feedback) => {
             let needed = Rights::SERVICE_CONNECT;
-            if state
-                .grants
-                .holding(needed, crate::time::now_unix(), address)
-                .is_none()
-            {
+            if !state.holds(needed, address) {
                 let _ = sender.close_with_error(unauthorized(needed)).await;
                 return;
             }
             let hub = state.hub.clone();
-            feedback::serve(sender, hub, move || {
-                state
-                    .grants
-                    .holding(needed, crate::time::now_unix(), address)
-                    .is_some()
-            })
-            .await;
+            feedback::serve(sender, hub, || state.holds(needed, address)).await;
         }
-        node if [cbs::NODE, eventhubs::MANAGEMENT].contains(&node.trim_start_matches('/')) => {
-            let node = if node.trim_start_matches('/') == cbs::NODE {
-                cbs::NODE
-            } else {
-                eventhubs::MANAGEMENT
-            };
-            let (tx, mut rx) = mpsc::channel(16);
-            state.replies.lock().await.insert(node.to_string(), tx);
-            state.replies_ready.notify_waiters();
-            while let Some(reply) = rx.recv().await {
-                if send(&mut sender, reply).await.is_err() {
-                    break;
-                }
-            }
+        cbs if cbs.trim_start_matches('/') == cbs::NODE => {
+            serve_replies(sender, &state, cbs::NODE.to_string()).await
+        }
+        management if management.trim_start_matches('/') == eventhubs::MANAGEMENT => {
+            serve_replies(sender, &state, eventhubs::MANAGEMENT.to_string()).await
         }
         other => {
             let _ = sender.close_with_error(not_found(other)).await;
+        }
+    }
+}
+
+/// Sends the answers [`send_reply`] routes to `key` (a node, or a device's twin) on this link,
+/// until the link or the connection ends.
+async fn serve_replies(mut sender: Sender, state: &ConnectionState, key: String) {
+    let (tx, mut rx) = mpsc::channel(16);
+    state.replies.lock().await.insert(key, tx);
+    state.replies_ready.notify_waiters();
+    while let Some(reply) = rx.recv().await {
+        if send(&mut sender, reply).await.is_err() {
+            break;
         }
     }
 }
@@ -740,6 +742,33 @@ async fn send_reply(state: &ConnectionState, node: &str, reply: Message<Body<Val
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_paths_name_their_link_and_device() {
+        assert_eq!(
+            link_of("/devices/d-1/messages/events"),
+            Some((Link::Events, "d-1".into()))
+        );
+        assert_eq!(
+            link_of("devices/d%201/messages/events"),
+            Some((Link::Events, "d 1".into()))
+        );
+        assert_eq!(
+            link_of("/devices/d-1/messages/devicebound"),
+            Some((Link::DeviceBound, "d-1".into()))
+        );
+        assert_eq!(
+            link_of("/devices/d-1/twin"),
+            Some((Link::Twin, "d-1".into()))
+        );
+        assert_eq!(
+            link_of("/devices/d-1/methods/devicebound"),
+            Some((Link::Methods, "d-1".into()))
+        );
+        assert_eq!(link_of("/devices//messages/events"), None);
+        assert_eq!(link_of("/devices/a/b/messages/events"), None);
+        assert_eq!(link_of("/devices/d-1/other"), None);
+    }
 
     #[test]
     fn a_node_is_the_path_of_a_url_or_the_address_itself() {

@@ -85,16 +85,12 @@ pub fn verify_policy_token(
 ) -> Result<Caller, HubError> {
     let policy = policy.ok_or_else(|| unauthorized("the SAS token names no policy of this hub"))?;
     let keys = [policy.primary_key.as_str(), policy.secondary_key.as_str()];
-    if text_key {
+    let verified = if text_key {
         symmetric_key::verify_text_key(token, &keys, now_unix)
-            .map(drop)
-            .map_err(|e| match e {
-                SasError::Expired => unauthorized("the SAS token has expired"),
-                _ => unauthorized("the SAS token signature does not verify"),
-            })?;
     } else {
-        verify_signature(token, &keys, now_unix)?;
-    }
+        symmetric_key::verify(token, &keys, now_unix)
+    };
+    verified.map_err(sas_refusal)?;
     let resource = token
         .resource_decoded()
         .map_err(|_| unauthorized("sr is not URL-encoded text"))?;
@@ -120,13 +116,11 @@ pub fn verify_policy_token(
     })
 }
 
-fn verify_signature(token: &SasToken, keys: &[&str], now_unix: u64) -> Result<(), HubError> {
-    symmetric_key::verify(token, keys, now_unix)
-        .map(drop)
-        .map_err(|e| match e {
-            SasError::Expired => unauthorized("the SAS token has expired"),
-            _ => unauthorized("the SAS token signature does not verify"),
-        })
+fn sas_refusal(e: SasError) -> HubError {
+    match e {
+        SasError::Expired => unauthorized("the SAS token has expired"),
+        _ => unauthorized("the SAS token signature does not verify"),
+    }
 }
 
 /// `host/devices/x` → (`host`, `/devices/x`); a scheme in front (`https://`, and `sb://` or

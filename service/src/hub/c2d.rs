@@ -110,9 +110,7 @@ impl QueuedMessage {
     fn expired_at(&self, now: i64) -> bool {
         self.expiry_time_utc
             .as_deref()
-            .and_then(|t| {
-                time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
-            })
+            .and_then(crate::time::parse_rfc3339)
             .is_some_and(|t| t.unix_timestamp_nanos() / 1000 < i128::from(now))
     }
 
@@ -262,9 +260,7 @@ pub fn prune_feedback(
             .body
             .get("enqueuedTimeUtc")
             .and_then(|t| t.as_str())
-            .and_then(|t| {
-                time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
-            });
+            .and_then(crate::time::parse_rfc3339);
         if written.is_none_or(|at| now - at > FEEDBACK_TTL) {
             match s.delete(Collection::C2dFeedback, &record.id, Some(&record.etag)) {
                 Ok(_) => removed += 1,
@@ -730,20 +726,23 @@ mod tests {
         assert_eq!(m.properties[1], ("flag".to_string(), None));
     }
 
+    /// Queues `m` for the device `dev` under `key`.
+    fn queue(store: &dyn DocumentStore, key: &str, m: &QueuedMessage) {
+        store
+            .put(
+                Collection::C2dMessages,
+                key,
+                Some("dev"),
+                &to_body(m).unwrap(),
+                Write::Create,
+            )
+            .unwrap();
+    }
+
     /// The life cycle against a real store, with the clock passed in: locks hide a message,
     /// expire, count deliveries, and dead-letter at the limit.
     fn life_cycle(store: &dyn DocumentStore) {
-        let put = |key: &str, m: &QueuedMessage| {
-            store
-                .put(
-                    Collection::C2dMessages,
-                    key,
-                    Some("dev"),
-                    &to_body(m).unwrap(),
-                    Write::Create,
-                )
-                .unwrap();
-        };
+        let put = |key: &str, m: &QueuedMessage| queue(store, key, m);
         put("001", &message("first"));
         put("002", &message("second"));
         let minute = LOCK_TIMEOUT.as_micros() as i64;
@@ -870,17 +869,7 @@ mod tests {
     fn dead_lettered_messages_leave_feedback() {
         let empty = crate::db::telemetry::TestDatabase::sqlite().unwrap();
         let store = crate::db::open(&empty.url).unwrap();
-        let put = |key: &str, m: &QueuedMessage| {
-            store
-                .put(
-                    Collection::C2dMessages,
-                    key,
-                    Some("dev"),
-                    &to_body(m).unwrap(),
-                    Write::Create,
-                )
-                .unwrap();
-        };
+        let put = |key: &str, m: &QueuedMessage| queue(&store, key, m);
         let mut expired = message("expired");
         expired.ack = Some("full".into());
         expired.expiry_time_utc = Some("1970-01-01T00:00:01Z".into());

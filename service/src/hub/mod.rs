@@ -560,6 +560,25 @@ impl Hub {
         Ok(self.load_twin(device_id).await?.0)
     }
 
+    /// A device's reported-properties patch (a JSON object), merged and stored; the new
+    /// reported version. Published as a twin change event in replica mode. The one way MQTT
+    /// and AMQP devices report.
+    pub async fn patch_reported(&self, device_id: &str, patch: Value) -> Result<u64, HubError> {
+        let now = crate::time::now_rfc3339();
+        // Kept for the twin change event (replica mode only).
+        let reported = self.telemetry.publishes_events().then(|| patch.clone());
+        let (_, version) = self
+            .update_twin(device_id, move |twin| {
+                twin.patch_reported(&patch, &now)
+                    .map_err(|e| HubError::new(error::HubErrorCode::ArgumentInvalid, e.to_string()))
+            })
+            .await?;
+        if let Some(patch) = &reported {
+            self.reported_event(device_id, version, patch);
+        }
+        Ok(version)
+    }
+
     /// Read-modify-write of a twin (`db::DocumentStore::update`): `change` sees the stored
     /// twin (a new one if none is stored) and runs again if a concurrent writer got there
     /// first.

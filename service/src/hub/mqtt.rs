@@ -394,25 +394,8 @@ impl HubSession {
                     return PublishVerdict::Ack;
                 }
             };
-            let now = crate::time::now_rfc3339();
-            // Kept for the twin change event (replica mode only).
-            let reported = self.hub.telemetry.publishes_events().then(|| patch.clone());
-            let result = self
-                .hub
-                .update_twin(&self.device_id, move |twin| {
-                    twin.patch_reported(&patch, &now).map_err(|e| {
-                        super::error::HubError::new(
-                            super::error::HubErrorCode::ArgumentInvalid,
-                            e.to_string(),
-                        )
-                    })
-                })
-                .await;
-            match result {
-                Ok((_, version)) => {
-                    if let Some(patch) = &reported {
-                        self.hub.reported_event(&self.device_id, version, patch);
-                    }
+            match self.hub.patch_reported(&self.device_id, patch).await {
+                Ok(version) => {
                     self.respond_twin(204, &rid, &format!("&$version={version}"), Vec::new())
                 }
                 Err(e) => self.respond_twin(e.status().as_u16(), &rid, "", error_body(&e)),
@@ -452,7 +435,7 @@ impl HubSession {
 
 /// A twin error on its response topic: the safe message and a tracking id, under which any
 /// internal detail is logged.
-fn error_body(error: &super::error::HubError) -> Vec<u8> {
+pub(crate) fn error_body(error: &super::error::HubError) -> Vec<u8> {
     let tracking_id =
         crate::logging::track_for_client(error.internal_detail(), "a twin request over MQTT");
     json!({"message": error.message, "trackingId": tracking_id})
@@ -461,10 +444,10 @@ fn error_body(error: &super::error::HubError) -> Vec<u8> {
 }
 
 /// The body of a throttled twin request's 429.
-const THROTTLED: &str = "the hub is busy; retry the twin request later";
+pub(crate) const THROTTLED: &str = "the hub is busy; retry the twin request later";
 
 /// A twin refusal of the device's own making (no internal detail to log).
-fn refusal_body(message: &str) -> Vec<u8> {
+pub(crate) fn refusal_body(message: &str) -> Vec<u8> {
     json!({"message": message}).to_string().into_bytes()
 }
 
