@@ -260,6 +260,13 @@ eachBackend('device over AMQP', (server) => {
       await service.close();
       await client.close();
     }
+    // The closed connection's C2D link no longer takes messages: the next one waits untouched.
+    await sendC2d(server(), device.deviceId, 'after close');
+    await sleep(1500);
+    const waiting = await asDevice(server(), device, 'GET', `/devices/${device.deviceId}/messages/deviceBound`);
+    assert.strictEqual(waiting.status, 200, waiting.body);
+    assert.strictEqual(waiting.body, 'after close');
+    assert.strictEqual(waiting.headers['iothub-deliverycount'], '1');
   });
 
   test('twin: GET, reported patch, desired patches pushed to the device; a direct method', { timeout: 60000 }, async () => {

@@ -249,6 +249,7 @@ async fn serve(tcp: TcpStream, shared: &Arc<Shared>) -> anyhow::Result<()> {
         replies_ready: Notify::new(),
         twin_subscriptions: Default::default(),
         method_listeners: Default::default(),
+        links: Default::default(),
     });
     // `handle-max` explicitly: left at its default it is sent as null, which pyamqp cannot
     // count links against.
@@ -267,8 +268,13 @@ async fn serve(tcp: TcpStream, shared: &Arc<Shared>) -> anyhow::Result<()> {
             () = shared.stop.notified() => break,
         }
     }
-    // What the connection's links left running: desired-property forwarders, and reply
-    // channels that would keep their links' tasks waiting.
+    // What the connection's links left running: the links' own tasks (an idle C2D or partition
+    // link would otherwise go on polling until its token expired), desired-property
+    // forwarders, and reply channels.
+    let links = std::mem::take(&mut *state.links.lock().unwrap_or_else(|p| p.into_inner()));
+    for link in links {
+        link.abort();
+    }
     for (_, forwarder) in state.twin_subscriptions.lock().await.drain() {
         forwarder.abort();
     }
@@ -295,6 +301,8 @@ struct ConnectionState {
     replies:
         tokio::sync::Mutex<std::collections::HashMap<String, mpsc::Sender<Message<Body<Value>>>>>,
     replies_ready: Notify,
+    /// The tasks serving this connection's links, aborted when it ends.
+    links: std::sync::Mutex<Vec<tokio::task::AbortHandle>>,
     /// Method-call senders of devices' method links, by device id.
     method_listeners:
         tokio::sync::Mutex<std::collections::HashMap<String, tokio::task::AbortHandle>>,
@@ -400,15 +408,20 @@ async fn serve_session(mut session: ListenerSessionHandle, state: Arc<Connection
                 continue;
             }
         };
-        let state = state.clone();
-        tokio::spawn(async move {
+        let link_state = state.clone();
+        let link = tokio::spawn(async move {
             match endpoint {
-                LinkEndpoint::Receiver(receiver) => serve_incoming(receiver, &address, state).await,
+                LinkEndpoint::Receiver(receiver) => {
+                    serve_incoming(receiver, &address, link_state).await
+                }
                 LinkEndpoint::Sender(sender) => {
-                    serve_outgoing(sender, &address, selector.as_deref(), state).await
+                    serve_outgoing(sender, &address, selector.as_deref(), link_state).await
                 }
             }
         });
+        let mut links = state.links.lock().unwrap_or_else(|p| p.into_inner());
+        links.retain(|l| !l.is_finished());
+        links.push(link.abort_handle());
     }
     let _ = session.end().await;
 }
