@@ -272,6 +272,16 @@ fn system_name(key: &str) -> Option<&'static str> {
 }
 
 /// Builds a stored message from a body and its properties; rejects oversize ones.
+/// `iothub-connection-auth-method` as IoT Hub writes it. The usual ones are constants: this is
+/// on every message's path.
+fn auth_method_property(auth_method: &str) -> String {
+    match auth_method {
+        "sas" => r#"{"issuer":"iothub","scope":"device","type":"sas"}"#.to_owned(),
+        "x509" => r#"{"issuer":"iothub","scope":"device","type":"x509"}"#.to_owned(),
+        other => json!({"scope": "device", "type": other, "issuer": "iothub"}).to_string(),
+    }
+}
+
 pub fn telemetry_message(
     device_id: &str,
     auth_method: &str,
@@ -296,7 +306,7 @@ pub fn telemetry_message(
     system.insert("iothub-connection-device-id".into(), device_id.to_string());
     system.insert(
         "iothub-connection-auth-method".into(),
-        json!({"scope": "device", "type": auth_method, "issuer": "iothub"}).to_string(),
+        auth_method_property(auth_method),
     );
     Ok(NewMessage {
         device_id: device_id.to_string(),
@@ -520,6 +530,16 @@ impl Session for HubSession {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auth_method_constants_are_what_json_renders() {
+        for method in ["sas", "x509", "selfSigned"] {
+            assert_eq!(
+                auth_method_property(method),
+                json!({"scope": "device", "type": method, "issuer": "iothub"}).to_string()
+            );
+        }
+    }
 
     #[test]
     fn usernames() {

@@ -25,6 +25,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
+use futures_util::FutureExt;
+use futures_util::future::Either;
 use openssl::ssl::Ssl;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
@@ -63,6 +65,8 @@ const WORK_QUEUE: usize = 32;
 const CONTROL_QUEUE: usize = 64;
 /// The writer batches packets into one socket write up to this size.
 const WRITE_BATCH: usize = 64 * 1024;
+/// After a write the writer keeps its buffer for the next one up to this capacity.
+const KEPT_WRITE_BUFFER: usize = 4 * 1024;
 
 /// Serves one accepted TCP connection until it ends.
 pub(crate) async fn serve(engine: Arc<Engine>, tcp: TcpStream, remote: SocketAddr) {
@@ -252,33 +256,29 @@ async fn write_packet(writer: &mut WriteSide, packet: &ServerPacket) -> std::io:
 /// An accepted connection, from the application's `Ok` to `Session::closed`.
 async fn session(
     engine: &Engine,
-    established: Established,
+    mut established: Established,
     shared: Arc<Shared>,
     mut commands: mpsc::Receiver<Box<Message>>,
 ) {
+    // Fields are borrowed, not moved into locals: the task would hold them twice.
     let Established {
-        mut reader,
-        mut writer,
+        reader,
+        writer,
         connect,
         accepted,
-    } = established;
-    let Accepted {
-        session,
-        session_key,
-        expires_at,
-    } = accepted;
+    } = &mut established;
     let live = Live {
         engine,
         shared: &shared,
-        session: session.as_ref(),
-        key: &session_key,
-        connect: &connect,
-        expires_at,
+        session: accepted.session.as_ref(),
+        key: &accepted.session_key,
+        connect,
+        expires_at: accepted.expires_at,
     };
 
     // From here on the application holds a session: `closed` is called exactly once, below.
     let reason = tokio::select! {
-        reason = live.run(&mut reader, &mut writer, &mut commands) => reason,
+        reason = live.run(reader, writer, &mut commands) => reason,
         reason = shared.close_requested() => reason,
         () = engine.shutdown_signal() => CloseReason::ServerShutdown,
     };
@@ -287,13 +287,13 @@ async fn session(
     // Queued messages are dropped, which fails their publishers with `Closed`.
     commands.close();
     while commands.try_recv().is_ok() {}
-    close_tls(&mut writer).await;
+    close_tls(writer).await;
     // A session write may still be running in the blocking pool; let it land before a
     // takeover (which waits for `finished`) reads the session.
     drop(shared.persist.lock().await);
-    engine.registry.remove(&session_key, shared.id);
+    engine.registry.remove(&accepted.session_key, shared.id);
     tracing::info!(reason = ?reason, "MQTT connection closed");
-    session.closed(reason);
+    accepted.session.closed(reason);
     // Taken over while it was taking over: the newest connection waits for this one, and
     // through it for the one this one displaced.
     shared.displaced_finished(TAKEOVER_TIMEOUT).await;
@@ -388,11 +388,12 @@ impl Live<'_> {
             persistent: !self.connect.clean_session,
             max_subscriptions: engine.limits.max_subscriptions,
         };
+        // Pinned here and lent to `inbound`: passed by value they would be stored twice in
+        // this connection's task (an argument and a pinned local), about 1 KB per connection.
+        let read = std::pin::pin!(read_loop(reader, control_tx.clone(), work_tx, keep_alive));
+        let work = std::pin::pin!(worker.run(&mut work_rx, control_tx));
         tokio::select! {
-            reason = inbound(
-                read_loop(reader, control_tx.clone(), work_tx, keep_alive),
-                worker.run(&mut work_rx, control_tx),
-            ) => reason,
+            reason = inbound(read, work) => reason,
             reason = write_loop(writer, &mut control_rx, commands, &engine.limits) => reason,
             () = expiry(self.expires_at) => CloseReason::CredentialsExpired,
         }
@@ -413,11 +414,9 @@ async fn expiry(expires_at: Option<u64>) {
 
 /// Runs the reader and the worker; when the reader ends, lets the worker finish what was read.
 async fn inbound(
-    read: impl Future<Output = CloseReason>,
-    work: impl Future<Output = Option<CloseReason>>,
+    mut read: Pin<&mut impl Future<Output = CloseReason>>,
+    mut work: Pin<&mut impl Future<Output = Option<CloseReason>>>,
 ) -> CloseReason {
-    tokio::pin!(read);
-    tokio::pin!(work);
     tokio::select! {
         reason = &mut read => {
             // The reader has dropped its end of the work queue: the worker stops once empty.
@@ -446,10 +445,15 @@ enum Work {
 }
 
 /// Runs `future` until `deadline` (no deadline: to completion). `None` when the deadline passed.
-async fn until<T>(deadline: Option<Instant>, future: impl Future<Output = T>) -> Option<T> {
+/// Not an `async fn`: that would hold `future` twice (argument and awaited local), and this
+/// sits in every connection's task.
+fn until<F: Future>(
+    deadline: Option<Instant>,
+    future: F,
+) -> impl Future<Output = Option<F::Output>> {
     match deadline {
-        Some(deadline) => timeout_at(deadline, future).await.ok(),
-        None => Some(future.await),
+        Some(deadline) => Either::Left(timeout_at(deadline, future).map(Result::ok)),
+        None => Either::Right(future.map(Some)),
     }
 }
 
@@ -815,8 +819,8 @@ async fn write_loop(
     let mut out = Outgoing {
         inflight: HashMap::new(),
         next_pkid: 0,
-        // Small to start: most connections are idle most of the time; it grows on demand.
-        buf: BytesMut::with_capacity(512),
+        // Empty to start: most connections are idle most of the time; it grows on demand.
+        buf: BytesMut::new(),
     };
     loop {
         let retransmit_at = out.retransmit_at(limits.retransmit_after);
@@ -852,7 +856,12 @@ async fn write_loop(
             writer.flush().await
         })
         .await;
-        out.buf.clear();
+        if out.buf.capacity() > KEPT_WRITE_BUFFER {
+            // A burst grew it: do not hold that much while idle.
+            out.buf = BytesMut::new();
+        } else {
+            out.buf.clear();
+        }
         match written {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -883,20 +892,28 @@ enum ReadError {
     Decode(#[from] DecodeError),
 }
 
+/// Bytes a read asks for when no partial packet is buffered. Device packets are mostly small,
+/// and an idle connection waits in that read holding the buffer (docs/performance.md).
+const SMALL_READ: usize = 256;
+/// A read that fills what it asked for doubles the next one's size, up to this.
+const LARGE_READ: usize = 16 * 1024;
+
 /// Reads whole packets off a byte stream.
 struct FrameReader<R> {
     io: R,
     buf: BytesMut,
     max_packet_bytes: usize,
+    /// Bytes the next read into an empty buffer asks for.
+    read_size: usize,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     fn new(io: R, max_packet_bytes: usize) -> Self {
         FrameReader {
             io,
-            // Small to start (see `write_loop`); `read_buf` reserves more for large packets.
-            buf: BytesMut::with_capacity(1024),
+            buf: BytesMut::new(),
             max_packet_bytes,
+            read_size: SMALL_READ,
         }
     }
 
@@ -907,12 +924,103 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 return Ok(Some(packet));
             }
             // The decoder refuses oversize frames from their header, so the buffer stays below
-            // one maximal packet plus one read. A small reserve keeps idle connections small
-            // (the buffer is held while waiting); large packets still grow it geometrically.
-            self.buf.reserve(1024);
-            if self.io.read_buf(&mut self.buf).await? == 0 {
+            // one maximal packet plus one read. When nothing is buffered, a fresh small buffer
+            // lets go of the last one (decoded payloads may still share it) so that an idle
+            // connection holds only `read_size` bytes; large packets still grow it
+            // geometrically.
+            let want = self.read_size;
+            if self.buf.is_empty() {
+                self.buf = BytesMut::with_capacity(want);
+            } else {
+                self.buf.reserve(want);
+            }
+            let read = self.io.read_buf(&mut self.buf).await?;
+            if read == 0 {
                 return Ok(None);
             }
+            self.read_size = if read >= want {
+                (want * 2).min(LARGE_READ)
+            } else {
+                SMALL_READ
+            };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use bytes::{Bytes, BytesMut};
+    use tokio::io::{AsyncRead, ReadBuf};
+
+    use super::codec::{self, ClientPacket};
+    use super::{FrameReader, LARGE_READ, SMALL_READ};
+
+    /// Hands out its bytes at most `chunk` at a time.
+    struct Trickle {
+        bytes: Bytes,
+        chunk: usize,
+    }
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            let n = self.chunk.min(buf.remaining()).min(self.bytes.len());
+            let taken = self.bytes.split_to(n);
+            buf.put_slice(&taken);
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn publish(pkid: u16, size: usize) -> ClientPacket {
+        ClientPacket::Publish(codec::Publish {
+            topic: "devices/d/messages/events/".into(),
+            payload: Bytes::from(vec![u8::try_from(pkid % 251).unwrap(); size]),
+            qos: 1,
+            dup: false,
+            retain: false,
+            pkid,
+        })
+    }
+
+    #[tokio::test]
+    async fn the_frame_reader_reads_small_large_and_split_packets_and_idles_small() {
+        let packets = vec![
+            ClientPacket::PingReq,
+            publish(1, 64),
+            publish(2, 200_000),
+            publish(3, 10),
+            ClientPacket::PingReq,
+            publish(4, 3 * LARGE_READ),
+        ];
+        let mut wire = BytesMut::new();
+        for packet in &packets {
+            codec::client::encode(packet, &mut wire);
+        }
+        let wire = wire.freeze();
+        // Whole reads, one byte at a time, and chunks that split every packet somewhere.
+        for chunk in [usize::MAX, 1, 7, SMALL_READ + 3, 70_000] {
+            let io = Trickle {
+                bytes: wire.clone(),
+                chunk,
+            };
+            let mut reader = FrameReader::new(io, 1 << 20);
+            for expected in &packets {
+                let got = reader.next().await.unwrap().unwrap();
+                assert_eq!(format!("{got:?}"), format!("{expected:?}"), "chunk {chunk}");
+            }
+            assert!(reader.next().await.unwrap().is_none(), "chunk {chunk}");
+            // Waiting for the next packet holds a small buffer, not the largest one read.
+            assert!(
+                reader.buf.capacity() <= LARGE_READ,
+                "chunk {chunk}: {}",
+                reader.buf.capacity()
+            );
         }
     }
 }
