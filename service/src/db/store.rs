@@ -107,6 +107,42 @@ macro_rules! with_backend {
     };
 }
 
+/// How a document write runs on each backend.
+trait WriteStatement: Connection {
+    /// Runs `write` (one statement, plus a read-only check on its failure path) so that a
+    /// failed commit is reported.
+    fn write_statement<T>(
+        &mut self,
+        write: impl FnOnce(&mut Self) -> QueryResult<T>,
+    ) -> QueryResult<T>;
+}
+
+impl WriteStatement for diesel::SqliteConnection {
+    /// An explicit transaction: in SQLite's autocommit mode `INSERT … RETURNING` commits when
+    /// the statement is reset, after the row was read back, and a commit that fails there (a
+    /// full disk) goes unreported, so the caller would confirm a row that is gone. An explicit
+    /// COMMIT reports its failure.
+    fn write_statement<T>(
+        &mut self,
+        write: impl FnOnce(&mut Self) -> QueryResult<T>,
+    ) -> QueryResult<T> {
+        self.transaction(write)
+    }
+}
+
+impl WriteStatement for diesel::PgConnection {
+    /// Autocommit: PostgreSQL commits a statement before answering it and reports a failed
+    /// commit as the statement's error, so BEGIN and COMMIT would only add two round trips per
+    /// write. (The check on the failure path reads a snapshot of its own under READ COMMITTED
+    /// inside a transaction too.)
+    fn write_statement<T>(
+        &mut self,
+        write: impl FnOnce(&mut Self) -> QueryResult<T>,
+    ) -> QueryResult<T> {
+        write(self)
+    }
+}
+
 /// The columns that make a [`Row`].
 macro_rules! row_columns {
     ($t:ident) => {
@@ -301,7 +337,7 @@ impl DocumentStore for Database {
     fn get(&self, collection: Collection, id: &str) -> Result<Option<Document>, StoreError> {
         let key = id_key(collection, id);
         let mut conn = self.connection()?;
-        let row = with_table!(collection, t => with_backend!(&mut *conn, conn => {
+        let row = with_table!(collection, t => with_backend!(&mut **conn, conn => {
             t::table
                 .find(&key)
                 .select(row_columns!(t))
@@ -331,15 +367,12 @@ impl DocumentStore for Database {
         };
         let mut conn = self.connection()?;
         let _writer = self.writer();
-        // Every write is an explicit transaction, a single statement too: in SQLite's
-        // autocommit mode `INSERT … RETURNING` commits when the statement is reset, after the
-        // row was read back, and a commit that fails there (a full disk) goes unreported, so
-        // the caller would confirm a row that is gone. An explicit COMMIT reports its failure.
+        // Every write goes through `write_statement`: a transaction on SQLite (see there).
         match write {
             Write::Create => {
                 let row = self.written(
-                    with_table!(collection, t => with_backend!(&mut *conn, conn => {
-                        conn.transaction(|conn| {
+                    with_table!(collection, t => with_backend!(&mut **conn, conn => {
+                        conn.write_statement(|conn| {
                             diesel::insert_into(t::table)
                                 .values(insert_values!(t, new))
                                 .returning(row_columns!(t))
@@ -351,8 +384,8 @@ impl DocumentStore for Database {
             }
             Write::Upsert => {
                 let row = self.written(
-                    with_table!(collection, t => with_backend!(&mut *conn, conn => {
-                        conn.transaction(|conn| {
+                    with_table!(collection, t => with_backend!(&mut **conn, conn => {
+                        conn.write_statement(|conn| {
                             diesel::insert_into(t::table)
                                 .values(insert_values!(t, new))
                                 .on_conflict(t::id_key)
@@ -368,8 +401,8 @@ impl DocumentStore for Database {
             Write::IfMatch(tag) => {
                 let expected = (!etag::is_any(&tag)).then(|| etag::stored_form(&tag));
                 let outcome = self.written(
-                    with_table!(collection, t => with_backend!(&mut *conn, conn => {
-                        conn.transaction(|conn| {
+                    with_table!(collection, t => with_backend!(&mut **conn, conn => {
+                        conn.write_statement(|conn| {
                             let mut update = diesel::update(t::table.find(&new.id_key))
                                 .set(update_values!(t, new))
                                 .into_boxed();
@@ -402,8 +435,8 @@ impl DocumentStore for Database {
         let mut conn = self.connection()?;
         let _writer = self.writer();
         let outcome = self.written(
-            with_table!(collection, t => with_backend!(&mut *conn, conn => {
-                conn.transaction(|conn| {
+            with_table!(collection, t => with_backend!(&mut **conn, conn => {
+                conn.write_statement(|conn| {
                     let mut delete = diesel::delete(t::table.find(&key)).into_boxed();
                     if let Some(expected) = &expected {
                         delete = delete.filter(t::etag.eq(expected));
@@ -432,7 +465,7 @@ impl DocumentStore for Database {
         // One extra row tells whether there is a next page.
         let limit = i64::try_from(page_size + 1).unwrap_or(i64::MAX);
         let mut conn = self.connection()?;
-        let mut rows = with_table!(collection, t => with_backend!(&mut *conn, conn => {
+        let mut rows = with_table!(collection, t => with_backend!(&mut **conn, conn => {
             let mut query = t::table
                 .select((t::id_key, row_columns!(t)))
                 .order(t::id_key.asc())
@@ -466,7 +499,7 @@ impl DocumentStore for Database {
     fn setting_init(&self, key: &str, value: &str) -> Result<String, StoreError> {
         let mut conn = self.connection()?;
         let _writer = self.writer();
-        self.written(with_backend!(&mut *conn, conn => {
+        self.written(with_backend!(&mut **conn, conn => {
             // Insert-if-absent then read: a concurrent initialiser either wins the insert or
             // waits for it (PostgreSQL) / is serialised (SQLite), so both read the same value.
             conn.transaction(|conn| {
@@ -485,7 +518,7 @@ impl DocumentStore for Database {
 
     fn setting_get(&self, key: &str) -> Result<Option<String>, StoreError> {
         let mut conn = self.connection()?;
-        let stored = with_backend!(&mut *conn, conn => {
+        let stored = with_backend!(&mut **conn, conn => {
             settings::table
                 .find(key)
                 .select(settings::value)
@@ -498,7 +531,7 @@ impl DocumentStore for Database {
     fn setting_set(&self, key: &str, value: &str) -> Result<(), StoreError> {
         let mut conn = self.connection()?;
         let _writer = self.writer();
-        self.written(with_backend!(&mut *conn, conn => {
+        self.written(with_backend!(&mut **conn, conn => {
             conn.transaction(|conn| {
                 diesel::insert_into(settings::table)
                     .values((settings::key.eq(key), settings::value.eq(value)))

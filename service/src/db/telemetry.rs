@@ -416,7 +416,7 @@ impl Reader {
         device_id: Option<&str>,
     ) -> Result<Vec<Row>, StoreError> {
         let mut conn = self.connection()?;
-        let rows = with_backend!(&mut *conn, c => {
+        let rows = with_backend!(&mut **conn, c => {
             let mut query = telemetry::table
                 .select(row_columns!())
                 .filter(telemetry::msg_offset.ge(from))

@@ -816,3 +816,47 @@ struct JournalMode {
     #[diesel(sql_type = diesel::sql_types::Text)]
     journal_mode: String,
 }
+
+/// A connection back from the pool within [`connection::TRUSTED_FOR`] is handed out without a
+/// ping (no round trip per store call under load); one idle longer is pinged, so a connection
+/// that died meanwhile is noticed at checkout, not by the caller's query.
+#[test]
+fn recently_returned_connections_skip_the_checkout_ping_and_idle_ones_are_tested() {
+    use diesel::r2d2::ManageConnection as _;
+
+    #[derive(diesel::QueryableByName)]
+    struct Pid {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        pid: i32,
+    }
+    let Some(empty) = Empty::postgres() else {
+        return;
+    };
+    let manager = connection::Manager {
+        target: connection::Target::parse(&empty.url, Duration::from_secs(5)).unwrap(),
+    };
+    let mut conn = manager.connect().unwrap();
+    // A new connection is pinged.
+    manager.is_valid(&mut conn).unwrap();
+    let connection::AnyConnection::Postgresql(pg) = &mut *conn else {
+        panic!("not PostgreSQL");
+    };
+    let pid = diesel::sql_query("SELECT pg_backend_pid() AS pid")
+        .get_result::<Pid>(pg)
+        .unwrap()
+        .pid;
+    assert!(!manager.has_broken(&mut conn), "returned healthy");
+
+    let admin_url =
+        std::env::var("ZEROTOUCH_TEST_PG_URL").unwrap_or_else(|_| DEFAULT_PG_URL.to_owned());
+    let mut admin = PgConnection::establish(&admin_url).unwrap();
+    diesel::sql_query(format!("SELECT pg_terminate_backend({pid})"))
+        .execute(&mut admin)
+        .unwrap();
+
+    // Just returned: trusted without a round trip, although the server has closed it.
+    manager.is_valid(&mut conn).unwrap();
+    thread::sleep(connection::TRUSTED_FOR + Duration::from_millis(100));
+    // Idle past the window: the ping finds it dead, and r2d2 would open another.
+    assert!(manager.is_valid(&mut conn).is_err());
+}

@@ -559,9 +559,8 @@ impl HubTarget {
     ) -> Result<(), HubCallError> {
         match self {
             HubTarget::Local(hub) => hub
-                .put_device(device_id, identity.clone(), if_match)
+                .put_device_quietly(device_id, identity.clone(), if_match)
                 .await
-                .map(drop)
                 .map_err(from_local),
             HubTarget::Remote(remote) => remote
                 .call(
@@ -631,9 +630,8 @@ impl HubTarget {
     pub async fn replace_twin(&self, device_id: &str, twin: &Value) -> Result<(), HubCallError> {
         match self {
             HubTarget::Local(hub) => hub
-                .write_twin(device_id, twin, None, true)
+                .replace_twin_quietly(device_id, twin)
                 .await
-                .map(drop)
                 .map_err(from_local),
             HubTarget::Remote(remote) => remote
                 .call(

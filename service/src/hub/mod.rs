@@ -436,6 +436,31 @@ impl Hub {
         body: Value,
         if_match: Option<String>,
     ) -> Result<Value, HubError> {
+        let view = self.store_device(device_id, body, if_match, true).await?;
+        view.ok_or_else(|| HubError::internal("the device view was not built"))
+    }
+
+    /// [`Hub::put_device`] for a caller that does not read the answer (the provisioning
+    /// service): the connection state in the view costs a store read (and in replica mode a
+    /// bucket read), so it is not built unless an event needs it.
+    pub async fn put_device_quietly(
+        &self,
+        device_id: &str,
+        body: Value,
+        if_match: Option<String>,
+    ) -> Result<(), HubError> {
+        self.store_device(device_id, body, if_match, false)
+            .await
+            .map(drop)
+    }
+
+    async fn store_device(
+        &self,
+        device_id: &str,
+        body: Value,
+        if_match: Option<String>,
+        answer: bool,
+    ) -> Result<Option<Value>, HubError> {
         let previous = match &if_match {
             None => None,
             Some(_) => self.device(device_id).await?.map(|(d, _)| d),
@@ -473,6 +498,10 @@ impl Hub {
         if previous.is_some_and(|p| p.credentials_changed(&device)) {
             self.close_connection(device_id);
         }
+        let evented = created && self.telemetry.publishes_events();
+        if !answer && !evented {
+            return Ok(None);
+        }
         let view = device.view(
             &bare_etag(&doc.etag),
             &self.connection_view(device_id).await,
@@ -481,7 +510,7 @@ impl Hub {
             let op = "createDeviceIdentity";
             self.event(EventKind::Lifecycle, op, device_id, || view.clone());
         }
-        Ok(view)
+        Ok(Some(view))
     }
 
     pub async fn device_view(&self, device_id: &str) -> Result<Value, HubError> {
@@ -656,6 +685,28 @@ impl Hub {
         if_match: Option<&str>,
         replace: bool,
     ) -> Result<Value, HubError> {
+        let (device, device_etag, twin) =
+            self.store_twin(device_id, body, if_match, replace).await?;
+        Ok(self.twin_service_view(&device, &device_etag, &twin).await)
+    }
+
+    /// Replaces the tags and desired properties, answering nothing (the provisioning
+    /// service): [`Hub::write_twin`] without the view's connection state.
+    pub async fn replace_twin_quietly(
+        &self,
+        device_id: &str,
+        body: &Value,
+    ) -> Result<(), HubError> {
+        self.store_twin(device_id, body, None, true).await.map(drop)
+    }
+
+    async fn store_twin(
+        &self,
+        device_id: &str,
+        body: &Value,
+        if_match: Option<&str>,
+        replace: bool,
+    ) -> Result<(Device, String, Twin), HubError> {
         let (device, device_etag) = self.require_device(device_id).await?;
         let (properties, tags) = (body.get("properties").cloned(), body.get("tags").cloned());
         let (body, if_match) = (body.clone(), if_match.map(String::from));
@@ -688,7 +739,7 @@ impl Hub {
             device_id,
             || json!({"version": twin.version(), "properties": properties, "tags": tags}),
         );
-        Ok(self.twin_service_view(&device, &device_etag, &twin).await)
+        Ok((device, device_etag, twin))
     }
 
     /// Pushes a desired-properties patch to the device if it is connected (to this replica or
