@@ -436,8 +436,10 @@ impl Hub {
         body: Value,
         if_match: Option<String>,
     ) -> Result<Value, HubError> {
-        let view = self.store_device(device_id, body, if_match, true).await?;
-        view.ok_or_else(|| HubError::internal("the device view was not built"))
+        let (device, etag, created) = self.store_device(device_id, body, if_match).await?;
+        Ok(self
+            .device_written(device_id, &device, &etag, created)
+            .await)
     }
 
     /// [`Hub::put_device`] for a caller that does not read the answer (the provisioning
@@ -449,18 +451,38 @@ impl Hub {
         body: Value,
         if_match: Option<String>,
     ) -> Result<(), HubError> {
-        self.store_device(device_id, body, if_match, false)
-            .await
-            .map(drop)
+        let (device, etag, created) = self.store_device(device_id, body, if_match).await?;
+        if created && self.telemetry.publishes_events() {
+            self.device_written(device_id, &device, &etag, created)
+                .await;
+        }
+        Ok(())
     }
 
+    /// The view of a device just written; a created one is announced as an event.
+    async fn device_written(
+        &self,
+        device_id: &str,
+        device: &Device,
+        etag: &str,
+        created: bool,
+    ) -> Value {
+        let view = device.view(etag, &self.connection_view(device_id).await);
+        if created {
+            let op = "createDeviceIdentity";
+            self.event(EventKind::Lifecycle, op, device_id, || view.clone());
+        }
+        view
+    }
+
+    /// Stores the identity (and, when created, its new twin); returns it, its bare etag and
+    /// whether it was created.
     async fn store_device(
         &self,
         device_id: &str,
         body: Value,
         if_match: Option<String>,
-        answer: bool,
-    ) -> Result<Option<Value>, HubError> {
+    ) -> Result<(Device, String, bool), HubError> {
         let previous = match &if_match {
             None => None,
             Some(_) => self.device(device_id).await?.map(|(d, _)| d),
@@ -488,29 +510,15 @@ impl Hub {
             let body = twin.to_value();
             let id = device_id.to_string();
             crate::db::blocking(&self.store, move |s| {
-                match s.put(Collection::Twins, &id, None, &body, Write::Upsert) {
-                    Ok(_) => Ok(()),
-                    Err(e) => Err(e),
-                }
+                s.put(Collection::Twins, &id, None, &body, Write::Upsert)
+                    .map(drop)
             })
             .await?;
         }
         if previous.is_some_and(|p| p.credentials_changed(&device)) {
             self.close_connection(device_id);
         }
-        let evented = created && self.telemetry.publishes_events();
-        if !answer && !evented {
-            return Ok(None);
-        }
-        let view = device.view(
-            &bare_etag(&doc.etag),
-            &self.connection_view(device_id).await,
-        );
-        if created {
-            let op = "createDeviceIdentity";
-            self.event(EventKind::Lifecycle, op, device_id, || view.clone());
-        }
-        Ok(Some(view))
+        Ok((device, bare_etag(&doc.etag), created))
     }
 
     pub async fn device_view(&self, device_id: &str) -> Result<Value, HubError> {

@@ -271,7 +271,6 @@ fn system_name(key: &str) -> Option<&'static str> {
     })
 }
 
-/// Builds a stored message from a body and its properties; rejects oversize ones.
 /// `iothub-connection-auth-method` as IoT Hub writes it. The usual ones are constants: this is
 /// on every message's path.
 fn auth_method_property(auth_method: &str) -> String {
@@ -282,6 +281,7 @@ fn auth_method_property(auth_method: &str) -> String {
     }
 }
 
+/// Builds a stored message from a body and its properties; rejects oversize ones.
 pub fn telemetry_message(
     device_id: &str,
     auth_method: &str,
