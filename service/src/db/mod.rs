@@ -233,6 +233,22 @@ pub trait DocumentStore: Send + Sync + 'static {
         if_match: Option<&str>,
     ) -> Result<Document, StoreError>;
 
+    /// Read-modify-writes of several documents of one collection in one transaction, with one
+    /// commit: for each of `ids` in order it reads the document (seeing the batch's earlier
+    /// writes, so an id may repeat), asks `change(index, current)` for its new body (`None`:
+    /// leave it) and writes that under the etag it read. `change` may be asked again for the
+    /// same index when another process wrote the document in between, so it must be a function
+    /// of the document it is given. Returns one outcome per id: the document as stored now, or
+    /// that document's own error (a stored body that is not JSON). `Err` when the transaction
+    /// failed: then nothing of it is stored. Callers use
+    /// [`update_each`](DocumentStore::update_each), which takes this process's turns.
+    fn update_batch(
+        &self,
+        collection: Collection,
+        ids: &[&str],
+        change: &mut dyn FnMut(usize, Option<&Document>) -> Option<serde_json::Value>,
+    ) -> Result<Vec<Result<Option<Document>, StoreError>>, StoreError>;
+
     /// A page of documents in a stable order (by lower-cased id), optionally only those whose
     /// parent is `parent` (case-insensitive). `page_size` is clamped to `1..=1000`.
     /// A `continuation` not produced by this method gives [`StoreError::BadContinuation`].

@@ -9,12 +9,14 @@ use std::fmt;
 
 use diesel::prelude::*;
 use diesel::r2d2::{Pool, PooledConnection, R2D2Connection as _};
+use diesel::sql_types;
 
 use super::connection::{self, AnyConnection, Backend, Manager, Target};
 use super::health::{Check, WriteHealth};
 use super::schema::settings;
 use super::{
-    Collection, Document, DocumentStore, Options, Page, StoreError, Write, continuation, etag,
+    Collection, Document, DocumentStore, Options, Page, StoreError, UPDATE_ATTEMPTS, Write,
+    continuation, etag,
 };
 
 const SQLITE_POOL_SIZE: u32 = 4;
@@ -115,6 +117,12 @@ trait WriteStatement: Connection {
         &mut self,
         write: impl FnOnce(&mut Self) -> QueryResult<T>,
     ) -> QueryResult<T>;
+
+    /// Runs several reads and writes as one transaction that writes from its start.
+    fn write_transaction<T>(
+        &mut self,
+        work: impl FnOnce(&mut Self) -> QueryResult<T>,
+    ) -> QueryResult<T>;
 }
 
 impl WriteStatement for diesel::SqliteConnection {
@@ -128,6 +136,16 @@ impl WriteStatement for diesel::SqliteConnection {
     ) -> QueryResult<T> {
         self.transaction(write)
     }
+
+    /// `BEGIN IMMEDIATE`: the write lock from the start, so that a write after a read cannot
+    /// fail because another process wrote in between (a deferred transaction's upgrade would
+    /// get `SQLITE_BUSY` at once, without the busy handler).
+    fn write_transaction<T>(
+        &mut self,
+        work: impl FnOnce(&mut Self) -> QueryResult<T>,
+    ) -> QueryResult<T> {
+        self.immediate_transaction(work)
+    }
 }
 
 impl WriteStatement for diesel::PgConnection {
@@ -140,6 +158,13 @@ impl WriteStatement for diesel::PgConnection {
         write: impl FnOnce(&mut Self) -> QueryResult<T>,
     ) -> QueryResult<T> {
         write(self)
+    }
+
+    fn write_transaction<T>(
+        &mut self,
+        work: impl FnOnce(&mut Self) -> QueryResult<T>,
+    ) -> QueryResult<T> {
+        self.transaction(work)
     }
 }
 
@@ -452,6 +477,107 @@ impl DocumentStore for Database {
         outcome.into_document()
     }
 
+    fn update_batch(
+        &self,
+        collection: Collection,
+        ids: &[&str],
+        change: &mut dyn FnMut(usize, Option<&Document>) -> Option<serde_json::Value>,
+    ) -> Result<Vec<Result<Option<Document>, StoreError>>, StoreError> {
+        let now = now_micros()?;
+        let update_sql = conditional_update_sql(collection, self.backend);
+        // By key, and in arrival order for one key: PostgreSQL row locks are then taken in the
+        // same order by every batch, so two processes' batches cannot deadlock.
+        let mut order: Vec<(usize, String)> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (i, id_key(collection, id)))
+            .collect();
+        order.sort_by(|a, b| a.1.cmp(&b.1));
+        let mut conn = self.connection()?;
+        let _writer = self.writer();
+        self.written(with_table!(collection, t => with_backend!(&mut **conn, conn => {
+            conn.write_transaction(|conn| {
+                let mut outcomes = Vec::with_capacity(order.len());
+                for (i, key) in order {
+                    let id = ids[i];
+                    let mut outcome = None;
+                    // Again only when another process wrote the document between this read
+                    // and the write (PostgreSQL; SQLite's write lock is held from the start).
+                    for _ in 0..UPDATE_ATTEMPTS {
+                        let row = t::table
+                            .find(&key)
+                            .select(row_columns!(t))
+                            .first::<Row>(conn)
+                            .optional()?;
+                        let current = match row.map(Row::into_document).transpose() {
+                            Ok(current) => current,
+                            Err(e) => {
+                                outcome = Some(Err(e));
+                                break;
+                            }
+                        };
+                        let Some(body) = change(i, current.as_ref()) else {
+                            outcome = Some(Ok(current));
+                            break;
+                        };
+                        let text = match serde_json::to_string(&body) {
+                            Ok(text) => text,
+                            Err(e) => {
+                                outcome = Some(Err(StoreError::Backend(format!(
+                                    "cannot serialise body: {e}"
+                                ))));
+                                break;
+                            }
+                        };
+                        let tag = etag::fresh();
+                        let written = match &current {
+                            Some(doc) => diesel::sql_query(&update_sql)
+                                .bind::<sql_types::Text, _>(&text)
+                                .bind::<sql_types::Text, _>(&tag)
+                                .bind::<sql_types::BigInt, _>(now)
+                                .bind::<sql_types::Text, _>(&key)
+                                .bind::<sql_types::Text, _>(&doc.etag)
+                                .execute(conn)?,
+                            None => {
+                                let new = NewRow {
+                                    id_key: key.clone(),
+                                    id,
+                                    parent_key: None,
+                                    parent: None,
+                                    body: text,
+                                    etag: tag.clone(),
+                                    now,
+                                };
+                                diesel::insert_into(t::table)
+                                    .values(insert_values!(t, new))
+                                    .on_conflict(t::id_key)
+                                    .do_nothing()
+                                    .execute(conn)?
+                            }
+                        };
+                        if written == 0 {
+                            continue;
+                        }
+                        outcome = Some(written_document(current, id, body, tag, now).map(Some));
+                        break;
+                    }
+                    let outcome = outcome.unwrap_or_else(|| {
+                        Err(StoreError::Unavailable(format!(
+                            "{} `{id}` kept changing under {UPDATE_ATTEMPTS} read-modify-writes",
+                            collection.table_name()
+                        )))
+                    });
+                    outcomes.push((i, outcome));
+                }
+                Ok(outcomes)
+            })
+        })))
+        .map(|mut outcomes| {
+            outcomes.sort_unstable_by_key(|(i, _)| *i);
+            outcomes.into_iter().map(|(_, outcome)| outcome).collect()
+        })
+    }
+
     fn list(
         &self,
         collection: Collection,
@@ -557,6 +683,49 @@ impl DocumentStore for Database {
             Check::Probe => self.setting_set("health_probe", &crate::time::now_rfc3339()),
         }
     }
+}
+
+/// `UPDATE … SET body, etag, updated_at WHERE id_key AND etag` for the collection's table, in
+/// the backend's bind syntax. Written out because diesel prepares its own UPDATE statements
+/// afresh on every call (a changeset may vary), while SQL text it is given is prepared once per
+/// connection and kept: in a batch of a hundred writes the difference is a hundred parses.
+fn conditional_update_sql(collection: Collection, backend: Backend) -> String {
+    let table = collection.table_name();
+    match backend {
+        Backend::Sqlite => format!(
+            "UPDATE {table} SET body = ?, etag = ?, updated_at = ? WHERE id_key = ? AND etag = ?"
+        ),
+        Backend::Postgres => format!(
+            "UPDATE {table} SET body = $1, etag = $2, updated_at = $3 WHERE id_key = $4 AND etag = $5"
+        ),
+    }
+}
+
+/// The document a batch write stored: `current` (if there was one) with a new body and etag.
+fn written_document(
+    current: Option<Document>,
+    id: &str,
+    body: serde_json::Value,
+    etag: String,
+    now: i64,
+) -> Result<Document, StoreError> {
+    let updated_at = from_micros(now)?;
+    Ok(match current {
+        Some(doc) => Document {
+            body,
+            etag,
+            updated_at,
+            ..doc
+        },
+        None => Document {
+            id: id.to_owned(),
+            parent: None,
+            body,
+            etag,
+            created_at: updated_at,
+            updated_at,
+        },
+    })
 }
 
 /// The primary key of an id in a collection: lower-cased where ids are case-insensitive.

@@ -159,6 +159,8 @@ suite! {
         update_creates_changes_keeps_and_deletes,
         concurrent_updates_lose_nothing,
         update_gives_up_when_always_contended,
+        update_each_applies_a_batch_in_order,
+        batches_racing_single_updates_lose_nothing,
     ],
     empty: [concurrent_first_open_migrates_once],
 }
@@ -729,6 +731,95 @@ fn update_gives_up_when_always_contended(f: &Fixture) {
     assert_ne!(count_of(store.get(C, "hot").unwrap().as_ref()), -1);
 }
 
+fn update_each_applies_a_batch_in_order(f: &Fixture) {
+    let store = f.store();
+    let before = put(store, "a", json!({"count": 1}), Write::Create);
+    // "A" is "a" in another case; "b" does not exist yet; "z" is left alone.
+    let ids = ["z", "a", "b", "A", "b"];
+    let mut seen = Vec::new();
+    let outcomes = store
+        .update_each(C, &ids, &mut |i, doc| {
+            seen.push((i, count_of(doc)));
+            (ids[i] != "z").then(|| json!({"count": count_of(doc) + 10}))
+        })
+        .unwrap();
+    // By key, and in arrival order for one key: each change saw the batch's earlier writes.
+    assert_eq!(seen, [(1, 1), (3, 11), (2, 0), (4, 10), (0, 0)]);
+    let counts: Vec<Option<i64>> = outcomes
+        .iter()
+        .map(|o| o.as_ref().unwrap().as_ref().map(|d| count_of(Some(d))))
+        .collect();
+    assert_eq!(counts, [None, Some(11), Some(10), Some(21), Some(20)]);
+
+    // What the outcomes say is what is stored, under the etags they give.
+    let a = store.get(C, "a").unwrap().unwrap();
+    let last_a = outcomes[3].as_ref().unwrap().as_ref().unwrap();
+    assert_eq!(
+        (&a.body, &a.etag, a.id.as_str()),
+        (&last_a.body, &last_a.etag, "a")
+    );
+    assert_eq!(a.created_at, before.created_at);
+    assert_ne!(a.etag, before.etag);
+    let b = store.get(C, "b").unwrap().unwrap();
+    assert_eq!(Some(&b), outcomes[4].as_ref().unwrap().as_ref());
+    assert_eq!(store.get(C, "z").unwrap(), None);
+
+    // A stored body that is not JSON fails its own entry only.
+    let path = f.url.trim_start_matches("sqlite://").to_owned();
+    let corrupt = "UPDATE individual_enrollments SET body = 'not json' WHERE id_key = 'b'";
+    if f.url.starts_with("sqlite://") {
+        SqliteConnection::establish(&path)
+            .unwrap()
+            .batch_execute(corrupt)
+            .unwrap();
+    } else {
+        PgConnection::establish(&f.url)
+            .unwrap()
+            .batch_execute(corrupt)
+            .unwrap();
+    }
+    let outcomes = store
+        .update_each(C, &["b", "a"], &mut |_, doc| {
+            Some(json!({"count": count_of(doc) + 1}))
+        })
+        .unwrap();
+    assert!(
+        matches!(outcomes[0], Err(StoreError::Backend(_))),
+        "{outcomes:?}"
+    );
+    assert_eq!(count_of(store.get(C, "a").unwrap().as_ref()), 22);
+}
+
+/// One thread writes in batches without taking turns (as another process would), the others
+/// read-modify-write one at a time: the etag condition makes every increment count.
+fn batches_racing_single_updates_lose_nothing(f: &Fixture) {
+    let store = f.store();
+    const ROUNDS: i64 = 10;
+    const BATCH: usize = 5;
+    race(|thread| {
+        for _ in 0..ROUNDS {
+            if thread == 0 {
+                let ids = ["shared"; BATCH];
+                let outcomes = store
+                    .update_batch(C, &ids, &mut |_, doc| {
+                        Some(json!({"count": count_of(doc) + 1}))
+                    })
+                    .unwrap();
+                assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
+            } else {
+                store
+                    .update::<_, StoreError>(C, "shared", |doc| {
+                        Ok(Change::put(json!({"count": count_of(doc) + 1}), ()))
+                    })
+                    .unwrap();
+            }
+        }
+    });
+    let doc = store.get(C, "shared").unwrap();
+    let expected = ROUNDS * (BATCH as i64 + THREADS as i64 - 1);
+    assert_eq!(count_of(doc.as_ref()), expected);
+}
+
 fn reopening_is_idempotent(f: &Fixture) {
     let doc = put(f.store(), "dev", json!({"kept": true}), Write::Create);
     f.store().setting_set("k", "v").unwrap();
@@ -809,6 +900,29 @@ fn sqlite_uses_wal_and_reports_corrupt_rows_as_errors() {
         fixture.db.get(C, "dev"),
         Err(StoreError::Backend(_))
     ));
+}
+
+/// `.cargo/config.toml` builds SQLite with the query planner stability guarantee: without it
+/// every statement with a `LIMIT ?` (each `.first()`) is parsed again on every execution.
+#[test]
+fn sqlite_is_built_with_stable_query_plans() {
+    let empty = Empty::sqlite().unwrap();
+    let fixture = empty.open();
+    let path = fixture.url.trim_start_matches("sqlite://").to_owned();
+    let mut raw = SqliteConnection::establish(&path).unwrap();
+    let options: Vec<CompileOption> = diesel::sql_query("PRAGMA compile_options")
+        .load(&mut raw)
+        .unwrap();
+    assert!(
+        options.iter().any(|o| o.compile_options == "ENABLE_QPSG"),
+        "SQLite was built without SQLITE_ENABLE_QPSG (LIBSQLITE3_FLAGS overridden?)"
+    );
+}
+
+#[derive(diesel::QueryableByName)]
+struct CompileOption {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    compile_options: String,
 }
 
 #[derive(diesel::QueryableByName)]

@@ -122,6 +122,32 @@ impl dyn DocumentStore {
     }
 }
 
+impl dyn DocumentStore {
+    /// [`DocumentStore::update_batch`] while holding this process's turn on each of the
+    /// documents, so that single read-modify-writes of them ([`update`](DocumentStore::update))
+    /// wait for the batch instead of losing their etag race to it. Turns are taken in key
+    /// order, before a connection: no two batches, nor a batch and a single update, can wait
+    /// for each other in a circle.
+    pub fn update_each(
+        &self,
+        collection: Collection,
+        ids: &[&str],
+        change: &mut dyn FnMut(usize, Option<&Document>) -> Option<Value>,
+    ) -> Result<Vec<Result<Option<Document>, StoreError>>, StoreError> {
+        let mut keys: Vec<String> = ids
+            .iter()
+            .map(|id| super::store::id_key(collection, id))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let _turns: Vec<Turn> = keys
+            .into_iter()
+            .map(|key| Turn::take_key((collection, key)))
+            .collect();
+        self.update_batch(collection, ids, change)
+    }
+}
+
 /// The documents a read-modify-write of this process is working on. Writers in one process
 /// take turns on a document instead of racing for it: a loser's random pauses cannot keep up
 /// with fresh writers on a busy machine, so under eight-way contention on two cores a writer
@@ -143,7 +169,10 @@ struct Turn {
 
 impl Turn {
     fn take(collection: Collection, id: &str) -> Turn {
-        let key = (collection, super::store::id_key(collection, id));
+        Turn::take_key((collection, super::store::id_key(collection, id)))
+    }
+
+    fn take_key(key: (Collection, String)) -> Turn {
         let mut busy = BUSY
             .documents
             .lock()

@@ -15,6 +15,7 @@ pub mod join;
 pub mod methods;
 pub mod mqtt;
 pub mod replicas;
+mod reported;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -69,6 +70,8 @@ pub struct Hub {
     pub certificates: crate::pki::live::LiveCertificates,
     /// Device twin requests (MQTT) being served; see [`Hub::twin_slot`].
     twin_slots: tokio::sync::Semaphore,
+    /// Stores reported patches in batches.
+    reported: reported::ReportedWriter,
     /// Replica mode: the other replicas, through NATS (`hub::replicas`).
     cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
     /// Replica mode: limits counted together with the other replicas.
@@ -137,6 +140,7 @@ impl Hub {
         Hub {
             trust_bundle: std::sync::RwLock::new(trust_bundle),
             certificates: Default::default(),
+            reported: reported::ReportedWriter::start(Arc::clone(&store)),
             store,
             hostnames,
             hostname,
@@ -597,19 +601,14 @@ impl Hub {
         Ok(self.load_twin(device_id).await?.0)
     }
 
-    /// A device's reported-properties patch (a JSON object), merged and stored; the new
-    /// reported version. Published as a twin change event in replica mode. The one way MQTT
-    /// and AMQP devices report.
+    /// A device's reported-properties patch (a JSON object), merged and stored (in a batch
+    /// with other devices' patches, `hub::reported`); the new reported version. Published as
+    /// a twin change event in replica mode. The one way MQTT and AMQP devices report.
     pub async fn patch_reported(&self, device_id: &str, patch: Value) -> Result<u64, HubError> {
         let now = crate::time::now_rfc3339();
         // Kept for the twin change event (replica mode only).
         let reported = self.telemetry.publishes_events().then(|| patch.clone());
-        let (_, version) = self
-            .update_twin(device_id, move |twin| {
-                twin.patch_reported(&patch, &now)
-                    .map_err(|e| HubError::new(error::HubErrorCode::ArgumentInvalid, e.to_string()))
-            })
-            .await?;
+        let version = self.reported.patch(device_id, patch, now).await?;
         if let Some(patch) = &reported {
             self.reported_event(device_id, version, patch);
         }
