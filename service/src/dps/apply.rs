@@ -119,18 +119,21 @@ impl Dps {
         identity: &Value,
         twin: Option<&Value>,
     ) -> Result<(), HubCallError> {
+        let twin = twin.map(|twin| {
+            json!({
+                "tags": twin.get("tags").cloned().unwrap_or(json!({})),
+                "properties": {"desired": twin
+                    .pointer("/properties/desired")
+                    .cloned()
+                    .unwrap_or(json!({}))},
+            })
+        });
+        let twin = twin.as_ref();
         target
             .retrying(|| async move {
-                target.ensure_device(device_id, identity).await?;
-                if let Some(twin) = twin {
-                    let body = json!({
-                        "tags": twin.get("tags").cloned().unwrap_or(json!({})),
-                        "properties": {"desired": twin
-                            .pointer("/properties/desired")
-                            .cloned()
-                            .unwrap_or(json!({}))},
-                    });
-                    target.replace_twin(device_id, &body).await?;
+                let twin_written = target.ensure_device(device_id, identity, twin).await?;
+                if let Some(twin) = twin.filter(|_| !twin_written) {
+                    target.replace_twin(device_id, twin).await?;
                 }
                 Ok(())
             })
@@ -207,6 +210,44 @@ mod tests {
         let twin = f.hub.twin_view("dev-1").await.unwrap();
         assert_eq!(twin["tags"], json!({"site": "plant-7"}));
         assert_eq!(twin["properties"]["desired"]["interval"], 30);
+        // Written with the device, but versioned as a new twin whose tags and desired
+        // properties were then replaced (what a joined hub's twin PUT gives).
+        assert_eq!(twin["version"], 3, "{twin}");
+        assert_eq!(twin["properties"]["desired"]["$version"], 2);
+        assert_eq!(twin["properties"]["reported"]["$version"], 1);
+    }
+
+    /// A device that exists already keeps its identity's twin until the initial one replaces
+    /// it: the twin is not written with the identity then.
+    #[tokio::test]
+    async fn an_existing_device_gets_the_initial_twin_by_a_replace() {
+        let f = Fixture::new();
+        f.hub
+            .put_device("dev-1", identity("dev-1"), None)
+            .await
+            .unwrap();
+        f.hub
+            .replace_twin_quietly("dev-1", &json!({"tags": {"old": true}}))
+            .await
+            .unwrap();
+        let enrollment = enrollment(
+            "dev-1",
+            json!({"initialTwin": {"tags": {"site": "plant-7"}}}),
+        );
+        let (attested, body) = (attested("dev-1"), RegisterBody::default());
+        let linked = f.dps.linked_hubs().await.unwrap();
+        f.dps
+            .place(
+                &registering(&enrollment, &attested, &body),
+                &linked,
+                &identity("dev-1"),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        let twin = f.hub.twin_view("dev-1").await.unwrap();
+        assert_eq!(twin["tags"], json!({"site": "plant-7"}));
+        assert_eq!(twin["version"], 4, "{twin}");
     }
 
     #[tokio::test]

@@ -167,7 +167,7 @@ mod tests {
     async fn a_moved_device_leaves_its_old_hub() {
         let f = Fixture::new();
         HubTarget::Local(f.hub.clone())
-            .ensure_device("dev-1", &identity("dev-1"))
+            .ensure_device("dev-1", &identity("dev-1"), None)
             .await
             .unwrap();
         let linked = f.dps.linked_hubs().await.unwrap();

@@ -551,15 +551,18 @@ impl HubTarget {
         }
     }
 
+    /// Creates or replaces the identity; on the built-in hub a created device gets `twin` (its
+    /// tags and desired properties) in the same step. Whether the twin was written.
     async fn put_device(
         &self,
         device_id: &str,
         identity: &Value,
         if_match: Option<String>,
-    ) -> Result<(), HubCallError> {
+        twin: Option<&Value>,
+    ) -> Result<bool, HubCallError> {
         match self {
             HubTarget::Local(hub) => hub
-                .put_device_quietly(device_id, identity.clone(), if_match)
+                .put_device_quietly(device_id, identity.clone(), if_match, twin)
                 .await
                 .map_err(from_local),
             HubTarget::Remote(remote) => remote
@@ -570,22 +573,28 @@ impl HubTarget {
                     if_match.as_deref(),
                 )
                 .await
-                .map(drop),
+                .map(|_| false),
         }
     }
 
     /// Creates the identity or replaces it. Safe to repeat: the identity is keyed by its id,
     /// so a retry after a lost answer updates what the first attempt created. A new device
-    /// costs one call (create); an existing one two (create refused, replace).
+    /// costs one call (create); an existing one two (create refused, replace). With `twin`,
+    /// the built-in hub creates a new device's twin with its tags and desired properties;
+    /// the answer says whether it did (otherwise the caller replaces the twin).
     pub async fn ensure_device(
         &self,
         device_id: &str,
         identity: &Value,
-    ) -> Result<(), HubCallError> {
+        twin: Option<&Value>,
+    ) -> Result<bool, HubCallError> {
         let mut if_match = None;
         for _ in 0..4 {
-            match self.put_device(device_id, identity, if_match.clone()).await {
-                Ok(()) => return Ok(()),
+            match self
+                .put_device(device_id, identity, if_match.clone(), twin)
+                .await
+            {
+                Ok(twin_written) => return Ok(twin_written),
                 Err(HubCallError::AlreadyExists) => if_match = Some("*".to_string()),
                 Err(HubCallError::NotFound) => if_match = None,
                 Err(e) => return Err(e),

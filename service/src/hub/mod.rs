@@ -121,6 +121,16 @@ impl HubMetrics {
     }
 }
 
+/// What [`Hub::store_device`] stored.
+struct StoredDevice {
+    device: Device,
+    /// Bare (no quotes).
+    etag: String,
+    created: bool,
+    /// The new twin's root `version` when it was created with tags and desired properties.
+    seeded_twin_version: Option<u64>,
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A poisoned lock only means another thread panicked mid-update of plain maps; the data is
     // still usable, and refusing service forever would be worse.
@@ -440,53 +450,58 @@ impl Hub {
         body: Value,
         if_match: Option<String>,
     ) -> Result<Value, HubError> {
-        let (device, etag, created) = self.store_device(device_id, body, if_match).await?;
-        Ok(self
-            .device_written(device_id, &device, &etag, created)
-            .await)
+        let stored = self.store_device(device_id, body, if_match, None).await?;
+        Ok(self.device_written(device_id, &stored).await)
     }
 
     /// [`Hub::put_device`] for a caller that does not read the answer (the provisioning
     /// service): the connection state in the view costs a store read (and in replica mode a
-    /// bucket read), so it is not built unless an event needs it.
+    /// bucket read), so it is not built unless an event needs it. When it creates the device
+    /// and `twin` is given, the new twin is stored with `twin`'s tags and desired properties
+    /// at once, as [`Hub::replace_twin_quietly`] would set them afterwards, without reading
+    /// back what was just written; the answer says whether it was (`false`: the device
+    /// existed, and the caller replaces the twin itself).
     pub async fn put_device_quietly(
         &self,
         device_id: &str,
         body: Value,
         if_match: Option<String>,
-    ) -> Result<(), HubError> {
-        let (device, etag, created) = self.store_device(device_id, body, if_match).await?;
-        if created && self.telemetry.publishes_events() {
-            self.device_written(device_id, &device, &etag, created)
-                .await;
+        twin: Option<&Value>,
+    ) -> Result<bool, HubError> {
+        let stored = self.store_device(device_id, body, if_match, twin).await?;
+        if stored.created && self.telemetry.publishes_events() {
+            self.device_written(device_id, &stored).await;
+            if let (Some(twin), Some(version)) = (twin, stored.seeded_twin_version) {
+                self.event(EventKind::Twin, "replaceTwin", device_id, || {
+                    json!({"version": version, "properties": twin.get("properties"),
+                        "tags": twin.get("tags")})
+                });
+            }
         }
-        Ok(())
+        Ok(stored.seeded_twin_version.is_some())
     }
 
     /// The view of a device just written; a created one is announced as an event.
-    async fn device_written(
-        &self,
-        device_id: &str,
-        device: &Device,
-        etag: &str,
-        created: bool,
-    ) -> Value {
-        let view = device.view(etag, &self.connection_view(device_id).await);
-        if created {
+    async fn device_written(&self, device_id: &str, stored: &StoredDevice) -> Value {
+        let view = stored
+            .device
+            .view(&stored.etag, &self.connection_view(device_id).await);
+        if stored.created {
             let op = "createDeviceIdentity";
             self.event(EventKind::Lifecycle, op, device_id, || view.clone());
         }
         view
     }
 
-    /// Stores the identity (and, when created, its new twin); returns it, its bare etag and
-    /// whether it was created.
+    /// Stores the identity (and, when created, its new twin, with `seed`'s tags and desired
+    /// properties if given).
     async fn store_device(
         &self,
         device_id: &str,
         body: Value,
         if_match: Option<String>,
-    ) -> Result<(Device, String, bool), HubError> {
+        seed: Option<&Value>,
+    ) -> Result<StoredDevice, HubError> {
         let previous = match &if_match {
             None => None,
             Some(_) => self.device(device_id).await?.map(|(d, _)| d),
@@ -504,13 +519,26 @@ impl Hub {
         };
         let id = device_id.to_string();
         let created = matches!(write, Write::Create);
+        // The new twin is made (and the seed checked) before anything is stored, so a seed the
+        // twin refuses leaves no device behind.
+        let twin = if created {
+            let now = crate::time::now_rfc3339();
+            let mut twin = Twin::new(None, &now).map_err(HubError::internal)?;
+            if let Some(seed) = seed {
+                twin.replace_service(seed, &now)
+                    .map_err(|e| HubError::new(HubErrorCode::ArgumentInvalid, e.to_string()))?;
+            }
+            Some(twin)
+        } else {
+            None
+        };
         let doc = crate::db::blocking(&self.store, move |s| {
             s.put(Collection::Devices, &id, None, &value, write)
         })
         .await?;
-        if created {
-            // Store the new twin now, so its timestamps are those of the device's creation.
-            let twin = Twin::new(None, &crate::time::now_rfc3339()).map_err(HubError::internal)?;
+        let seeded_twin_version = twin.as_ref().filter(|_| seed.is_some()).map(Twin::version);
+        if let Some(twin) = twin {
+            // Stored now, so its timestamps are those of the device's creation.
             let body = twin.to_value();
             let id = device_id.to_string();
             crate::db::blocking(&self.store, move |s| {
@@ -522,7 +550,12 @@ impl Hub {
         if previous.is_some_and(|p| p.credentials_changed(&device)) {
             self.close_connection(device_id);
         }
-        Ok((device, bare_etag(&doc.etag), created))
+        Ok(StoredDevice {
+            device,
+            etag: bare_etag(&doc.etag),
+            created,
+            seeded_twin_version,
+        })
     }
 
     pub async fn device_view(&self, device_id: &str) -> Result<Value, HubError> {
