@@ -764,6 +764,25 @@ fn update_each_applies_a_batch_in_order(f: &Fixture) {
     assert_eq!(Some(&b), outcomes[4].as_ref().unwrap().as_ref());
     assert_eq!(store.get(C, "z").unwrap(), None);
 
+    // All of them exist now (on PostgreSQL: the batch is read, locked and written at once).
+    let outcomes = store
+        .update_each(C, &["b", "A", "a", "b"], &mut |i, doc| {
+            (i != 3).then(|| json!({"count": count_of(doc) + 100}))
+        })
+        .unwrap();
+    let counts: Vec<Option<i64>> = outcomes
+        .iter()
+        .map(|o| o.as_ref().unwrap().as_ref().map(|d| count_of(Some(d))))
+        .collect();
+    assert_eq!(counts, [Some(120), Some(121), Some(221), Some(120)]);
+    let a = store.get(C, "a").unwrap().unwrap();
+    assert_eq!(Some(&a), outcomes[2].as_ref().unwrap().as_ref());
+    let b = store.get(C, "b").unwrap().unwrap();
+    assert_eq!(Some(&b), outcomes[0].as_ref().unwrap().as_ref());
+    store.update_each(C, &["a"], &mut |_, _| None).unwrap();
+    assert_eq!(store.get(C, "a").unwrap().unwrap(), a);
+    put(store, "a", json!({"count": 21}), Write::Upsert);
+
     // A stored body that is not JSON fails its own entry only.
     let path = f.url.trim_start_matches("sqlite://").to_owned();
     let corrupt = "UPDATE individual_enrollments SET body = 'not json' WHERE id_key = 'b'";
