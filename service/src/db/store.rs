@@ -195,10 +195,7 @@ impl WriteStatement for diesel::PgConnection {
     /// in memory (a repeated id sees its earlier change), and written back by one `UPDATE …
     /// FROM unnest(…)`, still conditioned on the etags read. A document that does not exist
     /// yet (no row to lock) sends the batch down the statement-per-document path.
-    fn update_batch_at_once(
-        &mut self,
-        batch: &mut Batch<'_>,
-    ) -> QueryResult<Option<Vec<Outcome>>> {
+    fn update_batch_at_once(&mut self, batch: &mut Batch<'_>) -> QueryResult<Option<Vec<Outcome>>> {
         use std::collections::HashMap;
 
         #[derive(QueryableByName)]
