@@ -71,8 +71,9 @@ impl ReportedWriter {
     }
 }
 
+/// The writer thread is not running, or dropped the patch's answer (it panicked).
 fn writer_gone() -> HubError {
-    HubError::internal("the twin writer thread is not running")
+    HubError::internal("the twin writer did not store the patch")
 }
 
 fn run(store: &dyn DocumentStore, mut pending: mpsc::UnboundedReceiver<Pending>) {
@@ -84,7 +85,15 @@ fn run(store: &dyn DocumentStore, mut pending: mpsc::UnboundedReceiver<Pending>)
                 Err(_) => break,
             }
         }
-        write(store, batch);
+        // A panic (a bug) fails this batch's patches, whose answers are dropped with it,
+        // and not every later one: the thread goes on, as a blocking-pool task's panic only
+        // failed its own request.
+        let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            write(store, batch);
+        }));
+        if written.is_err() {
+            tracing::error!("the twin writer panicked storing a batch of reported patches");
+        }
     }
 }
 
