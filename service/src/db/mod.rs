@@ -234,9 +234,10 @@ pub trait DocumentStore: Send + Sync + 'static {
     ) -> Result<Document, StoreError>;
 
     /// Read-modify-writes of several documents of one collection in one transaction, with one
-    /// commit: for each of `ids` in order it reads the document (seeing the batch's earlier
-    /// writes, so an id may repeat), asks `change(index, current)` for its new body (`None`:
-    /// leave it) and writes that under the etag it read. `change` may be asked again for the
+    /// commit: for each of `ids` (taken by key, and in the given order for one key) it reads
+    /// the document (seeing the batch's earlier writes, so an id may repeat), asks
+    /// `change(index, current)` for its new body (`None`: leave it) and writes that under the
+    /// etag it read. `change` may be asked again for the
     /// same index when another process wrote the document in between, so it must be a function
     /// of the document it is given. Returns one outcome per id: the document as stored now, or
     /// that document's own error (a stored body that is not JSON). `Err` when the transaction

@@ -1,6 +1,7 @@
-//! The two ways domain code uses the store beyond single calls: an optimistic-concurrency
-//! read-modify-write of one document ([`DocumentStore::update`]), and running store calls from
-//! async code ([`blocking`]).
+//! The ways domain code uses the store beyond single calls: an optimistic-concurrency
+//! read-modify-write of one document ([`DocumentStore::update`]) or of a batch of them in one
+//! transaction ([`DocumentStore::update_each`]), and running store calls from async code
+//! ([`blocking`]).
 
 use std::collections::HashSet;
 use std::sync::{Arc, Condvar, LazyLock, Mutex, PoisonError};
@@ -120,9 +121,7 @@ impl dyn DocumentStore {
         ))
         .into())
     }
-}
 
-impl dyn DocumentStore {
     /// [`DocumentStore::update_batch`] while holding this process's turn on each of the
     /// documents, so that single read-modify-writes of them ([`update`](DocumentStore::update))
     /// wait for the batch instead of losing their etag race to it. Turns are taken in key
