@@ -86,7 +86,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev:
         openssl::ssl::select_next_proto(b"\x02h2\x08http/1.1", client)
             .ok_or(openssl::ssl::AlpnError::NOACK)
     });
-    let mqtt_tls = tls::acceptor(server_chain, server_key, ca_bundle)?.build();
+    let mqtt_tls = tls::mqtt_acceptor(server_chain, server_key)?;
     let amqp_tls = tls::acceptor(server_chain, server_key, ca_bundle)?.build();
 
     let cluster = if settings.cluster.enabled() {

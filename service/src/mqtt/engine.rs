@@ -9,8 +9,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use openssl::ssl::SslAcceptor;
 use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
 
 use super::Application;
 use super::sessions::{RateLimiter, Registry};
@@ -62,7 +62,7 @@ pub(crate) struct Engine {
     pub app: Arc<dyn Application>,
     pub store: Arc<dyn DocumentStore>,
     pub limits: MqttLimits,
-    pub acceptor: SslAcceptor,
+    pub acceptor: TlsAcceptor,
     pub registry: Registry,
     pub rate: RateLimiter,
     shutdown: watch::Sender<bool>,
@@ -75,7 +75,7 @@ impl Engine {
         app: Arc<dyn Application>,
         store: Arc<dyn DocumentStore>,
         limits: MqttLimits,
-        acceptor: SslAcceptor,
+        acceptor: TlsAcceptor,
     ) -> Engine {
         Engine {
             app,

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use openssl::ssl::SslAcceptor;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
 use super::Application;
 use super::connection;
@@ -82,7 +82,7 @@ impl fmt::Debug for MqttListener {
 /// `MqttSessions`).
 pub async fn start(
     addr: SocketAddr,
-    acceptor: SslAcceptor,
+    acceptor: TlsAcceptor,
     app: Arc<dyn Application>,
     sessions: Arc<dyn DocumentStore>,
     limits: MqttLimits,

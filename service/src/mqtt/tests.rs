@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use openssl::ssl::{SslAcceptor, SslConnector, SslMethod};
+use openssl::ssl::{SslConnector, SslMethod};
 use openssl::x509::X509;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -23,7 +23,7 @@ use crate::db::{Collection, DocumentStore};
 // PKI: one CA and server certificate for the whole test binary.
 
 struct Pki {
-    acceptor: SslAcceptor,
+    acceptor: tokio_rustls::TlsAcceptor,
     trust_bundle: String,
 }
 
@@ -37,11 +37,9 @@ fn pki() -> &'static Pki {
         let dir = tempfile::tempdir().unwrap();
         let chain = dir.path().join("chain.pem");
         let key = dir.path().join("key.pem");
-        let bundle = dir.path().join("ca.pem");
         std::fs::write(&chain, &server.chain_pem).unwrap();
         std::fs::write(&key, server.private_key.expose()).unwrap();
-        std::fs::write(&bundle, ca.trust_bundle_pem()).unwrap();
-        let acceptor = crate::tls::acceptor(&chain, &key, &bundle).unwrap().build();
+        let acceptor = crate::tls::mqtt_acceptor(&chain, &key).unwrap();
         Pki {
             acceptor,
             trust_bundle: ca.trust_bundle_pem(),
@@ -82,6 +80,8 @@ struct Recorder {
     by_connection: Mutex<HashMap<u64, Outbound>>,
     /// The thread each connection's CONNECT was decided on, by connection id.
     threads: Mutex<HashMap<u64, String>>,
+    /// What the client presented in the TLS handshake, by client id.
+    peers: Mutex<HashMap<String, Option<crate::tls::PeerCertificates>>>,
     slow_done: AtomicBool,
 }
 
@@ -161,6 +161,11 @@ impl Application for TestApp {
                 return Err(Refusal::NotAuthorized);
             }
             let connection = outbound.connection_id();
+            self.0
+                .peers
+                .lock()
+                .unwrap()
+                .insert(request.client_id.clone(), request.peer_certificates.clone());
             let thread = std::thread::current().name().unwrap_or("?").to_owned();
             self.0.threads.lock().unwrap().insert(connection, thread);
             self.0
@@ -334,11 +339,20 @@ const RECV_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Client {
     async fn open(addr: SocketAddr) -> Client {
+        Client::open_with(addr, |_| {}).await
+    }
+
+    /// Opens a connection whose TLS client `configure` may change (version, certificate).
+    async fn open_with(
+        addr: SocketAddr,
+        configure: impl FnOnce(&mut openssl::ssl::SslConnectorBuilder),
+    ) -> Client {
         let tcp = TcpStream::connect(addr).await.unwrap();
         let mut builder = SslConnector::builder(SslMethod::tls_client()).unwrap();
         for cert in X509::stack_from_pem(pki().trust_bundle.as_bytes()).unwrap() {
             builder.cert_store_mut().add_cert(cert).unwrap();
         }
+        configure(&mut builder);
         let ssl = builder
             .build()
             .configure()
@@ -464,6 +478,120 @@ async fn connack_accepts_and_refuses() {
     assert_eq!(code, 2);
     refused.expect_closed().await;
     assert_eq!(h.listener.connected_count(), 1);
+}
+
+/// A self-signed certificate (openssl, so that RSA is covered too) and its key.
+fn self_signed(key: openssl::pkey::PKey<openssl::pkey::Private>, cn: &str) -> X509 {
+    let mut name = openssl::x509::X509NameBuilder::new().unwrap();
+    name.append_entry_by_text("CN", cn).unwrap();
+    let name = name.build();
+    let mut cert = X509::builder().unwrap();
+    cert.set_version(2).unwrap();
+    cert.set_subject_name(&name).unwrap();
+    cert.set_issuer_name(&name).unwrap();
+    cert.set_pubkey(&key).unwrap();
+    let serial = openssl::bn::BigNum::from_u32(7)
+        .unwrap()
+        .to_asn1_integer()
+        .unwrap();
+    cert.set_serial_number(&serial).unwrap();
+    cert.set_not_before(&openssl::asn1::Asn1Time::days_from_now(0).unwrap())
+        .unwrap();
+    cert.set_not_after(&openssl::asn1::Asn1Time::days_from_now(1).unwrap())
+        .unwrap();
+    cert.sign(&key, openssl::hash::MessageDigest::sha256())
+        .unwrap();
+    cert.build()
+}
+
+#[tokio::test]
+async fn any_client_certificate_reaches_the_application_over_tls_1_2_and_1_3() {
+    use openssl::ssl::SslVersion;
+    let h = Harness::new(MqttLimits::default()).await;
+    let ec = openssl::ec::EcKey::generate(
+        &openssl::ec::EcGroup::from_curve_name(openssl::nid::Nid::X9_62_PRIME256V1).unwrap(),
+    )
+    .unwrap();
+    let ec = openssl::pkey::PKey::from_ec_key(ec).unwrap();
+    let rsa = openssl::pkey::PKey::from_rsa(openssl::rsa::Rsa::generate(2048).unwrap()).unwrap();
+    // Self-signed and unknown to the server: let through, for the application to judge.
+    let ec_cert = self_signed(ec.clone(), "ec-device");
+    let rsa_cert = self_signed(rsa.clone(), "rsa-device");
+    // A leaf sent with an "intermediate" (here any other certificate) after it.
+    let intermediate = self_signed(ec.clone(), "some intermediate");
+
+    let cases = [
+        ("ec13", SslVersion::TLS1_3, Some((&ec, &ec_cert)), None),
+        (
+            "ec12",
+            SslVersion::TLS1_2,
+            Some((&ec, &ec_cert)),
+            Some(&intermediate),
+        ),
+        (
+            "rsa13",
+            SslVersion::TLS1_3,
+            Some((&rsa, &rsa_cert)),
+            Some(&intermediate),
+        ),
+        ("rsa12", SslVersion::TLS1_2, Some((&rsa, &rsa_cert)), None),
+        ("none13", SslVersion::TLS1_3, None, None),
+        ("none12", SslVersion::TLS1_2, None, None),
+    ];
+    let mut clients = Vec::new();
+    for (client_id, version, identity, extra) in cases {
+        let client = Client::open_with(h.addr(), |builder| {
+            builder.set_min_proto_version(Some(version)).unwrap();
+            builder.set_max_proto_version(Some(version)).unwrap();
+            if let Some((key, cert)) = identity {
+                builder.set_private_key(key).unwrap();
+                builder.set_certificate(cert).unwrap();
+            }
+            if let Some(extra) = extra {
+                builder.add_extra_chain_cert(extra.clone()).unwrap();
+            }
+        })
+        .await;
+        assert_eq!(
+            client.tls.ssl().version2(),
+            Some(version),
+            "{client_id}: negotiated version"
+        );
+        let mut client = client;
+        client
+            .send(ClientPacket::Connect(connect_packet(client_id, true)))
+            .await;
+        assert!(
+            matches!(
+                client.recv().await,
+                Some(ServerPacket::ConnAck { code: 0, .. })
+            ),
+            "{client_id}: CONNACK 0"
+        );
+        clients.push(client);
+
+        let peer = h
+            .recorder
+            .peers
+            .lock()
+            .unwrap()
+            .get(client_id)
+            .cloned()
+            .unwrap();
+        match identity {
+            None => assert!(peer.is_none(), "{client_id}: presented nothing"),
+            Some((_, cert)) => {
+                let peer = peer.unwrap_or_else(|| panic!("{client_id}: no certificate"));
+                assert_eq!(peer.leaf, cert.to_der().unwrap(), "{client_id}: leaf");
+                let chain: Vec<Vec<u8>> = extra.iter().map(|c| c.to_der().unwrap()).collect();
+                assert_eq!(
+                    peer.chain, chain,
+                    "{client_id}: the certificates after the leaf"
+                );
+                assert_eq!(peer.verified_by_server_ca, None);
+            }
+        }
+    }
 }
 
 #[tokio::test]
