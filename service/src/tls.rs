@@ -16,11 +16,12 @@ use openssl::ssl::{
 };
 use openssl::x509::X509VerifyResult;
 use rustls::client::danger::HandshakeSignatureValid;
-use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, PeerMisbehaved, SignatureScheme,
+};
 
 /// The client's certificates as presented on one connection, DER encoded.
 #[derive(Debug, Clone)]
@@ -114,9 +115,7 @@ pub fn mqtt_acceptor(chain: &Path, key: &Path) -> anyhow::Result<tokio_rustls::T
         .with_context(|| format!("loading {}", chain.display()))?;
     let key =
         PrivateKeyDer::from_pem_file(key).with_context(|| format!("loading {}", key.display()))?;
-    let verifier = Arc::new(AnyClientCertificate {
-        algorithms: provider.signature_verification_algorithms,
-    });
+    let verifier = Arc::new(AnyClientCertificate);
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .context("creating the TLS context")?
@@ -131,9 +130,21 @@ pub fn mqtt_acceptor(chain: &Path, key: &Path) -> anyhow::Result<tokio_rustls::T
 /// Lets any client certificate through the handshake (as openssl's accept-all callback does for
 /// [`acceptor`]); the client must still prove it holds the certificate's key.
 #[derive(Debug)]
-struct AnyClientCertificate {
-    algorithms: WebPkiSupportedAlgorithms,
-}
+struct AnyClientCertificate;
+
+/// What the client may sign its handshake with, in the order offered.
+const CLIENT_SIGNATURE_SCHEMES: [SignatureScheme; 10] = [
+    SignatureScheme::ECDSA_NISTP256_SHA256,
+    SignatureScheme::ECDSA_NISTP384_SHA384,
+    SignatureScheme::ECDSA_NISTP521_SHA512,
+    SignatureScheme::ED25519,
+    SignatureScheme::RSA_PSS_SHA256,
+    SignatureScheme::RSA_PSS_SHA384,
+    SignatureScheme::RSA_PSS_SHA512,
+    SignatureScheme::RSA_PKCS1_SHA256,
+    SignatureScheme::RSA_PKCS1_SHA384,
+    SignatureScheme::RSA_PKCS1_SHA512,
+];
 
 impl ClientCertVerifier for AnyClientCertificate {
     fn client_auth_mandatory(&self) -> bool {
@@ -159,7 +170,7 @@ impl ClientCertVerifier for AnyClientCertificate {
         certificate: &CertificateDer<'_>,
         signature: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, certificate, signature, &self.algorithms)
+        verify_handshake_signature(message, certificate, signature, false)
     }
 
     fn verify_tls13_signature(
@@ -168,11 +179,76 @@ impl ClientCertVerifier for AnyClientCertificate {
         certificate: &CertificateDer<'_>,
         signature: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, certificate, signature, &self.algorithms)
+        verify_handshake_signature(message, certificate, signature, true)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
+        CLIENT_SIGNATURE_SCHEMES.to_vec()
+    }
+}
+
+/// Checks the client's handshake signature with openssl, so that every certificate the openssl
+/// listeners take works here too (webpki, rustls's own check, refuses X.509 v1 certificates,
+/// P-521 keys and RSA keys under 2048 bits). TLS 1.3 binds an ECDSA scheme to its curve and
+/// has no PKCS#1 v1.5 signatures (RFC 8446 §4.2.3); TLS 1.2 does neither.
+fn verify_handshake_signature(
+    message: &[u8],
+    certificate: &CertificateDer<'_>,
+    signature: &DigitallySignedStruct,
+    tls13: bool,
+) -> Result<HandshakeSignatureValid, rustls::Error> {
+    use openssl::hash::MessageDigest;
+    use openssl::nid::Nid;
+    use openssl::sign::{RsaPssSaltlen, Verifier};
+
+    let bad_signature = || rustls::Error::InvalidCertificate(CertificateError::BadSignature);
+    let key = openssl::x509::X509::from_der(certificate)
+        .and_then(|certificate| certificate.public_key())
+        .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+    let unadvertised =
+        || rustls::Error::PeerMisbehaved(PeerMisbehaved::SignedHandshakeWithUnadvertisedSigScheme);
+    // (digest, RSA-PSS, the curve TLS 1.3 requires)
+    let (digest, pss, curve) = match signature.scheme {
+        SignatureScheme::ECDSA_NISTP256_SHA256 => (
+            Some(MessageDigest::sha256()),
+            false,
+            Some(Nid::X9_62_PRIME256V1),
+        ),
+        SignatureScheme::ECDSA_NISTP384_SHA384 => {
+            (Some(MessageDigest::sha384()), false, Some(Nid::SECP384R1))
+        }
+        SignatureScheme::ECDSA_NISTP521_SHA512 => {
+            (Some(MessageDigest::sha512()), false, Some(Nid::SECP521R1))
+        }
+        SignatureScheme::ED25519 => (None, false, None),
+        SignatureScheme::RSA_PSS_SHA256 => (Some(MessageDigest::sha256()), true, None),
+        SignatureScheme::RSA_PSS_SHA384 => (Some(MessageDigest::sha384()), true, None),
+        SignatureScheme::RSA_PSS_SHA512 => (Some(MessageDigest::sha512()), true, None),
+        SignatureScheme::RSA_PKCS1_SHA256 if !tls13 => (Some(MessageDigest::sha256()), false, None),
+        SignatureScheme::RSA_PKCS1_SHA384 if !tls13 => (Some(MessageDigest::sha384()), false, None),
+        SignatureScheme::RSA_PKCS1_SHA512 if !tls13 => (Some(MessageDigest::sha512()), false, None),
+        _ => return Err(unadvertised()),
+    };
+    if let (true, Some(curve)) = (tls13, curve) {
+        let key_curve = key.ec_key().ok().and_then(|ec| ec.group().curve_name());
+        if key_curve != Some(curve) {
+            return Err(bad_signature());
+        }
+    }
+    let verified = (|| {
+        let mut verifier = match digest {
+            Some(digest) => Verifier::new(digest, &key)?,
+            None => Verifier::new_without_digest(&key)?,
+        };
+        if pss {
+            verifier.set_rsa_padding(openssl::rsa::Padding::PKCS1_PSS)?;
+            verifier.set_rsa_pss_saltlen(RsaPssSaltlen::DIGEST_LENGTH)?;
+        }
+        verifier.verify_oneshot(signature.signature(), message)
+    })();
+    match verified {
+        Ok(true) => Ok(HandshakeSignatureValid::assertion()),
+        _ => Err(bad_signature()),
     }
 }
 
@@ -194,5 +270,113 @@ pub fn on_connect(connection: &dyn Any, extensions: &mut Extensions) {
         && let Some(peer) = peer_certificates(tls.ssl())
     {
         extensions.insert(peer);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openssl::ec::{EcGroup, EcKey};
+    use openssl::hash::MessageDigest;
+    use openssl::nid::Nid;
+    use openssl::pkey::{PKey, Private};
+    use openssl::sign::Signer;
+    use rustls::internal::msgs::codec::{Codec, Reader};
+
+    use super::*;
+
+    fn ec_key(curve: Nid) -> PKey<Private> {
+        PKey::from_ec_key(EcKey::generate(&EcGroup::from_curve_name(curve).unwrap()).unwrap())
+            .unwrap()
+    }
+
+    fn certificate(key: &PKey<Private>) -> CertificateDer<'static> {
+        let mut name = openssl::x509::X509NameBuilder::new().unwrap();
+        name.append_entry_by_text("CN", "device").unwrap();
+        let name = name.build();
+        let mut cert = openssl::x509::X509::builder().unwrap();
+        cert.set_subject_name(&name).unwrap();
+        cert.set_issuer_name(&name).unwrap();
+        cert.set_pubkey(key).unwrap();
+        cert.set_not_before(&openssl::asn1::Asn1Time::days_from_now(0).unwrap())
+            .unwrap();
+        cert.set_not_after(&openssl::asn1::Asn1Time::days_from_now(1).unwrap())
+            .unwrap();
+        cert.sign(key, MessageDigest::sha256()).unwrap();
+        CertificateDer::from(cert.build().to_der().unwrap())
+    }
+
+    /// A handshake signature as a client sends it: scheme, then the signature.
+    fn signed(scheme: SignatureScheme, signature: &[u8]) -> DigitallySignedStruct {
+        let mut bytes = Vec::new();
+        scheme.encode(&mut bytes);
+        bytes.extend_from_slice(&u16::try_from(signature.len()).unwrap().to_be_bytes());
+        bytes.extend_from_slice(signature);
+        DigitallySignedStruct::read(&mut Reader::init(&bytes)).unwrap()
+    }
+
+    fn sign(key: &PKey<Private>, digest: MessageDigest, message: &[u8]) -> Vec<u8> {
+        let mut signer = Signer::new(digest, key).unwrap();
+        signer.sign_oneshot_to_vec(message).unwrap()
+    }
+
+    #[test]
+    fn the_client_must_sign_with_its_certificates_key() {
+        let message = b"the handshake so far";
+        let p256 = ec_key(Nid::X9_62_PRIME256V1);
+        let other = ec_key(Nid::X9_62_PRIME256V1);
+        let p384 = ec_key(Nid::SECP384R1);
+        let rsa = PKey::from_rsa(openssl::rsa::Rsa::generate(2048).unwrap()).unwrap();
+        let good = signed(
+            SignatureScheme::ECDSA_NISTP256_SHA256,
+            &sign(&p256, MessageDigest::sha256(), message),
+        );
+        let p256_cert = certificate(&p256);
+        for tls13 in [false, true] {
+            assert!(verify_handshake_signature(message, &p256_cert, &good, tls13).is_ok());
+            // Another message, another key's certificate: refused.
+            assert!(verify_handshake_signature(b"another", &p256_cert, &good, tls13).is_err());
+            let other_cert = certificate(&other);
+            assert!(verify_handshake_signature(message, &other_cert, &good, tls13).is_err());
+        }
+
+        // TLS 1.3 binds the ECDSA scheme to the curve; TLS 1.2 does not.
+        let p384_as_p256 = signed(
+            SignatureScheme::ECDSA_NISTP256_SHA256,
+            &sign(&p384, MessageDigest::sha256(), message),
+        );
+        let p384_cert = certificate(&p384);
+        assert!(verify_handshake_signature(message, &p384_cert, &p384_as_p256, false).is_ok());
+        assert!(verify_handshake_signature(message, &p384_cert, &p384_as_p256, true).is_err());
+
+        // RSA PKCS#1 v1.5 only in TLS 1.2; PSS in both.
+        let rsa_cert = certificate(&rsa);
+        let pkcs1 = signed(
+            SignatureScheme::RSA_PKCS1_SHA256,
+            &sign(&rsa, MessageDigest::sha256(), message),
+        );
+        assert!(verify_handshake_signature(message, &rsa_cert, &pkcs1, false).is_ok());
+        assert!(verify_handshake_signature(message, &rsa_cert, &pkcs1, true).is_err());
+        let mut signer = Signer::new(MessageDigest::sha256(), &rsa).unwrap();
+        signer
+            .set_rsa_padding(openssl::rsa::Padding::PKCS1_PSS)
+            .unwrap();
+        signer
+            .set_rsa_pss_saltlen(openssl::sign::RsaPssSaltlen::DIGEST_LENGTH)
+            .unwrap();
+        let pss = signed(
+            SignatureScheme::RSA_PSS_SHA256,
+            &signer.sign_oneshot_to_vec(message).unwrap(),
+        );
+        for tls13 in [false, true] {
+            assert!(verify_handshake_signature(message, &rsa_cert, &pss, tls13).is_ok());
+            // The PKCS#1 signature under the PSS scheme, and the other way round: refused.
+            let mislabelled = signed(SignatureScheme::RSA_PSS_SHA256, pkcs1.signature());
+            assert!(verify_handshake_signature(message, &rsa_cert, &mislabelled, tls13).is_err());
+        }
+        // A scheme not offered, and a certificate that is not DER.
+        let sha1 = signed(SignatureScheme::RSA_PKCS1_SHA1, pkcs1.signature());
+        assert!(verify_handshake_signature(message, &rsa_cert, &sha1, false).is_err());
+        let garbage = CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x01]);
+        assert!(verify_handshake_signature(message, &garbage, &good, false).is_err());
     }
 }
