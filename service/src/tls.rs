@@ -1,8 +1,8 @@
 //! TLS for the listeners: openssl for HTTPS and AMQP, rustls for MQTT (decision 49). Both give
 //! TLS 1.2 and 1.3, the server chain from the data dir, and client certificates requested but
-//! never required. Whatever the client presents is let
-//! through the handshake and handed to the application, which decides (device attestation
-//! judges certificates itself; the management API ignores them).
+//! never required. Whatever the client presents is let through the handshake and handed to the
+//! application, which decides (device attestation judges certificates itself; the management
+//! API ignores them).
 
 use std::any::Any;
 use std::path::Path;
@@ -121,7 +121,7 @@ pub fn mqtt_acceptor(chain: &Path, key: &Path) -> anyhow::Result<tokio_rustls::T
         .context("creating the TLS context")?
         .with_client_cert_verifier(verifier)
         .with_single_cert(certificates, key)
-        .context("the server key does not fit its certificate")?;
+        .context("using the server certificate and key for MQTT")?;
     config.ticketer =
         rustls::crypto::ring::Ticketer::new().context("creating the session ticket keys")?;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
@@ -274,7 +274,7 @@ pub fn on_connect(connection: &dyn Any, extensions: &mut Extensions) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use openssl::ec::{EcGroup, EcKey};
     use openssl::hash::MessageDigest;
     use openssl::nid::Nid;
@@ -289,20 +289,32 @@ mod tests {
             .unwrap()
     }
 
-    fn certificate(key: &PKey<Private>) -> CertificateDer<'static> {
+    /// A self-signed certificate made with openssl (so that RSA and P-521 are covered too), as
+    /// X.509 v3 or v1.
+    pub(crate) fn self_signed(key: &PKey<Private>, cn: &str, v3: bool) -> openssl::x509::X509 {
         let mut name = openssl::x509::X509NameBuilder::new().unwrap();
-        name.append_entry_by_text("CN", "device").unwrap();
+        name.append_entry_by_text("CN", cn).unwrap();
         let name = name.build();
         let mut cert = openssl::x509::X509::builder().unwrap();
+        cert.set_version(if v3 { 2 } else { 0 }).unwrap();
         cert.set_subject_name(&name).unwrap();
         cert.set_issuer_name(&name).unwrap();
         cert.set_pubkey(key).unwrap();
+        let serial = openssl::bn::BigNum::from_u32(7)
+            .unwrap()
+            .to_asn1_integer()
+            .unwrap();
+        cert.set_serial_number(&serial).unwrap();
         cert.set_not_before(&openssl::asn1::Asn1Time::days_from_now(0).unwrap())
             .unwrap();
         cert.set_not_after(&openssl::asn1::Asn1Time::days_from_now(1).unwrap())
             .unwrap();
         cert.sign(key, MessageDigest::sha256()).unwrap();
-        CertificateDer::from(cert.build().to_der().unwrap())
+        cert.build()
+    }
+
+    fn certificate(key: &PKey<Private>) -> CertificateDer<'static> {
+        CertificateDer::from(self_signed(key, "device", true).to_der().unwrap())
     }
 
     /// A handshake signature as a client sends it: scheme, then the signature.

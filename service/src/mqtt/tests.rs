@@ -480,30 +480,6 @@ async fn connack_accepts_and_refuses() {
     assert_eq!(h.listener.connected_count(), 1);
 }
 
-/// A self-signed certificate (openssl, so that RSA is covered too) and its key.
-fn self_signed(key: openssl::pkey::PKey<openssl::pkey::Private>, cn: &str, v3: bool) -> X509 {
-    let mut name = openssl::x509::X509NameBuilder::new().unwrap();
-    name.append_entry_by_text("CN", cn).unwrap();
-    let name = name.build();
-    let mut cert = X509::builder().unwrap();
-    cert.set_version(if v3 { 2 } else { 0 }).unwrap();
-    cert.set_subject_name(&name).unwrap();
-    cert.set_issuer_name(&name).unwrap();
-    cert.set_pubkey(&key).unwrap();
-    let serial = openssl::bn::BigNum::from_u32(7)
-        .unwrap()
-        .to_asn1_integer()
-        .unwrap();
-    cert.set_serial_number(&serial).unwrap();
-    cert.set_not_before(&openssl::asn1::Asn1Time::days_from_now(0).unwrap())
-        .unwrap();
-    cert.set_not_after(&openssl::asn1::Asn1Time::days_from_now(1).unwrap())
-        .unwrap();
-    cert.sign(&key, openssl::hash::MessageDigest::sha256())
-        .unwrap();
-    cert.build()
-}
-
 #[tokio::test]
 async fn any_client_certificate_reaches_the_application_over_tls_1_2_and_1_3() {
     use openssl::ssl::SslVersion;
@@ -515,17 +491,17 @@ async fn any_client_certificate_reaches_the_application_over_tls_1_2_and_1_3() {
     let ec = openssl::pkey::PKey::from_ec_key(ec).unwrap();
     let rsa = openssl::pkey::PKey::from_rsa(openssl::rsa::Rsa::generate(2048).unwrap()).unwrap();
     // Self-signed and unknown to the server: let through, for the application to judge.
-    let ec_cert = self_signed(ec.clone(), "ec-device", true);
-    let rsa_cert = self_signed(rsa.clone(), "rsa-device", true);
+    let ec_cert = crate::tls::tests::self_signed(&ec, "ec-device", true);
+    let rsa_cert = crate::tls::tests::self_signed(&rsa, "rsa-device", true);
     // What webpki (rustls's own check) would refuse: a P-521 key in an X.509 v1 certificate.
     let p521 = openssl::ec::EcKey::generate(
         &openssl::ec::EcGroup::from_curve_name(openssl::nid::Nid::SECP521R1).unwrap(),
     )
     .unwrap();
     let p521 = openssl::pkey::PKey::from_ec_key(p521).unwrap();
-    let p521_cert = self_signed(p521.clone(), "p521-v1-device", false);
+    let p521_cert = crate::tls::tests::self_signed(&p521, "p521-v1-device", false);
     // A leaf sent with an "intermediate" (here any other certificate) after it.
-    let intermediate = self_signed(ec.clone(), "some intermediate", true);
+    let intermediate = crate::tls::tests::self_signed(&ec, "some intermediate", true);
 
     let cases = [
         ("ec13", SslVersion::TLS1_3, Some((&ec, &ec_cert)), None),
