@@ -1278,3 +1278,53 @@ fn failed_registrations_are_kept_and_their_operations_polled() {
         assert_nothing_stored(s, off);
     }
 }
+
+/// An HTTPS register is answered 202 however fast it was, and its assigned outcome is kept for
+/// the poll that repeats its credential (decision 50). Only that exact credential gets it, once;
+/// any other poll attests as before.
+#[test]
+fn a_poll_repeating_the_register_credential_gets_the_kept_outcome_once() {
+    each_backend(|s| {
+        let id = "kept-poll-01";
+        let (primary, secondary) = enroll_symmetric(s, id, json!({}));
+        let token = c_sdk_device_sas(&s.id_scope, id, &primary, now() + 3600);
+        let accepted = register(
+            s,
+            &s.client,
+            id,
+            Some(&token),
+            &json!({"registrationId": id}),
+        );
+        let operation_id = assert_accepted(&accepted, "register");
+
+        // A token signed with a key the enrollment does not have: refused, not answered.
+        let wrong = c_sdk_device_sas(&s.id_scope, id, &B64.encode([7u8; 32]), now() + 3600);
+        let refused = poll(s, &s.client, id, &operation_id, Some(&wrong));
+        assert_error(&refused, 401, 401_002, "a poll with a foreign key");
+        // The secondary key attests in full and reads the record.
+        let other = c_sdk_device_sas(&s.id_scope, id, &secondary, now() + 3600);
+        let polled = poll(s, &s.client, id, &operation_id, Some(&other));
+        let by_record = assert_assigned(s, &polled, id, &operation_id);
+
+        // Disabled after the assignment: the registering token still gets what the operation
+        // did, once; the next poll attests against the disabled enrollment.
+        let (_, enrollment, _) = send(s.request(Method::GET, &format!("/enrollments/{id}")));
+        let mut disabled = enrollment.clone();
+        disabled["provisioningStatus"] = json!("disabled");
+        let (status, body, _) = send(
+            s.request(Method::PUT, &format!("/enrollments/{id}"))
+                .header("If-Match", enrollment["etag"].as_str().expect("etag"))
+                .json(&disabled),
+        );
+        assert_eq!(status, 200, "{body}");
+        let polled = poll(s, &s.client, id, &operation_id, Some(&token));
+        let kept = assert_assigned(s, &polled, id, &operation_id);
+        assert_eq!(kept, by_record, "the kept outcome is the recorded one");
+        let (status, again, _) = poll(s, &s.client, id, &operation_id, Some(&token));
+        assert_eq!(
+            (status, again["status"].clone()),
+            (200, json!("disabled")),
+            "{again}"
+        );
+    });
+}

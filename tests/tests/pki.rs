@@ -349,6 +349,11 @@ fn issued_certificates_are_recorded_checked_and_revoked() {
         assert_eq!(issued_count(s), issued_before);
         let mut live = mqtt_connect(s, id, &format!("{leaf}{intermediate}"), &device_key)
             .expect("CONNACK 0 before revocation");
+        // A registration assigned now whose poll comes after the revocation (its outcome is
+        // kept in memory for that poll, decision 50): the poll is refused too.
+        let pending = register_x509(s, &device, id);
+        assert_eq!(pending.0, 202, "{}", pending.1);
+        let pending_operation = pending.1["operationId"].as_str().unwrap().to_string();
 
         // Bad reason: 400; unknown serial: 404207.
         let revoke_path = format!("/certificates/issued/{serial}/revoke");
@@ -404,6 +409,12 @@ fn issued_certificates_are_recorded_checked_and_revoked() {
 
         // Enforcement: DPS refuses the certificate (401005), the hub too (HTTPS and MQTT).
         let response = register_x509(s, &device, id);
+        assert_code(&response, 401, 401_005);
+        let operation = format!(
+            "/{}/registrations/{id}/operations/{pending_operation}",
+            s.id_scope
+        );
+        let response = send(s.dps_request(&device, Method::GET, &operation, None));
         assert_code(&response, 401, 401_005);
         assert_eq!(
             telemetry_status(s, id, &format!("{leaf}{intermediate}"), &device_key),

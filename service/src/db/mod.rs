@@ -35,7 +35,7 @@ use std::time::Duration;
 pub use connection::Backend;
 pub use process::{HubLock, HubLockError, has_setting};
 pub use store::Database;
-pub use update::{Change, UPDATE_ATTEMPTS, Updated, blocking};
+pub use update::{Change, Read, UPDATE_ATTEMPTS, Updated, blocking};
 
 /// A kind of stored document. Each collection is a table of its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -278,6 +278,13 @@ pub trait DocumentStore: Send + Sync + 'static {
     /// probe (the setting `health_probe`), so a store recovers by itself once the fault is
     /// gone.
     fn check_writable(&self) -> Result<(), StoreError>;
+
+    /// What [`check_writable`](Self::check_writable) would answer, when it can tell without
+    /// touching the database (a write committed lately, or a fault still fresh); `None` when
+    /// only a probe write can tell. Cheap enough for async code.
+    fn writable_known(&self) -> Option<Result<(), StoreError>> {
+        None
+    }
 
     /// Every document of a collection (optionally of one parent), in list order: all pages.
     /// For collections an instance keeps small (policies, CA certificates, groups).

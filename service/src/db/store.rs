@@ -833,10 +833,15 @@ impl DocumentStore for Database {
     }
 
     fn check_writable(&self) -> Result<(), StoreError> {
+        self.writable_known()
+            .unwrap_or_else(|| self.setting_set("health_probe", &crate::time::now_rfc3339()))
+    }
+
+    fn writable_known(&self) -> Option<Result<(), StoreError>> {
         match self.health.check() {
-            Check::Writable => Ok(()),
-            Check::Failing(fault) => Err(fault),
-            Check::Probe => self.setting_set("health_probe", &crate::time::now_rfc3339()),
+            Check::Writable => Some(Ok(())),
+            Check::Failing(fault) => Some(Err(fault)),
+            Check::Probe => None,
         }
     }
 }

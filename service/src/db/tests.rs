@@ -159,6 +159,7 @@ suite! {
         update_creates_changes_keeps_and_deletes,
         concurrent_updates_lose_nothing,
         update_gives_up_when_always_contended,
+        update_from_a_stale_read_reads_again,
         update_each_applies_a_batch_in_order,
         batches_racing_single_updates_lose_nothing,
     ],
@@ -729,6 +730,51 @@ fn update_gives_up_when_always_contended(f: &Fixture) {
     );
     assert_eq!(calls, UPDATE_ATTEMPTS);
     assert_ne!(count_of(store.get(C, "hot").unwrap().as_ref()), -1);
+}
+
+fn update_from_a_stale_read_reads_again(f: &Fixture) {
+    let store = f.store();
+    // Starting from what the caller read: no read of its own, the change sees that document.
+    let created = store
+        .update_from::<_, StoreError>(C, "known", Read::Was(None), |doc| {
+            Ok(Change::put(
+                json!({"count": count_of(doc) + 1}),
+                count_of(doc),
+            ))
+        })
+        .unwrap();
+    assert_eq!(created.result, 0);
+    let first = created.document.unwrap();
+    let next = store
+        .update_from::<_, StoreError>(C, "known", Read::Was(Some(first.clone())), |doc| {
+            Ok(Change::put(
+                json!({"count": count_of(doc) + 1}),
+                count_of(doc),
+            ))
+        })
+        .unwrap();
+    assert_eq!(next.result, 1);
+
+    // Stale: "missing" (a create conflicts) and an old etag (the write is refused). Either
+    // way the next attempt reads the document as it is, and nothing is lost.
+    let mut seen = Vec::new();
+    let from_nothing = store
+        .update_from::<_, StoreError>(C, "known", Read::Was(None), |doc| {
+            seen.push(count_of(doc));
+            Ok(Change::put(json!({"count": count_of(doc) + 1}), ()))
+        })
+        .unwrap();
+    assert_eq!(seen, [0, 2]);
+    assert_eq!(count_of(from_nothing.document.as_ref()), 3);
+    seen.clear();
+    store
+        .update_from::<_, StoreError>(C, "known", Read::Was(Some(first)), |doc| {
+            seen.push(count_of(doc));
+            Ok(Change::put(json!({"count": count_of(doc) + 1}), ()))
+        })
+        .unwrap();
+    assert_eq!(seen, [1, 3]);
+    assert_eq!(count_of(store.get(C, "known").unwrap().as_ref()), 4);
 }
 
 fn update_each_applies_a_batch_in_order(f: &Fixture) {

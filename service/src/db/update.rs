@@ -18,6 +18,15 @@ pub const UPDATE_ATTEMPTS: usize = 16;
 /// spreads writers that keep colliding on one document.
 const MAX_PAUSE: Duration = Duration::from_millis(50);
 
+/// What the caller of [`DocumentStore::update_from`] knows of the document.
+#[derive(Debug)]
+pub enum Read {
+    /// Nothing: read it.
+    No,
+    /// It was this (`None`: missing) a moment ago.
+    Was(Option<Document>),
+}
+
 /// What a read-modify-write decided.
 #[derive(Debug)]
 pub enum Change<T> {
@@ -64,17 +73,38 @@ impl dyn DocumentStore {
         &self,
         collection: Collection,
         id: &str,
+        change: impl FnMut(Option<&Document>) -> Result<Change<T>, E>,
+    ) -> Result<Updated<T>, E>
+    where
+        E: From<StoreError>,
+    {
+        self.update_from(collection, id, Read::No, change)
+    }
+
+    /// [`update`](Self::update) whose first attempt starts from `read`, the document as the
+    /// caller read it a moment ago (`Read::Was(None)`: it did not exist), instead of reading
+    /// it again: one round trip less. The etag condition still catches a change since then,
+    /// and the next attempt reads afresh.
+    pub fn update_from<T, E>(
+        &self,
+        collection: Collection,
+        id: &str,
+        read: Read,
         mut change: impl FnMut(Option<&Document>) -> Result<Change<T>, E>,
     ) -> Result<Updated<T>, E>
     where
         E: From<StoreError>,
     {
         let _turn = Turn::take(collection, id);
+        let mut read = Some(read);
         for attempt in 0..UPDATE_ATTEMPTS {
             if attempt > 0 {
                 pause(attempt);
             }
-            let current = self.get(collection, id)?;
+            let current = match read.take() {
+                Some(Read::Was(document)) => document,
+                _ => self.get(collection, id)?,
+            };
             let written = match change(current.as_ref())? {
                 Change::Keep(result) => {
                     return Ok(Updated {

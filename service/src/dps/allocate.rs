@@ -70,6 +70,12 @@ impl Dps {
     /// The hubs devices can be assigned to: the built-in hub of this process (if it runs one)
     /// and every joined hub, with their health as of now.
     pub(super) async fn linked_hubs(&self) -> Result<LinkedHubs, Error> {
+        let remote = crate::db::blocking(&self.store, hubs::load_all).await?;
+        Ok(self.linked_hubs_of(remote))
+    }
+
+    /// [`linked_hubs`](Self::linked_hubs) from the joined hubs' records, read by the caller.
+    pub(super) fn linked_hubs_of(&self, remote: Vec<hubs::LinkedHub>) -> LinkedHubs {
         let mut linked = LinkedHubs::default();
         if let Some(hub) = &self.hub {
             let own = &self.allocation.own_hub;
@@ -82,7 +88,6 @@ impl Dps {
             });
             linked.targets.push(HubTarget::Local(hub.clone()));
         }
-        let remote = crate::db::blocking(&self.store, hubs::load_all).await?;
         let now = crate::time::now_unix();
         for record in remote {
             if linked.target(&record.name).is_some() {
@@ -101,7 +106,7 @@ impl Dps {
                 self.hub_client.clone(),
             )));
         }
-        Ok(linked)
+        linked
     }
 
     /// Runs the allocation policy over the linked hubs not `excluded`. `Ok(Err(…))` is an

@@ -13,6 +13,7 @@ mod apply;
 mod attest;
 mod cleanup;
 mod error;
+mod finished;
 pub mod hubs;
 mod issue;
 pub mod mqtt;
@@ -30,9 +31,10 @@ use zerotouch_policies::{self as policies, Policy};
 
 pub use attest::Attestation;
 pub use error::{Error, FailureCode};
+pub use finished::Presented;
 pub use record::{Registration, RegistrationStatus, Substatus, device_view};
 
-use crate::db::DocumentStore;
+use crate::db::{DocumentStore, Read};
 use crate::enrollment::Enrollment;
 use crate::hub::Hub;
 use crate::tls::PeerCertificates;
@@ -121,6 +123,8 @@ pub struct Dps {
     pending: std::sync::Mutex<std::collections::HashMap<String, String>>,
     /// Operations that failed after their requester stopped waiting: polled answers.
     failed: std::sync::Mutex<std::collections::HashMap<String, Error>>,
+    /// Assigned operations an HTTPS device will poll for, answered without attesting again.
+    finished: std::sync::Mutex<finished::Finished>,
     /// How long an MQTT register waits for its outcome before answering `assigning`.
     pub fast_path: std::time::Duration,
     /// Outstanding TPM challenges by lower-cased registration id. Per process: a device must
@@ -192,6 +196,7 @@ impl Dps {
             certificate_days: settings.certificate_validity_days,
             pending: Default::default(),
             failed: Default::default(),
+            finished: Default::default(),
             fast_path: std::time::Duration::from_millis(settings.fast_path_ms),
             challenges: Default::default(),
             challenge_lifetime: settings.tpm_challenge_seconds,
@@ -216,7 +221,10 @@ impl Dps {
     ) -> Result<Progress, Error> {
         // While writes fail (a full disk), a registration could be answered 202 and then never
         // recorded: refuse it at once, with a retry hint the SDKs follow.
-        crate::db::blocking(&self.store, |store| store.check_writable()).await?;
+        match self.store.writable_known() {
+            Some(known) => known?,
+            None => crate::db::blocking(&self.store, |store| store.check_writable()).await?,
+        }
         let operation_id = new_operation_id();
         self.lock_pending()
             .insert(operation_id.clone(), registration_id.to_ascii_lowercase());
@@ -337,7 +345,9 @@ impl Dps {
         operation_id: String,
     ) -> Result<Outcome, Error> {
         let group_id = enrollment.group_id().map(String::from);
-        let previous = self.registration(registration_id).await?;
+        let (previous, hub_records) = self.registration_and_hubs(registration_id).await?;
+        // What the record write starts from (sparing it a read), unless it changes meanwhile.
+        let read = Read::Was(previous.as_ref().map(|(_, doc)| doc.clone()));
         // A group member's credential depends on how it spells its id (the key derived from
         // it, the certificate's CN), so another spelling of a registered id is another device:
         // it must not take over the identity of the one that registered first.
@@ -377,13 +387,13 @@ impl Dps {
             evidence,
             (issued.as_ref(), activation.as_ref()),
         );
-        let linked = self.linked_hubs().await?;
+        let linked = self.linked_hubs_of(hub_records);
         let now = crate::time::now_rfc3339();
         let placed = match self.place(&registering, &linked, &identity).await? {
             Ok(placed) => placed,
             Err((code, message)) => {
                 let record = Registration::failed(registration_id, code.number(), &message, &now);
-                return self.keep_failed(record, group_id, operation_id).await;
+                return self.keep_failed(record, group_id, operation_id, read).await;
             }
         };
         let mut record = Registration {
@@ -404,7 +414,7 @@ impl Dps {
             activation.as_ref(),
         );
         let doc = match self
-            .record(registration_id, group_id, record, &operation_id)
+            .record(registration_id, group_id, record, &operation_id, read)
             .await?
         {
             Recorded::Written(doc) => doc,
@@ -447,10 +457,14 @@ impl Dps {
         mut record: Registration,
         group_id: Option<String>,
         operation_id: String,
+        read: Read,
     ) -> Result<Outcome, Error> {
         let id = record.registration_id.clone();
         record.created_date_time_utc = record.last_updated_date_time_utc.clone();
-        match self.record(&id, group_id, record, &operation_id).await? {
+        match self
+            .record(&id, group_id, record, &operation_id, read)
+            .await?
+        {
             Recorded::Written(doc) => Ok(Outcome {
                 operation_id,
                 status: RegistrationStatus::Failed,
@@ -460,6 +474,15 @@ impl Dps {
         }
     }
 
+    /// Keeps an assigned outcome for the poll the device will send with the same credential
+    /// (an HTTPS register is answered 202 however fast it was).
+    pub fn keep_for_poll(&self, registration_id: &str, presented: Presented, outcome: Outcome) {
+        self.finished
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keep(registration_id, presented, outcome);
+    }
+
     /// `GET …/operations/{operationId}`: the outcome of a registration.
     pub async fn operation(
         &self,
@@ -467,6 +490,23 @@ impl Dps {
         evidence: &Evidence,
         operation_id: &str,
     ) -> Result<Outcome, Error> {
+        let kept = self
+            .finished
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(
+                registration_id,
+                operation_id,
+                evidence,
+                crate::time::now_unix(),
+            );
+        if let Some(outcome) = kept {
+            // Revocation is enforced on every request that presents a certificate.
+            if let Evidence::Certificate(peer) = evidence {
+                crate::pki::refuse_revoked(&self.store, &peer.leaf).await?;
+            }
+            return Ok(outcome);
+        }
         if let Attestation::Disabled = self.authenticate(registration_id, evidence).await? {
             return Ok(disabled(operation_id.to_string(), registration_id));
         }

@@ -12,7 +12,7 @@ use zerotouch_attestation::{AttestedIdentity, Mechanism};
 
 use super::Dps;
 use super::error::Error;
-use crate::db::{Change, Collection, Document, StoreError};
+use crate::db::{Change, Collection, Document, Read, StoreError};
 use zerotouch_certs::IssuedDeviceCertificate;
 
 /// Where a registration stands (`registrationState.status`).
@@ -256,11 +256,12 @@ impl Dps {
         parent: Option<String>,
         record: Registration,
         operation_id: &str,
+        read: Read,
     ) -> Result<Recorded, Error> {
         let id = registration_id.to_string();
         let this_operation = operation_id.to_string();
         let updated = crate::db::blocking(&self.store, move |s| {
-            s.update::<_, StoreError>(Collection::Registrations, &id, |current| {
+            s.update_from::<_, StoreError>(Collection::Registrations, &id, read, |current| {
                 if parent.is_some()
                     && let Some(first) = current.filter(|c| c.id != id)
                 {
@@ -286,6 +287,32 @@ impl Dps {
                 "a written registration record is gone".into(),
             )),
         }
+    }
+
+    /// The record of `registration_id` (if it registered) and the joined hubs' records, in
+    /// one trip to the store: what a registration reads before it chooses a hub.
+    pub(super) async fn registration_and_hubs(
+        &self,
+        registration_id: &str,
+    ) -> Result<
+        (
+            Option<(Registration, Document)>,
+            Vec<super::hubs::LinkedHub>,
+        ),
+        Error,
+    > {
+        let id = registration_id.to_string();
+        let (doc, hubs) = crate::db::blocking(&self.store, move |s| {
+            Ok((
+                s.get(Collection::Registrations, &id)?,
+                super::hubs::load_all(s)?,
+            ))
+        })
+        .await?;
+        let record = doc
+            .map(|doc| Ok::<_, Error>((Registration::from_document(&doc)?, doc)))
+            .transpose()?;
+        Ok((record, hubs))
     }
 
     /// The record of `registration_id`, if it registered.

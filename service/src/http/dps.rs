@@ -5,7 +5,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use serde_json::Value;
 use zerotouch_attestation::symmetric_key::SasToken;
 
-use crate::dps::{Dps, Evidence, Progress, RegisterBody, RegistrationStatus};
+use crate::dps::{Dps, Evidence, Presented, Progress, RegisterBody, RegistrationStatus};
 use crate::http::routes;
 
 /// How long a register over HTTPS waits for its outcome before answering 202 anyway.
@@ -105,15 +105,21 @@ async fn register(
     }
     // Wait a while for the outcome so that bad requests (a CSR with the wrong CN…) come back as
     // 4xx here; the answer to a good one is 202 either way, and the device polls.
+    let evidence = evidence(&req)?;
+    let presented = Presented::of(&evidence);
     let progress = dps
-        .begin(&registration_id, evidence(&req)?, body, HTTPS_WAIT)
+        .begin(&registration_id, evidence, body, HTTPS_WAIT)
         .await?;
     let operation_id = match progress {
         Progress::Done(outcome) if outcome.status != RegistrationStatus::Assigned => {
             // `disabled` and `failed` are final at once.
             return Ok(json(actix_web::http::StatusCode::OK, outcome.body()));
         }
-        Progress::Done(outcome) => outcome.operation_id,
+        Progress::Done(outcome) => {
+            let operation_id = outcome.operation_id.clone();
+            dps.keep_for_poll(&registration_id, presented, outcome);
+            operation_id
+        }
         Progress::Running { operation_id } => operation_id,
     };
     // Registration is an operation: 202 `assigning` (iot-identity-service rejects 200), the
