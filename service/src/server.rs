@@ -81,11 +81,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev:
         None => (&paths.server_chain, &paths.server_key, &paths.ca_bundle),
     };
 
-    let mut https_tls = tls::acceptor(server_chain, server_key, ca_bundle)?;
-    https_tls.set_alpn_select_callback(|_, client| {
-        openssl::ssl::select_next_proto(b"\x02h2\x08http/1.1", client)
-            .ok_or(openssl::ssl::AlpnError::NOACK)
-    });
+    let https_tls = tls::https_config(server_chain, server_key)?;
     let mqtt_tls = tls::mqtt_acceptor(server_chain, server_key)?;
     let amqp_tls = tls::acceptor(server_chain, server_key, ca_bundle)?.build();
 
@@ -213,7 +209,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev:
     // Without it a new connection's first answer can wait ~40 ms for the client's delayed ACK
     // (TLS 1.3 writes its session tickets separately): measured on device registrations.
     .tcp_nodelay(true)
-    .bind_openssl(settings.listen.https, https_tls)
+    .bind_rustls_0_23(settings.listen.https, https_tls)
     .with_context(|| format!("binding HTTPS to {}", settings.listen.https))?;
     let https = server
         .addrs()

@@ -1,4 +1,4 @@
-//! TLS for the listeners: openssl for HTTPS and AMQP, rustls for MQTT (decision 49). Both give
+//! TLS for the listeners: rustls for MQTT and HTTPS (decisions 49, 51), openssl for AMQP. Both give
 //! TLS 1.2 and 1.3, the server chain from the data dir, and client certificates requested but
 //! never required. Whatever the client presents is let through the handshake and handed to the
 //! application, which decides (device attestation judges certificates itself; the management
@@ -14,7 +14,6 @@ use base64::Engine;
 use openssl::ssl::{
     SslAcceptor, SslAcceptorBuilder, SslFiletype, SslMethod, SslMode, SslVerifyMode, SslVersion,
 };
-use openssl::x509::X509VerifyResult;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
@@ -29,14 +28,31 @@ pub struct PeerCertificates {
     pub leaf: Vec<u8>,
     /// Certificates the client sent after its leaf (intermediates), in order.
     pub chain: Vec<Vec<u8>>,
-    /// Whether openssl could chain the leaf to the service's own CA (informational only; HTTPS
-    /// only, `None` on MQTT).
-    pub verified_by_server_ca: Option<bool>,
 }
 
 impl PeerCertificates {
     pub fn leaf_pem(&self) -> String {
         pem_of(&self.leaf)
+    }
+
+    /// Whether openssl chains the leaf, through the intermediates sent, to a certificate of
+    /// `bundle_pem` (informational: nothing is accepted or refused by it).
+    pub fn chains_to(&self, bundle_pem: &[u8]) -> bool {
+        let verified = || -> Result<bool, openssl::error::ErrorStack> {
+            let mut store = openssl::x509::store::X509StoreBuilder::new()?;
+            for root in openssl::x509::X509::stack_from_pem(bundle_pem)? {
+                store.add_cert(root)?;
+            }
+            let store = store.build();
+            let mut chain = openssl::stack::Stack::new()?;
+            for der in &self.chain {
+                chain.push(openssl::x509::X509::from_der(der)?)?;
+            }
+            let leaf = openssl::x509::X509::from_der(&self.leaf)?;
+            let mut context = openssl::x509::X509StoreContext::new()?;
+            context.init(&store, &leaf, &chain, |c| c.verify_cert())
+        };
+        verified().unwrap_or(false)
     }
 }
 
@@ -94,18 +110,29 @@ pub fn peer_certificates(ssl: &openssl::ssl::SslRef) -> Option<PeerCertificates>
                 .collect()
         })
         .unwrap_or_default();
-    Some(PeerCertificates {
-        leaf,
-        chain,
-        verified_by_server_ca: Some(ssl.verify_result() == X509VerifyResult::OK),
-    })
+    Some(PeerCertificates { leaf, chain })
 }
 
-/// TLS for the MQTT listener (rustls on ring, decision 49): the same server chain and key and
-/// the same policy as [`acceptor`] (TLS 1.2 and 1.3, client certificates requested, never
-/// required, any chain let through for the application to judge), with about half of
-/// openssl's memory per idle connection. Session tickets let devices resume.
+/// TLS for the MQTT listener (rustls on ring, decision 49): see [`rustls_config`].
 pub fn mqtt_acceptor(chain: &Path, key: &Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(rustls_config(
+        chain, key, "MQTT",
+    )?)))
+}
+
+/// TLS for the HTTPS listener (decision 51): [`rustls_config`] with ALPN for HTTP/2 and 1.1.
+pub fn https_config(chain: &Path, key: &Path) -> anyhow::Result<rustls::ServerConfig> {
+    let mut config = rustls_config(chain, key, "HTTPS")?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// The rustls server side (on ring) of the MQTT and HTTPS listeners: the server chain and key
+/// of the data dir, TLS 1.2 and 1.3, client certificates requested and never required, any
+/// chain let through for the application to judge (as [`acceptor`] does for AMQP), session
+/// tickets for resumption. About half of openssl's memory per idle connection, and a cheaper
+/// handshake than openssl 3.0's.
+fn rustls_config(chain: &Path, key: &Path, listener: &str) -> anyhow::Result<rustls::ServerConfig> {
     // Deprecated only for lacking post-quantum key exchange, which openssl 3.0 on the other
     // listeners lacks as well; aws-lc (the other provider) would add a C build of its own.
     #[expect(deprecated, reason = "ring has no post-quantum key exchange")]
@@ -121,10 +148,10 @@ pub fn mqtt_acceptor(chain: &Path, key: &Path) -> anyhow::Result<tokio_rustls::T
         .context("creating the TLS context")?
         .with_client_cert_verifier(verifier)
         .with_single_cert(certificates, key)
-        .context("using the server certificate and key for MQTT")?;
+        .with_context(|| format!("using the server certificate and key for {listener}"))?;
     config.ticketer =
         rustls::crypto::ring::Ticketer::new().context("creating the session ticket keys")?;
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+    Ok(config)
 }
 
 /// Lets any client certificate through the handshake (as openssl's accept-all callback does for
@@ -252,22 +279,20 @@ fn verify_handshake_signature(
     }
 }
 
-/// The client's certificates on a connection of the MQTT listener. `verified_by_server_ca` is
-/// `None`: this listener does not chain them to our CA (the hub and DPS judge them).
-pub fn mqtt_peer_certificates(connection: &rustls::ServerConnection) -> Option<PeerCertificates> {
+/// The client's certificates on a connection of a rustls listener (MQTT, HTTPS).
+pub fn rustls_peer_certificates(connection: &rustls::ServerConnection) -> Option<PeerCertificates> {
     let (leaf, chain) = connection.peer_certificates()?.split_first()?;
     Some(PeerCertificates {
         leaf: leaf.to_vec(),
         chain: chain.iter().map(|c| c.to_vec()).collect(),
-        verified_by_server_ca: None,
     })
 }
 
 /// actix `on_connect` hook: stores the peer certificates in the connection's extensions.
 pub fn on_connect(connection: &dyn Any, extensions: &mut Extensions) {
-    type Stream = actix_tls::accept::openssl::TlsStream<actix_web::rt::net::TcpStream>;
+    type Stream = actix_tls::accept::rustls_0_23::TlsStream<actix_web::rt::net::TcpStream>;
     if let Some(tls) = connection.downcast_ref::<Stream>()
-        && let Some(peer) = peer_certificates(tls.ssl())
+        && let Some(peer) = rustls_peer_certificates(tls.get_ref().1)
     {
         extensions.insert(peer);
     }

@@ -145,7 +145,6 @@ mod tests {
         Evidence::Certificate(PeerCertificates {
             leaf: leaf.to_vec(),
             chain: vec![b"intermediate".to_vec()],
-            verified_by_server_ca: None,
         })
     }
 

@@ -104,7 +104,7 @@ fn reason(fault: &StoreError) -> &'static str {
     tag = "service",
     responses((status = 200, description = "What the TLS client presented on this connection", body = crate::http::openapi::ClientCertificate)),
 )]
-async fn client_certificate(req: HttpRequest) -> HttpResponse {
+async fn client_certificate(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     match peer_certificates(&req) {
         None => HttpResponse::Ok().json(json!({"presented": false})),
         Some(peer) => {
@@ -115,7 +115,7 @@ async fn client_certificate(req: HttpRequest) -> HttpResponse {
                 "presented": true,
                 "leaf": leaf,
                 "chainLength": peer.chain.len(),
-                "verifiedByServerCa": peer.verified_by_server_ca,
+                "verifiedByServerCa": peer.chains_to(state.instance.ca.trust_bundle_pem().as_bytes()),
             }))
         }
     }

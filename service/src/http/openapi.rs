@@ -550,6 +550,7 @@ mod schemas {
         #[schema(value_type = Option<Object>)]
         leaf: Option<Value>,
         chain_length: Option<u64>,
+        /// Whether the chain reaches Zerotouch's own CA (informational).
         verified_by_server_ca: Option<bool>,
     }
 

@@ -129,7 +129,7 @@ async fn establish(
             return None;
         }
     };
-    let peer_certificates = crate::tls::mqtt_peer_certificates(tls.get_ref().1);
+    let peer_certificates = crate::tls::rustls_peer_certificates(tls.get_ref().1);
     let (read, mut writer) = tokio::io::split(tls);
     let mut reader = FrameReader::new(read, engine.limits.max_packet_bytes);
 

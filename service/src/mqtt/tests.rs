@@ -583,7 +583,6 @@ async fn any_client_certificate_reaches_the_application_over_tls_1_2_and_1_3() {
                     peer.chain, chain,
                     "{client_id}: the certificates after the leaf"
                 );
-                assert_eq!(peer.verified_by_server_ca, None);
             }
         }
     }
