@@ -72,18 +72,14 @@ pub async fn start(settings: Settings) -> anyhow::Result<(Bound, actix_web::dev:
     // A hub of its own joins its provisioning service (first start) and then presents the
     // certificate that service's CA issued it.
     let joined = crate::hub::join::ensure_joined(&settings, store.clone()).await?;
-    let (server_chain, server_key, ca_bundle) = match &joined {
-        Some(j) => (
-            &j.paths.server_chain,
-            &j.paths.server_key,
-            &j.paths.trust_bundle,
-        ),
-        None => (&paths.server_chain, &paths.server_key, &paths.ca_bundle),
+    let (server_chain, server_key) = match &joined {
+        Some(j) => (&j.paths.server_chain, &j.paths.server_key),
+        None => (&paths.server_chain, &paths.server_key),
     };
 
     let https_tls = tls::https_config(server_chain, server_key)?;
     let mqtt_tls = tls::mqtt_acceptor(server_chain, server_key)?;
-    let amqp_tls = tls::acceptor(server_chain, server_key, ca_bundle)?.build();
+    let amqp_tls = tls::acceptor(server_chain, server_key)?;
 
     let cluster = if settings.cluster.enabled() {
         let cluster = crate::cluster::Cluster::connect(&settings.cluster).await?;

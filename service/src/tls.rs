@@ -11,9 +11,7 @@ use std::sync::Arc;
 use actix_web::dev::Extensions;
 use anyhow::Context;
 use base64::Engine;
-use openssl::ssl::{
-    SslAcceptor, SslAcceptorBuilder, SslFiletype, SslMethod, SslMode, SslVerifyMode, SslVersion,
-};
+use openssl::ssl::{SslAcceptor, SslFiletype, SslMethod, SslMode, SslVerifyMode, SslVersion};
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
@@ -67,8 +65,8 @@ fn pem_of(der: &[u8]) -> String {
     pem
 }
 
-/// An acceptor builder with our policy; callers may add ALPN before building.
-pub fn acceptor(chain: &Path, key: &Path, ca_bundle: &Path) -> anyhow::Result<SslAcceptorBuilder> {
+/// The openssl acceptor of the AMQP listener, with the policy of [`rustls_config`].
+pub fn acceptor(chain: &Path, key: &Path) -> anyhow::Result<SslAcceptor> {
     let mut builder = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server())
         .context("creating the TLS context")?;
     builder.set_min_proto_version(Some(SslVersion::TLS1_2))?;
@@ -81,10 +79,6 @@ pub fn acceptor(chain: &Path, key: &Path, ca_bundle: &Path) -> anyhow::Result<Ss
     builder
         .check_private_key()
         .context("the server key does not match its certificate")?;
-    // Lets openssl report whether a client chain reaches our CA; acceptance is the app's call.
-    builder
-        .set_ca_file(ca_bundle)
-        .with_context(|| format!("loading {}", ca_bundle.display()))?;
     builder.set_session_id_context(b"zerotouch")?;
     // An idle connection gives its 16 KiB+ read and write record buffers back to the allocator
     // (openssl takes them again on the next record): ~19 KiB less per idle device connection,
@@ -92,8 +86,9 @@ pub fn acceptor(chain: &Path, key: &Path, ca_bundle: &Path) -> anyhow::Result<Ss
     builder.set_mode(SslMode::RELEASE_BUFFERS);
     // PEER without FAIL_IF_NO_PEER_CERT: request a certificate, never require one; the callback
     // accepts any chain (self-signed device certificates included) for the application to judge.
+    // No CA store: nothing reads whether the chain reaches ours, so openssl builds none.
     builder.set_verify_callback(SslVerifyMode::PEER, |_preverified, _ctx| true);
-    Ok(builder)
+    Ok(builder.build())
 }
 
 /// Reads the peer certificates off an openssl session.

@@ -309,10 +309,7 @@ impl Dps {
             ))
         })
         .await?;
-        let record = doc
-            .map(|doc| Ok::<_, Error>((Registration::from_document(&doc)?, doc)))
-            .transpose()?;
-        Ok((record, hubs))
+        Ok((parsed(doc)?, hubs))
     }
 
     /// The record of `registration_id`, if it registered.
@@ -323,9 +320,14 @@ impl Dps {
         let id = registration_id.to_string();
         let doc = crate::db::blocking(&self.store, move |s| s.get(Collection::Registrations, &id))
             .await?;
-        doc.map(|doc| Ok((Registration::from_document(&doc)?, doc)))
-            .transpose()
+        parsed(doc)
     }
+}
+
+/// A stored registration record with the document it was read from.
+fn parsed(doc: Option<Document>) -> Result<Option<(Registration, Document)>, Error> {
+    doc.map(|doc| Ok((Registration::from_document(&doc)?, doc)))
+        .transpose()
 }
 
 #[cfg(test)]
