@@ -161,8 +161,63 @@ struct Request {
     row: NewRow,
     bytes: u64,
     reply: oneshot::Sender<Result<i64, StoreError>>,
+    /// Where the caller waits, if on a Tokio runtime (see [`answer_all`]).
+    waiter: Option<Waiter>,
     /// Its share of [`QUEUE_MAX_BYTES`], given back when the request is answered (dropped).
     _room: Option<OwnedSemaphorePermit>,
+}
+
+/// The thread and runtime a caller of [`Telemetry::append`] waits on.
+#[derive(Clone)]
+struct Waiter {
+    thread: std::thread::ThreadId,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Waiter {
+    fn current() -> Option<Waiter> {
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        Some(Waiter {
+            thread: std::thread::current().id(),
+            runtime,
+        })
+    }
+}
+
+/// A request and its outcome.
+type Answer = (Request, Result<i64, StoreError>);
+
+/// Answers a batch. Waking a task from the writer thread costs its runtime a wake-up
+/// (an `eventfd` write for each task woken, on Tokio's event loops), so answers to two or
+/// more callers on one thread go out from one task spawned on their runtime: one wake-up per
+/// thread and batch instead of one per message. A lone answer is sent directly.
+fn answer_all(answers: impl Iterator<Item = Answer>) {
+    let mut groups: Vec<(Waiter, Vec<Answer>)> = Vec::new();
+    for (request, outcome) in answers {
+        let Some(waiter) = &request.waiter else {
+            request.answer(outcome);
+            continue;
+        };
+        match groups.iter_mut().find(|(w, _)| w.thread == waiter.thread) {
+            Some((_, group)) => group.push((request, outcome)),
+            None => groups.push((waiter.clone(), vec![(request, outcome)])),
+        }
+    }
+    for (waiter, mut group) in groups {
+        if group.len() == 1 {
+            if let Some((request, outcome)) = group.pop() {
+                request.answer(outcome);
+            }
+            continue;
+        }
+        // Should the runtime be shutting down, the task is dropped with the answers: its
+        // callers see the store as stopped (the messages are stored all the same).
+        drop(waiter.runtime.spawn(async move {
+            for (request, outcome) in group {
+                request.answer(outcome);
+            }
+        }));
+    }
 }
 
 impl Request {
@@ -302,6 +357,7 @@ impl Telemetry {
                 row,
                 bytes,
                 reply,
+                waiter: Waiter::current(),
                 _room: Some(room),
             })
             .await
@@ -622,10 +678,9 @@ impl WriterTask {
                         newer
                     });
                 }
-                for (request, offset) in batch.into_iter().zip(offsets) {
-                    // The caller may have gone away; the message is stored all the same.
-                    request.answer(Ok(offset));
-                }
+                // A caller that has gone away misses its answer; the message is stored all the
+                // same.
+                answer_all(batch.into_iter().zip(offsets.into_iter().map(Ok)));
             }
             Ok(offsets) => {
                 // Cannot happen: one RETURNING row per insert. Refuse to guess offsets.
@@ -668,9 +723,11 @@ fn next_check(retention: &Retention) -> Instant {
 fn fail(batch: Vec<Request>, error: &StoreError, counters: &Counters) {
     counters.failed_batches.fetch_add(1, Ordering::Relaxed);
     tracing::warn!(%error, messages = batch.len(), "telemetry batch not stored");
-    for request in batch {
-        request.answer(Err(error.clone()));
-    }
+    answer_all(
+        batch
+            .into_iter()
+            .map(|request| (request, Err(error.clone()))),
+    );
 }
 
 #[cfg(test)]

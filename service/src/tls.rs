@@ -13,6 +13,7 @@ use anyhow::Context;
 use base64::Engine;
 use openssl::ssl::{SslAcceptor, SslFiletype, SslMethod, SslMode, SslVerifyMode, SslVersion};
 use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
@@ -137,7 +138,9 @@ fn rustls_config(chain: &Path, key: &Path, listener: &str) -> anyhow::Result<rus
         .with_context(|| format!("loading {}", chain.display()))?;
     let key =
         PrivateKeyDer::from_pem_file(key).with_context(|| format!("loading {}", key.display()))?;
-    let verifier = Arc::new(AnyClientCertificate);
+    let verifier = Arc::new(AnyClientCertificate {
+        algorithms: provider.signature_verification_algorithms,
+    });
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .context("creating the TLS context")?
@@ -152,7 +155,10 @@ fn rustls_config(chain: &Path, key: &Path, listener: &str) -> anyhow::Result<rus
 /// Lets any client certificate through the handshake (as openssl's accept-all callback does for
 /// [`acceptor`]); the client must still prove it holds the certificate's key.
 #[derive(Debug)]
-struct AnyClientCertificate;
+struct AnyClientCertificate {
+    /// ring's, through webpki: the handshake signature is checked with these first.
+    algorithms: WebPkiSupportedAlgorithms,
+}
 
 /// What the client may sign its handshake with, in the order offered.
 const CLIENT_SIGNATURE_SCHEMES: [SignatureScheme; 10] = [
@@ -192,7 +198,8 @@ impl ClientCertVerifier for AnyClientCertificate {
         certificate: &CertificateDer<'_>,
         signature: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_handshake_signature(message, certificate, signature, false)
+        rustls::crypto::verify_tls12_signature(message, certificate, signature, &self.algorithms)
+            .or_else(|_| verify_handshake_signature(message, certificate, signature, false))
     }
 
     fn verify_tls13_signature(
@@ -201,7 +208,8 @@ impl ClientCertVerifier for AnyClientCertificate {
         certificate: &CertificateDer<'_>,
         signature: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_handshake_signature(message, certificate, signature, true)
+        rustls::crypto::verify_tls13_signature(message, certificate, signature, &self.algorithms)
+            .or_else(|_| verify_handshake_signature(message, certificate, signature, true))
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -209,9 +217,11 @@ impl ClientCertVerifier for AnyClientCertificate {
     }
 }
 
-/// Checks the client's handshake signature with openssl, so that every certificate the openssl
-/// listeners take works here too (webpki, rustls's own check, refuses X.509 v1 certificates,
-/// P-521 keys and RSA keys under 2048 bits). TLS 1.3 binds an ECDSA scheme to its curve and
+/// Checks the client's handshake signature with openssl, where webpki (rustls's own check on
+/// ring, tried first: a fifth of openssl 3.0's cost, which parses the certificate and decodes
+/// its key through provider look-ups) did not accept it. So every certificate the openssl
+/// listeners take works here too: webpki refuses X.509 v1 certificates, P-521 keys and RSA
+/// keys under 2048 bits. A bad signature is refused by both. TLS 1.3 binds an ECDSA scheme to its curve and
 /// has no PKCS#1 v1.5 signatures (RFC 8446 §4.2.3); TLS 1.2 does neither.
 fn verify_handshake_signature(
     message: &[u8],
@@ -351,6 +361,24 @@ pub(crate) mod tests {
         signer.sign_oneshot_to_vec(message).unwrap()
     }
 
+    /// Through the verifier the listeners use: webpki on ring first, then openssl.
+    fn verify(
+        message: &[u8],
+        certificate: &CertificateDer<'_>,
+        signature: &DigitallySignedStruct,
+        tls13: bool,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        #[expect(deprecated, reason = "ring has no post-quantum key exchange")]
+        let verifier = AnyClientCertificate {
+            algorithms: rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        };
+        if tls13 {
+            verifier.verify_tls13_signature(message, certificate, signature)
+        } else {
+            verifier.verify_tls12_signature(message, certificate, signature)
+        }
+    }
+
     #[test]
     fn the_client_must_sign_with_its_certificates_key() {
         let message = b"the handshake so far";
@@ -364,11 +392,11 @@ pub(crate) mod tests {
         );
         let p256_cert = certificate(&p256);
         for tls13 in [false, true] {
-            assert!(verify_handshake_signature(message, &p256_cert, &good, tls13).is_ok());
+            assert!(verify(message, &p256_cert, &good, tls13).is_ok());
             // Another message, another key's certificate: refused.
-            assert!(verify_handshake_signature(b"another", &p256_cert, &good, tls13).is_err());
+            assert!(verify(b"another", &p256_cert, &good, tls13).is_err());
             let other_cert = certificate(&other);
-            assert!(verify_handshake_signature(message, &other_cert, &good, tls13).is_err());
+            assert!(verify(message, &other_cert, &good, tls13).is_err());
         }
 
         // TLS 1.3 binds the ECDSA scheme to the curve; TLS 1.2 does not.
@@ -377,8 +405,8 @@ pub(crate) mod tests {
             &sign(&p384, MessageDigest::sha256(), message),
         );
         let p384_cert = certificate(&p384);
-        assert!(verify_handshake_signature(message, &p384_cert, &p384_as_p256, false).is_ok());
-        assert!(verify_handshake_signature(message, &p384_cert, &p384_as_p256, true).is_err());
+        assert!(verify(message, &p384_cert, &p384_as_p256, false).is_ok());
+        assert!(verify(message, &p384_cert, &p384_as_p256, true).is_err());
 
         // RSA PKCS#1 v1.5 only in TLS 1.2; PSS in both.
         let rsa_cert = certificate(&rsa);
@@ -386,8 +414,8 @@ pub(crate) mod tests {
             SignatureScheme::RSA_PKCS1_SHA256,
             &sign(&rsa, MessageDigest::sha256(), message),
         );
-        assert!(verify_handshake_signature(message, &rsa_cert, &pkcs1, false).is_ok());
-        assert!(verify_handshake_signature(message, &rsa_cert, &pkcs1, true).is_err());
+        assert!(verify(message, &rsa_cert, &pkcs1, false).is_ok());
+        assert!(verify(message, &rsa_cert, &pkcs1, true).is_err());
         let mut signer = Signer::new(MessageDigest::sha256(), &rsa).unwrap();
         signer
             .set_rsa_padding(openssl::rsa::Padding::PKCS1_PSS)
@@ -400,15 +428,43 @@ pub(crate) mod tests {
             &signer.sign_oneshot_to_vec(message).unwrap(),
         );
         for tls13 in [false, true] {
-            assert!(verify_handshake_signature(message, &rsa_cert, &pss, tls13).is_ok());
+            assert!(verify(message, &rsa_cert, &pss, tls13).is_ok());
             // The PKCS#1 signature under the PSS scheme, and the other way round: refused.
             let mislabelled = signed(SignatureScheme::RSA_PSS_SHA256, pkcs1.signature());
-            assert!(verify_handshake_signature(message, &rsa_cert, &mislabelled, tls13).is_err());
+            assert!(verify(message, &rsa_cert, &mislabelled, tls13).is_err());
         }
         // A scheme not offered, and a certificate that is not DER.
         let sha1 = signed(SignatureScheme::RSA_PKCS1_SHA1, pkcs1.signature());
-        assert!(verify_handshake_signature(message, &rsa_cert, &sha1, false).is_err());
+        assert!(verify(message, &rsa_cert, &sha1, false).is_err());
         let garbage = CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x01]);
-        assert!(verify_handshake_signature(message, &garbage, &good, false).is_err());
+        assert!(verify(message, &garbage, &good, false).is_err());
+
+        // What webpki refuses to parse or verify, openssl checks: a P-521 key, an X.509 v1
+        // certificate, an RSA key under 2048 bits. Right key: accepted; another: refused.
+        let p521 = ec_key(Nid::SECP521R1);
+        let p521_signed = signed(
+            SignatureScheme::ECDSA_NISTP521_SHA512,
+            &sign(&p521, MessageDigest::sha512(), message),
+        );
+        let p521_v1 = CertificateDer::from(self_signed(&p521, "device", false).to_der().unwrap());
+        let other_p521 = CertificateDer::from(
+            self_signed(&ec_key(Nid::SECP521R1), "device", false)
+                .to_der()
+                .unwrap(),
+        );
+        let p256_v1 = CertificateDer::from(self_signed(&p256, "device", false).to_der().unwrap());
+        for tls13 in [false, true] {
+            assert!(verify(message, &p521_v1, &p521_signed, tls13).is_ok());
+            assert!(verify(message, &other_p521, &p521_signed, tls13).is_err());
+            assert!(verify(message, &p256_v1, &good, tls13).is_ok());
+            assert!(verify(b"another", &p256_v1, &good, tls13).is_err());
+        }
+        let rsa1024 = PKey::from_rsa(openssl::rsa::Rsa::generate(1024).unwrap()).unwrap();
+        let small = signed(
+            SignatureScheme::RSA_PKCS1_SHA256,
+            &sign(&rsa1024, MessageDigest::sha256(), message),
+        );
+        assert!(verify(message, &certificate(&rsa1024), &small, false).is_ok());
+        assert!(verify(message, &rsa_cert, &small, false).is_err());
     }
 }

@@ -216,9 +216,9 @@ impl Writer {
     /// multi-row `INSERT … RETURNING` lists rows in `VALUES` order. So:
     /// - SQLite (in-process, a statement costs microseconds): one `INSERT … RETURNING` per row,
     ///   prepared once and cached by diesel.
-    /// - PostgreSQL (a statement costs a network round trip): take the batch's offsets from
-    ///   the identity sequence first, then insert all rows with those offsets in one statement
-    ///   (see [`append_postgres`]).
+    /// - PostgreSQL (a statement costs a network round trip): one statement takes the batch's
+    ///   offsets from the identity sequence and inserts all rows with them (see
+    ///   [`append_postgres`]); a `BEGIN` and a `COMMIT` would be two more round trips.
     pub(crate) fn append(
         &mut self,
         rows: &[&NewRow],
@@ -232,9 +232,8 @@ impl Writer {
                         .map(|row| insert_row!(c, row, enqueued_at))
                         .collect::<QueryResult<Vec<i64>>>()
                 })?,
-                AnyConnection::Postgresql(c) => {
-                    c.transaction(|c| append_postgres(c, rows, enqueued_at))?
-                }
+                // One statement: atomic without an explicit transaction.
+                AnyConnection::Postgresql(c) => append_postgres(c, rows, enqueued_at)?,
             };
             Ok(offsets)
         });
@@ -277,14 +276,17 @@ impl Writer {
     }
 }
 
-/// The PostgreSQL batch insert: two statements whatever the batch size.
+/// The PostgreSQL batch insert: one statement, hence one round trip and its own transaction
+/// (autocommit), whatever the batch size.
 ///
-/// `nextval` of the identity sequence gives `rows.len()` fresh offsets. They increase because
-/// only this writer takes them (an interleaving replica would break more than this; see the
-/// module docs of `crate::telemetry`); sorting them makes that independent of the order
-/// `generate_series` rows are evaluated in. The rows then go in with those offsets (`OVERRIDING
-/// SYSTEM VALUE`, the column being `GENERATED ALWAYS`) from one array per column. Every value is
-/// bound; the SQL text is constant.
+/// `nextval` of the identity sequence gives `rows.len()` fresh offsets (`taken`, materialized
+/// so that each is drawn once). They increase because only this writer takes them (an
+/// interleaving replica would break more than this; see the module docs of
+/// `crate::telemetry`). Ranked, the n-th smallest goes to the n-th row of the arrays (`WITH
+/// ORDINALITY`), so the offsets follow the batch order whatever order PostgreSQL evaluates
+/// rows in; the rows go in with them (`OVERRIDING SYSTEM VALUE`, the column being `GENERATED
+/// ALWAYS`). `RETURNING` lists the offsets in no promised order: sorted, they are the rows'
+/// in batch order. Every value is bound; the SQL text is constant.
 fn append_postgres(
     conn: &mut diesel::pg::PgConnection,
     rows: &[&NewRow],
@@ -297,36 +299,20 @@ fn append_postgres(
         #[diesel(sql_type = BigInt)]
         msg_offset: i64,
     }
-    let count = i64::try_from(rows.len()).unwrap_or(i64::MAX);
     let mut offsets: Vec<i64> = diesel::sql_query(
-        "SELECT nextval(pg_get_serial_sequence('telemetry', 'msg_offset')) AS msg_offset \
-         FROM generate_series(1, $1)",
-    )
-    .bind::<BigInt, _>(count)
-    .load::<Offset>(conn)?
-    .into_iter()
-    .map(|o| o.msg_offset)
-    .collect();
-    offsets.sort_unstable();
-    if offsets.len() != rows.len() {
-        return Err(diesel::result::Error::QueryBuilderError(
-            format!(
-                "the sequence gave {} offsets for {} messages",
-                offsets.len(),
-                rows.len()
-            )
-            .into(),
-        ));
-    }
-    let inserted = diesel::sql_query(
-        "INSERT INTO telemetry \
+        "WITH taken AS MATERIALIZED ( \
+             SELECT nextval(pg_get_serial_sequence('telemetry', 'msg_offset')) AS o \
+             FROM generate_series(1, cardinality($2::text[]))), \
+         ranked AS (SELECT o, row_number() OVER (ORDER BY o) AS n FROM taken) \
+         INSERT INTO telemetry \
          (msg_offset, device_id, module_id, enqueued_at, size, system, properties, body) \
          OVERRIDING SYSTEM VALUE \
-         SELECT o, d, m, $2, s, y, p, b \
-         FROM unnest($1::bigint[], $3::text[], $4::text[], $5::bigint[], $6::text[], \
-                     $7::text[], $8::bytea[]) AS t(o, d, m, s, y, p, b)",
+         SELECT r.o, t.d, t.m, $1, t.s, t.y, t.p, t.b \
+         FROM unnest($2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[], \
+                     $7::bytea[]) WITH ORDINALITY AS t(d, m, s, y, p, b, n) \
+         JOIN ranked r ON r.n = t.n \
+         RETURNING msg_offset",
     )
-    .bind::<Array<BigInt>, _>(&offsets)
     .bind::<BigInt, _>(enqueued_at)
     .bind::<Array<Text>, _>(
         rows.iter()
@@ -346,10 +332,19 @@ fn append_postgres(
             .collect::<Vec<_>>(),
     )
     .bind::<Array<Binary>, _>(rows.iter().map(|r| r.body.as_slice()).collect::<Vec<_>>())
-    .execute(conn)?;
-    if inserted != rows.len() {
+    .load::<Offset>(conn)?
+    .into_iter()
+    .map(|o| o.msg_offset)
+    .collect();
+    offsets.sort_unstable();
+    if offsets.len() != rows.len() {
         return Err(diesel::result::Error::QueryBuilderError(
-            format!("inserted {inserted} rows for {} messages", rows.len()).into(),
+            format!(
+                "inserted {} rows for {} messages",
+                offsets.len(),
+                rows.len()
+            )
+            .into(),
         ));
     }
     Ok(offsets)

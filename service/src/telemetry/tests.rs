@@ -4,7 +4,7 @@
 //! temporary directory, and in `telemetry::tests::postgres` on a fresh database (the helpers of
 //! `db/tests.rs`: `ZEROTOUCH_TEST_PG_URL`, `ZEROTOUCH_TEST_SKIP_PG=1`).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::process::{Command, Stdio};
@@ -53,6 +53,7 @@ both! {
     properties_and_bodies_round_trip,
     stored_message_json_shape,
     concurrent_appends_are_group_committed,
+    callers_on_several_event_loops_get_their_own_offsets,
     wait_for_wakes_on_append_and_times_out,
     retention_by_age,
     retention_by_size,
@@ -331,6 +332,92 @@ async fn concurrent_appends_are_group_committed(url: String) {
     telemetry.shutdown();
 }
 
+/// As the MQTT workers call it: each thread runs an event loop of its own (a current-thread
+/// runtime) with many callers waiting at once, so a batch holds several callers of each loop
+/// and their answers go out through one task spawned there.
+async fn callers_on_several_event_loops_get_their_own_offsets(url: String) {
+    const LOOPS: usize = 3;
+    const TASKS: usize = 100;
+    const EACH: usize = 5;
+    let telemetry = Telemetry::start(&url, keep_all()).unwrap();
+    let loops: Vec<_> = (0..LOOPS)
+        .map(|l| {
+            let telemetry = telemetry.clone();
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async move {
+                    let tasks: Vec<_> = (0..TASKS)
+                        .map(|t| {
+                            let telemetry = telemetry.clone();
+                            tokio::spawn(async move {
+                                let mut offsets = Vec::new();
+                                for i in 0..EACH {
+                                    let n = (l * TASKS + t) * EACH + i;
+                                    let sent = message(&format!("loop-{l}-{t}"), n);
+                                    let offset = telemetry.append(sent.clone()).await.unwrap();
+                                    offsets.push((offset, sent));
+                                }
+                                offsets
+                            })
+                        })
+                        .collect();
+                    let mut all = Vec::new();
+                    for task in tasks {
+                        let answered = tokio::time::timeout(Duration::from_secs(60), task).await;
+                        all.extend(answered.expect("an append was never answered").unwrap());
+                    }
+                    all
+                })
+            })
+        })
+        .collect();
+    let mut sent = BTreeMap::new();
+    for handle in loops {
+        for (offset, message) in handle.join().unwrap() {
+            assert!(
+                sent.insert(offset, message).is_none(),
+                "offset {offset} twice"
+            );
+        }
+    }
+    assert_eq!(sent.len(), LOOPS * TASKS * EACH);
+    let stored = read_all(&telemetry).await;
+    assert_eq!(stored.len(), sent.len());
+    for m in &stored {
+        let original = &sent[&m.offset];
+        assert_eq!(m.device_id, original.device_id);
+        assert_eq!(m.properties_in_order, original.properties);
+    }
+    // Each device's messages are stored in the order it sent them.
+    let mut last: HashMap<&str, i64> = HashMap::new();
+    for m in &stored {
+        let n: i64 = sent[&m.offset].properties[0]
+            .1
+            .as_deref()
+            .unwrap()
+            .parse()
+            .unwrap();
+        if let Some(previous) = last.insert(m.device_id.as_str(), n) {
+            assert!(
+                previous < n,
+                "{}: {previous} stored before {n}",
+                m.device_id
+            );
+        }
+    }
+    let stats = telemetry.stats();
+    assert!(
+        stats.batches < stats.messages / 4,
+        "{} transactions for {} messages",
+        stats.batches,
+        stats.messages
+    );
+    telemetry.shutdown();
+}
+
 async fn wait_for_wakes_on_append_and_times_out(url: String) {
     let telemetry = Telemetry::start(&url, keep_all()).unwrap();
     let first = telemetry.append(message("d", 0)).await.unwrap();
@@ -477,6 +564,7 @@ async fn shutdown_flushes_what_is_queued(url: String) {
             bytes: sent.size(),
             row: encode(sent).unwrap(),
             reply,
+            waiter: None,
             _room: None,
         };
         telemetry.table().queue.send(request).await.unwrap();
