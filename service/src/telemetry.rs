@@ -54,6 +54,10 @@ pub const MAX_BATCH_BYTES: u64 = 4 * 1024 * 1024;
 /// [`Telemetry::read`] returns at most this many messages.
 pub const MAX_READ: usize = 1000;
 
+/// The wait for a queued message's commit: its offset ([`Telemetry::enqueue`]).
+pub type Commit =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<i64, StoreError>> + Send>>;
+
 /// A device-to-cloud message as received.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct NewMessage {
@@ -339,9 +343,20 @@ impl Telemetry {
     /// queue is full (backpressure). If the future is dropped after the message was queued, the
     /// message may still be stored.
     pub async fn append(&self, message: NewMessage) -> Result<i64, StoreError> {
+        self.enqueue(message).await?.await
+    }
+
+    /// Queues `message`, waiting while the queue is full, and returns the wait for its commit
+    /// (which resolves to its offset). Messages queued one after another by one caller are
+    /// stored in that order. Once queued, the message is stored even if the wait is dropped.
+    /// In replica mode the message is appended to the stream before this returns.
+    pub async fn enqueue(&self, message: NewMessage) -> Result<Commit, StoreError> {
         let inner = match &self.log {
             Log::Table(inner) => inner,
-            Log::Stream(log) => return log.append(message).await,
+            Log::Stream(log) => {
+                let appended = log.append(message).await;
+                return Ok(Box::pin(std::future::ready(appended)));
+            }
         };
         let bytes = message.size();
         let row = encode(message)?;
@@ -362,7 +377,9 @@ impl Telemetry {
             })
             .await
             .map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+        Ok(Box::pin(
+            async move { answer.await.map_err(|_| stopped())? },
+        ))
     }
 
     /// Messages with offset `>= from`, ascending, at most `limit` (clamped to

@@ -355,18 +355,30 @@ impl HubSession {
                 return PublishVerdict::Disconnect;
             }
         };
-        match self.hub.telemetry.append(message).await {
-            Ok(_) => {
-                HubMetrics::count(&self.hub.metrics.messages_in, 1);
-                HubMetrics::count(&self.hub.metrics.bytes_in, size);
-                PublishVerdict::Ack
-            }
+        // Queued in the order the device sent it; the PUBACK waits for the commit while the
+        // device's next messages are queued behind it (they may share its group commit).
+        let commit = match self.hub.telemetry.enqueue(message).await {
+            Ok(commit) => commit,
             Err(e) => {
                 // No PUBACK: the device keeps the message and sends it again after reconnecting.
                 tracing::error!(device_id = %self.device_id, "storing telemetry failed: {e}");
-                PublishVerdict::Disconnect
+                return PublishVerdict::Disconnect;
             }
-        }
+        };
+        let (hub, device_id) = (self.hub.clone(), self.device_id.clone());
+        PublishVerdict::AckWhen(Box::pin(async move {
+            match commit.await {
+                Ok(_) => {
+                    HubMetrics::count(&hub.metrics.messages_in, 1);
+                    HubMetrics::count(&hub.metrics.bytes_in, size);
+                    true
+                }
+                Err(e) => {
+                    tracing::error!(%device_id, "storing telemetry failed: {e}");
+                    false
+                }
+            }
+        }))
     }
 
     async fn twin_request(

@@ -9,7 +9,11 @@
 //! - the **worker** calls the application for those, one at a time and in order, so PUBACKs
 //!   and SUBACKs go out in the order the client sent the packets. A slow application delays
 //!   later PUBLISHes of the same connection but never PINGRESPs or outbound PUBACK handling,
-//!   so an application may await an outbound QoS 1 publish inside `Session::publish`;
+//!   so an application may await an outbound QoS 1 publish inside `Session::publish`. An
+//!   application that has put a message in order and only waits for it to be durable answers
+//!   `PublishVerdict::AckWhen`: the worker goes on with the next packets while up to
+//!   `MAX_WAITING_ACKS` replies wait, and sends them in packet order (telemetry: several
+//!   messages of one device in one group commit, their PUBACKs in one socket write);
 //! - the **writer** owns the socket's write side: replies, queued outbound messages, the QoS 1
 //!   in-flight window and retransmission;
 //! - timers for credential expiry, plus close requests and listener shutdown.
@@ -38,8 +42,8 @@ use super::engine::{Engine, MqttLimits};
 use super::outbound::{Message, Outbound, Shared};
 use super::sessions;
 use super::{
-    Accepted, CloseReason, ConnectRequest, Inbound, PublishVerdict, QoS, Refusal, Session,
-    SubscribeVerdict, topic,
+    Accepted, BoxFuture, CloseReason, ConnectRequest, Inbound, MAX_WAITING_ACKS, PublishVerdict,
+    QoS, Refusal, Session, SubscribeVerdict, topic,
 };
 
 type Tls = tokio_rustls::server::TlsStream<TcpStream>;
@@ -536,59 +540,127 @@ struct Worker<'a> {
     max_subscriptions: usize,
 }
 
+/// A reply of the worker: a packet (or none, for QoS 0), or close the connection.
+enum Reply {
+    Packet(Option<ServerPacket>),
+    Close,
+}
+
+/// Replies waiting on [`PublishVerdict::AckWhen`] futures, in packet order. Only the oldest is
+/// polled: a later one cannot go out before it anyway. (A `VecDeque` costs an idle connection
+/// nothing; a `FuturesOrdered` would allocate.)
+type Waiting = std::collections::VecDeque<BoxFuture<'static, Reply>>;
+
+/// Resolves with the oldest waiting reply and removes it. Cancel-safe: it removes it only when
+/// it resolves.
+async fn oldest(waiting: &mut Waiting) -> Reply {
+    let reply = std::future::poll_fn(|cx| match waiting.front_mut() {
+        Some(future) => future.as_mut().poll(cx),
+        None => std::task::Poll::Pending,
+    })
+    .await;
+    waiting.pop_front();
+    reply
+}
+
 impl Worker<'_> {
     /// Handles queued packets in order. `Some(reason)` when the application asked to close;
-    /// `None` once the queue is closed and empty.
+    /// `None` once the queue is closed, empty and every waiting reply is out.
     async fn run(
         &self,
         work: &mut mpsc::Receiver<Box<Work>>,
         control: mpsc::Sender<Box<Control>>,
     ) -> Option<CloseReason> {
-        while let Some(item) = work.recv().await {
-            let reply = match *item {
-                Work::Publish(publish, read_at) => {
-                    let (qos, pkid) = (publish.qos, publish.pkid);
-                    let verdict = self
-                        .session
-                        .publish(Inbound {
-                            topic: publish.topic,
-                            payload: publish.payload,
-                            qos: if qos == 0 {
-                                QoS::AtMostOnce
-                            } else {
-                                QoS::AtLeastOnce
-                            },
-                            dup: publish.dup,
-                            read_at,
-                        })
-                        .await;
-                    match verdict {
-                        PublishVerdict::Ack => (qos == 1).then_some(ServerPacket::PubAck(pkid)),
-                        PublishVerdict::Disconnect => {
-                            tracing::info!("the application refused a PUBLISH; closing");
-                            return Some(CloseReason::ClosedByApplication);
-                        }
+        let mut waiting = Waiting::new();
+        loop {
+            let next = tokio::select! {
+                biased;
+                reply = oldest(&mut waiting), if !waiting.is_empty() => Either::Left(reply),
+                item = work.recv(), if waiting.len() < MAX_WAITING_ACKS => Either::Right(item),
+            };
+            let reply = match next {
+                Either::Left(reply) => reply,
+                Either::Right(Some(item)) => match self.handle(*item).await {
+                    Either::Left(reply) if waiting.is_empty() => reply,
+                    Either::Left(reply) => {
+                        waiting.push_back(Box::pin(std::future::ready(reply)));
+                        continue;
                     }
-                }
-                Work::Subscribe(subscribe) => match self.subscribe(subscribe).await {
-                    Some(suback) => Some(suback),
-                    None => {
-                        tracing::info!("the application refused a SUBSCRIBE; closing");
-                        return Some(CloseReason::ClosedByApplication);
+                    Either::Right(later) => {
+                        waiting.push_back(later);
+                        continue;
                     }
                 },
-                Work::Unsubscribe(unsubscribe) => Some(self.unsubscribe(unsubscribe).await),
+                // The reader has gone: what was read is handled; send what is still waiting.
+                Either::Right(None) if waiting.is_empty() => return None,
+                Either::Right(None) => oldest(&mut waiting).await,
             };
-            if let Some(reply) = reply
-                && control
-                    .send(Box::new(Control::Packet(reply)))
-                    .await
-                    .is_err()
-            {
-                return None;
+            match reply {
+                Reply::Packet(None) => {}
+                Reply::Packet(Some(packet)) => {
+                    if control
+                        .send(Box::new(Control::Packet(packet)))
+                        .await
+                        .is_err()
+                    {
+                        return None;
+                    }
+                }
+                Reply::Close => return Some(CloseReason::ClosedByApplication),
             }
         }
-        None
+    }
+
+    /// One packet: its reply now, or a future of it ([`PublishVerdict::AckWhen`]).
+    async fn handle(&self, item: Work) -> Either<Reply, BoxFuture<'static, Reply>> {
+        let reply = match item {
+            Work::Publish(publish, read_at) => {
+                let (qos, pkid) = (publish.qos, publish.pkid);
+                let verdict = self
+                    .session
+                    .publish(Inbound {
+                        topic: publish.topic,
+                        payload: publish.payload,
+                        qos: if qos == 0 {
+                            QoS::AtMostOnce
+                        } else {
+                            QoS::AtLeastOnce
+                        },
+                        dup: publish.dup,
+                        read_at,
+                    })
+                    .await;
+                let ack = (qos == 1).then_some(ServerPacket::PubAck(pkid));
+                match verdict {
+                    PublishVerdict::Ack => Reply::Packet(ack),
+                    PublishVerdict::AckWhen(durable) => {
+                        return Either::Right(Box::pin(durable.map(move |durable| {
+                            if durable {
+                                Reply::Packet(ack)
+                            } else {
+                                tracing::info!("the application failed a PUBLISH; closing");
+                                Reply::Close
+                            }
+                        })));
+                    }
+                    PublishVerdict::Disconnect => {
+                        tracing::info!("the application refused a PUBLISH; closing");
+                        Reply::Close
+                    }
+                }
+            }
+            Work::Subscribe(subscribe) => match self.subscribe(subscribe).await {
+                Some(suback) => Reply::Packet(Some(suback)),
+                None => {
+                    tracing::info!("the application refused a SUBSCRIBE; closing");
+                    Reply::Close
+                }
+            },
+            Work::Unsubscribe(unsubscribe) => {
+                Reply::Packet(Some(self.unsubscribe(unsubscribe).await))
+            }
+        };
+        Either::Left(reply)
     }
 
     /// The SUBACK, or `None` to close the connection.

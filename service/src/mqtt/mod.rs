@@ -102,14 +102,34 @@ pub enum SubscribeVerdict {
 }
 
 /// An application's answer to an inbound PUBLISH.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PublishVerdict {
     /// Accepted: for QoS 1 the engine sends PUBACK now. Applications resolve their future only
     /// once the message is durable when durability is promised.
     Ack,
+    /// Accepted and put in order (queued for storage, say), not yet durable: for QoS 1 the
+    /// engine sends PUBACK once this resolves `true`; `false` closes the connection, as
+    /// [`PublishVerdict::Disconnect`] does. Meanwhile the connection's next packets are handled,
+    /// so several of its messages can wait at once (at most [`MAX_WAITING_ACKS`]); PUBACKs and
+    /// the other replies still go out in the order the packets came. The future is polled only
+    /// once every reply before it has gone out, so it should only wait (for a commit, say).
+    AckWhen(BoxFuture<'static, bool>),
     /// Close the connection (MQTT 3.1.1 has no negative PUBACK).
     Disconnect,
 }
+
+impl std::fmt::Debug for PublishVerdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PublishVerdict::Ack => "Ack",
+            PublishVerdict::AckWhen(_) => "AckWhen",
+            PublishVerdict::Disconnect => "Disconnect",
+        })
+    }
+}
+
+/// Replies a connection may have waiting on [`PublishVerdict::AckWhen`] futures; beyond it the
+/// engine stops taking its packets until the oldest is answered.
+pub const MAX_WAITING_ACKS: usize = 32;
 
 /// Why a connection ended, for the application's bookkeeping and logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,7 +171,9 @@ pub trait Session: Send + Sync + 'static {
     fn ready(&self) {}
     /// Whether this filter may be subscribed (with the QoS to grant).
     fn subscribe(&self, filter: &str, requested: QoS) -> SubscribeVerdict;
-    /// An inbound PUBLISH. For QoS 1 the PUBACK waits for the returned future.
+    /// An inbound PUBLISH. For QoS 1 the PUBACK waits for the returned future (and, for
+    /// [`PublishVerdict::AckWhen`], for the future in it). Calls come one at a time, in the
+    /// order the client sent the packets.
     fn publish(&self, message: Inbound) -> BoxFuture<'_, PublishVerdict>;
     /// The connection ended. Called exactly once, after which `Outbound` sends fail.
     fn closed(&self, reason: CloseReason);

@@ -240,6 +240,27 @@ impl Session for TestSession {
                     Err(Closed) => PublishVerdict::Disconnect,
                 };
             }
+            if let Some(rest) = topic.strip_prefix("later/") {
+                // Accepted now, acknowledged once a wait of `rest` ms is over (or refused, for
+                // `later/fail`), as the hub does for telemetry until its commit.
+                let wait = rest.parse::<u64>().ok();
+                self.recorder.push(Event::Published {
+                    connection: self.connection,
+                    topic,
+                    payload,
+                    qos,
+                    dup,
+                });
+                return PublishVerdict::AckWhen(Box::pin(async move {
+                    match wait {
+                        Some(ms) => {
+                            tokio::time::sleep(Duration::from_millis(ms)).await;
+                            true
+                        }
+                        None => false,
+                    }
+                }));
+            }
             let slow = topic.starts_with("slow/");
             self.recorder.push(Event::Published {
                 connection: self.connection,
@@ -683,6 +704,70 @@ async fn qos1_puback_waits_for_the_application() {
             if topic == "slow/telemetry" && payload == Bytes::from_static(b"hello"))
     });
     assert!(published);
+}
+
+#[tokio::test]
+async fn acks_that_wait_let_later_packets_through_and_keep_their_order() {
+    let h = Harness::new(MqttLimits::default()).await;
+    let (mut client, _) = Client::connect(h.addr(), "pipelined", true).await;
+    let start = Instant::now();
+    // The first waits longest; a plain PUBLISH and a SUBSCRIBE come behind them.
+    client.publish("later/400", 1, 1).await;
+    client.publish("later/50", 1, 2).await;
+    client.publish("t/3", 1, 3).await;
+    client
+        .send(ClientPacket::Subscribe(codec::Subscribe {
+            pkid: 4,
+            filters: vec![("devices/pipelined/#".into(), 1)],
+        }))
+        .await;
+    // Every PUBLISH reached the application while the first was still waiting.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while published(&h.recorder) < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the later PUBLISHes never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(start.elapsed() < Duration::from_millis(400));
+    // The replies go out in packet order, once the first wait is over.
+    assert_eq!(client.recv().await, Some(ServerPacket::PubAck(1)));
+    assert!(start.elapsed() >= Duration::from_millis(400));
+    assert_eq!(client.recv().await, Some(ServerPacket::PubAck(2)));
+    assert_eq!(client.recv().await, Some(ServerPacket::PubAck(3)));
+    assert!(matches!(
+        client.recv().await,
+        Some(ServerPacket::SubAck { pkid: 4, .. })
+    ));
+
+    // More than MAX_WAITING_ACKS at once: all acknowledged, in order.
+    let count = u16::try_from(MAX_WAITING_ACKS * 2 + 3).unwrap();
+    for pkid in 10..10 + count {
+        client.publish("later/20", 1, pkid).await;
+    }
+    for pkid in 10..10 + count {
+        assert_eq!(client.recv().await, Some(ServerPacket::PubAck(pkid)));
+    }
+
+    // A wait that fails closes the connection, and the reply behind it never goes out.
+    let connection = h.recorder.outbound("pipelined").connection_id();
+    client.publish("later/fail", 1, 100).await;
+    client.publish("t/after", 1, 101).await;
+    client.expect_closed().await;
+    assert_eq!(
+        h.recorder.wait_closed(connection).await,
+        CloseReason::ClosedByApplication
+    );
+}
+
+/// How many PUBLISHes the application has seen.
+fn published(recorder: &Recorder) -> usize {
+    recorder
+        .events()
+        .iter()
+        .filter(|e| matches!(e, Event::Published { .. }))
+        .count()
 }
 
 #[tokio::test]
